@@ -1,0 +1,413 @@
+//! The contract between the splitter kernel program and its controller.
+//!
+//! Layout:
+//! - capacities and timeouts (`MAX_*`, `*_NS`), sized once for both sides;
+//! - map names (`map`), so the loader and the program cannot disagree;
+//! - the plain-old-data keys and values stored in those maps;
+//! - counter indexes (`counter`) with their human names.
+//!
+//! Every struct is `#[repr(C)]`, `Copy`, and has explicit padding so that no
+//! byte of a map key is left undefined (an undefined padding byte in a hash
+//! key makes two equal keys hash differently). Addresses are stored as four
+//! `u32` words in network byte order so that IPv6 fits later without a format
+//! change; an IPv4 address sits in word 0 and the other words are zero.
+//! Ports are stored in network byte order, exactly as they sit in the packet.
+#![no_std]
+
+/// Most services the data plane holds at once.
+pub const MAX_SERVICES: u32 = 1024;
+/// Most versions a single service can split between.
+pub const MAX_VERSIONS: usize = 4;
+/// Most backends over all services. Backend ids are `u16` in the tables.
+pub const MAX_BACKENDS: u32 = 16384;
+/// Size of a Maglev lookup table. A prime, so that every `skip` is a
+/// generator; large enough that 100 equal backends get 40 or 41 slots each.
+pub const MAGLEV_SIZE: u32 = 4093;
+/// Table slots. Each version owns two (generation 0 and 1): the controller
+/// writes the idle one and then publishes it by flipping the generation in
+/// the service entry, so no packet ever reads a half-written table.
+pub const MAX_TABLES: u32 = 2048;
+/// Connection-table entries (one forward and one reverse entry per flow).
+pub const CONN_CAPACITY: u32 = 1 << 20;
+
+/// SNAT source ports the edge hands out, per (backend, SNAT address).
+/// Keep local listeners of the edge that talk to backends out of this range.
+pub const SNAT_PORT_MIN: u16 = 10000;
+/// Last SNAT source port (inclusive).
+pub const SNAT_PORT_MAX: u16 = 32767;
+/// How many ports a new flow probes before it is dropped as
+/// `DROP_SNAT_EXHAUSTED`.
+pub const SNAT_PORT_TRIES: u32 = 16;
+
+/// A closed TCP flow (RST, or FIN both ways) may give up its SNAT port and
+/// be re-selected after this long.
+pub const TCP_CLOSED_REUSE_NS: u64 = 2_000_000_000;
+/// A TCP flow that never got a SYN-ACK is stale after this long.
+pub const TCP_SYN_TIMEOUT_NS: u64 = 30_000_000_000;
+/// An idle established TCP flow is stale after this long.
+pub const TCP_IDLE_TIMEOUT_NS: u64 = 3600 * 1_000_000_000;
+/// An idle UDP flow is stale after this long; its next datagram is a new flow.
+pub const UDP_IDLE_TIMEOUT_NS: u64 = 60_000_000_000;
+/// `last_seen` is refreshed at most this often, to spare a shared cache line.
+pub const LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
+
+/// Address families, as in `AF_INET` / `AF_INET6`.
+pub const FAMILY_V4: u8 = 2;
+/// IPv6 (reserved: the format holds it, the program does not parse it yet).
+pub const FAMILY_V6: u8 = 10;
+
+/// IP protocol numbers.
+pub const PROTO_TCP: u8 = 6;
+/// UDP.
+pub const PROTO_UDP: u8 = 17;
+
+/// Names of the maps in the kernel object.
+pub mod map {
+    /// `HashMap<ServiceKey, Service>`.
+    pub const SERVICES: &str = "SERVICES";
+    /// `HashMap<VipKey, u32>`: every VIP address, for dropping malformed
+    /// packets to a VIP whose port cannot be read.
+    pub const VIPS: &str = "VIPS";
+    /// `Array<MaglevTable>`, `MAX_TABLES` slots.
+    pub const TABLES: &str = "TABLES";
+    /// `Array<Backend>`, indexed by backend id.
+    pub const BACKENDS: &str = "BACKENDS";
+    /// `LruHashMap<FlowKey, Conn>`.
+    pub const CONNS: &str = "CONNS";
+    /// `PerCpuArray<BackendStats>`, indexed by backend id.
+    pub const BACKEND_STATS: &str = "BACKEND_STATS";
+    /// `PerCpuArray<u64>`, indexed by `counter::*`.
+    pub const COUNTERS: &str = "COUNTERS";
+}
+
+/// Service flag: pick the version and backend from the client address only.
+pub const SVC_F_CLIENT_IP: u32 = 1;
+/// Service flag: rewrite the source to the edge's address (SNAT mode).
+pub const SVC_F_SNAT: u32 = 2;
+
+/// Key of `SERVICES`: what a packet is addressed to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceKey {
+    /// VIP address, network byte order.
+    pub addr: [u32; 4],
+    /// VIP port, network byte order.
+    pub port: u16,
+    /// `PROTO_TCP` or `PROTO_UDP`.
+    pub proto: u8,
+    /// `FAMILY_V4` or `FAMILY_V6`.
+    pub family: u8,
+}
+
+/// Key of `VIPS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct VipKey {
+    /// VIP address, network byte order.
+    pub addr: [u32; 4],
+    /// `FAMILY_V4` or `FAMILY_V6`.
+    pub family: u32,
+}
+
+/// Value of `SERVICES`: everything a new flow needs to pick a backend.
+///
+/// The whole entry is replaced in one map update (hash-map updates are
+/// atomic to readers), which is how a weight change or a table generation
+/// flip is published.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Service {
+    /// Controller's index of the service (for logs and tests).
+    pub id: u32,
+    /// `SVC_F_*`.
+    pub flags: u32,
+    /// Source address used in SNAT mode, network byte order.
+    pub snat_addr: [u32; 4],
+    /// How many of the `MAX_VERSIONS` entries below are in use.
+    pub version_count: u32,
+    /// Explicit padding.
+    pub _pad: u32,
+    /// Cumulative upper bounds over the 32-bit version hash: version `i`
+    /// takes hashes `h` with `thresholds[i-1] <= h < thresholds[i]`. The last
+    /// used entry is `1 << 32`. A version of weight 0 has an empty range.
+    pub thresholds: [u64; MAX_VERSIONS],
+    /// Table slot (index into `TABLES`) of each version, generation included.
+    pub tables: [u32; MAX_VERSIONS],
+    /// Controller's global id of each version (for counters).
+    pub versions: [u32; MAX_VERSIONS],
+}
+
+/// A Maglev lookup table: slot -> backend id. `u16::MAX` marks an empty
+/// table (a version with no usable backend).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MaglevTable {
+    /// Backend id of each slot.
+    pub slots: [u16; MAGLEV_SIZE as usize],
+    /// Explicit padding to a 4-byte multiple.
+    pub _pad: u16,
+}
+
+impl Default for MaglevTable {
+    fn default() -> Self {
+        Self {
+            slots: [NO_BACKEND; MAGLEV_SIZE as usize],
+            _pad: 0,
+        }
+    }
+}
+
+/// Table entry meaning "no backend".
+pub const NO_BACKEND: u16 = u16::MAX;
+
+/// Value of `BACKENDS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
+    /// Backend address, network byte order.
+    pub addr: [u32; 4],
+    /// Backend port, network byte order.
+    pub port: u16,
+    /// `FAMILY_V4` or `FAMILY_V6`.
+    pub family: u8,
+    /// `BACKEND_F_*`.
+    pub flags: u8,
+    /// Global version id this backend belongs to.
+    pub version: u32,
+}
+
+/// Backend flag: the slot holds a configured backend.
+pub const BACKEND_F_PRESENT: u8 = 1;
+
+/// Key of `CONNS`: a packet's own 5-tuple as it arrives at the edge.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    /// Source address, network byte order.
+    pub src: [u32; 4],
+    /// Destination address, network byte order.
+    pub dst: [u32; 4],
+    /// Source port, network byte order.
+    pub sport: u16,
+    /// Destination port, network byte order.
+    pub dport: u16,
+    /// `PROTO_TCP` or `PROTO_UDP`.
+    pub proto: u8,
+    /// `FAMILY_V4` or `FAMILY_V6`.
+    pub family: u8,
+    /// Explicit padding; always zero.
+    pub _pad: [u8; 2],
+}
+
+/// Conn flag: this entry is the reply direction (backend -> edge).
+pub const CONN_F_REVERSE: u32 = 1;
+/// Conn flag: the flow is source-NATed; rewrite `other` too.
+pub const CONN_F_SNAT: u32 = 2;
+
+/// TCP state bit: the client's SYN was seen.
+pub const TCP_SYN: u32 = 1;
+/// TCP state bit: the backend's SYN-ACK was seen.
+pub const TCP_ESTABLISHED: u32 = 2;
+/// TCP state bit: the client sent FIN.
+pub const TCP_FIN_CLIENT: u32 = 4;
+/// TCP state bit: the backend sent FIN.
+pub const TCP_FIN_BACKEND: u32 = 8;
+/// TCP state bit: either side sent RST.
+pub const TCP_RST: u32 = 16;
+
+/// Value of `CONNS`. A flow has two entries, keyed by the forward tuple
+/// (client -> VIP) and the reverse tuple (backend -> edge or client).
+///
+/// Forward entry: new destination := `new`; with `CONN_F_SNAT`, new source
+/// := `other` (the SNAT address and port). Reverse entry: new source :=
+/// `new` (the VIP); with `CONN_F_SNAT`, new destination := `other` (the
+/// client). Each entry therefore holds the other's key:
+/// reverse key = (`new` -> `other`), forward key = (`other` -> `new`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Conn {
+    /// Address written into the packet (see above), network byte order.
+    pub new_addr: [u32; 4],
+    /// The far end as seen after rewriting, network byte order.
+    pub other_addr: [u32; 4],
+    /// Port paired with `new_addr`, network byte order.
+    pub new_port: u16,
+    /// Port paired with `other_addr`, network byte order.
+    pub other_port: u16,
+    /// Backend id the flow is bound to.
+    pub backend: u32,
+    /// `CONN_F_*`.
+    pub flags: u32,
+    /// `TCP_*` bits seen so far (kept in both entries).
+    pub state: u32,
+    /// Service id, for the controller's flow inspection.
+    pub service: u32,
+    /// Explicit padding.
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns()` of the last packet, at `LAST_SEEN_GRANULARITY_NS`.
+    pub last_seen: u64,
+}
+
+/// Value of `BACKEND_STATS` (per CPU; the controller sums the CPUs).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendStats {
+    /// Packets forwarded to the backend.
+    pub packets: u64,
+    /// Bytes forwarded to the backend (whole frames).
+    pub bytes: u64,
+    /// Flows bound to the backend.
+    pub new_flows: u64,
+    /// Reply packets from the backend translated back.
+    pub reply_packets: u64,
+    /// Reply bytes from the backend translated back.
+    pub reply_bytes: u64,
+}
+
+/// Indexes of `COUNTERS`: drops by reason and forwarding outcomes.
+pub mod counter {
+    /// IPv4 header shorter than 20 bytes or than its IHL says. Dropped.
+    pub const DROP_TRUNCATED_IP: u32 = 0;
+    /// IHL below 5. Dropped.
+    pub const DROP_BAD_IHL: u32 = 1;
+    /// IP options on a packet to a VIP. Dropped.
+    pub const DROP_IP_OPTIONS: u32 = 2;
+    /// A fragment of a packet to a VIP. Dropped.
+    pub const DROP_FRAGMENT: u32 = 3;
+    /// TCP/UDP header cut short on a packet to a VIP. Dropped.
+    pub const DROP_TRUNCATED_L4: u32 = 4;
+    /// TCP packet without SYN to a VIP, for a flow the table does not know. Dropped.
+    pub const DROP_NO_FLOW: u32 = 5;
+    /// The chosen version has no usable backend. Dropped.
+    pub const DROP_NO_BACKEND: u32 = 6;
+    /// No free SNAT port after `SNAT_PORT_TRIES` probes. Dropped.
+    pub const DROP_SNAT_EXHAUSTED: u32 = 7;
+    /// The connection table refused an insert. Dropped.
+    pub const DROP_CONN_TABLE: u32 = 8;
+    /// The route lookup said blackhole, unreachable or prohibited. Dropped.
+    pub const DROP_UNROUTABLE: u32 = 9;
+    /// TTL would reach zero; handed to the kernel for its ICMP error.
+    pub const PASS_TTL: u32 = 10;
+    /// Rewritten, but the next hop's MAC is not known yet: handed to the
+    /// kernel, which resolves it and forwards the packet.
+    pub const PASS_NO_NEIGH: u32 = 11;
+    /// Rewritten, route lookup declined for another reason: handed to the kernel.
+    pub const PASS_FIB_OTHER: u32 = 12;
+    /// Sent back out of the interface it came in on (`XDP_TX`).
+    pub const TX: u32 = 13;
+    /// Sent out of another interface (`XDP_REDIRECT`).
+    pub const REDIRECT: u32 = 14;
+    /// New flows created.
+    pub const NEW_FLOW: u32 = 15;
+    /// Number of counters.
+    pub const COUNT: u32 = 16;
+
+    /// Human names, indexed like the constants.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "drop_truncated_ip",
+        "drop_bad_ihl",
+        "drop_ip_options",
+        "drop_fragment",
+        "drop_truncated_l4",
+        "drop_no_flow",
+        "drop_no_backend",
+        "drop_snat_exhausted",
+        "drop_conn_table",
+        "drop_unroutable",
+        "pass_ttl",
+        "pass_no_neigh",
+        "pass_fib_other",
+        "tx",
+        "redirect",
+        "new_flow",
+    ];
+}
+
+/// The 32-bit mixer both sides use to hash flows (the finalizer of
+/// MurmurHash3): cheap, and every input bit affects every output bit.
+#[inline(always)]
+pub const fn mix32(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^= h >> 16;
+    h
+}
+
+/// Hash of a flow for backend selection. With `client_ip_only`, only the
+/// source address counts, so one client always lands on one version and
+/// backend. Ports and addresses are taken in network byte order.
+#[inline(always)]
+pub const fn flow_hash(
+    src: &[u32; 4],
+    dst: &[u32; 4],
+    sport: u16,
+    dport: u16,
+    proto: u8,
+    client_ip_only: bool,
+) -> u32 {
+    let mut h = mix32(src[0] ^ 0x9e37_79b9);
+    h = mix32(h ^ src[1]);
+    h = mix32(h ^ src[2]);
+    h = mix32(h ^ src[3]);
+    if client_ip_only {
+        return h;
+    }
+    h = mix32(h ^ dst[0]);
+    h = mix32(h ^ dst[1]);
+    h = mix32(h ^ dst[2]);
+    h = mix32(h ^ dst[3]);
+    mix32(h ^ ((sport as u32) << 16 | dport as u32) ^ ((proto as u32) << 8))
+}
+
+/// Hash used to pick the version, derived from the flow hash so that the
+/// version choice and the backend choice inside it are independent.
+#[inline(always)]
+pub const fn version_hash(flow_hash: u32) -> u32 {
+    mix32(flow_hash ^ 0x5bd1_e995)
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are #[repr(C)], Copy, made only of integers, and
+    // carry explicit padding fields, so every bit pattern is valid and no
+    // byte is uninitialised.
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for VipKey {}
+    unsafe impl aya::Pod for Service {}
+    unsafe impl aya::Pod for MaglevTable {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for Conn {}
+    unsafe impl aya::Pod for BackendStats {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_hidden_padding() {
+        assert_eq!(size_of::<ServiceKey>(), 20);
+        assert_eq!(size_of::<VipKey>(), 20);
+        assert_eq!(size_of::<Service>(), 32 + 8 * MAX_VERSIONS + 8 * MAX_VERSIONS);
+        assert_eq!(size_of::<MaglevTable>(), 2 * MAGLEV_SIZE as usize + 2);
+        assert_eq!(size_of::<Backend>(), 24);
+        assert_eq!(size_of::<FlowKey>(), 40);
+        assert_eq!(size_of::<Conn>(), 64);
+        assert_eq!(size_of::<BackendStats>(), 40);
+    }
+
+    #[test]
+    fn client_ip_hash_ignores_everything_but_the_source() {
+        let a = flow_hash(&[1, 0, 0, 0], &[2, 0, 0, 0], 10, 80, 6, true);
+        let b = flow_hash(&[1, 0, 0, 0], &[3, 0, 0, 0], 11, 81, 17, true);
+        assert_eq!(a, b);
+        let c = flow_hash(&[1, 0, 0, 0], &[2, 0, 0, 0], 10, 80, 6, false);
+        let d = flow_hash(&[1, 0, 0, 0], &[2, 0, 0, 0], 11, 80, 6, false);
+        assert_ne!(c, d);
+    }
+}

@@ -1,0 +1,305 @@
+//! Flow handling: established flows in both directions (connection-table
+//! hit), new flows (service hit), and the TCP state both entries share.
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_NOEXIST},
+    helpers::bpf_ktime_get_ns,
+    programs::XdpContext,
+};
+use splitter_common::{
+    BACKEND_F_PRESENT, CONN_F_REVERSE, CONN_F_SNAT, Conn, FAMILY_V4, FlowKey,
+    LAST_SEEN_GRANULARITY_NS, MAGLEV_SIZE, MAX_VERSIONS, NO_BACKEND, PROTO_TCP, SNAT_PORT_MAX,
+    SNAT_PORT_MIN, SNAT_PORT_TRIES, SVC_F_CLIENT_IP, SVC_F_SNAT, Service, ServiceKey,
+    TCP_CLOSED_REUSE_NS, TCP_ESTABLISHED, TCP_FIN_BACKEND, TCP_FIN_CLIENT, TCP_IDLE_TIMEOUT_NS,
+    TCP_RST, TCP_SYN, TCP_SYN_TIMEOUT_NS, UDP_IDLE_TIMEOUT_NS, counter, flow_hash, mix32,
+    version_hash,
+};
+
+use crate::{
+    XDP_PASS, fib,
+    maps::{self, BACKEND_STATS, BACKENDS, CONNS, SERVICES, TABLES},
+    nat::Tuple,
+    parse::{self, Packet},
+};
+
+/// Entry point for every packet.
+#[inline(always)]
+pub fn handle(ctx: &XdpContext) -> u32 {
+    let pkt = match parse::parse(ctx) {
+        Ok(p) => p,
+        Err(action) => return action,
+    };
+    let key = FlowKey {
+        src: [pkt.saddr, 0, 0, 0],
+        dst: [pkt.daddr, 0, 0, 0],
+        sport: pkt.sport,
+        dport: pkt.dport,
+        proto: pkt.proto,
+        family: FAMILY_V4,
+        _pad: [0; 2],
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    if let Some(entry) = CONNS.get_ptr_mut(&key) {
+        // SAFETY: a valid map value for the duration of this program run.
+        let conn = unsafe { &mut *entry };
+        if !restarts(conn, &pkt, now) {
+            return established(ctx, &pkt, conn, now);
+        }
+    }
+    let skey = ServiceKey { addr: key.dst, port: pkt.dport, proto: pkt.proto, family: FAMILY_V4 };
+    match SERVICES.get_ptr(&skey) {
+        // SAFETY: as above.
+        Some(svc) => new_flow(ctx, &pkt, &key, unsafe { &*svc }, now),
+        None => XDP_PASS,
+    }
+}
+
+/// Is the flow over, as seen from its entry, so that its tuple and SNAT
+/// port may serve a new flow?
+#[inline(always)]
+fn stale(proto: u8, state: u32, last_seen: u64, now: u64) -> bool {
+    let idle = now.saturating_sub(last_seen);
+    if proto != PROTO_TCP {
+        return idle > UDP_IDLE_TIMEOUT_NS;
+    }
+    let closed = state & TCP_RST != 0
+        || state & (TCP_FIN_CLIENT | TCP_FIN_BACKEND) == (TCP_FIN_CLIENT | TCP_FIN_BACKEND);
+    if closed {
+        idle > TCP_CLOSED_REUSE_NS
+    } else if state & TCP_ESTABLISHED == 0 {
+        idle > TCP_SYN_TIMEOUT_NS
+    } else {
+        idle > TCP_IDLE_TIMEOUT_NS
+    }
+}
+
+/// Does this packet start a new flow on a tuple the table still holds?
+/// Only a client's packet can: a TCP SYN after the old connection closed
+/// (or went stale), or a UDP datagram after the idle timeout.
+#[inline(always)]
+fn restarts(conn: &Conn, pkt: &Packet, now: u64) -> bool {
+    if conn.flags & CONN_F_REVERSE != 0 {
+        return false;
+    }
+    if pkt.proto != PROTO_TCP {
+        return stale(pkt.proto, conn.state, conn.last_seen, now);
+    }
+    if pkt.tcp_flags & (parse::TCP_SYN | parse::TCP_ACK) != parse::TCP_SYN {
+        return false;
+    }
+    let closed = conn.state & TCP_RST != 0 || conn.state & (TCP_FIN_CLIENT | TCP_FIN_BACKEND) != 0;
+    closed || stale(pkt.proto, conn.state, conn.last_seen, now)
+}
+
+/// The other entry of the same flow.
+#[inline(always)]
+fn peer_key(conn: &Conn, proto: u8) -> FlowKey {
+    let (src, dst, sport, dport) = if conn.flags & CONN_F_REVERSE != 0 {
+        (conn.other_addr, conn.new_addr, conn.other_port, conn.new_port)
+    } else {
+        (conn.new_addr, conn.other_addr, conn.new_port, conn.other_port)
+    };
+    FlowKey { src, dst, sport, dport, proto, family: FAMILY_V4, _pad: [0; 2] }
+}
+
+/// A packet of a known flow, either direction.
+#[inline(always)]
+fn established(ctx: &XdpContext, pkt: &Packet, conn: &mut Conn, now: u64) -> u32 {
+    let reverse = conn.flags & CONN_F_REVERSE != 0;
+    let mut bits = 0;
+    let mut touch_peer = false;
+    if pkt.proto == PROTO_TCP {
+        let f = pkt.tcp_flags;
+        if f & parse::TCP_RST != 0 {
+            bits |= TCP_RST;
+        }
+        if f & parse::TCP_FIN != 0 {
+            bits |= if reverse { TCP_FIN_BACKEND } else { TCP_FIN_CLIENT };
+        }
+        if reverse && f & (parse::TCP_SYN | parse::TCP_ACK) == (parse::TCP_SYN | parse::TCP_ACK) {
+            bits |= TCP_ESTABLISHED;
+        }
+        if bits & !conn.state != 0 {
+            conn.state |= bits;
+            touch_peer = true;
+        }
+    }
+    if now.saturating_sub(conn.last_seen) > LAST_SEEN_GRANULARITY_NS {
+        conn.last_seen = now;
+        touch_peer = true;
+    }
+    if touch_peer {
+        // Rare (state changes, once a second): keep both entries in step so
+        // that either one tells whether the flow is over.
+        if let Some(peer) = CONNS.get_ptr_mut(&peer_key(conn, pkt.proto)) {
+            unsafe {
+                (*peer).state |= conn.state;
+                (*peer).last_seen = now;
+            }
+        }
+    }
+    if let Some(s) = BACKEND_STATS.get_ptr_mut(conn.backend) {
+        unsafe {
+            if reverse {
+                (*s).reply_packets += 1;
+                (*s).reply_bytes += pkt.len as u64;
+            } else {
+                (*s).packets += 1;
+                (*s).bytes += pkt.len as u64;
+            }
+        }
+    }
+    let old = Tuple { saddr: pkt.saddr, daddr: pkt.daddr, sport: pkt.sport, dport: pkt.dport };
+    let mut new = old;
+    let snat = conn.flags & CONN_F_SNAT != 0;
+    if reverse {
+        new.saddr = conn.new_addr[0];
+        new.sport = conn.new_port;
+        if snat {
+            new.daddr = conn.other_addr[0];
+            new.dport = conn.other_port;
+        }
+    } else {
+        new.daddr = conn.new_addr[0];
+        new.dport = conn.new_port;
+        if snat {
+            new.saddr = conn.other_addr[0];
+            new.sport = conn.other_port;
+        }
+    }
+    fib::forward(ctx, pkt.proto, &old, &new)
+}
+
+/// Picks the version by hash threshold, then the backend by Maglev slot.
+#[inline(always)]
+fn pick_backend(svc: &Service, h: u32) -> Option<u16> {
+    let vh = version_hash(h) as u64;
+    let mut slot = None;
+    let mut i = 0;
+    while i < MAX_VERSIONS {
+        if (i as u32) < svc.version_count && vh < svc.thresholds[i] {
+            slot = Some(svc.tables[i]);
+            break;
+        }
+        i += 1;
+    }
+    let table = TABLES.get(slot?)?;
+    // For the verifier: the compiler turns `%` into multiply-and-shift, which
+    // the verifier cannot bound, and then drops the bounds check as provably
+    // redundant. Reading the index through a volatile load hides what the
+    // compiler knows, so the check below stays and bounds it for the verifier.
+    let rem = h % MAGLEV_SIZE;
+    let idx = unsafe { core::ptr::read_volatile(&rem) } as usize;
+    let id = *table.slots.get(idx)?;
+    if id == NO_BACKEND { None } else { Some(id) }
+}
+
+/// A packet to a service with no flow yet.
+#[inline(always)]
+fn new_flow(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, svc: &Service, now: u64) -> u32 {
+    if pkt.proto == PROTO_TCP && pkt.tcp_flags & (parse::TCP_SYN | parse::TCP_ACK) != parse::TCP_SYN
+    {
+        // Mid-stream packet of a flow we do not know: forwarding it to a
+        // freshly chosen backend would only draw a reset.
+        return maps::drop_with(counter::DROP_NO_FLOW);
+    }
+    let full = flow_hash(&key.src, &key.dst, pkt.sport, pkt.dport, pkt.proto, false);
+    let h = if svc.flags & SVC_F_CLIENT_IP != 0 {
+        flow_hash(&key.src, &key.dst, pkt.sport, pkt.dport, pkt.proto, true)
+    } else {
+        full
+    };
+    let Some(id) = pick_backend(svc, h) else {
+        return maps::drop_with(counter::DROP_NO_BACKEND);
+    };
+    let Some(backend) = BACKENDS.get(id as u32) else {
+        return maps::drop_with(counter::DROP_NO_BACKEND);
+    };
+    if backend.flags & BACKEND_F_PRESENT == 0 {
+        return maps::drop_with(counter::DROP_NO_BACKEND);
+    }
+    let snat = svc.flags & SVC_F_SNAT != 0;
+    let state = if pkt.proto == PROTO_TCP { TCP_SYN } else { 0 };
+    let flags = if snat { CONN_F_SNAT } else { 0 };
+    let mut rev = Conn {
+        new_addr: key.dst,
+        other_addr: key.src,
+        new_port: pkt.dport,
+        other_port: pkt.sport,
+        backend: id as u32,
+        flags: flags | CONN_F_REVERSE,
+        state,
+        service: svc.id,
+        _pad: 0,
+        last_seen: now,
+    };
+    let mut rkey = FlowKey {
+        src: backend.addr,
+        dst: key.src,
+        sport: backend.port,
+        dport: pkt.sport,
+        proto: pkt.proto,
+        family: FAMILY_V4,
+        _pad: [0; 2],
+    };
+    if snat {
+        rkey.dst = svc.snat_addr;
+        let Some(port) = claim_snat_port(&mut rkey, &rev, full, now) else {
+            return maps::drop_with(counter::DROP_SNAT_EXHAUSTED);
+        };
+        rkey.dport = port;
+    } else if CONNS.insert(&rkey, &rev, BPF_ANY as u64).is_err() {
+        return maps::drop_with(counter::DROP_CONN_TABLE);
+    }
+    rev.new_addr = backend.addr;
+    rev.new_port = backend.port;
+    rev.other_addr = rkey.dst;
+    rev.other_port = rkey.dport;
+    rev.flags = flags;
+    if CONNS.insert(key, &rev, BPF_ANY as u64).is_err() {
+        let _ = CONNS.remove(&rkey);
+        return maps::drop_with(counter::DROP_CONN_TABLE);
+    }
+    maps::count(counter::NEW_FLOW);
+    if let Some(s) = BACKEND_STATS.get_ptr_mut(id as u32) {
+        unsafe {
+            (*s).new_flows += 1;
+            (*s).packets += 1;
+            (*s).bytes += pkt.len as u64;
+        }
+    }
+    let old = Tuple { saddr: pkt.saddr, daddr: pkt.daddr, sport: pkt.sport, dport: pkt.dport };
+    let new = Tuple {
+        saddr: rkey.dst[0],
+        daddr: backend.addr[0],
+        sport: rkey.dport,
+        dport: backend.port,
+    };
+    fib::forward(ctx, pkt.proto, &old, &new)
+}
+
+/// Finds a free SNAT port towards this backend and inserts the reverse
+/// entry under it. Probes `SNAT_PORT_TRIES` ports from a hash-chosen start;
+/// a port whose entry is stale is taken over. Returns the port (network order).
+#[inline(always)]
+fn claim_snat_port(rkey: &mut FlowKey, rev: &Conn, h: u32, now: u64) -> Option<u16> {
+    let range = (SNAT_PORT_MAX - SNAT_PORT_MIN) as u32 + 1;
+    let start = mix32(h ^ 0x27d4_eb2d) % range;
+    let mut i = 0;
+    while i < SNAT_PORT_TRIES {
+        let port = (SNAT_PORT_MIN as u32 + (start + i) % range) as u16;
+        rkey.dport = port.to_be();
+        if CONNS.insert(&*rkey, rev, BPF_NOEXIST as u64).is_ok() {
+            return Some(rkey.dport);
+        }
+        if let Some(e) = CONNS.get_ptr(&*rkey) {
+            let (state, last_seen) = unsafe { ((*e).state, (*e).last_seen) };
+            if stale(rkey.proto, state, last_seen, now)
+                && CONNS.insert(&*rkey, rev, BPF_ANY as u64).is_ok()
+            {
+                return Some(rkey.dport);
+            }
+        }
+        i += 1;
+    }
+    None
+}

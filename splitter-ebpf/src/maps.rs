@@ -1,0 +1,57 @@
+//! The maps the program shares with the controller (names and types from
+//! `splitter-common`), and the two counter helpers every path uses.
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+};
+use splitter_common::{
+    Backend, BackendStats, CONN_CAPACITY, Conn, FlowKey, MAX_BACKENDS, MAX_SERVICES, MAX_TABLES,
+    MaglevTable, Service, ServiceKey, VipKey, counter,
+};
+
+#[map(name = "SERVICES")]
+pub static SERVICES: HashMap<ServiceKey, Service> = HashMap::with_max_entries(MAX_SERVICES, 0);
+
+#[map(name = "VIPS")]
+pub static VIPS: HashMap<VipKey, u32> = HashMap::with_max_entries(MAX_SERVICES, 0);
+
+#[map(name = "TABLES")]
+pub static TABLES: Array<MaglevTable> = Array::with_max_entries(MAX_TABLES, 0);
+
+#[map(name = "BACKENDS")]
+pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
+
+/// Shared by all CPUs: a reply may arrive on another CPU than its request.
+#[map(name = "CONNS")]
+pub static CONNS: LruHashMap<FlowKey, Conn> = LruHashMap::with_max_entries(CONN_CAPACITY, 0);
+
+#[map(name = "BACKEND_STATS")]
+pub static BACKEND_STATS: PerCpuArray<BackendStats> =
+    PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+#[map(name = "COUNTERS")]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+/// Adds one to counter `idx` (a `counter::*` constant).
+#[inline(always)]
+pub fn count(idx: u32) {
+    if let Some(c) = COUNTERS.get_ptr_mut(idx) {
+        // Per-CPU slot: no other writer.
+        unsafe { *c += 1 };
+    }
+}
+
+/// Counts `idx` and returns `XDP_DROP`.
+#[inline(always)]
+pub fn drop_with(idx: u32) -> u32 {
+    count(idx);
+    crate::XDP_DROP
+}
+
+/// Is `addr` the address of any VIP? Used to decide whether a packet we
+/// cannot fully parse is ours to drop or the kernel's to judge.
+#[inline(always)]
+pub fn is_vip(addr: u32) -> bool {
+    let key = VipKey { addr: [addr, 0, 0, 0], family: splitter_common::FAMILY_V4 as u32 };
+    VIPS.get_ptr(&key).is_some()
+}

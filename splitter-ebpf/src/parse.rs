@@ -1,0 +1,144 @@
+//! Header layouts and the one bounds-checked accessor the program reads
+//! packets through. [`parse`] turns a frame into a [`Packet`] or a verdict.
+use aya_ebpf::programs::XdpContext;
+use core::mem::size_of;
+use splitter_common::{PROTO_TCP, PROTO_UDP, counter};
+
+use crate::{XDP_PASS, maps};
+
+pub const ETH_LEN: usize = 14;
+pub const IPV4_LEN: usize = 20;
+/// IPv4 without options: the only layout forwarded for a VIP.
+pub const L4_OFF: usize = ETH_LEN + IPV4_LEN;
+const ETH_P_IP: u16 = 0x0800;
+
+#[repr(C)]
+pub struct EthHdr {
+    pub dst: [u8; 6],
+    pub src: [u8; 6],
+    /// Network byte order.
+    pub proto: u16,
+}
+
+#[repr(C)]
+pub struct Ipv4Hdr {
+    pub ver_ihl: u8,
+    pub tos: u8,
+    pub tot_len: u16,
+    pub id: u16,
+    pub frag_off: u16,
+    pub ttl: u8,
+    pub proto: u8,
+    pub check: u16,
+    pub saddr: u32,
+    pub daddr: u32,
+}
+
+#[repr(C)]
+pub struct TcpHdr {
+    pub sport: u16,
+    pub dport: u16,
+    pub seq: u32,
+    pub ack_seq: u32,
+    pub doff: u8,
+    pub flags: u8,
+    pub window: u16,
+    pub check: u16,
+    pub urg_ptr: u16,
+}
+
+#[repr(C)]
+pub struct UdpHdr {
+    pub sport: u16,
+    pub dport: u16,
+    pub len: u16,
+    pub check: u16,
+}
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+/// Returns a pointer to a `T` at `offset` if the whole `T` lies inside the
+/// packet. Every packet access goes through here.
+#[inline(always)]
+pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + size_of::<T>() > end {
+        return None;
+    }
+    Some((start + offset) as *mut T)
+}
+
+/// What the rest of the program needs from a parsed IPv4 TCP/UDP packet.
+pub struct Packet {
+    pub saddr: u32,
+    pub daddr: u32,
+    /// Network byte order.
+    pub sport: u16,
+    /// Network byte order.
+    pub dport: u16,
+    pub proto: u8,
+    /// TCP flags (0 for UDP).
+    pub tcp_flags: u8,
+    /// Frame length, for byte counters.
+    pub len: u32,
+}
+
+/// Parses the frame. `Err(action)` is the final verdict for packets that
+/// are not ours or are malformed (counted where they were addressed to a VIP).
+#[inline(always)]
+pub fn parse(ctx: &XdpContext) -> Result<Packet, u32> {
+    let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(XDP_PASS)?;
+    if u16::from_be(unsafe { (*eth).proto }) != ETH_P_IP {
+        return Err(XDP_PASS);
+    }
+    let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN) else {
+        // Shorter than an IPv4 header: the kernel would drop it too.
+        return Err(maps::drop_with(counter::DROP_TRUNCATED_IP));
+    };
+    let (ver_ihl, frag_off, proto, saddr, daddr) =
+        unsafe { ((*ip).ver_ihl, (*ip).frag_off, (*ip).proto, (*ip).saddr, (*ip).daddr) };
+    if ver_ihl >> 4 != 4 {
+        return Err(XDP_PASS);
+    }
+    let ihl = ver_ihl & 0x0f;
+    if ihl < 5 {
+        return Err(maps::drop_with(counter::DROP_BAD_IHL));
+    }
+    let len = (ctx.data_end() - ctx.data()) as u32;
+    if ETH_LEN as u32 + ihl as u32 * 4 > len {
+        return Err(maps::drop_with(counter::DROP_TRUNCATED_IP));
+    }
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return Err(XDP_PASS);
+    }
+    // Fragments (MF set or a non-zero offset) and options: not forwarded
+    // for a VIP (their ports are missing or the layout differs); anyone
+    // else's are the kernel's business.
+    if u16::from_be(frag_off) & 0x3fff != 0 {
+        return Err(drop_if_vip(daddr, counter::DROP_FRAGMENT));
+    }
+    if ihl != 5 {
+        return Err(drop_if_vip(daddr, counter::DROP_IP_OPTIONS));
+    }
+    let (sport, dport, tcp_flags) = if proto == PROTO_TCP {
+        let Some(tcp) = ptr_at::<TcpHdr>(ctx, L4_OFF) else {
+            return Err(drop_if_vip(daddr, counter::DROP_TRUNCATED_L4));
+        };
+        unsafe { ((*tcp).sport, (*tcp).dport, (*tcp).flags) }
+    } else {
+        let Some(udp) = ptr_at::<UdpHdr>(ctx, L4_OFF) else {
+            return Err(drop_if_vip(daddr, counter::DROP_TRUNCATED_L4));
+        };
+        unsafe { ((*udp).sport, (*udp).dport, 0) }
+    };
+    Ok(Packet { saddr, daddr, sport, dport, proto, tcp_flags, len })
+}
+
+#[inline(always)]
+fn drop_if_vip(daddr: u32, reason: u32) -> u32 {
+    if maps::is_vip(daddr) { maps::drop_with(reason) } else { XDP_PASS }
+}

@@ -1,0 +1,244 @@
+//! The daemon's HTTP API on a Unix socket, and the JSON types both ends use.
+//!
+//! | method | path | body | answer |
+//! |---|---|---|---|
+//! | GET | `/v1/status` | | [`StatusReport`] |
+//! | GET | `/v1/config` | | the running [`Config`] |
+//! | PUT | `/v1/services/{name}/weights` | [`WeightsRequest`] | [`ServiceReport`] |
+//!
+//! Errors come back as `{"error": "..."}` with 400 (bad input), 404
+//! (unknown service or route) or 500 (the kernel refused a map update).
+//! `curl --unix-socket /run/splitter/splitter.sock http://splitter/v1/status`
+//! works as well as the CLI.
+use std::{collections::BTreeMap, convert::Infallible, future::Future, sync::Arc};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::service_fn};
+use hyper_util::rt::TokioIo;
+use serde::{Deserialize, Serialize};
+use tokio::net::UnixListener;
+use tracing::{debug, info, warn};
+
+use crate::controller::Controller;
+
+/// Largest request body the API reads.
+const MAX_BODY: usize = 64 * 1024;
+
+/// `GET /v1/status`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StatusReport {
+    /// Interfaces, mode, SNAT address.
+    pub dataplane: DataplaneReport,
+    /// Every service with its versions and backends.
+    pub services: Vec<ServiceReport>,
+    /// Data-plane counters by name (drops by reason, TX, redirects, new flows).
+    pub counters: BTreeMap<String, u64>,
+}
+
+/// How the data plane is set up.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DataplaneReport {
+    /// Client-facing interface.
+    pub interface: String,
+    /// Backend-facing interface.
+    pub backend_interface: String,
+    /// `snat` or `dnat`.
+    pub mode: String,
+    /// Source address of SNAT mode.
+    pub snat_address: Option<String>,
+    /// Where the program is attached and in which XDP mode.
+    pub attachments: Vec<AttachmentReport>,
+}
+
+/// One XDP attachment.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AttachmentReport {
+    /// Interface name.
+    pub interface: String,
+    /// `native` or `generic`.
+    pub mode: String,
+}
+
+/// One service.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ServiceReport {
+    /// Service name.
+    pub name: String,
+    /// `addr:port`.
+    pub vip: String,
+    /// `tcp` or `udp`.
+    pub protocol: String,
+    /// `flow` or `client-ip`.
+    pub affinity: String,
+    /// Versions in configuration order.
+    pub versions: Vec<VersionReport>,
+}
+
+/// One version of a service.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct VersionReport {
+    /// Version name.
+    pub name: String,
+    /// Configured weight.
+    pub weight: u32,
+    /// Share of new flows this weight gives, in percent.
+    pub share_percent: f64,
+    /// New flows over all its backends.
+    pub new_flows: u64,
+    /// Packets to its backends.
+    pub packets: u64,
+    /// Bytes to its backends.
+    pub bytes: u64,
+    /// Its backends.
+    pub backends: Vec<BackendReport>,
+}
+
+/// One backend and its counters.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BackendReport {
+    /// `addr:port`.
+    pub address: String,
+    /// Weight inside its version.
+    pub weight: u32,
+    /// Packets forwarded to it.
+    pub packets: u64,
+    /// Bytes forwarded to it.
+    pub bytes: u64,
+    /// Flows bound to it.
+    pub new_flows: u64,
+    /// Reply packets translated back.
+    pub reply_packets: u64,
+    /// Reply bytes translated back.
+    pub reply_bytes: u64,
+}
+
+/// `PUT /v1/services/{name}/weights`: every version of the service, by name.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct WeightsRequest {
+    /// Version name -> weight.
+    pub weights: BTreeMap<String, u32>,
+}
+
+/// Body of every error answer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ErrorBody {
+    /// What went wrong, for a human.
+    pub error: String,
+}
+
+/// Errors the API answers with.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 400.
+    #[error("{0}")]
+    BadRequest(String),
+    /// 404.
+    #[error("{0}")]
+    NotFound(String),
+    /// 500.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    fn status(&self) -> StatusCode {
+        match self {
+            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+type Shared = Arc<std::sync::Mutex<Controller>>;
+
+/// Serves the API on `listener` until `shutdown` resolves.
+pub async fn serve(listener: UnixListener, controller: Shared, shutdown: impl Future<Output = ()>) {
+    tokio::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    warn!(error = %e, "API accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let controller = controller.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| handle(controller.clone(), req));
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await
+            {
+                debug!(error = %e, "API connection ended with an error");
+            }
+        });
+    }
+}
+
+async fn handle(controller: Shared, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            return Ok(reply_error(&ApiError::BadRequest(format!(
+                "could not read the request body (at most {MAX_BODY} bytes): {e}"
+            ))));
+        }
+    };
+    let result = route(&controller, &method, &path, &body);
+    match &result {
+        Ok(_) => debug!(%method, %path, "API request"),
+        Err(e) => info!(%method, %path, error = %e, "API request refused"),
+    }
+    Ok(match result {
+        Ok(json) => json_response(StatusCode::OK, json),
+        Err(e) => reply_error(&e),
+    })
+}
+
+fn route(controller: &Shared, method: &Method, path: &str, body: &[u8]) -> Result<String, ApiError> {
+    let lock = || controller.lock().map_err(|_| ApiError::Internal("controller state is poisoned".into()));
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match (method, segments.as_slice()) {
+        (&Method::GET, ["v1", "status"]) => to_json(&lock()?.status()?),
+        (&Method::GET, ["v1", "config"]) => to_json(lock()?.config()),
+        (&Method::PUT, ["v1", "services", name, "weights"]) => {
+            let req: WeightsRequest = serde_json::from_slice(body).map_err(|e| {
+                ApiError::BadRequest(format!(
+                    "body must be JSON like {{\"weights\": {{\"blue\": 90, \"green\": 10}}}}: {e}"
+                ))
+            })?;
+            to_json(&lock()?.set_weights(name, &req.weights)?)
+        }
+        (_, ["v1", "status"] | ["v1", "config"] | ["v1", "services", _, "weights"]) => {
+            Err(ApiError::BadRequest(format!("method {method} is not allowed on {path}")))
+        }
+        _ => Err(ApiError::NotFound(format!("no such API path: {path}"))),
+    }
+}
+
+fn to_json<T: Serialize>(v: &T) -> Result<String, ApiError> {
+    serde_json::to_string_pretty(v).map_err(|e| ApiError::Internal(e.to_string()))
+}
+
+fn json_response(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body + "\n")));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
+    resp
+}
+
+fn reply_error(e: &ApiError) -> Response<Full<Bytes>> {
+    let body = serde_json::to_string(&ErrorBody { error: e.to_string() })
+        .unwrap_or_else(|_| "{\"error\":\"internal\"}".into());
+    json_response(e.status(), body)
+}

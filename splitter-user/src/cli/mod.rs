@@ -1,0 +1,166 @@
+//! The `splitter` command line: clap definitions and one small module per
+//! subcommand. Every subcommand but `daemon` and `config check` is a client
+//! of the daemon's API.
+//!
+//! Exit codes: 0 success; 1 the request was refused or failed (the message
+//! says why); 2 bad command line; 3 the daemon could not be reached.
+mod status;
+mod weights;
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::{client::ClientError, daemon};
+
+const EXAMPLES: &str = "\
+Examples:
+  splitter daemon --config /etc/splitter/splitter.toml
+  splitter status
+  splitter status --output json
+  splitter weights set web blue=90 green=10
+  splitter weights set web blue=0 green=100      # blue-green switch
+  splitter config check /etc/splitter/splitter.toml
+
+Exit codes: 0 ok, 1 refused or failed, 2 bad command line, 3 daemon unreachable.";
+
+/// XDP traffic splitter for zero-downtime deployments.
+///
+/// Splits new TCP/UDP flows to a virtual IP between versions of a service
+/// (blue/green, canary) by weight, while established connections stay on
+/// their backend. `splitter daemon` runs the data plane; the other commands
+/// talk to it over its Unix socket.
+#[derive(Debug, Parser)]
+#[command(name = "splitter", version, after_help = EXAMPLES)]
+pub struct Cli {
+    /// API socket of the daemon.
+    #[arg(long, global = true, env = "SPLITTER_SOCKET", default_value = daemon::DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Output format of read commands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// Aligned columns for people.
+    Table,
+    /// JSON for scripts (the API's own format).
+    Json,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the controller: load and attach the XDP program, publish the
+    /// config, serve the API until SIGTERM (which detaches).
+    ///
+    /// Example: splitter daemon --config /etc/splitter/splitter.toml
+    Daemon {
+        /// Configuration file (TOML; see docs/config.md).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Show services, versions, weights, backends and counters.
+    ///
+    /// Example: splitter status --output json
+    Status {
+        /// Output format.
+        #[arg(long, short, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Change version weights live (new flows follow at once; established
+    /// flows keep their backend).
+    #[command(subcommand)]
+    Weights(WeightsCommand),
+    /// Work with configuration files.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+/// `splitter weights ...`
+#[derive(Debug, Subcommand)]
+pub enum WeightsCommand {
+    /// Set the weight of every version of a service.
+    ///
+    /// Weights are relative: blue=90 green=10 sends 90% of new flows to
+    /// blue. Name every version of the service; at least one weight must be
+    /// above zero.
+    ///
+    /// Example: splitter weights set web blue=90 green=10
+    Set {
+        /// Service name.
+        service: String,
+        /// VERSION=WEIGHT pairs, one per version.
+        #[arg(required = true, value_name = "VERSION=WEIGHT")]
+        weights: Vec<String>,
+        /// Output format of the resulting service.
+        #[arg(long, short, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+}
+
+/// `splitter config ...`
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate a configuration file without touching the data plane.
+    ///
+    /// Example: splitter config check /etc/splitter/splitter.toml
+    Check {
+        /// Configuration file.
+        file: PathBuf,
+    },
+}
+
+/// Runs the parsed command line and returns the process exit code.
+pub async fn run(cli: Cli) -> ExitCode {
+    let result = match cli.command {
+        Command::Daemon { config } => {
+            let opts = daemon::DaemonOptions { config, socket: cli.socket };
+            daemon::run(opts, daemon::shutdown_signal()).await.map_err(CliError::Other)
+        }
+        Command::Status { output } => status::run(&cli.socket, output).await,
+        Command::Weights(WeightsCommand::Set { service, weights, output }) => {
+            weights::set(&cli.socket, &service, &weights, output).await
+        }
+        Command::Config(ConfigCommand::Check { file }) => match crate::config::Config::load(&file) {
+            Ok(c) => {
+                println!("{}: OK ({} services)", file.display(), c.services.len());
+                Ok(())
+            }
+            Err(e) => Err(CliError::Other(e.into())),
+        },
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(e.code())
+        }
+    }
+}
+
+/// Errors of CLI commands, carrying their exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// Talking to the daemon failed.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// Bad arguments found after parsing.
+    #[error("{0}")]
+    Usage(String),
+    /// Anything else.
+    #[error("{0:#}")]
+    Other(anyhow::Error),
+}
+
+impl CliError {
+    fn code(&self) -> u8 {
+        match self {
+            Self::Client(ClientError::Unreachable { .. }) => 3,
+            Self::Usage(_) => 2,
+            _ => 1,
+        }
+    }
+}

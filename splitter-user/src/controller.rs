@@ -1,0 +1,138 @@
+//! The controller's state: the running [`Config`] and the [`Dataplane`] it
+//! is published into. Every change goes through here, validated first and
+//! published second, so a refused change leaves both exactly as they were.
+use std::collections::BTreeMap;
+
+use tracing::info;
+
+use crate::{
+    api::{ApiError, AttachmentReport, BackendReport, DataplaneReport, ServiceReport, StatusReport, VersionReport},
+    config::{Config, ServiceConfig, parse_weight_args},
+    dataplane::Dataplane,
+};
+
+/// Running config plus the data plane it is published into.
+pub struct Controller {
+    config: Config,
+    dataplane: Dataplane,
+}
+
+impl Controller {
+    /// Wraps a data plane into which `config` has already been applied.
+    pub fn new(config: Config, dataplane: Dataplane) -> Self {
+        Self { config, dataplane }
+    }
+
+    /// The running configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Sets every version weight of `service` at once.
+    ///
+    /// # Errors
+    /// [`ApiError::NotFound`] for an unknown service, [`ApiError::BadRequest`]
+    /// for unknown or missing versions and invalid weights, [`ApiError::Internal`]
+    /// when the kernel refuses the update (the old weights then stay live).
+    pub fn set_weights(&mut self, service: &str, weights: &BTreeMap<String, u32>) -> Result<ServiceReport, ApiError> {
+        let svc = self.config.service(service).ok_or_else(|| {
+            let known: Vec<&str> = self.config.services.iter().map(|s| s.name.as_str()).collect();
+            ApiError::NotFound(format!("no service named {service:?}; services: {}", known.join(", ")))
+        })?;
+        let args: Vec<String> = weights.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let vector = parse_weight_args(svc, &args).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        let next = self
+            .config
+            .with_weights(service, &vector)
+            .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        if let Err(e) = self.dataplane.apply(&next) {
+            // Put back what was live; the maps may hold part of `next`.
+            let _ = self.dataplane.apply(&self.config);
+            return Err(ApiError::Internal(e.to_string()));
+        }
+        self.config = next;
+        info!(service, weights = ?weights, "weights changed");
+        let svc = self
+            .config
+            .service(service)
+            .ok_or_else(|| ApiError::Internal("service vanished".into()))?
+            .clone();
+        self.service_report(&svc)
+    }
+
+    /// Status of everything, with live counters.
+    ///
+    /// # Errors
+    /// [`ApiError::Internal`] when a map cannot be read.
+    pub fn status(&self) -> Result<StatusReport, ApiError> {
+        let dp = &self.config.dataplane;
+        let services = self
+            .config
+            .services
+            .iter()
+            .map(|s| self.service_report(s))
+            .collect::<Result<Vec<_>, _>>()?;
+        let counters = self
+            .dataplane
+            .counters()
+            .map_err(|e| ApiError::Internal(e.to_string()))?
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+        Ok(StatusReport {
+            dataplane: DataplaneReport {
+                interface: dp.interface.clone(),
+                backend_interface: dp.backend_interface.clone().unwrap_or_else(|| dp.interface.clone()),
+                mode: dp.mode.to_string(),
+                snat_address: self.dataplane.snat_address().map(|a| a.to_string()),
+                attachments: self
+                    .dataplane
+                    .attachments()
+                    .iter()
+                    .map(|a| AttachmentReport { interface: a.interface.clone(), mode: a.mode.to_string() })
+                    .collect(),
+            },
+            services,
+            counters,
+        })
+    }
+
+    fn service_report(&self, svc: &ServiceConfig) -> Result<ServiceReport, ApiError> {
+        let total: u64 = svc.versions.iter().map(|v| u64::from(v.weight)).sum();
+        let mut versions = Vec::with_capacity(svc.versions.len());
+        for v in &svc.versions {
+            let mut backends = Vec::with_capacity(v.backends.len());
+            for b in &v.backends {
+                let s = self
+                    .dataplane
+                    .backend_stats(&svc.name, &v.name, b.address)
+                    .map_err(|e| ApiError::Internal(e.to_string()))?;
+                backends.push(BackendReport {
+                    address: b.address.to_string(),
+                    weight: b.weight,
+                    packets: s.packets,
+                    bytes: s.bytes,
+                    new_flows: s.new_flows,
+                    reply_packets: s.reply_packets,
+                    reply_bytes: s.reply_bytes,
+                });
+            }
+            versions.push(VersionReport {
+                name: v.name.clone(),
+                weight: v.weight,
+                share_percent: if total == 0 { 0.0 } else { 100.0 * f64::from(v.weight) / total as f64 },
+                new_flows: backends.iter().map(|b| b.new_flows).sum(),
+                packets: backends.iter().map(|b| b.packets).sum(),
+                bytes: backends.iter().map(|b| b.bytes).sum(),
+                backends,
+            });
+        }
+        Ok(ServiceReport {
+            name: svc.name.clone(),
+            vip: svc.vip.to_string(),
+            protocol: svc.protocol.to_string(),
+            affinity: svc.affinity.to_string(),
+            versions,
+        })
+    }
+}

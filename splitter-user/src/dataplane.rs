@@ -1,0 +1,561 @@
+//! The kernel side, seen from user space: loads the XDP program, attaches
+//! it, and publishes a [`Config`] into its maps.
+//!
+//! Publishing is a reconciliation, not a rewrite: ids (service, version,
+//! backend) stay stable across applies, a version's Maglev table is written
+//! into its idle generation slot and only then made live by replacing the
+//! service entry (one atomic hash-map update), and nothing a running flow
+//! depends on is touched (flows carry their backend's address in the
+//! connection table).
+//!
+//! ```no_run
+//! # fn main() -> Result<(), splitter::dataplane::DataplaneError> {
+//! use splitter::{config::Config, dataplane::Dataplane};
+//! let config = Config::load(std::path::Path::new("/etc/splitter/splitter.toml")).unwrap();
+//! let mut dp = Dataplane::load()?;
+//! dp.apply(&config)?;
+//! dp.attach(&config.dataplane)?;
+//! # Ok(()) }
+//! ```
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{Ipv4Addr, SocketAddrV4},
+    os::fd::{AsFd, AsRawFd, RawFd},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, PerCpuArray},
+    programs::{Xdp, XdpMode},
+};
+use splitter_common::{
+    BACKEND_F_PRESENT, Backend, BackendStats, FAMILY_V4, MAX_BACKENDS, MAX_TABLES, MAX_VERSIONS,
+    MaglevTable, PROTO_TCP, PROTO_UDP, SVC_F_CLIENT_IP, SVC_F_SNAT, Service, ServiceKey, VipKey,
+    counter, map,
+};
+use tracing::{info, warn};
+
+use crate::{
+    config::{Affinity, Config, DataplaneConfig, Mode, Protocol, ServiceConfig, XdpModeConfig},
+    netif,
+    table::{self, MaglevBackend},
+};
+
+/// The compiled kernel program, built by `build.rs`.
+static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/splitter"));
+
+/// Name of the XDP program inside the object.
+pub const PROGRAM_NAME: &str = "splitter";
+
+/// Errors of loading, attaching and publishing.
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    /// The binary was built with `AYA_BUILD_SKIP=1`.
+    #[error("this binary was built without its kernel program (AYA_BUILD_SKIP); rebuild with `cargo xtask build`")]
+    NoProgram,
+    /// The kernel refused the object (verifier, missing BPF support, no privileges).
+    #[error("loading the XDP program failed (are you root, on a kernel with BPF and XDP?): {0}")]
+    Load(#[source] Box<aya::EbpfError>),
+    /// A map or program the object should hold is missing or has another type.
+    #[error("the kernel object has no usable {what} `{name}`: {detail}")]
+    Object { what: &'static str, name: &'static str, detail: String },
+    /// `bpf(BPF_PROG_LOAD)` or attaching failed.
+    #[error("{op} on interface {iface} failed: {source}")]
+    Program {
+        op: &'static str,
+        iface: String,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+    /// A map update failed.
+    #[error("updating map {map} failed: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: Box<aya::maps::MapError>,
+    },
+    /// An interface named in the config does not exist or has no address.
+    #[error(transparent)]
+    Interface(#[from] netif::NetifError),
+    /// The tables could not be built.
+    #[error("service {service}: {source}")]
+    Table {
+        service: String,
+        #[source]
+        source: table::TableError,
+    },
+    /// Out of ids.
+    #[error("capacity exceeded: {0}")]
+    Capacity(String),
+}
+
+type Result<T> = std::result::Result<T, DataplaneError>;
+
+fn map_err(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> DataplaneError {
+    move |e| DataplaneError::Map { map, source: Box::new(e) }
+}
+
+/// How the program ended up attached.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Attachment {
+    /// Interface name.
+    pub interface: String,
+    /// "native" or "generic".
+    pub mode: &'static str,
+}
+
+/// What is live for one version.
+#[derive(Debug, Clone)]
+struct LiveVersion {
+    /// Global version id; its table slots are `2 * id` and `2 * id + 1`.
+    id: u32,
+    /// Generation (0 or 1) whose slot is live.
+    generation: u32,
+    /// The live table, to skip rewriting an unchanged one.
+    table: Box<MaglevTable>,
+}
+
+/// What is live for one service.
+#[derive(Debug, Clone)]
+struct LiveService {
+    id: u32,
+    key: ServiceKey,
+    versions: BTreeMap<String, LiveVersion>,
+}
+
+/// Small id allocator: lowest free id first, so ids are dense and stable.
+#[derive(Debug)]
+struct Ids {
+    free: BTreeSet<u32>,
+}
+
+impl Ids {
+    fn new(capacity: u32) -> Self {
+        Self { free: (0..capacity).collect() }
+    }
+    fn take(&mut self, what: &str) -> Result<u32> {
+        self.free
+            .pop_first()
+            .ok_or_else(|| DataplaneError::Capacity(format!("no free {what} id")))
+    }
+    fn give(&mut self, id: u32) {
+        self.free.insert(id);
+    }
+}
+
+/// The loaded program, its maps and what has been published into them.
+pub struct Dataplane {
+    ebpf: Ebpf,
+    services: HashMap<MapData, ServiceKey, Service>,
+    vips: HashMap<MapData, VipKey, u32>,
+    tables: Array<MapData, MaglevTable>,
+    backends: Array<MapData, Backend>,
+    backend_stats: PerCpuArray<MapData, BackendStats>,
+    counters: PerCpuArray<MapData, u64>,
+    live: BTreeMap<String, LiveService>,
+    /// Backend ids by (service, version, address).
+    backend_ids: BTreeMap<(String, String, SocketAddrV4), u32>,
+    service_ids: Ids,
+    version_ids: Ids,
+    backend_id_pool: Ids,
+    version_id_by_name: BTreeMap<(String, String), u32>,
+    attachments: Vec<Attachment>,
+    snat_address: Option<Ipv4Addr>,
+}
+
+impl Dataplane {
+    /// Loads the kernel program and takes its maps. Nothing is attached yet.
+    ///
+    /// # Errors
+    /// [`DataplaneError::Load`] when the kernel refuses the object (not
+    /// root, no BPF, verifier), [`DataplaneError::NoProgram`] for a build
+    /// without the kernel program.
+    pub fn load() -> Result<Self> {
+        if PROGRAM.is_empty() {
+            return Err(DataplaneError::NoProgram);
+        }
+        raise_memlock_limit();
+        let mut ebpf =
+            EbpfLoader::new().load(PROGRAM).map_err(|e| DataplaneError::Load(Box::new(e)))?;
+        {
+            let prog: &mut Xdp = program(&mut ebpf)?;
+            prog.load().map_err(|e| DataplaneError::Program {
+                op: "loading the XDP program (verifier)",
+                iface: "-".into(),
+                source: Box::new(e),
+            })?;
+        }
+        let services = take(&mut ebpf, map::SERVICES, HashMap::try_from)?;
+        let vips = take(&mut ebpf, map::VIPS, HashMap::try_from)?;
+        let tables = take(&mut ebpf, map::TABLES, Array::try_from)?;
+        let backends = take(&mut ebpf, map::BACKENDS, Array::try_from)?;
+        let backend_stats = take(&mut ebpf, map::BACKEND_STATS, PerCpuArray::try_from)?;
+        let counters = take(&mut ebpf, map::COUNTERS, PerCpuArray::try_from)?;
+        Ok(Self {
+            ebpf,
+            services,
+            vips,
+            tables,
+            backends,
+            backend_stats,
+            counters,
+            live: BTreeMap::new(),
+            backend_ids: BTreeMap::new(),
+            service_ids: Ids::new(splitter_common::MAX_SERVICES),
+            version_ids: Ids::new(MAX_TABLES / 2),
+            backend_id_pool: Ids::new(MAX_BACKENDS),
+            version_id_by_name: BTreeMap::new(),
+            attachments: Vec::new(),
+            snat_address: None,
+        })
+    }
+
+    /// The program's file descriptor (for `BPF_PROG_TEST_RUN` in tests).
+    ///
+    /// # Errors
+    /// Only if the program is missing from the object.
+    pub fn program_fd(&mut self) -> Result<RawFd> {
+        let prog = program(&mut self.ebpf)?;
+        let fd = prog.fd().map_err(|e| DataplaneError::Program {
+            op: "reading the program fd",
+            iface: "-".into(),
+            source: Box::new(e),
+        })?;
+        Ok(fd.as_fd().as_raw_fd())
+    }
+
+    /// Attaches to the client-facing interface and, if it differs, the
+    /// backend-facing one. `auto` tries native mode and falls back to
+    /// generic mode with a warning.
+    ///
+    /// # Errors
+    /// A missing interface, or the kernel refusing the attach.
+    pub fn attach(&mut self, cfg: &DataplaneConfig) -> Result<()> {
+        let mut ifaces = vec![cfg.interface.clone()];
+        if let Some(b) = &cfg.backend_interface
+            && *b != cfg.interface
+        {
+            ifaces.push(b.clone());
+        }
+        for iface in &ifaces {
+            netif::ifindex(iface)?;
+        }
+        let prog = program(&mut self.ebpf)?;
+        for iface in ifaces {
+            let attempt = |prog: &mut Xdp, mode: XdpMode| prog.attach(&iface, mode);
+            let mode = match cfg.xdp_mode {
+                XdpModeConfig::Native => attempt(prog, XdpMode::Driver).map(|_| "native"),
+                XdpModeConfig::Generic => attempt(prog, XdpMode::Skb).map(|_| "generic"),
+                XdpModeConfig::Auto => match attempt(prog, XdpMode::Driver) {
+                    Ok(_) => Ok("native"),
+                    Err(e) => {
+                        warn!(interface = %iface, error = %e, "native XDP attach failed; falling back to generic mode (slower)");
+                        attempt(prog, XdpMode::Skb).map(|_| "generic")
+                    }
+                },
+            }
+            .map_err(|e| DataplaneError::Program {
+                op: "attaching XDP",
+                iface: iface.clone(),
+                source: Box::new(e),
+            })?;
+            info!(interface = %iface, mode, "XDP program attached");
+            self.attachments.push(Attachment { interface: iface, mode });
+        }
+        Ok(())
+    }
+
+    /// Interfaces the program is attached to.
+    pub fn attachments(&self) -> &[Attachment] {
+        &self.attachments
+    }
+
+    /// The SNAT address in use (resolved from the backend interface unless configured).
+    pub fn snat_address(&self) -> Option<Ipv4Addr> {
+        self.snat_address
+    }
+
+    /// Publishes `config`: new and changed services are written, removed
+    /// ones deleted. Established flows are unaffected.
+    ///
+    /// # Errors
+    /// Map update failures, capacity limits, or an unresolvable SNAT address.
+    /// On error, services already published stay as they were published.
+    pub fn apply(&mut self, config: &Config) -> Result<()> {
+        let snat = match config.dataplane.mode {
+            Mode::Dnat => None,
+            Mode::Snat => Some(match config.dataplane.snat_address {
+                Some(a) => a,
+                None => {
+                    let iface = config
+                        .dataplane
+                        .backend_interface
+                        .as_deref()
+                        .unwrap_or(&config.dataplane.interface);
+                    netif::first_ipv4(iface)?
+                }
+            }),
+        };
+        self.snat_address = snat;
+        for svc in &config.services {
+            self.publish_service(svc, snat)?;
+        }
+        let wanted: BTreeSet<&str> = config.services.iter().map(|s| s.name.as_str()).collect();
+        let gone: Vec<String> =
+            self.live.keys().filter(|n| !wanted.contains(n.as_str())).cloned().collect();
+        for name in gone {
+            self.remove_service(&name)?;
+        }
+        Ok(())
+    }
+
+    fn publish_service(&mut self, svc: &ServiceConfig, snat: Option<Ipv4Addr>) -> Result<()> {
+        let key = service_key(svc);
+        // A service whose VIP changed is a new service at a new key.
+        if let Some(live) = self.live.get(&svc.name)
+            && live.key != key
+        {
+            self.remove_service(&svc.name)?;
+        }
+        let id = match self.live.get(&svc.name) {
+            Some(l) => l.id,
+            None => self.service_ids.take("service")?,
+        };
+        let weights: Vec<u32> = svc.versions.iter().map(|v| v.weight).collect();
+        let thresholds = table::version_thresholds(&weights)
+            .map_err(|source| DataplaneError::Table { service: svc.name.clone(), source })?;
+        let mut entry = Service {
+            id,
+            flags: 0,
+            snat_addr: [0; 4],
+            version_count: svc.versions.len() as u32,
+            _pad: 0,
+            thresholds,
+            tables: [0; MAX_VERSIONS],
+            versions: [0; MAX_VERSIONS],
+        };
+        if svc.affinity == Affinity::ClientIp {
+            entry.flags |= SVC_F_CLIENT_IP;
+        }
+        if let Some(a) = snat {
+            entry.flags |= SVC_F_SNAT;
+            entry.snat_addr = [u32::from(a).to_be(), 0, 0, 0];
+        }
+        let old_versions = self.live.get(&svc.name).map(|l| l.versions.clone()).unwrap_or_default();
+        let mut versions = BTreeMap::new();
+        let mut used_backends = BTreeSet::new();
+        for (i, ver) in svc.versions.iter().enumerate() {
+            let vid = match self.version_id_by_name.get(&(svc.name.clone(), ver.name.clone())) {
+                Some(v) => *v,
+                None => {
+                    let v = self.version_ids.take("version")?;
+                    self.version_id_by_name.insert((svc.name.clone(), ver.name.clone()), v);
+                    v
+                }
+            };
+            let mut members = Vec::with_capacity(ver.backends.len());
+            for b in &ver.backends {
+                let bkey = (svc.name.clone(), ver.name.clone(), b.address);
+                let bid = match self.backend_ids.get(&bkey) {
+                    Some(id) => *id,
+                    None => {
+                        let bid = self.backend_id_pool.take("backend")?;
+                        self.backends
+                            .set(bid, backend_entry(b.address, vid), 0)
+                            .map_err(map_err(map::BACKENDS))?;
+                        // A recycled id starts its counters from zero.
+                        self.clear_stats(bid)?;
+                        self.backend_ids.insert(bkey, bid);
+                        bid
+                    }
+                };
+                used_backends.insert(bid);
+                members.push((b.address.to_string(), b.weight, bid as u16));
+            }
+            let mb: Vec<MaglevBackend> = members
+                .iter()
+                .map(|(k, w, id)| MaglevBackend { key: k, weight: *w, id: *id })
+                .collect();
+            let table = table::maglev_table(&mb)
+                .map_err(|source| DataplaneError::Table { service: svc.name.clone(), source })?;
+            let live_ver = match old_versions.get(&ver.name) {
+                Some(old) if old.table == table => old.clone(),
+                Some(old) => {
+                    let generation = old.generation ^ 1;
+                    self.tables
+                        .set(vid * 2 + generation, &*table, 0)
+                        .map_err(map_err(map::TABLES))?;
+                    LiveVersion { id: vid, generation, table }
+                }
+                None => {
+                    self.tables.set(vid * 2, &*table, 0).map_err(map_err(map::TABLES))?;
+                    LiveVersion { id: vid, generation: 0, table }
+                }
+            };
+            entry.tables[i] = live_ver.id * 2 + live_ver.generation;
+            entry.versions[i] = live_ver.id;
+            versions.insert(ver.name.clone(), live_ver);
+        }
+        // Publish: one atomic replacement of the service entry.
+        self.services.insert(key, entry, 0).map_err(map_err(map::SERVICES))?;
+        self.vips.insert(vip_key(&key), 1, 0).map_err(map_err(map::VIPS))?;
+        // Versions and backends that left the service.
+        for (name, old) in &old_versions {
+            if !versions.contains_key(name) {
+                self.version_id_by_name.remove(&(svc.name.clone(), name.clone()));
+                self.version_ids.give(old.id);
+            }
+        }
+        let stale: Vec<_> = self
+            .backend_ids
+            .iter()
+            .filter(|((s, _, _), id)| *s == svc.name && !used_backends.contains(id))
+            .map(|(k, id)| (k.clone(), *id))
+            .collect();
+        for (k, id) in stale {
+            self.backend_ids.remove(&k);
+            self.backend_id_pool.give(id);
+        }
+        self.live.insert(svc.name.clone(), LiveService { id, key, versions });
+        Ok(())
+    }
+
+    fn remove_service(&mut self, name: &str) -> Result<()> {
+        let Some(live) = self.live.remove(name) else {
+            return Ok(());
+        };
+        match self.services.remove(&live.key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(e) => return Err(map_err(map::SERVICES)(e)),
+        }
+        let vip_still_used = self.live.values().any(|l| l.key.addr == live.key.addr);
+        if !vip_still_used {
+            let _ = self.vips.remove(&vip_key(&live.key));
+        }
+        for v in live.versions.values() {
+            self.version_ids.give(v.id);
+        }
+        self.version_id_by_name.retain(|(s, _), _| s != name);
+        let ids: Vec<_> = self
+            .backend_ids
+            .iter()
+            .filter(|((s, _, _), _)| s == name)
+            .map(|(k, id)| (k.clone(), *id))
+            .collect();
+        for (k, id) in ids {
+            self.backend_ids.remove(&k);
+            self.backend_id_pool.give(id);
+        }
+        self.service_ids.give(live.id);
+        Ok(())
+    }
+
+    fn clear_stats(&mut self, id: u32) -> Result<()> {
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::Map {
+            map: map::BACKEND_STATS,
+            source: Box::new(aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                call: "nr_cpus",
+                io_error: e,
+            })),
+        })?;
+        let zeros = aya::maps::PerCpuValues::try_from(vec![BackendStats::default(); cpus])
+            .map_err(|e| DataplaneError::Capacity(e.to_string()))?;
+        self.backend_stats.set(id, zeros, 0).map_err(map_err(map::BACKEND_STATS))
+    }
+
+    /// Counters of one backend, summed over CPUs.
+    ///
+    /// # Errors
+    /// Map read failures.
+    pub fn backend_stats(&self, service: &str, version: &str, addr: SocketAddrV4) -> Result<BackendStats> {
+        let Some(id) = self.backend_ids.get(&(service.to_string(), version.to_string(), addr)) else {
+            return Ok(BackendStats::default());
+        };
+        let per_cpu = self.backend_stats.get(id, 0).map_err(map_err(map::BACKEND_STATS))?;
+        Ok(per_cpu.iter().fold(BackendStats::default(), |mut acc, s| {
+            acc.packets += s.packets;
+            acc.bytes += s.bytes;
+            acc.new_flows += s.new_flows;
+            acc.reply_packets += s.reply_packets;
+            acc.reply_bytes += s.reply_bytes;
+            acc
+        }))
+    }
+
+    /// Global counters (drops by reason and outcomes), by name.
+    ///
+    /// # Errors
+    /// Map read failures.
+    pub fn counters(&self) -> Result<BTreeMap<&'static str, u64>> {
+        let mut out = BTreeMap::new();
+        for (i, name) in counter::NAMES.iter().enumerate() {
+            let v = self.counters.get(&(i as u32), 0).map_err(map_err(map::COUNTERS))?;
+            out.insert(*name, v.iter().sum());
+        }
+        Ok(out)
+    }
+}
+
+fn program(ebpf: &mut Ebpf) -> Result<&mut Xdp> {
+    let p = ebpf.program_mut(PROGRAM_NAME).ok_or(DataplaneError::Object {
+        what: "program",
+        name: PROGRAM_NAME,
+        detail: "not found".into(),
+    })?;
+    p.try_into().map_err(|e: aya::programs::ProgramError| DataplaneError::Object {
+        what: "program",
+        name: PROGRAM_NAME,
+        detail: e.to_string(),
+    })
+}
+
+fn take<T>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    conv: impl FnOnce(aya::maps::Map) -> std::result::Result<T, aya::maps::MapError>,
+) -> Result<T> {
+    let m = ebpf.take_map(name).ok_or(DataplaneError::Object {
+        what: "map",
+        name,
+        detail: "not found".into(),
+    })?;
+    conv(m).map_err(|e| DataplaneError::Object { what: "map", name, detail: e.to_string() })
+}
+
+/// The `SERVICES` key of a configured service.
+pub fn service_key(svc: &ServiceConfig) -> ServiceKey {
+    ServiceKey {
+        addr: [u32::from(*svc.vip.ip()).to_be(), 0, 0, 0],
+        port: svc.vip.port().to_be(),
+        proto: match svc.protocol {
+            Protocol::Tcp => PROTO_TCP,
+            Protocol::Udp => PROTO_UDP,
+        },
+        family: FAMILY_V4,
+    }
+}
+
+fn vip_key(key: &ServiceKey) -> VipKey {
+    VipKey { addr: key.addr, family: FAMILY_V4 as u32 }
+}
+
+fn backend_entry(addr: SocketAddrV4, version: u32) -> Backend {
+    Backend {
+        addr: [u32::from(*addr.ip()).to_be(), 0, 0, 0],
+        port: addr.port().to_be(),
+        family: FAMILY_V4,
+        flags: BACKEND_F_PRESENT,
+        version,
+    }
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; lift it so they
+/// load there too. Harmless on newer kernels.
+fn raise_memlock_limit() {
+    let rlim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: plain syscall with a valid pointer.
+    let ret = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
+    if ret != 0 {
+        warn!("could not lift RLIMIT_MEMLOCK; map creation may fail on older kernels");
+    }
+}

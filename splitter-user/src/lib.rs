@@ -1,0 +1,23 @@
+//! splitter: the controller of an XDP L4 traffic splitter.
+//!
+//! # Layout
+//! - [`config`]: the TOML configuration, parsed and validated with errors that
+//!   name the field (pure, no I/O but reading the file).
+//! - [`table`]: weight math and the Maglev table builder (pure, property-tested).
+//! - [`dataplane`]: loads and attaches the kernel program and writes its maps.
+//! - [`api`]: the daemon's HTTP API on a Unix socket, and its JSON types.
+//! - [`netif`]: interface look-ups (index, first IPv4 address).
+//! - [`controller`]: the running config and the data plane, changed together.
+//! - [`api`]: the daemon's HTTP API on a Unix socket, and its JSON types.
+//! - [`client`]: the CLI's side of that API.
+//! - [`daemon`]: `splitter daemon`: ties the above together until SIGTERM.
+//! - [`cli`]: the `splitter` command line, one module per subcommand.
+pub mod api;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod controller;
+pub mod daemon;
+pub mod dataplane;
+pub mod netif;
+pub mod table;
