@@ -7,8 +7,11 @@
 use std::{env, fs, path::PathBuf};
 
 fn main() -> anyhow::Result<()> {
-    let out_dir = PathBuf::from(env::var_os("OUT_DIR").ok_or_else(|| anyhow::anyhow!("OUT_DIR not set"))?);
-    let skip = env::var("AYA_BUILD_SKIP").map(|v| v == "1" || v.eq_ignore_ascii_case("true")).unwrap_or(false);
+    let out_dir =
+        PathBuf::from(env::var_os("OUT_DIR").ok_or_else(|| anyhow::anyhow!("OUT_DIR not set"))?);
+    let skip = env::var("AYA_BUILD_SKIP")
+        .map(|v| v == "1" || v.eq_ignore_ascii_case("true"))
+        .unwrap_or(false);
     if skip {
         println!("cargo:rerun-if-env-changed=AYA_BUILD_SKIP");
         fs::write(out_dir.join("splitter"), b"")?;
@@ -17,7 +20,11 @@ fn main() -> anyhow::Result<()> {
     let root = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?).join("../splitter-ebpf");
     let root = root.to_string_lossy().into_owned();
     aya_build::build_ebpf(
-        [aya_build::Package { name: "splitter-ebpf", root_dir: &root, ..Default::default() }],
+        [aya_build::Package {
+            name: "splitter-ebpf",
+            root_dir: &root,
+            ..Default::default()
+        }],
         aya_build::Toolchain::default(),
     )
 }

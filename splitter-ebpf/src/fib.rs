@@ -4,10 +4,10 @@
 //! with a neighbour yet, the rewritten packet goes to the kernel stack,
 //! which resolves the neighbour and forwards it (needs IPv4 forwarding).
 use aya_ebpf::{
+    EbpfContext,
     bindings::bpf_fib_lookup as FibParams,
     helpers::{bpf_fib_lookup, bpf_redirect},
     programs::XdpContext,
-    EbpfContext,
 };
 use core::mem::{size_of, zeroed};
 use splitter_common::counter;
@@ -49,7 +49,12 @@ pub fn forward(ctx: &XdpContext, proto: u8, old: &Tuple, new: &Tuple) -> u32 {
     p.__bindgen_anon_4.ipv4_dst = new.daddr;
     p.ifindex = ingress;
     let rc = unsafe {
-        bpf_fib_lookup(ctx.as_ptr(), &mut p as *mut FibParams, size_of::<FibParams>() as i32, 0)
+        bpf_fib_lookup(
+            ctx.as_ptr(),
+            &mut p as *mut FibParams,
+            size_of::<FibParams>() as i32,
+            0,
+        )
     };
     match rc {
         BPF_FIB_LKUP_RET_SUCCESS => {

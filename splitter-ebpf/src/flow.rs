@@ -45,7 +45,12 @@ pub fn handle(ctx: &XdpContext) -> u32 {
             return established(ctx, &pkt, conn, now);
         }
     }
-    let skey = ServiceKey { addr: key.dst, port: pkt.dport, proto: pkt.proto, family: FAMILY_V4 };
+    let skey = ServiceKey {
+        addr: key.dst,
+        port: pkt.dport,
+        proto: pkt.proto,
+        family: FAMILY_V4,
+    };
     match SERVICES.get_ptr(&skey) {
         // SAFETY: as above.
         Some(svc) => new_flow(ctx, &pkt, &key, unsafe { &*svc }, now),
@@ -94,11 +99,29 @@ fn restarts(conn: &Conn, pkt: &Packet, now: u64) -> bool {
 #[inline(always)]
 fn peer_key(conn: &Conn, proto: u8) -> FlowKey {
     let (src, dst, sport, dport) = if conn.flags & CONN_F_REVERSE != 0 {
-        (conn.other_addr, conn.new_addr, conn.other_port, conn.new_port)
+        (
+            conn.other_addr,
+            conn.new_addr,
+            conn.other_port,
+            conn.new_port,
+        )
     } else {
-        (conn.new_addr, conn.other_addr, conn.new_port, conn.other_port)
+        (
+            conn.new_addr,
+            conn.other_addr,
+            conn.new_port,
+            conn.other_port,
+        )
     };
-    FlowKey { src, dst, sport, dport, proto, family: FAMILY_V4, _pad: [0; 2] }
+    FlowKey {
+        src,
+        dst,
+        sport,
+        dport,
+        proto,
+        family: FAMILY_V4,
+        _pad: [0; 2],
+    }
 }
 
 /// A packet of a known flow, either direction.
@@ -113,7 +136,11 @@ fn established(ctx: &XdpContext, pkt: &Packet, conn: &mut Conn, now: u64) -> u32
             bits |= TCP_RST;
         }
         if f & parse::TCP_FIN != 0 {
-            bits |= if reverse { TCP_FIN_BACKEND } else { TCP_FIN_CLIENT };
+            bits |= if reverse {
+                TCP_FIN_BACKEND
+            } else {
+                TCP_FIN_CLIENT
+            };
         }
         if reverse && f & (parse::TCP_SYN | parse::TCP_ACK) == (parse::TCP_SYN | parse::TCP_ACK) {
             bits |= TCP_ESTABLISHED;
@@ -148,7 +175,12 @@ fn established(ctx: &XdpContext, pkt: &Packet, conn: &mut Conn, now: u64) -> u32
             }
         }
     }
-    let old = Tuple { saddr: pkt.saddr, daddr: pkt.daddr, sport: pkt.sport, dport: pkt.dport };
+    let old = Tuple {
+        saddr: pkt.saddr,
+        daddr: pkt.daddr,
+        sport: pkt.sport,
+        dport: pkt.dport,
+    };
     let mut new = old;
     let snat = conn.flags & CONN_F_SNAT != 0;
     if reverse {
@@ -267,7 +299,12 @@ fn new_flow(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, svc: &Service, now: u
             (*s).bytes += pkt.len as u64;
         }
     }
-    let old = Tuple { saddr: pkt.saddr, daddr: pkt.daddr, sport: pkt.sport, dport: pkt.dport };
+    let old = Tuple {
+        saddr: pkt.saddr,
+        daddr: pkt.daddr,
+        sport: pkt.sport,
+        dport: pkt.dport,
+    };
     let new = Tuple {
         saddr: rkey.dst[0],
         daddr: backend.addr[0],

@@ -15,8 +15,8 @@
 #![no_std]
 #![no_main]
 
-mod flow;
 mod fib;
+mod flow;
 mod maps;
 mod nat;
 mod parse;

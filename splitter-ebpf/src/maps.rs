@@ -52,6 +52,9 @@ pub fn drop_with(idx: u32) -> u32 {
 /// cannot fully parse is ours to drop or the kernel's to judge.
 #[inline(always)]
 pub fn is_vip(addr: u32) -> bool {
-    let key = VipKey { addr: [addr, 0, 0, 0], family: splitter_common::FAMILY_V4 as u32 };
+    let key = VipKey {
+        addr: [addr, 0, 0, 0],
+        family: splitter_common::FAMILY_V4 as u32,
+    };
     VIPS.get_ptr(&key).is_some()
 }

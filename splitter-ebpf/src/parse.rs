@@ -99,8 +99,15 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, u32> {
         // Shorter than an IPv4 header: the kernel would drop it too.
         return Err(maps::drop_with(counter::DROP_TRUNCATED_IP));
     };
-    let (ver_ihl, frag_off, proto, saddr, daddr) =
-        unsafe { ((*ip).ver_ihl, (*ip).frag_off, (*ip).proto, (*ip).saddr, (*ip).daddr) };
+    let (ver_ihl, frag_off, proto, saddr, daddr) = unsafe {
+        (
+            (*ip).ver_ihl,
+            (*ip).frag_off,
+            (*ip).proto,
+            (*ip).saddr,
+            (*ip).daddr,
+        )
+    };
     if ver_ihl >> 4 != 4 {
         return Err(XDP_PASS);
     }
@@ -135,10 +142,22 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, u32> {
         };
         unsafe { ((*udp).sport, (*udp).dport, 0) }
     };
-    Ok(Packet { saddr, daddr, sport, dport, proto, tcp_flags, len })
+    Ok(Packet {
+        saddr,
+        daddr,
+        sport,
+        dport,
+        proto,
+        tcp_flags,
+        len,
+    })
 }
 
 #[inline(always)]
 fn drop_if_vip(daddr: u32, reason: u32) -> u32 {
-    if maps::is_vip(daddr) { maps::drop_with(reason) } else { XDP_PASS }
+    if maps::is_vip(daddr) {
+        maps::drop_with(reason)
+    } else {
+        XDP_PASS
+    }
 }

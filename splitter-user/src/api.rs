@@ -182,7 +182,10 @@ pub async fn serve(listener: UnixListener, controller: Shared, shutdown: impl Fu
     }
 }
 
-async fn handle(controller: Shared, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn handle(
+    controller: Shared,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
@@ -204,8 +207,17 @@ async fn handle(controller: Shared, req: Request<Incoming>) -> Result<Response<F
     })
 }
 
-fn route(controller: &Shared, method: &Method, path: &str, body: &[u8]) -> Result<String, ApiError> {
-    let lock = || controller.lock().map_err(|_| ApiError::Internal("controller state is poisoned".into()));
+fn route(
+    controller: &Shared,
+    method: &Method,
+    path: &str,
+    body: &[u8],
+) -> Result<String, ApiError> {
+    let lock = || {
+        controller
+            .lock()
+            .map_err(|_| ApiError::Internal("controller state is poisoned".into()))
+    };
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (method, segments.as_slice()) {
         (&Method::GET, ["v1", "status"]) => to_json(&lock()?.status()?),
@@ -218,9 +230,9 @@ fn route(controller: &Shared, method: &Method, path: &str, body: &[u8]) -> Resul
             })?;
             to_json(&lock()?.set_weights(name, &req.weights)?)
         }
-        (_, ["v1", "status"] | ["v1", "config"] | ["v1", "services", _, "weights"]) => {
-            Err(ApiError::BadRequest(format!("method {method} is not allowed on {path}")))
-        }
+        (_, ["v1", "status"] | ["v1", "config"] | ["v1", "services", _, "weights"]) => Err(
+            ApiError::BadRequest(format!("method {method} is not allowed on {path}")),
+        ),
         _ => Err(ApiError::NotFound(format!("no such API path: {path}"))),
     }
 }
@@ -232,13 +244,17 @@ fn to_json<T: Serialize>(v: &T) -> Result<String, ApiError> {
 fn json_response(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(Bytes::from(body + "\n")));
     *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
+    resp.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
     resp
 }
 
 fn reply_error(e: &ApiError) -> Response<Full<Bytes>> {
-    let body = serde_json::to_string(&ErrorBody { error: e.to_string() })
-        .unwrap_or_else(|_| "{\"error\":\"internal\"}".into());
+    let body = serde_json::to_string(&ErrorBody {
+        error: e.to_string(),
+    })
+    .unwrap_or_else(|_| "{\"error\":\"internal\"}".into());
     json_response(e.status(), body)
 }

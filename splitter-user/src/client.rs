@@ -15,7 +15,9 @@ use crate::api::ErrorBody;
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// No daemon answers on the socket.
-    #[error("cannot reach the splitter daemon at {path}: {source} (is `splitter daemon` running? is --socket right?)")]
+    #[error(
+        "cannot reach the splitter daemon at {path}: {source} (is `splitter daemon` running? is --socket right?)"
+    )]
     Unreachable {
         path: PathBuf,
         #[source]
@@ -33,25 +35,47 @@ pub enum ClientError {
 ///
 /// # Errors
 /// See [`ClientError`].
-pub async fn request(socket: &Path, method: Method, path: &str, body: Option<String>) -> Result<Bytes, ClientError> {
-    let proto = |detail: String| ClientError::Protocol { path: socket.to_path_buf(), detail };
+pub async fn request(
+    socket: &Path,
+    method: Method,
+    path: &str,
+    body: Option<String>,
+) -> Result<Bytes, ClientError> {
+    let proto = |detail: String| ClientError::Protocol {
+        path: socket.to_path_buf(),
+        detail,
+    };
     let stream = UnixStream::connect(socket)
         .await
-        .map_err(|source| ClientError::Unreachable { path: socket.to_path_buf(), source })?;
+        .map_err(|source| ClientError::Unreachable {
+            path: socket.to_path_buf(),
+            source,
+        })?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| proto(e.to_string()))?;
     tokio::spawn(conn);
-    let mut builder = Request::builder().method(method).uri(path).header("host", "splitter");
+    let mut builder = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "splitter");
     if body.is_some() {
         builder = builder.header("content-type", "application/json");
     }
     let req = builder
         .body(Full::new(Bytes::from(body.unwrap_or_default())))
         .map_err(|e| proto(e.to_string()))?;
-    let resp = sender.send_request(req).await.map_err(|e| proto(e.to_string()))?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| proto(e.to_string()))?;
     let status = resp.status();
-    let bytes = resp.into_body().collect().await.map_err(|e| proto(e.to_string()))?.to_bytes();
+    let bytes = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| proto(e.to_string()))?
+        .to_bytes();
     if status.is_success() {
         return Ok(bytes);
     }

@@ -6,7 +6,10 @@ use std::collections::BTreeMap;
 use tracing::info;
 
 use crate::{
-    api::{ApiError, AttachmentReport, BackendReport, DataplaneReport, ServiceReport, StatusReport, VersionReport},
+    api::{
+        ApiError, AttachmentReport, BackendReport, DataplaneReport, ServiceReport, StatusReport,
+        VersionReport,
+    },
     config::{Config, ServiceConfig, parse_weight_args},
     dataplane::Dataplane,
 };
@@ -34,13 +37,26 @@ impl Controller {
     /// [`ApiError::NotFound`] for an unknown service, [`ApiError::BadRequest`]
     /// for unknown or missing versions and invalid weights, [`ApiError::Internal`]
     /// when the kernel refuses the update (the old weights then stay live).
-    pub fn set_weights(&mut self, service: &str, weights: &BTreeMap<String, u32>) -> Result<ServiceReport, ApiError> {
+    pub fn set_weights(
+        &mut self,
+        service: &str,
+        weights: &BTreeMap<String, u32>,
+    ) -> Result<ServiceReport, ApiError> {
         let svc = self.config.service(service).ok_or_else(|| {
-            let known: Vec<&str> = self.config.services.iter().map(|s| s.name.as_str()).collect();
-            ApiError::NotFound(format!("no service named {service:?}; services: {}", known.join(", ")))
+            let known: Vec<&str> = self
+                .config
+                .services
+                .iter()
+                .map(|s| s.name.as_str())
+                .collect();
+            ApiError::NotFound(format!(
+                "no service named {service:?}; services: {}",
+                known.join(", ")
+            ))
         })?;
         let args: Vec<String> = weights.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        let vector = parse_weight_args(svc, &args).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        let vector =
+            parse_weight_args(svc, &args).map_err(|e| ApiError::BadRequest(e.to_string()))?;
         let next = self
             .config
             .with_weights(service, &vector)
@@ -82,14 +98,20 @@ impl Controller {
         Ok(StatusReport {
             dataplane: DataplaneReport {
                 interface: dp.interface.clone(),
-                backend_interface: dp.backend_interface.clone().unwrap_or_else(|| dp.interface.clone()),
+                backend_interface: dp
+                    .backend_interface
+                    .clone()
+                    .unwrap_or_else(|| dp.interface.clone()),
                 mode: dp.mode.to_string(),
                 snat_address: self.dataplane.snat_address().map(|a| a.to_string()),
                 attachments: self
                     .dataplane
                     .attachments()
                     .iter()
-                    .map(|a| AttachmentReport { interface: a.interface.clone(), mode: a.mode.to_string() })
+                    .map(|a| AttachmentReport {
+                        interface: a.interface.clone(),
+                        mode: a.mode.to_string(),
+                    })
                     .collect(),
             },
             services,
@@ -120,7 +142,11 @@ impl Controller {
             versions.push(VersionReport {
                 name: v.name.clone(),
                 weight: v.weight,
-                share_percent: if total == 0 { 0.0 } else { 100.0 * f64::from(v.weight) / total as f64 },
+                share_percent: if total == 0 {
+                    0.0
+                } else {
+                    100.0 * f64::from(v.weight) / total as f64
+                },
                 new_flows: backends.iter().map(|b| b.new_flows).sum(),
                 packets: backends.iter().map(|b| b.packets).sum(),
                 bytes: backends.iter().map(|b| b.bytes).sum(),

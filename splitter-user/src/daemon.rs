@@ -30,15 +30,29 @@ pub struct DaemonOptions {
 /// Invalid config, not root, interfaces missing, the kernel refusing the
 /// program, or the socket path being unusable; each with a message that
 /// says which.
-pub async fn run(opts: DaemonOptions, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
+pub async fn run(
+    opts: DaemonOptions,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<()> {
     let config = Config::load(&opts.config)?;
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        bail!("splitter daemon must run as root (it loads BPF programs and attaches XDP: CAP_BPF, CAP_NET_ADMIN)");
+        bail!(
+            "splitter daemon must run as root (it loads BPF programs and attaches XDP: CAP_BPF, CAP_NET_ADMIN)"
+        );
     }
     let mut dataplane = Dataplane::load()?;
-    dataplane.apply(&config).context("publishing the configuration into the data plane")?;
-    enable_ip_forwarding();
+    dataplane
+        .apply(&config)
+        .context("publishing the configuration into the data plane")?;
+    let dp = &config.dataplane;
+    let mut ifaces = vec![dp.interface.as_str()];
+    ifaces.extend(
+        dp.backend_interface
+            .as_deref()
+            .filter(|b| *b != dp.interface),
+    );
+    prepare_kernel_forwarding(&ifaces);
     dataplane.attach(&config.dataplane)?;
     let listener = bind_socket(&opts.socket)?;
     info!(
@@ -57,7 +71,10 @@ pub async fn run(opts: DaemonOptions, shutdown: impl std::future::Future<Output 
 /// Resolves on SIGTERM or SIGINT.
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         warn!("cannot install signal handlers; stop the daemon with SIGKILL");
         return std::future::pending().await;
     };
@@ -75,26 +92,47 @@ fn bind_socket(path: &Path) -> Result<UnixListener> {
     }
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            bail!("another splitter daemon is already serving {}", path.display());
+            bail!(
+                "another splitter daemon is already serving {}",
+                path.display()
+            );
         }
-        std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))?;
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing stale socket {}", path.display()))?;
     }
-    let listener = UnixListener::bind(path).with_context(|| format!("binding API socket {}", path.display()))?;
+    let listener = UnixListener::bind(path)
+        .with_context(|| format!("binding API socket {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("chmod 0600 {}", path.display()))?;
     Ok(listener)
 }
 
-/// The edge forwards packets it cannot finish in XDP (next hop not yet
-/// resolved) through the kernel, and `bpf_fib_lookup` refuses to route
-/// when forwarding is off: turn IPv4 forwarding on in this namespace.
-fn enable_ip_forwarding() {
-    const PATH: &str = "/proc/sys/net/ipv4/ip_forward";
-    match std::fs::read_to_string(PATH) {
-        Ok(v) if v.trim() == "1" => {}
-        _ => match std::fs::write(PATH, "1") {
-            Ok(()) => info!("enabled IPv4 forwarding (net.ipv4.ip_forward=1)"),
-            Err(e) => warn!(error = %e, "could not enable IPv4 forwarding; packets may be dropped"),
-        },
+/// The edge hands packets it cannot finish in XDP (next hop's MAC not yet
+/// known) to the kernel, already rewritten, and lets the kernel resolve the
+/// neighbour and forward them. That needs IPv4 forwarding (which
+/// `bpf_fib_lookup` also requires) and, in SNAT mode, `accept_local` on the
+/// attached interfaces: the rewritten source is the edge's own address,
+/// which the kernel otherwise drops as a martian.
+fn prepare_kernel_forwarding(interfaces: &[&str]) {
+    let mut settings = vec![(
+        "/proc/sys/net/ipv4/ip_forward".to_string(),
+        "net.ipv4.ip_forward",
+    )];
+    for i in interfaces {
+        settings.push((
+            format!("/proc/sys/net/ipv4/conf/{i}/accept_local"),
+            "accept_local",
+        ));
+    }
+    for (path, name) in settings {
+        match std::fs::read_to_string(&path) {
+            Ok(v) if v.trim() == "1" => {}
+            _ => match std::fs::write(&path, "1") {
+                Ok(()) => info!(setting = %path, "set {name}=1"),
+                Err(e) => {
+                    warn!(setting = %path, error = %e, "could not set {name}=1; first packets of new flows may be lost")
+                }
+            },
+        }
     }
 }

@@ -51,14 +51,20 @@ pub const PROGRAM_NAME: &str = "splitter";
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
     /// The binary was built with `AYA_BUILD_SKIP=1`.
-    #[error("this binary was built without its kernel program (AYA_BUILD_SKIP); rebuild with `cargo xtask build`")]
+    #[error(
+        "this binary was built without its kernel program (AYA_BUILD_SKIP); rebuild with `cargo xtask build`"
+    )]
     NoProgram,
     /// The kernel refused the object (verifier, missing BPF support, no privileges).
     #[error("loading the XDP program failed (are you root, on a kernel with BPF and XDP?): {0}")]
     Load(#[source] Box<aya::EbpfError>),
     /// A map or program the object should hold is missing or has another type.
     #[error("the kernel object has no usable {what} `{name}`: {detail}")]
-    Object { what: &'static str, name: &'static str, detail: String },
+    Object {
+        what: &'static str,
+        name: &'static str,
+        detail: String,
+    },
     /// `bpf(BPF_PROG_LOAD)` or attaching failed.
     #[error("{op} on interface {iface} failed: {source}")]
     Program {
@@ -92,7 +98,10 @@ pub enum DataplaneError {
 type Result<T> = std::result::Result<T, DataplaneError>;
 
 fn map_err(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> DataplaneError {
-    move |e| DataplaneError::Map { map, source: Box::new(e) }
+    move |e| DataplaneError::Map {
+        map,
+        source: Box::new(e),
+    }
 }
 
 /// How the program ended up attached.
@@ -131,7 +140,9 @@ struct Ids {
 
 impl Ids {
     fn new(capacity: u32) -> Self {
-        Self { free: (0..capacity).collect() }
+        Self {
+            free: (0..capacity).collect(),
+        }
     }
     fn take(&mut self, what: &str) -> Result<u32> {
         self.free
@@ -175,8 +186,9 @@ impl Dataplane {
             return Err(DataplaneError::NoProgram);
         }
         raise_memlock_limit();
-        let mut ebpf =
-            EbpfLoader::new().load(PROGRAM).map_err(|e| DataplaneError::Load(Box::new(e)))?;
+        let mut ebpf = EbpfLoader::new()
+            .load(PROGRAM)
+            .map_err(|e| DataplaneError::Load(Box::new(e)))?;
         {
             let prog: &mut Xdp = program(&mut ebpf)?;
             prog.load().map_err(|e| DataplaneError::Program {
@@ -260,7 +272,10 @@ impl Dataplane {
                 source: Box::new(e),
             })?;
             info!(interface = %iface, mode, "XDP program attached");
-            self.attachments.push(Attachment { interface: iface, mode });
+            self.attachments.push(Attachment {
+                interface: iface,
+                mode,
+            });
         }
         Ok(())
     }
@@ -301,8 +316,12 @@ impl Dataplane {
             self.publish_service(svc, snat)?;
         }
         let wanted: BTreeSet<&str> = config.services.iter().map(|s| s.name.as_str()).collect();
-        let gone: Vec<String> =
-            self.live.keys().filter(|n| !wanted.contains(n.as_str())).cloned().collect();
+        let gone: Vec<String> = self
+            .live
+            .keys()
+            .filter(|n| !wanted.contains(n.as_str()))
+            .cloned()
+            .collect();
         for name in gone {
             self.remove_service(&name)?;
         }
@@ -322,8 +341,11 @@ impl Dataplane {
             None => self.service_ids.take("service")?,
         };
         let weights: Vec<u32> = svc.versions.iter().map(|v| v.weight).collect();
-        let thresholds = table::version_thresholds(&weights)
-            .map_err(|source| DataplaneError::Table { service: svc.name.clone(), source })?;
+        let thresholds =
+            table::version_thresholds(&weights).map_err(|source| DataplaneError::Table {
+                service: svc.name.clone(),
+                source,
+            })?;
         let mut entry = Service {
             id,
             flags: 0,
@@ -341,15 +363,23 @@ impl Dataplane {
             entry.flags |= SVC_F_SNAT;
             entry.snat_addr = [u32::from(a).to_be(), 0, 0, 0];
         }
-        let old_versions = self.live.get(&svc.name).map(|l| l.versions.clone()).unwrap_or_default();
+        let old_versions = self
+            .live
+            .get(&svc.name)
+            .map(|l| l.versions.clone())
+            .unwrap_or_default();
         let mut versions = BTreeMap::new();
         let mut used_backends = BTreeSet::new();
         for (i, ver) in svc.versions.iter().enumerate() {
-            let vid = match self.version_id_by_name.get(&(svc.name.clone(), ver.name.clone())) {
+            let vid = match self
+                .version_id_by_name
+                .get(&(svc.name.clone(), ver.name.clone()))
+            {
                 Some(v) => *v,
                 None => {
                     let v = self.version_ids.take("version")?;
-                    self.version_id_by_name.insert((svc.name.clone(), ver.name.clone()), v);
+                    self.version_id_by_name
+                        .insert((svc.name.clone(), ver.name.clone()), v);
                     v
                 }
             };
@@ -374,10 +404,16 @@ impl Dataplane {
             }
             let mb: Vec<MaglevBackend> = members
                 .iter()
-                .map(|(k, w, id)| MaglevBackend { key: k, weight: *w, id: *id })
+                .map(|(k, w, id)| MaglevBackend {
+                    key: k,
+                    weight: *w,
+                    id: *id,
+                })
                 .collect();
-            let table = table::maglev_table(&mb)
-                .map_err(|source| DataplaneError::Table { service: svc.name.clone(), source })?;
+            let table = table::maglev_table(&mb).map_err(|source| DataplaneError::Table {
+                service: svc.name.clone(),
+                source,
+            })?;
             let live_ver = match old_versions.get(&ver.name) {
                 Some(old) if old.table == table => old.clone(),
                 Some(old) => {
@@ -385,11 +421,21 @@ impl Dataplane {
                     self.tables
                         .set(vid * 2 + generation, &*table, 0)
                         .map_err(map_err(map::TABLES))?;
-                    LiveVersion { id: vid, generation, table }
+                    LiveVersion {
+                        id: vid,
+                        generation,
+                        table,
+                    }
                 }
                 None => {
-                    self.tables.set(vid * 2, &*table, 0).map_err(map_err(map::TABLES))?;
-                    LiveVersion { id: vid, generation: 0, table }
+                    self.tables
+                        .set(vid * 2, &*table, 0)
+                        .map_err(map_err(map::TABLES))?;
+                    LiveVersion {
+                        id: vid,
+                        generation: 0,
+                        table,
+                    }
                 }
             };
             entry.tables[i] = live_ver.id * 2 + live_ver.generation;
@@ -397,12 +443,17 @@ impl Dataplane {
             versions.insert(ver.name.clone(), live_ver);
         }
         // Publish: one atomic replacement of the service entry.
-        self.services.insert(key, entry, 0).map_err(map_err(map::SERVICES))?;
-        self.vips.insert(vip_key(&key), 1, 0).map_err(map_err(map::VIPS))?;
+        self.services
+            .insert(key, entry, 0)
+            .map_err(map_err(map::SERVICES))?;
+        self.vips
+            .insert(vip_key(&key), 1, 0)
+            .map_err(map_err(map::VIPS))?;
         // Versions and backends that left the service.
         for (name, old) in &old_versions {
             if !versions.contains_key(name) {
-                self.version_id_by_name.remove(&(svc.name.clone(), name.clone()));
+                self.version_id_by_name
+                    .remove(&(svc.name.clone(), name.clone()));
                 self.version_ids.give(old.id);
             }
         }
@@ -416,7 +467,8 @@ impl Dataplane {
             self.backend_ids.remove(&k);
             self.backend_id_pool.give(id);
         }
-        self.live.insert(svc.name.clone(), LiveService { id, key, versions });
+        self.live
+            .insert(svc.name.clone(), LiveService { id, key, versions });
         Ok(())
     }
 
@@ -460,18 +512,31 @@ impl Dataplane {
         })?;
         let zeros = aya::maps::PerCpuValues::try_from(vec![BackendStats::default(); cpus])
             .map_err(|e| DataplaneError::Capacity(e.to_string()))?;
-        self.backend_stats.set(id, zeros, 0).map_err(map_err(map::BACKEND_STATS))
+        self.backend_stats
+            .set(id, zeros, 0)
+            .map_err(map_err(map::BACKEND_STATS))
     }
 
     /// Counters of one backend, summed over CPUs.
     ///
     /// # Errors
     /// Map read failures.
-    pub fn backend_stats(&self, service: &str, version: &str, addr: SocketAddrV4) -> Result<BackendStats> {
-        let Some(id) = self.backend_ids.get(&(service.to_string(), version.to_string(), addr)) else {
+    pub fn backend_stats(
+        &self,
+        service: &str,
+        version: &str,
+        addr: SocketAddrV4,
+    ) -> Result<BackendStats> {
+        let Some(id) = self
+            .backend_ids
+            .get(&(service.to_string(), version.to_string(), addr))
+        else {
             return Ok(BackendStats::default());
         };
-        let per_cpu = self.backend_stats.get(id, 0).map_err(map_err(map::BACKEND_STATS))?;
+        let per_cpu = self
+            .backend_stats
+            .get(id, 0)
+            .map_err(map_err(map::BACKEND_STATS))?;
         Ok(per_cpu.iter().fold(BackendStats::default(), |mut acc, s| {
             acc.packets += s.packets;
             acc.bytes += s.bytes;
@@ -489,7 +554,10 @@ impl Dataplane {
     pub fn counters(&self) -> Result<BTreeMap<&'static str, u64>> {
         let mut out = BTreeMap::new();
         for (i, name) in counter::NAMES.iter().enumerate() {
-            let v = self.counters.get(&(i as u32), 0).map_err(map_err(map::COUNTERS))?;
+            let v = self
+                .counters
+                .get(&(i as u32), 0)
+                .map_err(map_err(map::COUNTERS))?;
             out.insert(*name, v.iter().sum());
         }
         Ok(out)
@@ -497,16 +565,19 @@ impl Dataplane {
 }
 
 fn program(ebpf: &mut Ebpf) -> Result<&mut Xdp> {
-    let p = ebpf.program_mut(PROGRAM_NAME).ok_or(DataplaneError::Object {
-        what: "program",
-        name: PROGRAM_NAME,
-        detail: "not found".into(),
-    })?;
-    p.try_into().map_err(|e: aya::programs::ProgramError| DataplaneError::Object {
-        what: "program",
-        name: PROGRAM_NAME,
-        detail: e.to_string(),
-    })
+    let p = ebpf
+        .program_mut(PROGRAM_NAME)
+        .ok_or(DataplaneError::Object {
+            what: "program",
+            name: PROGRAM_NAME,
+            detail: "not found".into(),
+        })?;
+    p.try_into()
+        .map_err(|e: aya::programs::ProgramError| DataplaneError::Object {
+            what: "program",
+            name: PROGRAM_NAME,
+            detail: e.to_string(),
+        })
 }
 
 fn take<T>(
@@ -519,7 +590,11 @@ fn take<T>(
         name,
         detail: "not found".into(),
     })?;
-    conv(m).map_err(|e| DataplaneError::Object { what: "map", name, detail: e.to_string() })
+    conv(m).map_err(|e| DataplaneError::Object {
+        what: "map",
+        name,
+        detail: e.to_string(),
+    })
 }
 
 /// The `SERVICES` key of a configured service.
@@ -536,7 +611,10 @@ pub fn service_key(svc: &ServiceConfig) -> ServiceKey {
 }
 
 fn vip_key(key: &ServiceKey) -> VipKey {
-    VipKey { addr: key.addr, family: FAMILY_V4 as u32 }
+    VipKey {
+        addr: key.addr,
+        family: FAMILY_V4 as u32,
+    }
 }
 
 fn backend_entry(addr: SocketAddrV4, version: u32) -> Backend {
@@ -552,10 +630,13 @@ fn backend_entry(addr: SocketAddrV4, version: u32) -> Backend {
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; lift it so they
 /// load there too. Harmless on newer kernels.
 fn raise_memlock_limit() {
-    let rlim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
     // SAFETY: plain syscall with a valid pointer.
     let ret = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
     if ret != 0 {
-        warn!("could not lift RLIMIT_MEMLOCK; map creation may fail on older kernels");
+        tracing::debug!("could not lift RLIMIT_MEMLOCK; only kernels before 5.11 need it");
     }
 }

@@ -25,7 +25,11 @@ pub fn ifindex(name: &str) -> Result<u32, NetifError> {
     let c = CString::new(name).map_err(|_| NetifError::Missing(name.to_string()))?;
     // SAFETY: valid NUL-terminated string.
     let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    if idx == 0 { Err(NetifError::Missing(name.to_string())) } else { Ok(idx) }
+    if idx == 0 {
+        Err(NetifError::Missing(name.to_string()))
+    } else {
+        Ok(idx)
+    }
 }
 
 /// First IPv4 address configured on `name`.
@@ -76,7 +80,10 @@ mod tests {
 
     #[test]
     fn missing_interface_is_named_in_the_error() {
-        let err = ifindex("nosuchif0").err().map(|e| e.to_string()).unwrap_or_default();
+        let err = ifindex("nosuchif0")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(err.contains("nosuchif0"), "{err}");
     }
 }

@@ -117,20 +117,29 @@ pub enum ConfigCommand {
 pub async fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
         Command::Daemon { config } => {
-            let opts = daemon::DaemonOptions { config, socket: cli.socket };
-            daemon::run(opts, daemon::shutdown_signal()).await.map_err(CliError::Other)
+            let opts = daemon::DaemonOptions {
+                config,
+                socket: cli.socket,
+            };
+            daemon::run(opts, daemon::shutdown_signal())
+                .await
+                .map_err(CliError::Other)
         }
         Command::Status { output } => status::run(&cli.socket, output).await,
-        Command::Weights(WeightsCommand::Set { service, weights, output }) => {
-            weights::set(&cli.socket, &service, &weights, output).await
-        }
-        Command::Config(ConfigCommand::Check { file }) => match crate::config::Config::load(&file) {
-            Ok(c) => {
-                println!("{}: OK ({} services)", file.display(), c.services.len());
-                Ok(())
+        Command::Weights(WeightsCommand::Set {
+            service,
+            weights,
+            output,
+        }) => weights::set(&cli.socket, &service, &weights, output).await,
+        Command::Config(ConfigCommand::Check { file }) => {
+            match crate::config::Config::load(&file) {
+                Ok(c) => {
+                    println!("{}: OK ({} services)", file.display(), c.services.len());
+                    Ok(())
+                }
+                Err(e) => Err(CliError::Other(e.into())),
             }
-            Err(e) => Err(CliError::Other(e.into())),
-        },
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

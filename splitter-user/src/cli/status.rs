@@ -26,30 +26,64 @@ pub async fn run(socket: &Path, output: Output) -> Result<(), CliError> {
 /// The whole report for people.
 pub fn render(r: &StatusReport) -> String {
     let mut out = String::new();
-    let attached: Vec<String> =
-        r.dataplane.attachments.iter().map(|a| format!("{} ({})", a.interface, a.mode)).collect();
+    let attached: Vec<String> = r
+        .dataplane
+        .attachments
+        .iter()
+        .map(|a| format!("{} ({})", a.interface, a.mode))
+        .collect();
     let _ = writeln!(
         out,
         "data plane: mode {}{}, attached to {}",
         r.dataplane.mode,
-        r.dataplane.snat_address.as_deref().map(|a| format!(" via {a}")).unwrap_or_default(),
-        if attached.is_empty() { "nothing".to_string() } else { attached.join(", ") }
+        r.dataplane
+            .snat_address
+            .as_deref()
+            .map(|a| format!(" via {a}"))
+            .unwrap_or_default(),
+        if attached.is_empty() {
+            "nothing".to_string()
+        } else {
+            attached.join(", ")
+        }
     );
     out.push('\n');
     out.push_str(&render_services(&r.services));
-    let nonzero: Vec<String> =
-        r.counters.iter().filter(|(_, v)| **v > 0).map(|(k, v)| format!("{k}={v}")).collect();
-    let _ = writeln!(out, "\ncounters: {}", if nonzero.is_empty() { "all zero".into() } else { nonzero.join(" ") });
+    let nonzero: Vec<String> = r
+        .counters
+        .iter()
+        .filter(|(_, v)| **v > 0)
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    let _ = writeln!(
+        out,
+        "\ncounters: {}",
+        if nonzero.is_empty() {
+            "all zero".into()
+        } else {
+            nonzero.join(" ")
+        }
+    );
     out
 }
 
 /// Services, versions and backends as aligned rows.
 pub fn render_services(services: &[ServiceReport]) -> String {
-    let mut rows = vec![[
-        "SERVICE", "VIP", "VERSION", "WEIGHT", "SHARE", "BACKEND", "NEW FLOWS", "PACKETS", "BYTES",
-    ]
-    .map(String::from)
-    .to_vec()];
+    let mut rows = vec![
+        [
+            "SERVICE",
+            "VIP",
+            "VERSION",
+            "WEIGHT",
+            "SHARE",
+            "BACKEND",
+            "NEW FLOWS",
+            "PACKETS",
+            "BYTES",
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
     for s in services {
         for v in &s.versions {
             rows.push(vec![
@@ -81,11 +115,16 @@ pub fn render_services(services: &[ServiceReport]) -> String {
     if services.is_empty() {
         return "no services configured\n".into();
     }
-    let widths: Vec<usize> =
-        (0..rows[0].len()).map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0)).collect();
+    let widths: Vec<usize> = (0..rows[0].len())
+        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
+        .collect();
     let mut out = String::new();
     for r in rows {
-        let line: Vec<String> = r.iter().zip(&widths).map(|(cell, w)| format!("{cell:<w$}")).collect();
+        let line: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
         let _ = writeln!(out, "{}", line.join("  ").trim_end());
     }
     out
