@@ -329,10 +329,20 @@ fn claim_snat_port(rkey: &mut FlowKey, rev: &Conn, h: u32, now: u64) -> Option<u
             return Some(rkey.dport);
         }
         if let Some(e) = CONNS.get_ptr(&*rkey) {
-            let (state, last_seen) = unsafe { ((*e).state, (*e).last_seen) };
-            if stale(rkey.proto, state, last_seen, now)
+            // SAFETY: a valid map value; copied before the entry is replaced.
+            let old = unsafe { *e };
+            if stale(rkey.proto, old.state, old.last_seen, now)
                 && CONNS.insert(&*rkey, rev, BPF_ANY as u64).is_ok()
             {
+                // The stale flow's forward entry still names this port: a
+                // late packet of it must not leak into the new flow.
+                let fwd = peer_key(&old, rkey.proto);
+                if let Some(f) = CONNS.get_ptr(&fwd) {
+                    let (port, addr) = unsafe { ((*f).other_port, (*f).other_addr) };
+                    if port == rkey.dport && addr == rkey.dst {
+                        let _ = CONNS.remove(&fwd);
+                    }
+                }
                 return Some(rkey.dport);
             }
         }

@@ -1,1 +1,40 @@
+//! Test kit for splitter's privileged tests, the demo and the benchmarks:
+//! network namespaces built by the tests themselves, real servers and
+//! clients inside them, and the real daemon on the edge.
+//!
+//! # Layout
+//! - [`netns`]: namespace and child-process guards, the checked command
+//!   runner, sysctls and `/proc/net/snmp` counters.
+//! - [`topology`]: the client / edge / backend namespaces joined by veth
+//!   pairs, addressed, routed and tuned for XDP on veth.
+//! - [`servers`]: TCP identity-and-echo, HTTP and UDP identity servers
+//!   that count what they serve and record the peers they see.
+//! - [`clients`]: one-shot and parallel TCP, HTTP and UDP clients, and a
+//!   long-lived echo connection that records any disruption.
+//! - [`splitter`]: finding the `splitter` binary, running the daemon in the
+//!   edge namespace, its CLI, and config files for the topology.
+//!
+//! Everything that creates something (namespaces, processes, threads,
+//! sockets) is owned by a guard that removes it on `Drop`, so a failing or
+//! panicking test leaves nothing behind; [`netns::remove_stale`] clears what
+//! a killed process could not. Every wait is bounded.
+//!
+//! Errors are `anyhow` with context: this code's errors are read by people
+//! looking at a failed test, never matched by callers.
+//!
+//! The tests in `tests/` need root; they are `#[ignore]`d for a plain
+//! `cargo test` and run one at a time by `cargo xtask test`.
+pub mod clients;
+pub mod netns;
+pub mod servers;
+pub mod splitter;
+pub mod topology;
 
+/// Whether this process runs as root (the privileged tests need it).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+pub mod packet;
+pub mod testrun;

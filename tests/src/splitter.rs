@@ -1,0 +1,420 @@
+//! The real `splitter` binary under test: finding it, running
+//! `splitter daemon` in the edge namespace, talking to it with the CLI, and
+//! writing its configuration for the test topology.
+//!
+//! [`Daemon::start`] writes the config to a temporary directory, starts
+//! `ip netns exec EDGE splitter daemon --config FILE --socket SOCK` with its
+//! output in a log file, and waits (at most [`READY_TIMEOUT`]) until
+//! `splitter status` answers. Dropping the handle sends SIGTERM (SIGKILL
+//! after [`STOP_GRACE`]) and prints the log if the test is failing or the
+//! daemon did not exit cleanly.
+//!
+//! ```no_run
+//! use splitter_tests::{splitter::{Daemon, blue_green_config, Mode, Affinity}, topology::*};
+//! # fn main() -> anyhow::Result<()> {
+//! let topo = Topology::new(TopologyOptions::default())?;
+//! let daemon = Daemon::start(&topo.edge, &blue_green_config(Mode::Snat, Affinity::Flow, 90, 10))?;
+//! daemon.weights_set("web", &[("blue", 0), ("green", 100)])?;
+//! println!("{}", daemon.status_json()?);
+//! # Ok(()) }
+//! ```
+use std::{
+    fmt::Write as _,
+    fs::File,
+    net::SocketAddrV4,
+    path::{Path, PathBuf},
+    process::{Command, ExitStatus, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::{
+    netns::{self, Child, Netns, Output},
+    topology::{self, EDGE_BACKEND_IF, EDGE_CLIENT_IF},
+};
+
+/// Longest the daemon may take to answer its first `status`.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// Time between SIGTERM and SIGKILL on stop.
+pub const STOP_GRACE: Duration = Duration::from_secs(10);
+/// Longest one CLI call may take.
+pub const CLI_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The `splitter` binary: `$SPLITTER_BIN`, else the workspace's release
+/// build, else its debug build (honouring `$CARGO_TARGET_DIR`).
+///
+/// # Errors
+/// None of these exists; the message lists where it looked.
+pub fn splitter_bin() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("SPLITTER_BIN") {
+        let p = PathBuf::from(p);
+        if !p.is_file() {
+            bail!("SPLITTER_BIN={} is not a file", p.display());
+        }
+        return Ok(p);
+    }
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut dirs = Vec::new();
+    if let Some(t) = std::env::var_os("CARGO_TARGET_DIR") {
+        dirs.push(PathBuf::from(t));
+    }
+    dirs.push(workspace.join("target"));
+    let candidates: Vec<PathBuf> = ["release", "debug"]
+        .iter()
+        .flat_map(|profile| dirs.iter().map(move |d| d.join(profile).join("splitter")))
+        .collect();
+    if let Some(p) = candidates.iter().find(|p| p.is_file()) {
+        return Ok(p.clone());
+    }
+    let tried: Vec<String> = candidates.iter().map(|p| p.display().to_string()).collect();
+    bail!(
+        "no splitter binary: set SPLITTER_BIN or run `cargo xtask build` (looked at {})",
+        tried.join(", ")
+    )
+}
+
+/// Forwarding mode (`dataplane.mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// The edge rewrites the client's source; backends need no route back.
+    Snat,
+    /// The client's address reaches the backend; replies route via the edge.
+    Dnat,
+}
+
+impl Mode {
+    /// The config spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Snat => "snat",
+            Self::Dnat => "dnat",
+        }
+    }
+}
+
+/// How new flows pick a version (`service.affinity`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Affinity {
+    /// Per flow (5-tuple hash).
+    Flow,
+    /// Per client address: one client, one version.
+    ClientIp,
+}
+
+impl Affinity {
+    /// The config spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Flow => "flow",
+            Self::ClientIp => "client-ip",
+        }
+    }
+}
+
+/// One version of a service.
+#[derive(Debug, Clone)]
+pub struct VersionSpec {
+    /// Version name (`blue`).
+    pub name: String,
+    /// Relative weight.
+    pub weight: u32,
+    /// Backend addresses.
+    pub backends: Vec<SocketAddrV4>,
+}
+
+/// One service.
+#[derive(Debug, Clone)]
+pub struct ServiceSpec {
+    /// Service name (`web`).
+    pub name: String,
+    /// The VIP and port.
+    pub vip: SocketAddrV4,
+    /// `"tcp"` or `"udp"`.
+    pub protocol: &'static str,
+    /// Version choice.
+    pub affinity: Affinity,
+    /// The versions.
+    pub versions: Vec<VersionSpec>,
+}
+
+/// A config file for the test topology (`ec` facing clients, `eb` facing
+/// backends) with these services.
+pub fn config_toml(mode: Mode, services: &[ServiceSpec]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "[dataplane]");
+    let _ = writeln!(s, "interface = \"{EDGE_CLIENT_IF}\"");
+    let _ = writeln!(s, "backend_interface = \"{EDGE_BACKEND_IF}\"");
+    let _ = writeln!(s, "mode = \"{}\"", mode.as_str());
+    for svc in services {
+        let _ = writeln!(s, "\n[[service]]");
+        let _ = writeln!(s, "name = \"{}\"", svc.name);
+        let _ = writeln!(s, "vip = \"{}\"", svc.vip);
+        let _ = writeln!(s, "protocol = \"{}\"", svc.protocol);
+        let _ = writeln!(s, "affinity = \"{}\"", svc.affinity.as_str());
+        for v in &svc.versions {
+            let backends: Vec<String> = v.backends.iter().map(|b| format!("\"{b}\"")).collect();
+            let _ = writeln!(s, "\n[[service.version]]");
+            let _ = writeln!(s, "name = \"{}\"", v.name);
+            let _ = writeln!(s, "weight = {}", v.weight);
+            let _ = writeln!(s, "backends = [{}]", backends.join(", "));
+        }
+    }
+    s
+}
+
+/// Service `web` on 10.0.0.10:80/tcp with `blue` (10.0.2.2:8080) and
+/// `green` (10.0.2.3:8080) at the given weights.
+pub fn blue_green_config(mode: Mode, affinity: Affinity, blue: u32, green: u32) -> String {
+    let be = |last: u8| {
+        SocketAddrV4::new(
+            std::net::Ipv4Addr::new(10, 0, 2, last),
+            topology::BACKEND_PORT,
+        )
+    };
+    config_toml(
+        mode,
+        &[ServiceSpec {
+            name: "web".into(),
+            vip: topology::vip(),
+            protocol: "tcp",
+            affinity,
+            versions: vec![
+                VersionSpec {
+                    name: "blue".into(),
+                    weight: blue,
+                    backends: vec![be(2)],
+                },
+                VersionSpec {
+                    name: "green".into(),
+                    weight: green,
+                    backends: vec![be(3)],
+                },
+            ],
+        }],
+    )
+}
+
+/// A running `splitter daemon`, stopped on drop.
+#[derive(Debug)]
+pub struct Daemon {
+    bin: PathBuf,
+    dir: tempfile::TempDir,
+    socket: PathBuf,
+    log: PathBuf,
+    child: Child,
+    stopped: Option<ExitStatus>,
+}
+
+impl Daemon {
+    /// Starts the daemon in `edge` with `config_toml` and waits until it
+    /// answers `status`.
+    ///
+    /// # Errors
+    /// No binary, the daemon exited or did not answer in time (the message
+    /// includes its log).
+    pub fn start(edge: &Netns, config_toml: &str) -> Result<Self> {
+        Self::start_with(edge, config_toml, &splitter_bin()?)
+    }
+
+    /// [`Daemon::start`] with an explicit binary.
+    ///
+    /// # Errors
+    /// As [`Daemon::start`].
+    pub fn start_with(edge: &Netns, config_toml: &str, bin: &Path) -> Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("splitter-test-")
+            .tempdir()
+            .context("creating a temp dir")?;
+        let config = dir.path().join("splitter.toml");
+        let socket = dir.path().join("splitter.sock");
+        let log = dir.path().join("daemon.log");
+        std::fs::write(&config, config_toml)
+            .with_context(|| format!("writing {}", config.display()))?;
+        let log_out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let log_err = log_out.try_clone()?;
+        let mut cmd = edge.command(&bin.to_string_lossy());
+        cmd.arg("daemon")
+            .arg("--config")
+            .arg(&config)
+            .arg("--socket")
+            .arg(&socket)
+            .stdin(Stdio::null())
+            .stdout(log_out)
+            .stderr(log_err);
+        if std::env::var_os("RUST_LOG").is_none() {
+            cmd.env("RUST_LOG", "info");
+        }
+        let child = Child::spawn(&mut cmd)?;
+        let mut d = Self {
+            bin: bin.to_path_buf(),
+            dir,
+            socket,
+            log,
+            child,
+            stopped: None,
+        };
+        d.wait_ready()?;
+        Ok(d)
+    }
+
+    fn wait_ready(&mut self) -> Result<()> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let mut last;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                self.stopped = Some(status);
+                bail!(
+                    "splitter daemon exited during start-up ({status}); its log:\n{}",
+                    self.log()
+                );
+            }
+            match self.cli(&["status", "--output", "json"]) {
+                Ok(o) if o.status.success() => {
+                    if serde_json::from_str::<serde_json::Value>(&o.stdout).is_ok() {
+                        return Ok(());
+                    }
+                    last = format!("status printed no JSON: {}", o.stdout);
+                }
+                Ok(o) => last = o.stderr.trim().to_string(),
+                Err(e) => last = format!("{e:#}"),
+            }
+            if Instant::now() >= deadline {
+                let _ = self.child.terminate(STOP_GRACE);
+                bail!(
+                    "splitter daemon did not answer `status` within {READY_TIMEOUT:?} (last: {last}); its log:\n{}",
+                    self.log()
+                );
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The API socket.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The temp dir holding config, socket and log (removed on drop).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The binary in use.
+    pub fn bin(&self) -> &Path {
+        &self.bin
+    }
+
+    /// What the daemon has logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_else(|e| format!("(cannot read {}: {e})", self.log.display()))
+    }
+
+    /// Runs `splitter --socket SOCK ARGS...` (from the root namespace: the
+    /// socket is a path, reachable from any network namespace).
+    ///
+    /// # Errors
+    /// The CLI could not run or took longer than [`CLI_TIMEOUT`]; a non-zero
+    /// exit is returned, not an error.
+    pub fn cli(&self, args: &[&str]) -> Result<Output> {
+        let mut c = Command::new(&self.bin);
+        c.arg("--socket").arg(&self.socket).args(args);
+        netns::output_with_timeout(&mut c, CLI_TIMEOUT)
+    }
+
+    /// [`Daemon::cli`] that must exit 0; returns stdout.
+    ///
+    /// # Errors
+    /// Non-zero exit (the message holds stderr).
+    pub fn cli_ok(&self, args: &[&str]) -> Result<String> {
+        let o = self.cli(args)?;
+        if !o.status.success() {
+            bail!(
+                "`splitter {}` failed ({}): {}",
+                args.join(" "),
+                o.status,
+                o.stderr.trim()
+            );
+        }
+        Ok(o.stdout)
+    }
+
+    /// `splitter status --output json`, parsed.
+    ///
+    /// # Errors
+    /// The command failed or printed something else than JSON.
+    pub fn status_json(&self) -> Result<serde_json::Value> {
+        let out = self.cli_ok(&["status", "--output", "json"])?;
+        serde_json::from_str(&out).with_context(|| format!("status output is not JSON: {out}"))
+    }
+
+    /// `splitter weights set SERVICE V=W ...`; returns its stdout.
+    ///
+    /// # Errors
+    /// The daemon refused.
+    pub fn weights_set(&self, service: &str, weights: &[(&str, u32)]) -> Result<String> {
+        let pairs: Vec<String> = weights.iter().map(|(v, w)| format!("{v}={w}")).collect();
+        let mut args = vec!["weights", "set", service];
+        args.extend(pairs.iter().map(String::as_str));
+        self.cli_ok(&args)
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// SIGTERM (SIGKILL after [`STOP_GRACE`]) and returns how it exited;
+    /// by contract a clean stop exits 0.
+    ///
+    /// # Errors
+    /// `waitpid` failed.
+    pub fn stop(&mut self) -> Result<ExitStatus> {
+        if let Some(s) = self.stopped {
+            return Ok(s);
+        }
+        let s = self.child.terminate(STOP_GRACE)?;
+        self.stopped = Some(s);
+        Ok(s)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let status = self.stop();
+        let clean = matches!(&status, Ok(s) if s.success());
+        if thread::panicking() || !clean {
+            let how = match &status {
+                Ok(s) => s.to_string(),
+                Err(e) => format!("{e:#}"),
+            };
+            eprintln!(
+                "---- splitter daemon log ({how}) ----\n{}---- end of daemon log ----",
+                self.log()
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_renders_every_field() {
+        let c = blue_green_config(Mode::Dnat, Affinity::ClientIp, 90, 10);
+        for want in [
+            "interface = \"ec\"",
+            "backend_interface = \"eb\"",
+            "mode = \"dnat\"",
+            "vip = \"10.0.0.10:80\"",
+            "affinity = \"client-ip\"",
+            "weight = 90",
+            "backends = [\"10.0.2.3:8080\"]",
+        ] {
+            assert!(c.contains(want), "{want} missing from\n{c}");
+        }
+    }
+}

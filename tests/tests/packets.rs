@@ -1,0 +1,861 @@
+//! Packet-level tests of the kernel program: one frame in through
+//! `BPF_PROG_TEST_RUN`, the exact action and the exact bytes out.
+//!
+//! Privileged (root) and meant to run one at a time, so `#[ignore]`d for a
+//! plain `cargo test` like every test of this crate:
+//!
+//! ```text
+//! cargo test -p splitter-tests --test packets -- --include-ignored --test-threads=1
+//! ```
+//!
+//! Each test loads its own copy of the real program (`Dataplane::load`, so
+//! maps and counters start empty), publishes a config with `apply`, and runs
+//! every frame from a thread inside a network namespace of its own
+//! (`spl-<pid>-<n>-pkt`, deleted on drop), so the host's routes cannot change
+//! what `bpf_fib_lookup` answers. In an empty namespace the lookup finds no
+//! route and the program hands the rewritten frame, TTL untouched, to the
+//! kernel (`XDP_PASS`, counter `pass_fib_other`); the last test builds a
+//! veth pair with routes and permanent neighbours to check the forwarding
+//! path itself (`XDP_REDIRECT`/`XDP_TX`, TTL, MACs from the FIB).
+//!
+//! Every expected frame is built from scratch with full checksums
+//! (`splitter_tests::packet`), independently of the kernel's incremental
+//! updates; every run also checks that exactly the expected counters moved.
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddrV4},
+    os::fd::RawFd,
+};
+
+use addrs::*;
+use anyhow::{Context, Result, bail, ensure};
+use splitter::{config::Config, dataplane::Dataplane};
+use splitter_tests::{
+    netns::{Netns, run_prefix},
+    packet::{
+        CLIENT_MAC, EDGE_MAC, Packet, TCP_ACK, TCP_PSH, TCP_SYN, arp_request, diff, parse,
+        verify_checksums,
+    },
+    testrun::{RunResult, test_run_xdp, xdp_action},
+};
+
+/// Addresses of the test topology, spelled out so the tests read like the spec.
+mod addrs {
+    use std::net::{Ipv4Addr, SocketAddrV4};
+
+    pub const VIP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 10), 80);
+    pub const UDP_VIP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 53), 53);
+    pub const CLIENT: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 0, 1, 2), 40000);
+    pub const BLUE: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 0, 2, 2), 8080);
+    pub const GREEN: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 0, 2, 3), 8080);
+    pub const UDP_BLUE: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 0, 2, 2), 5353);
+    pub const UDP_GREEN: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 0, 2, 3), 5353);
+    pub const SNAT_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 1);
+    /// An address that is no VIP.
+    pub const OTHER: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 11), 80);
+    /// SNAT source ports, as documented (docs/config.md): 10000–32767.
+    pub const SNAT_PORTS: std::ops::RangeInclusive<u16> = 10000..=32767;
+}
+
+/// The config every test starts from: a TCP and a UDP service, each with
+/// versions blue and green of one backend each.
+fn config(mode: &str, blue: u32, green: u32) -> Result<Config> {
+    let snat = if mode == "snat" {
+        format!("snat_address = \"{SNAT_IP}\"")
+    } else {
+        String::new()
+    };
+    let text = format!(
+        r#"
+[dataplane]
+interface = "lo"
+mode = "{mode}"
+{snat}
+
+[[service]]
+name = "web"
+vip = "{VIP}"
+protocol = "tcp"
+
+[[service.version]]
+name = "blue"
+weight = {blue}
+backends = ["{BLUE}"]
+
+[[service.version]]
+name = "green"
+weight = {green}
+backends = ["{GREEN}"]
+
+[[service]]
+name = "dns"
+vip = "{UDP_VIP}"
+protocol = "udp"
+
+[[service.version]]
+name = "blue"
+weight = {blue}
+backends = ["{UDP_BLUE}"]
+
+[[service.version]]
+name = "green"
+weight = {green}
+backends = ["{UDP_GREEN}"]
+"#
+    );
+    Config::parse(&text).map_err(|e| anyhow::anyhow!("test config rejected: {e}"))
+}
+
+/// The loaded program with a published config.
+struct Edge {
+    dp: Dataplane,
+    fd: RawFd,
+}
+
+/// How much each counter moved during one run (only the ones that moved).
+type Deltas = BTreeMap<&'static str, u64>;
+
+impl Edge {
+    fn new(mode: &str, blue: u32, green: u32) -> Result<Self> {
+        let mut dp = Dataplane::load().context("loading the XDP program (root needed)")?;
+        dp.apply(&config(mode, blue, green)?)?;
+        let fd = dp.program_fd()?;
+        Ok(Self { dp, fd })
+    }
+
+    fn reweight(&mut self, mode: &str, blue: u32, green: u32) -> Result<()> {
+        Ok(self.dp.apply(&config(mode, blue, green)?)?)
+    }
+
+    /// Runs the program once on `frame` (arriving on `ingress`, or on
+    /// loopback) and returns the result and the counters that moved.
+    fn run_on(&self, frame: &[u8], ingress: Option<u32>) -> Result<(RunResult, Deltas)> {
+        let before = self.dp.counters()?;
+        let r = test_run_xdp(self.fd, frame, ingress, 1).context("BPF_PROG_TEST_RUN")?;
+        let after = self.dp.counters()?;
+        let deltas = after
+            .iter()
+            .filter_map(|(k, v)| {
+                let d = v - before.get(k).copied().unwrap_or(0);
+                (d != 0).then_some((*k, d))
+            })
+            .collect();
+        Ok((r, deltas))
+    }
+
+    fn run(&self, frame: &[u8]) -> Result<(RunResult, Deltas)> {
+        self.run_on(frame, None)
+    }
+
+    /// Runs `input` and asserts the action, the exact output and the exact
+    /// counter changes.
+    fn expect(
+        &self,
+        what: &str,
+        input: &[u8],
+        action: u32,
+        output: &[u8],
+        counters: &[(&'static str, u64)],
+    ) -> Result<RunResult> {
+        let (r, deltas) = self.run(input)?;
+        check(what, &r, &deltas, action, output, counters)?;
+        Ok(r)
+    }
+
+    /// A frame the program must hand to the kernel untouched, moving no counter.
+    fn expect_untouched(&self, what: &str, input: &[u8]) -> Result<()> {
+        self.expect(what, input, xdp_action::PASS, input, &[])?;
+        Ok(())
+    }
+
+    fn stats(&self, service: &str, version: &str, backend: SocketAddrV4) -> Result<[u64; 5]> {
+        let s = self.dp.backend_stats(service, version, backend)?;
+        Ok([
+            s.new_flows,
+            s.packets,
+            s.bytes,
+            s.reply_packets,
+            s.reply_bytes,
+        ])
+    }
+}
+
+fn check(
+    what: &str,
+    r: &RunResult,
+    deltas: &Deltas,
+    action: u32,
+    output: &[u8],
+    counters: &[(&'static str, u64)],
+) -> Result<()> {
+    ensure!(
+        r.action == action,
+        "{what}: action {} ({}), expected {} ({})",
+        xdp_action::name(r.action),
+        r.action,
+        xdp_action::name(action),
+        action
+    );
+    ensure!(
+        r.data == output,
+        "{what}: output differs from the expected frame:\n{}",
+        diff(&r.data, output)
+    );
+    let want: Deltas = counters.iter().copied().collect();
+    ensure!(
+        *deltas == want,
+        "{what}: counters moved {deltas:?}, expected {want:?}"
+    );
+    Ok(())
+}
+
+/// Runs `f` on a thread inside a fresh, empty network namespace.
+fn in_netns<T: Send>(f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+    let ns = Netns::new(format!("{}-pkt", run_prefix()))?;
+    ns.enter(f)?
+}
+
+/// The SNAT address and port the program gave a forwarded frame, checked
+/// against the documented range.
+fn snat_source(frame: &[u8]) -> Result<SocketAddrV4> {
+    let src = parse(frame)
+        .map_err(anyhow::Error::msg)?
+        .source()
+        .context("no source in output")?;
+    ensure!(
+        *src.ip() == SNAT_IP,
+        "source {src} is not the SNAT address {SNAT_IP}"
+    );
+    ensure!(
+        SNAT_PORTS.contains(&src.port()),
+        "SNAT port {} outside {SNAT_PORTS:?}",
+        src.port()
+    );
+    Ok(src)
+}
+
+fn client(port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(*CLIENT.ip(), port)
+}
+
+const FORWARDED_NEW: &[(&str, u64)] = &[("new_flow", 1), ("pass_fib_other", 1)];
+const FORWARDED: &[(&str, u64)] = &[("pass_fib_other", 1)];
+
+#[test]
+#[ignore = "needs root: run with -- --include-ignored --test-threads=1"]
+fn snat_syn_data_and_reply_are_translated() -> Result<()> {
+    in_netns(|| {
+        let edge = Edge::new("snat", 100, 0)?;
+
+        // SYN: destination to the backend, source to SNAT address and port.
+        let syn = Packet::tcp(CLIENT, VIP, TCP_SYN).tcp_options(&[2, 4, 0x05, 0xb4]);
+        let (r, deltas) = edge.run(&syn.build())?;
+        let snat = snat_source(&r.data)?;
+        let want = syn.clone().endpoints(snat, BLUE).build();
+        check("SYN", &r, &deltas, xdp_action::PASS, &want, FORWARDED_NEW)?;
+        verify_checksums(&r.data).map_err(anyhow::Error::msg)?;
+        let syn_len = syn.build().len() as u64;
+        assert_eq!(edge.stats("web", "blue", BLUE)?, [1, 1, syn_len, 0, 0]);
+
+        // A retransmitted SYN is the same flow: same port, no new flow.
+        edge.expect(
+            "SYN again",
+            &syn.build(),
+            xdp_action::PASS,
+            &want,
+            FORWARDED,
+        )?;
+
+        // The backend's SYN-ACK, to the SNAT port: back to VIP -> client.
+        let synack = Packet::tcp(BLUE, snat, TCP_SYN | TCP_ACK)
+            .seq_ack(5000, 1001)
+            .macs(EDGE_MAC, [2, 0, 0, 0, 0, 2]);
+        let want = synack.clone().endpoints(VIP, CLIENT).build();
+        let r = edge.expect(
+            "SYN-ACK",
+            &synack.build(),
+            xdp_action::PASS,
+            &want,
+            FORWARDED,
+        )?;
+        verify_checksums(&r.data).map_err(anyhow::Error::msg)?;
+
+        // The client's ACK with data: same rewrite, same SNAT port.
+        let data = Packet::tcp(CLIENT, VIP, TCP_ACK | TCP_PSH)
+            .seq_ack(1001, 5001)
+            .payload(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+        let want = data.clone().endpoints(snat, BLUE).build();
+        let r = edge.expect(
+            "ACK+data",
+            &data.build(),
+            xdp_action::PASS,
+            &want,
+            FORWARDED,
+        )?;
+        verify_checksums(&r.data).map_err(anyhow::Error::msg)?;
+
+        let synack_len = synack.build().len() as u64;
+        let data_len = data.build().len() as u64;
+        assert_eq!(
+            edge.stats("web", "blue", BLUE)?,
+            [1, 3, 2 * syn_len + data_len, 1, synack_len]
+        );
+        assert_eq!(edge.stats("web", "green", GREEN)?, [0; 5]);
+
+        // A "reply" to another SNAT port belongs to no flow: not ours.
+        let other_port = if snat.port() == 32767 {
+            10000
+        } else {
+            snat.port() + 1
+        };
+        let stray = Packet::tcp(
+            BLUE,
+            SocketAddrV4::new(SNAT_IP, other_port),
+            TCP_SYN | TCP_ACK,
+        )
+        .build();
+        edge.expect_untouched("reply to an unused SNAT port", &stray)?;
+        Ok(())
+    })
+}
+
+#[test]
+#[ignore = "needs root: run with -- --include-ignored --test-threads=1"]
+fn dnat_rewrites_only_the_destination() -> Result<()> {
+    in_netns(|| {
+        let edge = Edge::new("dnat", 100, 0)?;
+        let syn = Packet::tcp(CLIENT, VIP, TCP_SYN);
+        let want = syn.clone().endpoints(CLIENT, BLUE).build();
+        let r = edge.expect("SYN", &syn.build(), xdp_action::PASS, &want, FORWARDED_NEW)?;
+        verify_checksums(&r.data).map_err(anyhow::Error::msg)?;
+
+        let synack = Packet::tcp(BLUE, CLIENT, TCP_SYN | TCP_ACK).seq_ack(5000, 1001);
+        let want = synack.clone().endpoints(VIP, CLIENT).build();
+        edge.expect(
+            "SYN-ACK",
+            &synack.build(),
+            xdp_action::PASS,
+            &want,
+            FORWARDED,
+        )?;
+
+        let data = Packet::tcp(CLIENT, VIP, TCP_ACK)
+            .seq_ack(1001, 5001)
+            .payload(b"x");
+        let want = data.clone().endpoints(CLIENT, BLUE).build();
+        edge.expect(
+            "ACK+data",
+            &data.build(),
+            xdp_action::PASS,
+            &want,
+            FORWARDED,
+        )?;
+        Ok(())
+    })
+}
+
+#[test]
+#[ignore = "needs root: run with -- --include-ignored --test-threads=1"]
+fn traffic_that_is_not_ours_passes_untouched() -> Result<()> {
+    in_netns(|| {
+        let edge = Edge::new("snat", 100, 0)?;
+        edge.expect_untouched(
+            "SYN to a non-VIP",
+            &Packet::tcp(CLIENT, OTHER, TCP_SYN).build(),
+        )?;
+        edge.expect_untouched(
+            "ACK to a non-VIP",
+            &Packet::tcp(CLIENT, OTHER, TCP_ACK).build(),
+        )?;
+        edge.expect_untouched(
+            "SYN to a VIP port without a service",
+            &Packet::tcp(CLIENT, SocketAddrV4::new(*VIP.ip(), 443), TCP_SYN).build(),
+        )?;
+        edge.expect_untouched(
+            "UDP to the TCP service's port",
+            &Packet::udp(CLIENT, VIP, b"x").build(),
+        )?;
+        edge.expect_untouched(
+            "TCP to the UDP service's port",
+            &Packet::tcp(CLIENT, UDP_VIP, TCP_SYN).build(),
+        )?;
+        edge.expect_untouched(
+            "ICMP echo to the VIP",
+            &Packet::raw(*CLIENT.ip(), *VIP.ip(), 1, &[8, 0, 0xf7, 0xff, 0, 0, 0, 0]).build(),
+        )?;
+        edge.expect_untouched(
+            "ARP who-has VIP",
+            &arp_request(CLIENT_MAC, *CLIENT.ip(), *VIP.ip()),
+        )?;
+        let mut ipv6 = Packet::tcp(CLIENT, VIP, TCP_SYN).build();
+        ipv6[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
+        edge.expect_untouched("IPv6 ethertype", &ipv6)?;
+        let mut v6_in_v4 = Packet::tcp(CLIENT, VIP, TCP_SYN).build();
+        v6_in_v4[14] = 0x65;
+        edge.expect_untouched("IP version 6 under the IPv4 ethertype", &v6_in_v4)?;
+        Ok(())
+    })
+}
+
+#[test]
+#[ignore = "needs root: run with -- --include-ignored --test-threads=1"]
+fn malformed_packets_to_a_vip_are_dropped_and_counted() -> Result<()> {
+    in_netns(|| {
+        let edge = Edge::new("snat", 100, 0)?;
+        let syn = Packet::tcp(CLIENT, VIP, TCP_SYN);
+        let udp = Packet::udp(client(5000), UDP_VIP, b"query");
+        let cases: [(&str, Vec<u8>, &'static str); 11] = [
+            (
+                "IPv4 header cut at 19 bytes",
+                syn.clone().truncate(14 + 19).build(),
+                "drop_truncated_ip",
+            ),
+            (
+                "options cut short (IHL 6, 20 bytes)",
+                syn.clone()
+                    .ip_options(&[1, 1, 1, 1])
+                    .truncate(14 + 20)
+                    .build(),
+                "drop_truncated_ip",
+            ),
+            ("IHL 4", syn.clone().ihl(4).build(), "drop_bad_ihl"),
+            ("IHL 0", syn.clone().ihl(0).build(), "drop_bad_ihl"),
+            (
+                "IP options (4 NOPs)",
+                syn.clone().ip_options(&[1, 1, 1, 1]).build(),
+                "drop_ip_options",
+            ),
+            (
+                "non-first fragment",
+                syn.clone().fragment(185, false).build(),
+                "drop_fragment",
+            ),
+            (
+                "first fragment (MF)",
+                syn.clone().fragment(0, true).build(),
+                "drop_fragment",
+            ),
+            (
+                "TCP header cut at 10 bytes",
+                syn.clone().truncate(14 + 20 + 10).build(),
+                "drop_truncated_l4",
+            ),
+            (
+                "TCP header cut at 19 bytes",
+                syn.clone().truncate(14 + 20 + 19).build(),
+                "drop_truncated_l4",
+            ),
+            (
+                "UDP header cut at 4 bytes",
+                udp.clone().truncate(14 + 20 + 4).build(),
+                "drop_truncated_l4",
+            ),
+            (
+                "ACK of an unknown flow",
+                Packet::tcp(CLIENT, VIP, TCP_ACK).payload(b"x").build(),
+                "drop_no_flow",
+            ),
+        ];
+        for (what, frame, counter) in &cases {
+            edge.expect(what, frame, xdp_action::DROP, frame, &[(*counter, 1)])?;
+        }
+        // None of them created a flow: a real SYN still is the first one.
+        let (r, d) = edge.run(&syn.build())?;
+        ensure!(
+            r.action == xdp_action::PASS && d == FORWARDED_NEW.iter().copied().collect::<Deltas>(),
+            "SYN after malformed: {d:?}"
+        );
+        assert_eq!(edge.stats("web", "blue", BLUE)?[0], 1);
+        Ok(())
+    })
+}
+
+#[test]
+#[ignore = "needs root: run with -- --include-ignored --test-threads=1"]
+fn malformed_packets_to_others_follow_parse_rules() -> Result<()> {
+    in_netns(|| {
+        let edge = Edge::new("snat", 100, 0)?;
+        let syn = Packet::tcp(CLIENT, OTHER, TCP_SYN);
+        let udp = Packet::udp(client(5000), SocketAddrV4::new(*OTHER.ip(), 53), b"query");
+        // The IPv4 header itself is unusable: dropped whoever it is for
+        // (the kernel's own input path would drop it too).
+        for (what, frame, counter) in [
+            (
+                "IPv4 header cut at 19 bytes",
+                syn.clone().truncate(14 + 19).build(),
+                "drop_truncated_ip",
+            ),
+            ("IHL 4", syn.clone().ihl(4).build(), "drop_bad_ihl"),
+        ] {
+            edge.expect(what, &frame, xdp_action::DROP, &frame, &[(counter, 1)])?;
+        }
+        // Well-formed IPv4 the program cannot forward: the kernel's business.
+        for (what, frame) in [
+            ("IP options", syn.clone().ip_options(&[1, 1, 1, 1]).build()),
+            (
+                "non-first fragment",
+                syn.clone().fragment(185, false).build(),
+            ),
+            ("first fragment (MF)", syn.clone().fragment(0, true).build()),
+            (
+                "TCP header cut at 10 bytes",
+                syn.clone().truncate(14 + 20 + 10).build(),
+            ),
+            (
+                "UDP header cut at 4 bytes",
+                udp.clone().truncate(14 + 20 + 4).build(),
+            ),
+            (
+                "ACK of an unknown flow",
+                Packet::tcp(CLIENT, OTHER, TCP_ACK).build(),
+            ),
+            // To a VIP but not TCP/UDP: fragments of other protocols pass.
+            (
+                "ICMP fragment to the VIP",
+                Packet::raw(*CLIENT.ip(), *VIP.ip(), 1, &[0; 16])
+                    .fragment(1, false)
+                    .build(),
+            ),
+        ] {
+            edge.expect_untouched(what, &frame)?;
+        }
+        Ok(())
+    })
+}
+
+#[test]
+#[ignore = "needs root: run with -- --include-ignored --test-threads=1"]
+fn ttl_one_is_left_to_the_kernel_unchanged() -> Result<()> {
+    in_netns(|| {
+        let edge = Edge::new("snat", 100, 0)?;
+        let syn = Packet::tcp(CLIENT, VIP, TCP_SYN).ttl(1).build();
+        edge.expect(
+            "SYN with TTL 1",
+            &syn,
+            xdp_action::PASS,
+            &syn,
+            &[("new_flow", 1), ("pass_ttl", 1)],
+        )?;
+        Ok(())
+    })
+}
+
+#[test]
+#[ignore = "needs root: run with -- --include-ignored --test-threads=1"]
+fn udp_datagrams_are_translated_and_zero_checksum_stays_zero() -> Result<()> {
+    in_netns(|| {
+        let edge = Edge::new("snat", 100, 0)?;
+        let c = client(5000);
+        let q = Packet::udp(
+            c,
+            UDP_VIP,
+            b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x01a\x00\x00\x01\x00\x01",
+        );
+        let (r, deltas) = edge.run(&q.build())?;
+        let snat = snat_source(&r.data)?;
+        let want = q.clone().endpoints(snat, UDP_BLUE).build();
+        check(
+            "UDP query",
+            &r,
+            &deltas,
+            xdp_action::PASS,
+            &want,
+            FORWARDED_NEW,
+        )?;
+        verify_checksums(&r.data).map_err(anyhow::Error::msg)?;
+        ensure!(
+            r.data[40..42] != [0, 0],
+            "computed UDP checksum must not be 0"
+        );
+
+        // Same flow, no checksum: rewritten, checksum still 0.
+        let q0 = Packet::udp(c, UDP_VIP, b"odd").udp_zero_checksum();
+        let want = q0.clone().endpoints(snat, UDP_BLUE).build();
+        ensure!(want[40..42] == [0, 0], "expected frame keeps checksum 0");
+        edge.expect(
+            "UDP without checksum",
+            &q0.build(),
+            xdp_action::PASS,
+            &want,
+            FORWARDED,
+        )?;
+
+        // The answer comes back from the VIP.
+        let a = Packet::udp(UDP_BLUE, snat, b"answer!");
+        let want = a.clone().endpoints(UDP_VIP, c).build();
+        let r = edge.expect("UDP answer", &a.build(), xdp_action::PASS, &want, FORWARDED)?;
+        verify_checksums(&r.data).map_err(anyhow::Error::msg)?;
+
+        // A new client port is a new flow, with its own SNAT port.
+        let q2 = Packet::udp(client(5001), UDP_VIP, b"q2").udp_zero_checksum();
+        let (r, deltas) = edge.run(&q2.build())?;
+        let snat2 = snat_source(&r.data)?;
+        ensure!(snat2 != snat, "two flows share SNAT source {snat}");
+        check(
+            "second flow",
+            &r,
+            &deltas,
+            xdp_action::PASS,
+            &q2.clone().endpoints(snat2, UDP_BLUE).build(),
+            FORWARDED_NEW,
+        )?;
+        Ok(())
+    })
+}
+
+#[test]
+#[ignore = "needs root: run with -- --include-ignored --test-threads=1"]
+fn weight_flip_moves_new_flows_and_keeps_established_ones() -> Result<()> {
+    in_netns(|| {
+        let mut edge = Edge::new("snat", 100, 0)?;
+        let a = client(40001);
+        let b = client(40002);
+        let syn_a = Packet::tcp(a, VIP, TCP_SYN);
+        let (r, deltas) = edge.run(&syn_a.build())?;
+        let snat_a = snat_source(&r.data)?;
+        check(
+            "flow A SYN",
+            &r,
+            &deltas,
+            xdp_action::PASS,
+            &syn_a.clone().endpoints(snat_a, BLUE).build(),
+            FORWARDED_NEW,
+        )?;
+        let ua = Packet::udp(a, UDP_VIP, b"a");
+        let (r, _) = edge.run(&ua.build())?;
+        let usnat_a = snat_source(&r.data)?;
+        ensure!(
+            r.data == ua.clone().endpoints(usnat_a, UDP_BLUE).build(),
+            "UDP flow A not to blue"
+        );
+
+        edge.reweight("snat", 0, 100)?;
+
+        // A new flow goes to green.
+        let syn_b = Packet::tcp(b, VIP, TCP_SYN);
+        let (r, deltas) = edge.run(&syn_b.build())?;
+        let snat_b = snat_source(&r.data)?;
+        check(
+            "flow B SYN",
+            &r,
+            &deltas,
+            xdp_action::PASS,
+            &syn_b.clone().endpoints(snat_b, GREEN).build(),
+            FORWARDED_NEW,
+        )?;
+        let ub = Packet::udp(b, UDP_VIP, b"b");
+        let (r, _) = edge.run(&ub.build())?;
+        let usnat_b = snat_source(&r.data)?;
+        ensure!(
+            r.data == ub.clone().endpoints(usnat_b, UDP_GREEN).build(),
+            "UDP flow B not to green:\n{}",
+            diff(&r.data, &ub.clone().endpoints(usnat_b, UDP_GREEN).build())
+        );
+
+        // The flow from before the flip stays on blue, both directions.
+        let ack_a = Packet::tcp(a, VIP, TCP_ACK)
+            .seq_ack(1001, 5001)
+            .payload(b"still blue");
+        edge.expect(
+            "flow A ACK",
+            &ack_a.build(),
+            xdp_action::PASS,
+            &ack_a.clone().endpoints(snat_a, BLUE).build(),
+            FORWARDED,
+        )?;
+        let synack_a = Packet::tcp(BLUE, snat_a, TCP_SYN | TCP_ACK);
+        edge.expect(
+            "flow A SYN-ACK",
+            &synack_a.build(),
+            xdp_action::PASS,
+            &synack_a.clone().endpoints(VIP, a).build(),
+            FORWARDED,
+        )?;
+        edge.expect(
+            "UDP flow A",
+            &ua.build(),
+            xdp_action::PASS,
+            &ua.clone().endpoints(usnat_a, UDP_BLUE).build(),
+            FORWARDED,
+        )?;
+
+        assert_eq!(edge.stats("web", "blue", BLUE)?[0], 1);
+        assert_eq!(edge.stats("web", "green", GREEN)?[0], 1);
+        Ok(())
+    })
+}
+
+/// MACs of the veth pair in the forwarding test.
+const IN_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x01];
+const OUT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x02, 0x01];
+/// The backend's neighbour entry.
+const BLUE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+
+fn mac_str(m: [u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+fn ifindex(name: &str) -> Result<u32> {
+    let c = std::ffi::CString::new(name)?;
+    // SAFETY: a valid NUL-terminated string; looked up in this thread's netns.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if i == 0 {
+        bail!("no interface {name}: {}", std::io::Error::last_os_error());
+    }
+    Ok(i)
+}
+
+#[test]
+#[ignore = "needs root: run with -- --include-ignored --test-threads=1"]
+fn forwarding_uses_the_fib_redirect_tx_ttl_and_macs() -> Result<()> {
+    let ns = Netns::new(format!("{}-fwd", run_prefix()))?;
+    let (in_mac, out_mac) = (mac_str(IN_MAC), mac_str(OUT_MAC));
+    ns.ip(&[
+        "link", "add", "sp-in", "address", &in_mac, "type", "veth", "peer", "name", "sp-out",
+        "address", &out_mac,
+    ])?;
+    ns.ip(&["addr", "add", "10.0.1.1/24", "dev", "sp-in"])?;
+    ns.ip(&["addr", "add", "10.0.2.1/24", "dev", "sp-out"])?;
+    ns.ip(&["link", "set", "sp-in", "up"])?;
+    ns.ip(&["link", "set", "sp-out", "up"])?;
+    ns.ip(&[
+        "neigh",
+        "replace",
+        "10.0.2.2",
+        "lladdr",
+        &mac_str(BLUE_MAC),
+        "dev",
+        "sp-out",
+        "nud",
+        "permanent",
+    ])?;
+    ns.ip(&[
+        "neigh",
+        "replace",
+        "10.0.1.2",
+        "lladdr",
+        &mac_str(CLIENT_MAC),
+        "dev",
+        "sp-in",
+        "nud",
+        "permanent",
+    ])?;
+    ns.ip(&["route", "add", "blackhole", "10.0.9.0/24"])?;
+    ns.sysctl("net.ipv4.ip_forward", "1")?;
+
+    ns.enter(|| -> Result<()> {
+        let edge = Edge::new("snat", 100, 0)?;
+        let (if_in, if_out) = (ifindex("sp-in")?, ifindex("sp-out")?);
+
+        // Client SYN on sp-in: rewritten, TTL 64 -> 63, MACs from the FIB, out of sp-out.
+        let syn = Packet::tcp(CLIENT, VIP, TCP_SYN).macs(IN_MAC, CLIENT_MAC);
+        let (r, deltas) = edge.run_on(&syn.build(), Some(if_in))?;
+        let snat = snat_source(&r.data)?;
+        let want = syn
+            .clone()
+            .endpoints(snat, BLUE)
+            .ttl(63)
+            .macs(BLUE_MAC, OUT_MAC)
+            .build();
+        check(
+            "SYN on sp-in",
+            &r,
+            &deltas,
+            xdp_action::REDIRECT,
+            &want,
+            &[("new_flow", 1), ("redirect", 1)],
+        )?;
+        verify_checksums(&r.data).map_err(anyhow::Error::msg)?;
+
+        // The backend's SYN-ACK on sp-out: back out of sp-in to the client's MAC.
+        let synack = Packet::tcp(BLUE, snat, TCP_SYN | TCP_ACK)
+            .seq_ack(5000, 1001)
+            .ttl(64)
+            .macs(OUT_MAC, BLUE_MAC);
+        let want = synack
+            .clone()
+            .endpoints(VIP, CLIENT)
+            .ttl(63)
+            .macs(CLIENT_MAC, IN_MAC)
+            .build();
+        let (r, deltas) = edge.run_on(&synack.build(), Some(if_out))?;
+        check(
+            "SYN-ACK on sp-out",
+            &r,
+            &deltas,
+            xdp_action::REDIRECT,
+            &want,
+            &[("redirect", 1)],
+        )?;
+        verify_checksums(&r.data).map_err(anyhow::Error::msg)?;
+
+        // A SYN arriving on the interface it must leave by: XDP_TX.
+        let syn2 = Packet::tcp(client(40100), VIP, TCP_SYN)
+            .ttl(9)
+            .macs(OUT_MAC, CLIENT_MAC);
+        let (r, deltas) = edge.run_on(&syn2.build(), Some(if_out))?;
+        let snat2 = snat_source(&r.data)?;
+        let want = syn2
+            .clone()
+            .endpoints(snat2, BLUE)
+            .ttl(8)
+            .macs(BLUE_MAC, OUT_MAC)
+            .build();
+        check(
+            "SYN on sp-out",
+            &r,
+            &deltas,
+            xdp_action::TX,
+            &want,
+            &[("new_flow", 1), ("tx", 1)],
+        )?;
+
+        // A client with no neighbour entry: the reply is rewritten (TTL kept)
+        // and handed to the kernel to resolve the MAC.
+        let c3 = SocketAddrV4::new(Ipv4Addr::new(10, 0, 1, 3), 40000);
+        let (r, _) = edge.run_on(&Packet::tcp(c3, VIP, TCP_SYN).build(), Some(if_in))?;
+        let snat3 = snat_source(&r.data)?;
+        let reply = Packet::tcp(BLUE, snat3, TCP_SYN | TCP_ACK).macs(OUT_MAC, BLUE_MAC);
+        let want = reply.clone().endpoints(VIP, c3).build();
+        let (r, deltas) = edge.run_on(&reply.build(), Some(if_out))?;
+        check(
+            "reply without neighbour",
+            &r,
+            &deltas,
+            xdp_action::PASS,
+            &want,
+            &[("pass_no_neigh", 1)],
+        )?;
+
+        // A client behind a blackhole route: the reply is dropped as unroutable.
+        let c4 = SocketAddrV4::new(Ipv4Addr::new(10, 0, 9, 9), 40000);
+        let (r, _) = edge.run_on(&Packet::tcp(c4, VIP, TCP_SYN).build(), Some(if_in))?;
+        let snat4 = snat_source(&r.data)?;
+        let reply = Packet::tcp(BLUE, snat4, TCP_SYN | TCP_ACK).build();
+        let (r, deltas) = edge.run_on(&reply, Some(if_out))?;
+        check(
+            "reply to a blackhole",
+            &r,
+            &deltas,
+            xdp_action::DROP,
+            &reply,
+            &[("drop_unroutable", 1)],
+        )?;
+
+        // TTL 1: untouched, for the kernel's ICMP time exceeded.
+        let ttl1 = Packet::tcp(client(40200), VIP, TCP_SYN).ttl(1).build();
+        let (r, deltas) = edge.run_on(&ttl1, Some(if_in))?;
+        check(
+            "SYN with TTL 1",
+            &r,
+            &deltas,
+            xdp_action::PASS,
+            &ttl1,
+            &[("new_flow", 1), ("pass_ttl", 1)],
+        )?;
+        Ok(())
+    })?
+}
