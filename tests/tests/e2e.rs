@@ -35,7 +35,9 @@ fn no_csum_errors(topo: &Topology) -> Result<()> {
 
 /// The program runs in native (driver) mode on both edge interfaces.
 fn attached_native(status: &Value) -> Result<()> {
-    let att = status["dataplane"]["attachments"].as_array().context("no attachments in status")?;
+    let att = status["dataplane"]["attachments"]
+        .as_array()
+        .context("no attachments in status")?;
     ensure!(att.len() == 2, "expected two attachments: {status}");
     for a in att {
         ensure!(a["mode"] == "native", "not native: {a}");
@@ -61,7 +63,10 @@ struct BlueGreen {
 }
 
 fn blue_green(extra_client_addrs: usize) -> Result<BlueGreen> {
-    let topo = Topology::new(TopologyOptions { extra_client_addrs, ..Default::default() })?;
+    let topo = Topology::new(TopologyOptions {
+        extra_client_addrs,
+        ..Default::default()
+    })?;
     let blue = TcpIdentityServer::start(&topo.back, topo.backend(0)?, "blue")?;
     let green = TcpIdentityServer::start(&topo.back, topo.backend(1)?, "green")?;
     Ok(BlueGreen { topo, blue, green })
@@ -71,21 +76,33 @@ fn blue_green(extra_client_addrs: usize) -> Result<BlueGreen> {
 #[ignore = "needs root: run with -- --include-ignored --test-threads=1"]
 fn weights_90_10_split_ten_thousand_connections() -> Result<()> {
     let bg = blue_green(0)?;
-    let daemon = Daemon::start(&bg.topo.edge, &blue_green_config(Mode::Snat, Affinity::Flow, 90, 10))?;
+    let daemon = Daemon::start(
+        &bg.topo.edge,
+        &blue_green_config(Mode::Snat, Affinity::Flow, 90, 10),
+    )?;
     attached_native(&daemon.status_json()?)?;
     let n = 10_000;
     let r = clients::tcp_identity_many(&bg.topo.cli, topology::vip(), n, &[], TIMEOUT)?;
-    ensure!(r.errors == 0, "{} of {n} connections failed: {:?}", r.errors, r.error_samples);
+    ensure!(
+        r.errors == 0,
+        "{} of {n} connections failed: {:?}",
+        r.errors,
+        r.error_samples
+    );
     let green_share = 100.0 * r.count("green") as f64 / n as f64;
     ensure!(
         (green_share - 10.0).abs() <= 1.5,
         "green got {green_share:.2}% of new connections, want 10 ± 1.5 ({:?})",
         r.per_name
     );
-    ensure!(bg.blue.accepted() + bg.green.accepted() == n as u64, "servers accepted a different number");
+    ensure!(
+        bg.blue.accepted() + bg.green.accepted() == n as u64,
+        "servers accepted a different number"
+    );
     let status = daemon.status_json()?;
     ensure!(
-        new_flows(&status, "green")? == r.count("green") && new_flows(&status, "blue")? == r.count("blue"),
+        new_flows(&status, "green")? == r.count("green")
+            && new_flows(&status, "blue")? == r.count("blue"),
         "daemon's new-flow counters disagree with what the servers saw: {status}"
     );
     no_csum_errors(&bg.topo)
@@ -95,24 +112,47 @@ fn weights_90_10_split_ten_thousand_connections() -> Result<()> {
 #[ignore = "needs root: run with -- --include-ignored --test-threads=1"]
 fn established_connection_keeps_its_backend_through_a_switch() -> Result<()> {
     let bg = blue_green(0)?;
-    let daemon = Daemon::start(&bg.topo.edge, &blue_green_config(Mode::Snat, Affinity::Flow, 100, 0))?;
+    let daemon = Daemon::start(
+        &bg.topo.edge,
+        &blue_green_config(Mode::Snat, Affinity::Flow, 100, 0),
+    )?;
     let conn = LongLivedConn::start(&bg.topo.cli, topology::vip(), TIMEOUT)?;
-    ensure!(conn.identity().name == "blue", "100/0 sent the connection to {:?}", conn.identity());
+    ensure!(
+        conn.identity().name == "blue",
+        "100/0 sent the connection to {:?}",
+        conn.identity()
+    );
     conn.wait_echoes(10, Duration::from_secs(5))?;
 
     daemon.weights_set("web", &[("blue", 0), ("green", 100)])?;
     let r = clients::tcp_identity_many(&bg.topo.cli, topology::vip(), 300, &[], TIMEOUT)?;
-    ensure!(r.errors == 0, "new connections failed after the switch: {:?}", r.error_samples);
-    ensure!(r.count("green") == 300, "after 0/100, new connections went to {:?}", r.per_name);
+    ensure!(
+        r.errors == 0,
+        "new connections failed after the switch: {:?}",
+        r.error_samples
+    );
+    ensure!(
+        r.count("green") == 300,
+        "after 0/100, new connections went to {:?}",
+        r.per_name
+    );
 
     // Keep talking for a while on the old connection: every echo must come
     // back from blue, with no reset.
     let before = conn.report().echoed;
     conn.wait_echoes(before + 20, Duration::from_secs(5))?;
     let report = conn.stop();
-    ensure!(report.failures.is_empty(), "long-lived connection broke: {:?}", report.failures);
+    ensure!(
+        report.failures.is_empty(),
+        "long-lived connection broke: {:?}",
+        report.failures
+    );
     ensure!(report.echoed >= before + 20, "too few echoes: {report:?}");
-    ensure!(bg.blue.accepted() == 1, "blue accepted {} connections", bg.blue.accepted());
+    ensure!(
+        bg.blue.accepted() == 1,
+        "blue accepted {} connections",
+        bg.blue.accepted()
+    );
     no_csum_errors(&bg.topo)
 }
 
@@ -120,20 +160,42 @@ fn established_connection_keeps_its_backend_through_a_switch() -> Result<()> {
 #[ignore = "needs root: run with -- --include-ignored --test-threads=1"]
 fn client_ip_affinity_keeps_each_client_on_one_version() -> Result<()> {
     let bg = blue_green(20)?;
-    let _daemon = Daemon::start(&bg.topo.edge, &blue_green_config(Mode::Snat, Affinity::ClientIp, 50, 50))?;
+    let _daemon = Daemon::start(
+        &bg.topo.edge,
+        &blue_green_config(Mode::Snat, Affinity::ClientIp, 50, 50),
+    )?;
     let clients_addrs = bg.topo.extra_client_addrs().to_vec();
-    ensure!(clients_addrs.len() == 20, "topology gave {} client addresses", clients_addrs.len());
-    let r = clients::tcp_identity_many(&bg.topo.cli, topology::vip(), 20 * 50, &clients_addrs, TIMEOUT)?;
+    ensure!(
+        clients_addrs.len() == 20,
+        "topology gave {} client addresses",
+        clients_addrs.len()
+    );
+    let r = clients::tcp_identity_many(
+        &bg.topo.cli,
+        topology::vip(),
+        20 * 50,
+        &clients_addrs,
+        TIMEOUT,
+    )?;
     ensure!(r.errors == 0, "connections failed: {:?}", r.error_samples);
     let mut versions_used = BTreeSet::new();
     for addr in &clients_addrs {
-        let seen = r.per_source.get(&Some(*addr)).with_context(|| format!("no answers for {addr}"))?;
-        ensure!(seen.len() == 1, "client {addr} saw several versions: {seen:?}");
+        let seen = r
+            .per_source
+            .get(&Some(*addr))
+            .with_context(|| format!("no answers for {addr}"))?;
+        ensure!(
+            seen.len() == 1,
+            "client {addr} saw several versions: {seen:?}"
+        );
         ensure!(seen.values().sum::<u64>() == 50, "client {addr}: {seen:?}");
         versions_used.extend(seen.keys().cloned());
     }
     // 20 clients at 50/50: all on one version would be a 1 in 500 000 event.
-    ensure!(versions_used.len() == 2, "all clients landed on {versions_used:?}");
+    ensure!(
+        versions_used.len() == 2,
+        "all clients landed on {versions_used:?}"
+    );
     no_csum_errors(&bg.topo)
 }
 
@@ -154,8 +216,16 @@ fn udp_request_response_through_the_vip() -> Result<()> {
             protocol: "udp",
             affinity: Affinity::Flow,
             versions: vec![
-                VersionSpec { name: "stable".into(), weight: 100, backends: vec![stable] },
-                VersionSpec { name: "canary".into(), weight: 0, backends: vec![canary] },
+                VersionSpec {
+                    name: "stable".into(),
+                    weight: 100,
+                    backends: vec![stable],
+                },
+                VersionSpec {
+                    name: "canary".into(),
+                    weight: 0,
+                    backends: vec![canary],
+                },
             ],
         }],
     );
@@ -163,12 +233,21 @@ fn udp_request_response_through_the_vip() -> Result<()> {
     for i in 0..20 {
         let payload = format!("query-{i}");
         let reply = clients::udp_request(&topo.cli, vip, &payload, TIMEOUT)?;
-        ensure!(reply.name == "stable" && reply.payload == payload, "wrong answer {reply:?}");
-        ensure!(*reply.peer.ip() == EDGE_BACKEND_ADDR, "SNAT source not applied: {reply:?}");
+        ensure!(
+            reply.name == "stable" && reply.payload == payload,
+            "wrong answer {reply:?}"
+        );
+        ensure!(
+            *reply.peer.ip() == EDGE_BACKEND_ADDR,
+            "SNAT source not applied: {reply:?}"
+        );
     }
     daemon.weights_set("dns", &[("stable", 0), ("canary", 1)])?;
     let reply = clients::udp_request(&topo.cli, vip, "after-switch", TIMEOUT)?;
-    ensure!(reply.name == "canary", "new UDP flow after the switch went to {reply:?}");
+    ensure!(
+        reply.name == "canary",
+        "new UDP flow after the switch went to {reply:?}"
+    );
     no_csum_errors(&topo)
 }
 
@@ -177,11 +256,23 @@ fn udp_request_response_through_the_vip() -> Result<()> {
 fn backends_see_the_edge_in_snat_and_the_client_in_dnat() -> Result<()> {
     for (mode, want) in [(Mode::Snat, EDGE_BACKEND_ADDR), (Mode::Dnat, CLIENT_ADDR)] {
         let bg = blue_green(0)?;
-        let daemon = Daemon::start(&bg.topo.edge, &blue_green_config(mode, Affinity::Flow, 1, 1))?;
+        let daemon = Daemon::start(
+            &bg.topo.edge,
+            &blue_green_config(mode, Affinity::Flow, 1, 1),
+        )?;
         let r = clients::tcp_identity_many(&bg.topo.cli, topology::vip(), 50, &[], TIMEOUT)?;
-        ensure!(r.errors == 0, "{mode:?}: connections failed: {:?}", r.error_samples);
-        let peers: BTreeSet<_> =
-            bg.blue.stats().peer_ips().union(&bg.green.stats().peer_ips()).copied().collect();
+        ensure!(
+            r.errors == 0,
+            "{mode:?}: connections failed: {:?}",
+            r.error_samples
+        );
+        let peers: BTreeSet<_> = bg
+            .blue
+            .stats()
+            .peer_ips()
+            .union(&bg.green.stats().peer_ips())
+            .copied()
+            .collect();
         ensure!(
             peers == BTreeSet::from([want]),
             "{mode:?}: backends saw {peers:?}, want only {want}"
@@ -198,16 +289,39 @@ fn backends_see_the_edge_in_snat_and_the_client_in_dnat() -> Result<()> {
 #[ignore = "needs root: run with -- --include-ignored --test-threads=1"]
 fn bad_cli_input_is_refused_and_changes_nothing() -> Result<()> {
     let bg = blue_green(0)?;
-    let daemon = Daemon::start(&bg.topo.edge, &blue_green_config(Mode::Snat, Affinity::Flow, 90, 10))?;
+    let daemon = Daemon::start(
+        &bg.topo.edge,
+        &blue_green_config(Mode::Snat, Affinity::Flow, 90, 10),
+    )?;
     let before = daemon.status_json()?["services"].clone();
     let cases: &[(&[&str], i32, &str)] = &[
-        (&["weights", "set", "nope", "blue=1", "green=1"], 1, "no service named"),
-        (&["weights", "set", "web", "blue=1", "red=1"], 1, "no version \"red\""),
+        (
+            &["weights", "set", "nope", "blue=1", "green=1"],
+            1,
+            "no service named",
+        ),
+        (
+            &["weights", "set", "web", "blue=1", "red=1"],
+            1,
+            "no version \"red\"",
+        ),
         (&["weights", "set", "web", "blue=1"], 1, "missing: green"),
-        (&["weights", "set", "web", "blue=0", "green=0"], 1, "all version weights are 0"),
-        (&["weights", "set", "web", "blue=x", "green=1"], 2, "whole number"),
+        (
+            &["weights", "set", "web", "blue=0", "green=0"],
+            1,
+            "all version weights are 0",
+        ),
+        (
+            &["weights", "set", "web", "blue=x", "green=1"],
+            2,
+            "whole number",
+        ),
         (&["weights", "set", "web", "blue"], 2, "VERSION=WEIGHT"),
-        (&["weights", "set", "web", "blue=2000000", "green=1"], 1, "weight"),
+        (
+            &["weights", "set", "web", "blue=2000000", "green=1"],
+            1,
+            "weight",
+        ),
         (&["status", "--output", "yaml"], 2, "invalid value"),
     ];
     for (args, code, want) in cases {
@@ -218,19 +332,34 @@ fn bad_cli_input_is_refused_and_changes_nothing() -> Result<()> {
             out.status.code(),
             out.stderr
         );
-        ensure!(!out.stderr.contains("panicked"), "panic on {args:?}: {}", out.stderr);
+        ensure!(
+            !out.stderr.contains("panicked"),
+            "panic on {args:?}: {}",
+            out.stderr
+        );
     }
     let after = daemon.status_json()?["services"].clone();
-    ensure!(before == after, "a refused request changed the services:\n{before}\n{after}");
+    ensure!(
+        before == after,
+        "a refused request changed the services:\n{before}\n{after}"
+    );
 
     // Not reachable: exit code 3.
     let out = std::process::Command::new(daemon.bin())
         .args(["--socket", "/nonexistent/splitter.sock", "status"])
         .output()?;
-    ensure!(out.status.code() == Some(3), "unreachable daemon gave {:?}", out.status.code());
+    ensure!(
+        out.status.code() == Some(3),
+        "unreachable daemon gave {:?}",
+        out.status.code()
+    );
 
     // Traffic still follows 90/10 after all that.
     let r = clients::tcp_identity_many(&bg.topo.cli, topology::vip(), 200, &[], TIMEOUT)?;
-    ensure!(r.errors == 0 && r.count("blue") > r.count("green"), "{:?}", r.per_name);
+    ensure!(
+        r.errors == 0 && r.count("blue") > r.count("green"),
+        "{:?}",
+        r.per_name
+    );
     Ok(())
 }

@@ -1,1 +1,143 @@
-fn main(){}
+//! `cargo xtask`: the project's task runner (the `.cargo/config.toml`
+//! alias runs this crate).
+//!
+//! # Layout
+//! - `setup`: installs missing prerequisites (apt packages, nightly
+//!   rust-src, bpf-linker, bpffs); every other task runs it first.
+//! - `build`: the release build of `splitter` (and its XDP program).
+//! - `test`: host tests, then the privileged tests one at a time, with a
+//!   summary.
+//! - `demo`: a blue/green switch through splitter in network namespaces.
+//! - `util`: workspace paths, cargo, running commands.
+mod build;
+mod demo;
+mod setup;
+mod test;
+mod util;
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use splitter_tests::splitter::Mode;
+
+const EXAMPLES: &str = "\
+Examples:
+  cargo xtask setup                      # install what is missing (root), print each step
+  cargo xtask build                      # target/release/splitter, XDP program included
+  cargo xtask test                       # everything: host tests, then privileged tests
+  cargo xtask test topology              # only tests whose name contains `topology`
+  cargo xtask test --host-only           # no root needed
+  cargo xtask test -- --nocapture        # arguments after `--` go to the test binaries
+  cargo xtask demo                       # blue/green switch in network namespaces
+  cargo xtask demo --requests 200 --mode dnat";
+
+/// Developer tasks for splitter: install prerequisites, build, test, demo.
+///
+/// Run as root on Debian: setup installs packages and mounts bpffs, and the
+/// privileged tests and the demo build network namespaces and attach XDP.
+#[derive(Debug, Parser)]
+#[command(name = "xtask", bin_name = "cargo xtask", after_help = EXAMPLES)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Install what building and testing need, skipping what is present:
+    /// llvm-22-dev, ethtool, iproute2 (apt), rust-src for nightly,
+    /// bpf-linker (cargo install), bpffs at /sys/fs/bpf.
+    ///
+    /// Example: cargo xtask setup
+    Setup,
+    /// Setup, then `cargo build --release -p splitter-user` (which builds
+    /// the XDP program too); prints the binary's path.
+    ///
+    /// Example: cargo xtask build
+    Build,
+    /// Setup, build, host tests, then the privileged tests of
+    /// splitter-tests one at a time (root) with SPLITTER_BIN set. Prints a
+    /// summary; exits non-zero if anything failed.
+    ///
+    /// Example: cargo xtask test topology -- --nocapture
+    Test {
+        /// Only the host tests (no root needed).
+        #[arg(long, conflicts_with = "privileged_only")]
+        host_only: bool,
+        /// Only the privileged tests.
+        #[arg(long)]
+        privileged_only: bool,
+        /// Passed to the test binaries: a name filter, --nocapture, ...
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Setup, build, then a blue/green switch in network namespaces:
+    /// blue=90 green=10, requests, switch to blue=0 green=100, requests,
+    /// `splitter status`. Cleans up on success, failure and Ctrl-C.
+    ///
+    /// Example: cargo xtask demo --requests 1000
+    Demo {
+        /// Requests (new connections) before and after the switch.
+        #[arg(long, default_value_t = 1000)]
+        requests: usize,
+        /// Forwarding mode of the daemon.
+        #[arg(long, value_enum, default_value_t = DemoMode::Snat)]
+        mode: DemoMode,
+        /// Use this splitter binary instead of building one.
+        #[arg(long, env = "SPLITTER_BIN")]
+        bin: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum DemoMode {
+    Snat,
+    Dnat,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Setup => setup::setup().map(|()| true),
+        Command::Build => build::build().map(|_| true),
+        Command::Test {
+            host_only,
+            privileged_only,
+            args,
+        } => test::test(&test::TestOptions {
+            host_only,
+            privileged_only,
+            // `cargo xtask test FILTER -- --nocapture` leaves a `--` among
+            // the arguments: drop it, the test binaries get ours.
+            args: args.into_iter().filter(|a| a != "--").collect(),
+        }),
+        Command::Demo {
+            requests,
+            mode,
+            bin,
+        } => {
+            let mode = match mode {
+                DemoMode::Snat => Mode::Snat,
+                DemoMode::Dnat => Mode::Dnat,
+            };
+            demo::demo(&demo::DemoOptions {
+                requests,
+                mode,
+                bin,
+            })
+            .map(|()| true)
+        }
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            if demo::interrupted() {
+                ExitCode::from(130)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
