@@ -5,6 +5,7 @@
 //! | GET | `/v1/status` | | [`StatusReport`] |
 //! | GET | `/v1/config` | | the running [`Config`] |
 //! | PUT | `/v1/services/{name}/weights` | [`WeightsRequest`] | [`ServiceReport`] |
+//! | POST | `/v1/detach` | | `{"removed": [pins]}`; the daemon then stops and XDP is detached |
 //!
 //! Errors come back as `{"error": "..."}` with 400 (bad input), 404
 //! (unknown service or route) or 500 (the kernel refused a map update).
@@ -230,9 +231,18 @@ fn route(
             })?;
             to_json(&lock()?.set_weights(name, &req.weights)?)
         }
-        (_, ["v1", "status"] | ["v1", "config"] | ["v1", "services", _, "weights"]) => Err(
-            ApiError::BadRequest(format!("method {method} is not allowed on {path}")),
-        ),
+        (&Method::POST, ["v1", "detach"]) => {
+            to_json(&serde_json::json!({ "removed": lock()?.detach()? }))
+        }
+        (
+            _,
+            ["v1", "status"]
+            | ["v1", "config"]
+            | ["v1", "detach"]
+            | ["v1", "services", _, "weights"],
+        ) => Err(ApiError::BadRequest(format!(
+            "method {method} is not allowed on {path}"
+        ))),
         _ => Err(ApiError::NotFound(format!("no such API path: {path}"))),
     }
 }

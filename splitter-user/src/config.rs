@@ -1,27 +1,39 @@
-//! The TOML configuration: types, parsing and validation. Pure: nothing here
-//! touches the network or the kernel (the daemon resolves interfaces).
+//! The TOML configuration: its types, parsing and validation. This module
+//! owns what a valid configuration is. Pure: nothing here touches the
+//! network or the kernel (the daemon resolves interfaces and the default
+//! SNAT address); [`Config::load`] only reads the file.
 //!
-//! Every problem of a file is reported at once, each naming its field:
+//! Every problem of a file is reported at once, one line each, naming the
+//! field and the problem:
 //!
 //! ```text
-//! service[1] "api": version "green": backends[0]: "10.0.2.x:80" is not an IPv4 address:port
+//! service[1] "api": version "green": backends[0]: "10.0.2.x:80" is not an IPv4 address:port (like "10.0.0.10:80")
 //! service "web": all version weights are 0: at least one version needs weight > 0
 //! ```
+//!
+//! Fields inside a service are named `service[INDEX] "NAME": ...`; checks
+//! about the service as a whole (weights, versions, its VIP) as
+//! `service "NAME": ...`. TOML syntax and type errors come from the `toml`
+//! crate, with line, column and the offending line.
 //!
 //! A complete example (docs/config.md explains every field):
 //!
 //! ```
+//! use splitter::config::{Affinity, Config, Mode, Protocol, XdpModeConfig};
+//!
 //! let text = r#"
 //! [dataplane]
-//! interface = "eth0"
-//! backend_interface = "eth1"
-//! mode = "snat"
+//! interface = "eth0"            # client-facing interface (required)
+//! backend_interface = "eth1"    # default: interface (one-armed)
+//! mode = "snat"                 # "snat" (default) | "dnat"
+//! snat_address = "10.0.2.1"     # default: first IPv4 address of backend_interface
+//! xdp_mode = "auto"             # "auto" (default) | "native" | "generic"
 //!
 //! [[service]]
 //! name = "web"
 //! vip = "10.0.0.10:80"
-//! protocol = "tcp"
-//! affinity = "flow"
+//! protocol = "tcp"              # "tcp" (default) | "udp"
+//! affinity = "flow"             # "flow" (default) | "client-ip"
 //!
 //! [[service.version]]
 //! name = "blue"
@@ -32,15 +44,38 @@
 //! name = "green"
 //! weight = 10
 //! backends = ["10.0.2.3:8080"]
+//!
+//! [[service]]
+//! name = "dns"
+//! vip = "10.0.0.53:53"
+//! protocol = "udp"
+//! affinity = "client-ip"
+//!
+//! [[service.version]]
+//! name = "stable"
+//! weight = 1
+//! backends = ["10.0.2.6:53"]
 //! "#;
-//! let config = splitter::config::Config::parse(text).unwrap();
-//! assert_eq!(config.services[0].versions[1].weight, 10);
+//! let config = Config::parse(text).unwrap();
+//! assert_eq!(config.dataplane.mode, Mode::Snat);
+//! assert_eq!(config.dataplane.xdp_mode, XdpModeConfig::Auto);
+//! let web = config.service("web").unwrap();
+//! assert_eq!(web.versions[1].weight, 10);
+//! assert_eq!(web.versions[0].backends[1].weight, 2);
+//! let dns = config.service("dns").unwrap();
+//! assert_eq!((dns.protocol, dns.affinity), (Protocol::Udp, Affinity::ClientIp));
+//!
+//! // `splitter weights web blue=50 green=50`:
+//! let args = ["blue=50".to_string(), "green=50".to_string()];
+//! let weights = splitter::config::parse_weight_args(web, &args).unwrap();
+//! let next = config.with_weights("web", &weights).unwrap();
+//! assert_eq!(next.service("web").unwrap().versions[1].weight, 50);
 //! ```
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
-    net::{Ipv4Addr, SocketAddrV4},
-    path::Path,
+    net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6},
+    path::{Path, PathBuf},
     str::FromStr,
 };
 
@@ -49,13 +84,21 @@ use splitter_common::{MAX_BACKENDS, MAX_SERVICES, MAX_TABLES, MAX_VERSIONS};
 
 /// Highest version weight.
 pub const MAX_VERSION_WEIGHT: u32 = 1_000_000;
-/// Highest backend weight.
+/// Highest backend weight (the lowest is 1: remove a backend instead of
+/// weighting it 0).
 pub const MAX_BACKEND_WEIGHT: u32 = 1000;
+/// Longest service or version name, in bytes.
+pub const MAX_NAME_LEN: usize = 64;
+/// Longest interface name the kernel accepts (`IFNAMSIZ` - 1).
+pub const MAX_IFNAME_LEN: usize = 15;
+/// Most versions over all services: each one holds two table slots (the
+/// live generation and the one being written).
+pub const MAX_TOTAL_VERSIONS: usize = (MAX_TABLES / 2) as usize;
 
 /// Everything wrong with a configuration, one line per problem.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
-    /// Where the config came from, if a file.
+    /// The file the config came from, if any.
     pub source: Option<String>,
     /// One message per problem, each naming its field.
     pub problems: Vec<String>,
@@ -68,6 +111,17 @@ impl ConfigError {
             problems: vec![msg.into()],
         }
     }
+
+    fn check(problems: Vec<String>) -> Result<(), Self> {
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(Self {
+                source: None,
+                problems,
+            })
+        }
+    }
 }
 
 impl fmt::Display for ConfigError {
@@ -78,12 +132,14 @@ impl fmt::Display for ConfigError {
         if self.problems.len() > 1 {
             writeln!(f, "{} problems:", self.problems.len())?;
         }
-        write!(f, "{}", self.problems.join("\n"))
+        f.write_str(&self.problems.join("\n"))
     }
 }
 
 impl std::error::Error for ConfigError {}
 
+/// A closed set of keywords: serde, `Display` and `FromStr` all use the
+/// spelling of the TOML file.
 macro_rules! keyword_enum {
     ($(#[$m:meta])* $name:ident { $($(#[$vm:meta])* $variant:ident = $text:literal),+ $(,)? }) => {
         $(#[$m])*
@@ -156,66 +212,74 @@ keyword_enum!(
 );
 
 /// The whole configuration.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Config {
     /// Interfaces and forwarding.
     pub dataplane: DataplaneConfig,
-    /// Services, in file order.
+    /// Services, in file order (`[[service]]`).
     pub services: Vec<ServiceConfig>,
 }
 
 /// `[dataplane]`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct DataplaneConfig {
-    /// Client-facing interface.
+    /// Client-facing interface, where the XDP program is attached.
     pub interface: String,
-    /// Backend-facing interface; `None` means `interface`.
+    /// Backend-facing interface; `None` means `interface` (one-armed).
     pub backend_interface: Option<String>,
     /// SNAT or DNAT.
     pub mode: Mode,
-    /// SNAT source; `None` means the backend interface's first IPv4 address.
+    /// SNAT source; `None` means the backend interface's first IPv4
+    /// address, which the daemon looks up.
     pub snat_address: Option<Ipv4Addr>,
     /// How to attach XDP.
     pub xdp_mode: XdpModeConfig,
+    /// bpffs directory where maps and XDP links are pinned, so the data
+    /// plane keeps forwarding while the daemon is stopped or upgraded.
+    pub pin_dir: PathBuf,
 }
 
+/// Default of `dataplane.pin_dir`.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/splitter";
+
 /// `[[service]]`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ServiceConfig {
     /// Unique name.
     pub name: String,
-    /// Virtual address clients connect to.
+    /// Virtual address clients connect to; unique with `protocol`.
     pub vip: SocketAddrV4,
     /// TCP or UDP.
     pub protocol: Protocol,
     /// Placement hash input.
     pub affinity: Affinity,
-    /// Versions, in the order weights refer to.
+    /// Versions (`[[service.version]]`), in the order weights refer to.
     pub versions: Vec<VersionConfig>,
 }
 
 /// `[[service.version]]`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct VersionConfig {
     /// Unique within the service.
     pub name: String,
-    /// Relative share of new flows.
+    /// Relative share of new flows, `0..=MAX_VERSION_WEIGHT`.
     pub weight: u32,
     /// Its backends.
     pub backends: Vec<BackendConfig>,
 }
 
 /// One backend.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct BackendConfig {
     /// Address and port.
     pub address: SocketAddrV4,
-    /// Relative weight inside the version.
+    /// Relative weight inside the version, `1..=MAX_BACKEND_WEIGHT`.
     pub weight: u32,
 }
 
-// ---- raw, as written in the file: strings are checked in `build` so that
-// every error names its field.
+// ---- The file as written. Addresses, keywords and weights stay raw here
+// and are converted in `convert`, so that each bad value is reported with
+// its field path instead of stopping the parse at the first one.
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -230,6 +294,7 @@ struct RawConfig {
 struct RawDataplane {
     interface: String,
     backend_interface: Option<String>,
+    pin_dir: Option<String>,
     mode: Option<String>,
     snat_address: Option<String>,
     xdp_mode: Option<String>,
@@ -255,11 +320,10 @@ struct RawVersion {
     backends: Vec<RawBackend>,
 }
 
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum RawBackend {
-    Plain(String),
-    Table(RawBackendTable),
+/// `"IPv4:port"` or `{ address = "IPv4:port", weight = N }`.
+struct RawBackend {
+    address: String,
+    weight: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -269,140 +333,173 @@ struct RawBackendTable {
     weight: Option<i64>,
 }
 
-/// Collects problems while building.
+impl<'de> Deserialize<'de> for RawBackend {
+    // By hand rather than `#[serde(untagged)]`, whose only error is "data did
+    // not match any variant": this keeps the table's own errors (unknown
+    // field, missing address) and says what a backend may look like.
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = RawBackend;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(r#"a backend: "IPv4:port" or { address = "IPv4:port", weight = N }"#)
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawBackend, E> {
+                Ok(RawBackend {
+                    address: v.to_string(),
+                    weight: None,
+                })
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<RawBackend, A::Error> {
+                let t = RawBackendTable::deserialize(
+                    serde::de::value::MapAccessDeserializer::new(map),
+                )?;
+                Ok(RawBackend {
+                    address: t.address,
+                    weight: t.weight,
+                })
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+/// Values that did not convert, so that `check` does not pile a second,
+/// misleading message (port 0, duplicate address) on their placeholders.
 #[derive(Default)]
-struct Problems(Vec<String>);
+struct Unparsed {
+    /// Services (by index) whose vip or protocol is bad.
+    vips: BTreeSet<usize>,
+    /// (service, version) whose weight is bad.
+    weights: BTreeSet<(usize, usize)>,
+    /// (service, version, backend) whose address is bad.
+    backends: BTreeSet<(usize, usize, usize)>,
+}
+
+/// Problems found so far, each tagged with the part of the file it is
+/// about, so that they are listed in file order whichever pass found them.
+#[derive(Default)]
+struct Problems {
+    /// 0: `[dataplane]`; `i + 1`: `service[i]`; `usize::MAX`: totals.
+    section: usize,
+    list: Vec<(usize, String)>,
+}
 
 impl Problems {
     fn push(&mut self, msg: String) {
-        self.0.push(msg);
+        self.list.push((self.section, msg));
     }
-    fn keyword<T: FromStr<Err = String> + Default>(&mut self, field: &str, v: Option<&str>) -> T {
-        match v {
-            None => T::default(),
-            Some(s) => s.parse().unwrap_or_else(|e| {
-                self.push(format!("{field}: {e}"));
-                T::default()
-            }),
-        }
+
+    fn in_file_order(mut self) -> Vec<String> {
+        // Stable: within a section, conversion problems come first.
+        self.list.sort_by_key(|(section, _)| *section);
+        self.list.into_iter().map(|(_, msg)| msg).collect()
     }
-    fn socket(&mut self, field: &str, v: &str) -> SocketAddrV4 {
-        match v.parse::<SocketAddrV4>() {
-            Ok(a) if a.port() == 0 => {
-                self.push(format!("{field}: {v:?}: port 0 is not a usable port"));
-                a
-            }
-            Ok(a) => a,
-            Err(_) => {
-                if v.parse::<std::net::SocketAddrV6>().is_ok() {
-                    self.push(format!("{field}: {v:?}: IPv6 is not supported yet"));
-                } else {
-                    self.push(format!(
-                        "{field}: {v:?} is not an IPv4 address:port (like \"10.0.0.10:80\")"
-                    ));
-                }
-                SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)
-            }
-        }
-    }
-    fn name(&mut self, field: &str, v: &str) {
-        if v.is_empty() {
-            self.push(format!("{field}: must not be empty"));
-        } else if !v
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
-        {
-            self.push(format!(
-                "{field}: {v:?} may only hold letters, digits, '_', '.' and '-'"
-            ));
-        } else if v.len() > 64 {
-            self.push(format!("{field}: {v:?} is longer than 64 characters"));
-        }
-    }
-    fn finish<T>(self, value: T) -> Result<T, ConfigError> {
-        if self.0.is_empty() {
-            Ok(value)
-        } else {
-            Err(ConfigError {
-                source: None,
-                problems: self.0,
-            })
+}
+
+fn keyword<T: FromStr<Err = String> + Default>(
+    problems: &mut Problems,
+    field: &str,
+    v: Option<&str>,
+) -> Option<T> {
+    match v.map(str::parse) {
+        None => Some(T::default()),
+        Some(Ok(t)) => Some(t),
+        Some(Err(e)) => {
+            problems.push(format!("{field}: {e}"));
+            None
         }
     }
 }
 
-fn build(raw: RawConfig) -> Result<Config, ConfigError> {
-    let mut p = Problems::default();
-    let d = raw.dataplane;
-    for (field, name) in [
-        ("dataplane.interface", Some(&d.interface)),
-        ("dataplane.backend_interface", d.backend_interface.as_ref()),
-    ] {
-        if let Some(n) = name {
-            if n.is_empty() {
-                p.push(format!("{field}: must not be empty"));
-            } else if n.len() > 15 || n.contains(['/', ' ', '\0']) {
-                p.push(format!("{field}: {n:?} is not a valid interface name (at most 15 characters, no '/' or spaces)"));
-            }
-        }
+fn socket(problems: &mut Problems, field: &str, v: &str) -> Option<SocketAddrV4> {
+    if let Ok(a) = v.parse::<SocketAddrV4>() {
+        return Some(a);
     }
+    if v.parse::<SocketAddrV6>().is_ok() {
+        problems.push(format!("{field}: {v:?}: IPv6 is not supported yet"));
+    } else {
+        problems.push(format!(
+            "{field}: {v:?} is not an IPv4 address:port (like \"10.0.0.10:80\")"
+        ));
+    }
+    None
+}
+
+/// Converts the raw file into typed values, reporting every value that
+/// does not convert. Placeholders stand in for those (see [`Unparsed`]).
+fn convert(raw: RawConfig, p: &mut Problems, bad: &mut Unparsed) -> Config {
+    p.section = 0;
+    let d = raw.dataplane;
     let snat_address = d
         .snat_address
         .as_deref()
         .and_then(|s| match s.parse::<Ipv4Addr>() {
             Ok(a) => Some(a),
             Err(_) => {
-                p.push(format!(
-                    "dataplane.snat_address: {s:?} is not an IPv4 address"
-                ));
+                let why = if s.parse::<Ipv6Addr>().is_ok() {
+                    "IPv6 is not supported yet"
+                } else {
+                    "is not an IPv4 address"
+                };
+                p.push(format!("dataplane.snat_address: {s:?}: {why}"));
                 None
             }
         });
     let dataplane = DataplaneConfig {
-        mode: p.keyword("dataplane.mode", d.mode.as_deref()),
-        xdp_mode: p.keyword("dataplane.xdp_mode", d.xdp_mode.as_deref()),
+        mode: keyword(p, "dataplane.mode", d.mode.as_deref()).unwrap_or_default(),
+        xdp_mode: keyword(p, "dataplane.xdp_mode", d.xdp_mode.as_deref()).unwrap_or_default(),
         interface: d.interface,
         backend_interface: d.backend_interface,
         snat_address,
+        pin_dir: match d.pin_dir {
+            None => PathBuf::from(DEFAULT_PIN_DIR),
+            Some(dir) if dir.starts_with('/') && dir.len() > 1 => PathBuf::from(dir),
+            Some(dir) => {
+                p.push(format!(
+                    "dataplane.pin_dir: {dir:?} must be an absolute path below a bpffs mount"
+                ));
+                PathBuf::from(DEFAULT_PIN_DIR)
+            }
+        },
     };
+    let placeholder = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0);
     let mut services = Vec::with_capacity(raw.services.len());
     for (i, s) in raw.services.into_iter().enumerate() {
+        p.section = i + 1;
         let at = format!("service[{i}] {:?}", s.name);
-        p.name(&format!("{at}: name"), &s.name);
-        let vip = p.socket(&format!("{at}: vip"), &s.vip);
-        let protocol = p.keyword(&format!("{at}: protocol"), s.protocol.as_deref());
-        let affinity = p.keyword(&format!("{at}: affinity"), s.affinity.as_deref());
+        let vip = socket(p, &format!("{at}: vip"), &s.vip);
+        let protocol = keyword(p, &format!("{at}: protocol"), s.protocol.as_deref());
+        let affinity = keyword(p, &format!("{at}: affinity"), s.affinity.as_deref());
+        if vip.is_none() || protocol.is_none() {
+            bad.vips.insert(i);
+        }
         let mut versions = Vec::with_capacity(s.versions.len());
-        for v in s.versions {
+        for (j, v) in s.versions.into_iter().enumerate() {
             let vat = format!("{at}: version {:?}", v.name);
-            p.name(&format!("{vat}: name"), &v.name);
-            let weight = match u32::try_from(v.weight) {
-                Ok(w) if w <= MAX_VERSION_WEIGHT => w,
-                _ => {
-                    p.push(format!(
-                        "{vat}: weight {} is out of range 0..={MAX_VERSION_WEIGHT}",
-                        v.weight
-                    ));
-                    0
-                }
-            };
+            let weight = u32::try_from(v.weight).unwrap_or_else(|_| {
+                p.push(format!(
+                    "{vat}: weight {} is out of range 0..={MAX_VERSION_WEIGHT}",
+                    v.weight
+                ));
+                bad.weights.insert((i, j));
+                0
+            });
             let mut backends = Vec::with_capacity(v.backends.len());
-            for (j, b) in v.backends.into_iter().enumerate() {
-                let bat = format!("{vat}: backends[{j}]");
-                let (addr, w) = match b {
-                    RawBackend::Plain(a) => (a, 1),
-                    RawBackend::Table(t) => (t.address, t.weight.unwrap_or(1)),
-                };
-                let address = p.socket(&bat, &addr);
-                let weight = match u32::try_from(w) {
-                    Ok(w) if (1..=MAX_BACKEND_WEIGHT).contains(&w) => w,
-                    _ => {
-                        p.push(format!(
-                            "{bat}: weight {w} is out of range 1..={MAX_BACKEND_WEIGHT} (remove the backend instead of weighting it 0)"
-                        ));
-                        1
-                    }
-                };
+            for (k, b) in v.backends.into_iter().enumerate() {
+                let bat = format!("{vat}: backends[{k}]");
+                let address = socket(p, &bat, &b.address).unwrap_or_else(|| {
+                    bad.backends.insert((i, j, k));
+                    placeholder
+                });
+                let w = b.weight.unwrap_or(1);
+                let weight = u32::try_from(w).unwrap_or_else(|_| {
+                    p.push(format!("{bat}: {}", backend_weight_problem(w)));
+                    1
+                });
                 backends.push(BackendConfig { address, weight });
             }
             versions.push(VersionConfig {
@@ -413,113 +510,237 @@ fn build(raw: RawConfig) -> Result<Config, ConfigError> {
         }
         services.push(ServiceConfig {
             name: s.name,
-            vip,
-            protocol,
-            affinity,
+            vip: vip.unwrap_or(placeholder),
+            protocol: protocol.unwrap_or_default(),
+            affinity: affinity.unwrap_or_default(),
             versions,
         });
     }
-    let config = Config {
+    Config {
         dataplane,
         services,
-    };
-    // Cross-field checks only make sense on fields that parsed.
-    if p.0.is_empty() {
-        p.0.extend(semantic_problems(&config));
     }
-    p.finish(config)
 }
 
-/// Checks that span fields: uniqueness, weights, capacities.
-fn semantic_problems(c: &Config) -> Vec<String> {
-    let mut out = Vec::new();
+fn backend_weight_problem(w: i64) -> String {
+    let hint = if w == 0 {
+        " (to take a backend out, remove it from the list)"
+    } else {
+        ""
+    };
+    format!("weight {w} is out of range 1..={MAX_BACKEND_WEIGHT}{hint}")
+}
+
+/// Problem with a service or version name, if any.
+fn name_problem(v: &str) -> Option<String> {
+    if v.is_empty() {
+        Some("must not be empty".into())
+    } else if !v
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+    {
+        Some(format!(
+            "{v:?} may only hold letters, digits, '_', '.' and '-'"
+        ))
+    } else if v.len() > MAX_NAME_LEN {
+        Some(format!("{v:?} is longer than {MAX_NAME_LEN} characters"))
+    } else {
+        None
+    }
+}
+
+/// Problem with an interface name, if any (the kernel's `dev_valid_name`).
+fn ifname_problem(v: &str) -> Option<String> {
+    if v.is_empty() {
+        Some("must not be empty".into())
+    } else if v.len() > MAX_IFNAME_LEN {
+        Some(format!(
+            "{v:?} is longer than {MAX_IFNAME_LEN} bytes, the kernel's limit for interface names"
+        ))
+    } else if v == "."
+        || v == ".."
+        || v.chars()
+            .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
+    {
+        Some(format!("{v:?} is not a valid interface name"))
+    } else {
+        None
+    }
+}
+
+/// Problem with an address a packet is sent to or from, if any.
+fn addr_problem(a: Ipv4Addr) -> Option<String> {
+    if a.is_unspecified() || a.is_broadcast() || a.is_multicast() {
+        Some(format!("{a} is not a unicast address"))
+    } else {
+        None
+    }
+}
+
+/// Every rule of a valid configuration, skipping the checks whose input
+/// did not convert (`bad`).
+fn check(c: &Config, bad: &Unparsed, out: &mut Problems) {
+    out.section = 0;
+    let d = &c.dataplane;
+    if let Some(e) = ifname_problem(&d.interface) {
+        out.push(format!("dataplane.interface: {e}"));
+    }
+    if let Some(e) = d.backend_interface.as_deref().and_then(ifname_problem) {
+        out.push(format!("dataplane.backend_interface: {e}"));
+    }
+    if let Some(e) = d.snat_address.and_then(addr_problem) {
+        out.push(format!("dataplane.snat_address: {e}"));
+    }
+    out.section = usize::MAX;
     if c.services.len() > MAX_SERVICES as usize {
         out.push(format!(
             "{} services configured; at most {MAX_SERVICES} are supported",
             c.services.len()
         ));
     }
-    let mut names = BTreeSet::new();
-    let mut vips: BTreeMap<(SocketAddrV4, Protocol), &str> = BTreeMap::new();
-    let mut total_backends = 0usize;
-    for s in &c.services {
-        let at = format!("service {:?}", s.name);
-        if !names.insert(s.name.as_str()) {
-            out.push(format!("{at}: the name is used by another service too"));
+    let mut names: BTreeMap<&str, usize> = BTreeMap::new();
+    // Every VIP and the first service that uses it.
+    let mut vips: BTreeMap<(SocketAddrV4, Protocol), (usize, &str)> = BTreeMap::new();
+    for (i, s) in c.services.iter().enumerate() {
+        if !bad.vips.contains(&i) {
+            vips.entry((s.vip, s.protocol)).or_insert((i, &s.name));
         }
-        if let Some(other) = vips.insert((s.vip, s.protocol), &s.name) {
+    }
+    let mut total_backends = 0usize;
+    let mut total_versions = 0usize;
+    for (i, s) in c.services.iter().enumerate() {
+        out.section = i + 1;
+        let at = format!("service[{i}] {:?}", s.name);
+        let svc = format!("service {:?}", s.name);
+        if let Some(e) = name_problem(&s.name) {
+            out.push(format!("{at}: name: {e}"));
+        }
+        if let Some(first) = names.insert(&s.name, i) {
             out.push(format!(
-                "{at}: vip {}/{} is already used by service {other:?}",
-                s.vip, s.protocol
+                "{at}: name: {:?} is already used by service[{first}]",
+                s.name
             ));
         }
+        if !bad.vips.contains(&i) {
+            if s.vip.port() == 0 {
+                out.push(format!("{at}: vip: {}: port 0 is not a usable port", s.vip));
+            }
+            if let Some(e) = addr_problem(*s.vip.ip()) {
+                out.push(format!("{at}: vip: {e}"));
+            }
+            if let Some((_, first)) = vips.get(&(s.vip, s.protocol)).filter(|(j, _)| *j != i) {
+                out.push(format!(
+                    "{svc}: vip {}/{} is already used by service {first:?}",
+                    s.vip, s.protocol
+                ));
+            }
+        }
         if s.versions.is_empty() {
-            out.push(format!("{at}: needs at least one [[service.version]]"));
+            out.push(format!("{svc}: needs at least one [[service.version]]"));
         }
         if s.versions.len() > MAX_VERSIONS {
             out.push(format!(
-                "{at}: {} versions; at most {MAX_VERSIONS} are supported",
+                "{svc}: {} versions; at most {MAX_VERSIONS} are supported",
                 s.versions.len()
             ));
         }
-        if !s.versions.is_empty() && s.versions.iter().all(|v| v.weight == 0) {
+        let weights_known = (0..s.versions.len()).all(|j| !bad.weights.contains(&(i, j)));
+        if weights_known && !s.versions.is_empty() && s.versions.iter().all(|v| v.weight == 0) {
             out.push(format!(
-                "{at}: all version weights are 0: at least one version needs weight > 0"
+                "{svc}: all version weights are 0: at least one version needs weight > 0"
             ));
         }
         let mut vnames = BTreeSet::new();
-        let mut seen = BTreeMap::new();
-        for v in &s.versions {
+        let mut seen: BTreeMap<SocketAddrV4, &str> = BTreeMap::new();
+        for (j, v) in s.versions.iter().enumerate() {
+            let vat = format!("{at}: version {:?}", v.name);
+            if let Some(e) = name_problem(&v.name) {
+                out.push(format!("{vat}: name: {e}"));
+            }
             if !vnames.insert(v.name.as_str()) {
-                out.push(format!("{at}: version {:?} is defined twice", v.name));
+                out.push(format!("{vat}: name: defined twice in the service"));
+            }
+            if !bad.weights.contains(&(i, j)) && v.weight > MAX_VERSION_WEIGHT {
+                out.push(format!(
+                    "{vat}: weight {} is out of range 0..={MAX_VERSION_WEIGHT}",
+                    v.weight
+                ));
             }
             if v.weight > 0 && v.backends.is_empty() {
                 out.push(format!(
-                    "{at}: version {:?} has weight {} but no backends",
-                    v.name, v.weight
+                    "{vat}: has weight {} but no backends (add backends or set weight = 0)",
+                    v.weight
                 ));
             }
-            for b in &v.backends {
+            for (k, b) in v.backends.iter().enumerate() {
+                let bat = format!("{vat}: backends[{k}]");
+                if !(1..=MAX_BACKEND_WEIGHT).contains(&b.weight) {
+                    out.push(format!(
+                        "{bat}: {}",
+                        backend_weight_problem(i64::from(b.weight))
+                    ));
+                }
+                if bad.backends.contains(&(i, j, k)) {
+                    continue;
+                }
+                if b.address.port() == 0 {
+                    out.push(format!("{bat}: {}: port 0 is not a usable port", b.address));
+                }
+                if let Some(e) = addr_problem(*b.address.ip()) {
+                    out.push(format!("{bat}: {e}"));
+                }
                 if let Some(prev) = seen.insert(b.address, v.name.as_str()) {
                     out.push(format!(
-                        "{at}: version {:?}: backend {} is already listed (in version {prev:?})",
-                        v.name, b.address
+                        "{bat}: {} is already a backend of version {prev:?}",
+                        b.address
+                    ));
+                }
+                if let Some((_, owner)) = vips.get(&(b.address, s.protocol)) {
+                    out.push(format!(
+                        "{bat}: {} is the vip of service {owner:?}: packets would loop",
+                        b.address
                     ));
                 }
             }
             total_backends += v.backends.len();
         }
+        total_versions += s.versions.len();
     }
-    let total_versions: usize = c.services.iter().map(|s| s.versions.len()).sum();
-    if total_versions > (MAX_TABLES / 2) as usize {
+    out.section = usize::MAX;
+    if total_versions > MAX_TOTAL_VERSIONS {
         out.push(format!(
-            "{total_versions} versions configured over all services; at most {} are supported",
-            MAX_TABLES / 2
+            "{total_versions} versions configured over all services; at most {MAX_TOTAL_VERSIONS} are supported"
         ));
     }
     if total_backends > MAX_BACKENDS as usize {
         out.push(format!(
-            "{total_backends} backends configured; at most {MAX_BACKENDS} are supported"
+            "{total_backends} backends configured over all services; at most {MAX_BACKENDS} are supported"
         ));
     }
-    out
 }
 
 impl Config {
-    /// Parses and validates TOML text.
+    /// Parses TOML text and validates it (see [`Config::validate`]).
     ///
     /// # Errors
-    /// Syntax errors (with line and column) or every validation problem.
+    /// A TOML syntax or type error (one problem, with line and column), or
+    /// every problem found by conversion and validation.
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        let raw: RawConfig = toml::from_str(text)
-            .map_err(|e| ConfigError::one(e.to_string().trim_end().to_string()))?;
-        build(raw)
+        let raw: RawConfig =
+            toml::from_str(text).map_err(|e| ConfigError::one(e.to_string().trim_end()))?;
+        let mut problems = Problems::default();
+        let mut bad = Unparsed::default();
+        let config = convert(raw, &mut problems, &mut bad);
+        check(&config, &bad, &mut problems);
+        ConfigError::check(problems.in_file_order())?;
+        Ok(config)
     }
 
-    /// Reads and parses a file.
+    /// Reads a file and parses it.
     ///
     /// # Errors
-    /// An unreadable file, or as [`Config::parse`]; the message names the path.
+    /// An unreadable file, or as [`Config::parse`]; the error's `source`
+    /// (and so its message) names the path.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let with_source = |mut e: ConfigError| {
             e.source = Some(path.display().to_string());
@@ -530,20 +751,17 @@ impl Config {
         Self::parse(&text).map_err(with_source)
     }
 
-    /// Re-checks the cross-field rules (for configs built in code).
+    /// Checks every rule of a valid configuration: names, interface names,
+    /// addresses and ports, weight ranges, uniqueness, versions per service
+    /// and the data plane's capacities. [`Config::parse`] calls it; call it
+    /// on configs built or changed in code.
     ///
     /// # Errors
-    /// Every problem found.
+    /// Every problem found, each naming its field.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let problems = semantic_problems(self);
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(ConfigError {
-                source: None,
-                problems,
-            })
-        }
+        let mut problems = Problems::default();
+        check(self, &Unparsed::default(), &mut problems);
+        ConfigError::check(problems.in_file_order())
     }
 
     /// The service called `name`.
@@ -551,17 +769,32 @@ impl Config {
         self.services.iter().find(|s| s.name == name)
     }
 
-    /// A validated copy with `service`'s version weights replaced (in version order).
+    /// A validated copy with `service`'s version weights replaced (in
+    /// version order, as from [`parse_weight_args`]).
     ///
     /// # Errors
-    /// Unknown service, wrong number of weights, or a result that fails validation.
+    /// Unknown service, wrong number of weights, or a result that fails
+    /// validation (a weight out of range, all weights 0, weight on a version
+    /// without backends).
     pub fn with_weights(&self, service: &str, weights: &[u32]) -> Result<Config, ConfigError> {
         let mut next = self.clone();
+        let known = || {
+            self.services
+                .iter()
+                .map(|s| s.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
         let svc = next
             .services
             .iter_mut()
             .find(|s| s.name == service)
-            .ok_or_else(|| ConfigError::one(format!("no service named {service:?}")))?;
+            .ok_or_else(|| {
+                ConfigError::one(format!(
+                    "no service named {service:?}; the services are: {}",
+                    known()
+                ))
+            })?;
         if weights.len() != svc.versions.len() {
             return Err(ConfigError::one(format!(
                 "service {service:?} has {} versions but {} weights were given",
@@ -577,45 +810,55 @@ impl Config {
     }
 }
 
-/// Turns `["blue=90", "green=10"]` into weights in the service's version order.
-/// Every version must be named exactly once.
+/// Turns CLI arguments like `["blue=90", "green=10"]` into weights in the
+/// service's version order. Every version must be named exactly once, so
+/// that a typo cannot silently leave a version at its old weight.
 ///
 /// # Errors
-/// Malformed pairs, unknown or repeated versions, missing versions, weights
-/// out of range, or all weights zero; the message lists the known versions.
+/// Every problem found: a malformed pair, an unknown version (the message
+/// lists the known ones), a version given twice, a weight that is not a
+/// whole number in `0..=MAX_VERSION_WEIGHT`, versions left out (named), or
+/// all weights 0.
 pub fn parse_weight_args(
     service: &ServiceConfig,
     args: &[String],
 ) -> Result<Vec<u32>, ConfigError> {
     let known: Vec<&str> = service.versions.iter().map(|v| v.name.as_str()).collect();
-    let mut p = Problems::default();
+    let svc = format!("service {:?}", service.name);
+    let mut problems = Vec::new();
     let mut given: BTreeMap<&str, u32> = BTreeMap::new();
     for arg in args {
         let Some((name, value)) = arg.split_once('=') else {
-            p.push(format!(
+            problems.push(format!(
                 "{arg:?} is not VERSION=WEIGHT (for example blue=90)"
             ));
             continue;
         };
+        let (name, value) = (name.trim(), value.trim());
         if !known.contains(&name) {
-            p.push(format!(
-                "service {:?} has no version {name:?}; its versions are: {}",
-                service.name,
+            problems.push(format!(
+                "{svc} has no version {name:?}; its versions are: {}",
                 known.join(", ")
             ));
             continue;
         }
-        let weight = match value.trim().parse::<u32>() {
-            Ok(w) if w <= MAX_VERSION_WEIGHT => w,
-            _ => {
-                p.push(format!(
-                    "{arg:?}: weight must be a whole number in 0..={MAX_VERSION_WEIGHT}"
+        let weight = match value.parse::<u64>() {
+            Ok(w) if w <= u64::from(MAX_VERSION_WEIGHT) => w as u32,
+            Ok(w) => {
+                problems.push(format!(
+                    "{arg:?}: weight {w} is out of range 0..={MAX_VERSION_WEIGHT}"
+                ));
+                continue;
+            }
+            Err(_) => {
+                problems.push(format!(
+                    "{arg:?}: {value:?} is not a whole number in 0..={MAX_VERSION_WEIGHT}"
                 ));
                 continue;
             }
         };
         if given.insert(name, weight).is_some() {
-            p.push(format!("version {name:?} is given twice"));
+            problems.push(format!("version {name:?} is given twice"));
         }
     }
     let missing: Vec<&str> = known
@@ -623,35 +866,33 @@ pub fn parse_weight_args(
         .filter(|k| !given.contains_key(*k))
         .copied()
         .collect();
-    if p.0.is_empty() && !missing.is_empty() {
-        p.push(format!(
-            "name every version of service {:?}; missing: {} (for example: {})",
-            service.name,
+    // Only once the named versions are right: a typo shows up as "unknown
+    // version", not also as a missing one.
+    if problems.is_empty() && !missing.is_empty() {
+        let example: Vec<String> = known.iter().map(|k| format!("{k}=N")).collect();
+        problems.push(format!(
+            "name every version of {svc}; missing: {} (for example: {})",
             missing.join(", "),
-            known
-                .iter()
-                .map(|k| format!("{k}=N"))
-                .collect::<Vec<_>>()
-                .join(" ")
+            example.join(" ")
         ));
     }
-    if p.0.is_empty() && given.values().all(|w| *w == 0) {
-        p.push(format!(
-            "service {:?}: all version weights are 0: at least one version needs weight > 0",
-            service.name
+    if problems.is_empty() && given.values().all(|w| *w == 0) {
+        problems.push(format!(
+            "{svc}: all version weights are 0: at least one version needs weight > 0"
         ));
     }
-    let weights = known
+    ConfigError::check(problems)?;
+    Ok(known
         .iter()
         .map(|k| given.get(k).copied().unwrap_or(0))
-        .collect();
-    p.finish(weights)
+        .collect())
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     const BASE: &str = r#"
 [dataplane]
@@ -673,159 +914,602 @@ weight = 10
 backends = ["10.0.2.3:8080"]
 "#;
 
-    fn err(text: &str) -> String {
+    /// A second service, appended to BASE.
+    const API: &str = r#"
+[[service]]
+name = "api"
+vip = "10.0.0.11:443"
+
+[[service.version]]
+name = "v1"
+weight = 1
+backends = ["10.0.3.1:8443"]
+"#;
+
+    fn err(text: &str) -> ConfigError {
         match Config::parse(text) {
-            Ok(_) => panic!("expected an error for:\n{text}"),
-            Err(e) => e.to_string(),
+            Ok(c) => panic!("expected an error for:\n{text}\ngot {c:?}"),
+            Err(e) => e,
         }
     }
 
+    fn addr(s: &str) -> SocketAddrV4 {
+        s.parse().unwrap()
+    }
+
+    fn args(v: &[&str]) -> Vec<String> {
+        v.iter().map(|x| x.to_string()).collect()
+    }
+
     #[test]
-    fn complete_example_parses_with_defaults() {
+    fn complete_example_parses_to_the_expected_struct() {
+        let text = BASE
+            .replace(
+                "backend_interface = \"eb\"",
+                "backend_interface = \"eb\"\nmode = \"dnat\"\nsnat_address = \"10.0.2.1\"\nxdp_mode = \"native\"",
+            )
+            .replace(
+                "vip = \"10.0.0.10:80\"",
+                "vip = \"10.0.0.10:80\"\nprotocol = \"udp\"\naffinity = \"client-ip\"",
+            );
+        let want = Config {
+            dataplane: DataplaneConfig {
+                interface: "ec".into(),
+                backend_interface: Some("eb".into()),
+                mode: Mode::Dnat,
+                snat_address: Some(Ipv4Addr::new(10, 0, 2, 1)),
+                xdp_mode: XdpModeConfig::Native,
+                pin_dir: PathBuf::from(DEFAULT_PIN_DIR),
+            },
+            services: vec![ServiceConfig {
+                name: "web".into(),
+                vip: addr("10.0.0.10:80"),
+                protocol: Protocol::Udp,
+                affinity: Affinity::ClientIp,
+                versions: vec![
+                    VersionConfig {
+                        name: "blue".into(),
+                        weight: 90,
+                        backends: vec![
+                            BackendConfig {
+                                address: addr("10.0.2.2:8080"),
+                                weight: 1,
+                            },
+                            BackendConfig {
+                                address: addr("10.0.2.4:8080"),
+                                weight: 2,
+                            },
+                        ],
+                    },
+                    VersionConfig {
+                        name: "green".into(),
+                        weight: 10,
+                        backends: vec![BackendConfig {
+                            address: addr("10.0.2.3:8080"),
+                            weight: 1,
+                        }],
+                    },
+                ],
+            }],
+        };
+        assert_eq!(Config::parse(&text).unwrap(), want);
+        assert_eq!(want.validate(), Ok(()));
+    }
+
+    #[test]
+    fn defaults_apply() {
         let c = Config::parse(BASE).unwrap();
-        assert_eq!(c.dataplane.interface, "ec");
-        assert_eq!(c.dataplane.backend_interface.as_deref(), Some("eb"));
         assert_eq!(c.dataplane.mode, Mode::Snat);
         assert_eq!(c.dataplane.xdp_mode, XdpModeConfig::Auto);
+        assert_eq!(c.dataplane.snat_address, None);
         let s = &c.services[0];
-        assert_eq!(s.vip, "10.0.0.10:80".parse().unwrap());
         assert_eq!((s.protocol, s.affinity), (Protocol::Tcp, Affinity::Flow));
-        assert_eq!(
-            s.versions[0].backends[1],
-            BackendConfig {
-                address: "10.0.2.4:8080".parse().unwrap(),
-                weight: 2
-            }
-        );
-        assert_eq!(s.versions[1].weight, 10);
+        assert_eq!(s.versions[0].backends[0].weight, 1);
+        let one_armed = Config::parse(&BASE.replace("backend_interface = \"eb\"", "")).unwrap();
+        assert_eq!(one_armed.dataplane.backend_interface, None);
+        // A version at weight 0 may have no backends yet.
+        let c = Config::parse(
+            &BASE.replace("weight = 10\nbackends = [\"10.0.2.3:8080\"]", "weight = 0"),
+        )
+        .unwrap();
+        assert!(c.services[0].versions[1].backends.is_empty());
+    }
+
+    #[test]
+    fn zero_services_is_an_edge_with_nothing_yet() {
+        let c = Config::parse("[dataplane]\ninterface = \"eth0\"\n").unwrap();
+        assert!(c.services.is_empty());
+        assert!(c.service("web").is_none());
     }
 
     #[test]
     fn every_error_names_its_field() {
-        let cases = [
+        let dp = |extra: &str| BASE.replace("backend_interface = \"eb\"", extra);
+        let cases: Vec<(String, &str)> = vec![
+            // Dataplane.
             (
-                BASE.replace("10.0.2.3:8080", "10.0.2.x:80"),
-                r#"service[0] "web": version "green": backends[0]: "10.0.2.x:80" is not an IPv4 address:port"#,
-            ),
-            (
-                BASE.replace("weight = 10\n", "weight = 0\n")
-                    .replace("weight = 90", "weight = 0"),
-                "all version weights are 0",
-            ),
-            (
-                BASE.replace("interface = \"ec\"", "interface = \"ec\"\nmode = \"nat\""),
+                dp("mode = \"nat\""),
                 r#"dataplane.mode: "nat" is not one of snat, dnat"#,
             ),
             (
-                BASE.replace("10.0.0.10:80", "[::1]:80"),
-                "IPv6 is not supported yet",
-            ),
-            (BASE.replace("10.0.0.10:80", "10.0.0.10:0"), "port 0"),
-            (
-                BASE.replace("name = \"green\"", "name = \"blue\""),
-                r#"version "blue" is defined twice"#,
+                dp("xdp_mode = \"fast\""),
+                r#"dataplane.xdp_mode: "fast" is not one of auto, native, generic"#,
             ),
             (
-                BASE.replace("\"10.0.2.3:8080\"", "\"10.0.2.2:8080\""),
-                "backend 10.0.2.2:8080 is already listed",
+                dp("snat_address = \"10.0.2\""),
+                r#"dataplane.snat_address: "10.0.2": is not an IPv4 address"#,
             ),
             (
-                BASE.replace("weight = 2", "weight = 0"),
-                "backends[1]: weight 0 is out of range",
+                dp("snat_address = \"fe80::1\""),
+                r#"dataplane.snat_address: "fe80::1": IPv6 is not supported yet"#,
             ),
             (
-                BASE.replace("weight = 90", "weight = -1"),
-                r#"version "blue": weight -1 is out of range"#,
+                dp("snat_address = \"0.0.0.0\""),
+                "dataplane.snat_address: 0.0.0.0 is not a unicast address",
             ),
             (
-                BASE.replace("affinity", "x")
-                    .replace("vip = ", "affinity = \"sticky\"\nvip = "),
-                r#"affinity: "sticky" is not one of flow, client-ip"#,
-            ),
-            (
-                BASE.replace("interface = \"ec\"", "interface = \"ec\"\ncolour = \"red\""),
-                "unknown field `colour`",
+                BASE.replace("interface = \"ec\"", "interface = \"\""),
+                "dataplane.interface: must not be empty",
             ),
             (
                 BASE.replace(
                     "interface = \"ec\"",
                     "interface = \"averyveryverylongname\"",
                 ),
-                "dataplane.interface",
+                "dataplane.interface: \"averyveryverylongname\" is longer than 15 bytes",
+            ),
+            (
+                dp("backend_interface = \"eth 1\""),
+                r#"dataplane.backend_interface: "eth 1" is not a valid interface name"#,
+            ),
+            (
+                dp("colour = \"red\""),
+                "unknown field `colour`, expected one of `interface`, `backend_interface`",
+            ),
+            ("[dataplane]\n".to_string(), "missing field `interface`"),
+            (String::new(), "missing field `dataplane`"),
+            // Service.
+            (
+                BASE.replace("10.0.0.10:80", "10.0.0.x:80"),
+                r#"service[0] "web": vip: "10.0.0.x:80" is not an IPv4 address:port"#,
+            ),
+            (
+                BASE.replace("10.0.0.10:80", "[::1]:80"),
+                r#"service[0] "web": vip: "[::1]:80": IPv6 is not supported yet"#,
+            ),
+            (
+                BASE.replace("10.0.0.10:80", "10.0.0.10:0"),
+                r#"service[0] "web": vip: 10.0.0.10:0: port 0 is not a usable port"#,
+            ),
+            (
+                BASE.replace("10.0.0.10:80", "10.0.0.10"),
+                r#"service[0] "web": vip: "10.0.0.10" is not an IPv4 address:port"#,
+            ),
+            (
+                BASE.replace("10.0.0.10:80", "224.0.0.1:80"),
+                r#"service[0] "web": vip: 224.0.0.1 is not a unicast address"#,
+            ),
+            (
+                BASE.replace("vip = ", "protocol = \"sctp\"\nvip = "),
+                r#"service[0] "web": protocol: "sctp" is not one of tcp, udp"#,
+            ),
+            (
+                BASE.replace("vip = ", "affinity = \"sticky\"\nvip = "),
+                r#"service[0] "web": affinity: "sticky" is not one of flow, client-ip"#,
             ),
             (
                 BASE.replace("name = \"web\"", "name = \"my web\""),
-                "may only hold",
+                r#"service[0] "my web": name: "my web" may only hold letters, digits, '_', '.' and '-'"#,
+            ),
+            (
+                BASE.replace("name = \"web\"", "name = \"\""),
+                r#"service[0] "": name: must not be empty"#,
+            ),
+            (
+                BASE.replace("name = \"web\"", &format!("name = \"{}\"", "w".repeat(65))),
+                "is longer than 64 characters",
+            ),
+            (
+                BASE.to_string() + &API.replace("\"api\"", "\"web\""),
+                r#"service[1] "web": name: "web" is already used by service[0]"#,
+            ),
+            (
+                BASE.to_string() + &API.replace("10.0.0.11:443", "10.0.0.10:80"),
+                r#"service "api": vip 10.0.0.10:80/tcp is already used by service "web""#,
+            ),
+            (
+                BASE.replace("name = \"web\"", "name = \"web\"\nport = 80"),
+                "unknown field `port`, expected one of `name`, `vip`",
+            ),
+            (
+                "[dataplane]\ninterface = \"e\"\n[[service]]\nname = \"x\"\nvip = \"10.0.0.1:1\"\n"
+                    .to_string(),
+                r#"service "x": needs at least one [[service.version]]"#,
+            ),
+            (
+                BASE.to_string()
+                    + "[[service.version]]\nname = \"v3\"\nweight = 0\n"
+                    + "[[service.version]]\nname = \"v4\"\nweight = 0\n"
+                    + "[[service.version]]\nname = \"v5\"\nweight = 0\n",
+                r#"service "web": 5 versions; at most 4 are supported"#,
+            ),
+            (
+                BASE.replace("weight = 10\n", "weight = 0\n")
+                    .replace("weight = 90", "weight = 0"),
+                r#"service "web": all version weights are 0: at least one version needs weight > 0"#,
+            ),
+            // Version.
+            (
+                BASE.replace("name = \"green\"", "name = \"blue\""),
+                r#"service[0] "web": version "blue": name: defined twice in the service"#,
+            ),
+            (
+                BASE.replace("name = \"green\"", "name = \"gr/een\""),
+                r#"service[0] "web": version "gr/een": name: "gr/een" may only hold"#,
+            ),
+            (
+                BASE.replace("weight = 90", "weight = -1"),
+                r#"service[0] "web": version "blue": weight -1 is out of range 0..=1000000"#,
+            ),
+            (
+                BASE.replace("weight = 90", "weight = 1000001"),
+                r#"service[0] "web": version "blue": weight 1000001 is out of range 0..=1000000"#,
+            ),
+            (
+                BASE.replace("weight = 90", "weight = 99999999999"),
+                r#"service[0] "web": version "blue": weight 99999999999 is out of range"#,
             ),
             (
                 BASE.replace("backends = [\"10.0.2.3:8080\"]", ""),
-                r#"version "green" has weight 10 but no backends"#,
+                r#"service[0] "web": version "green": has weight 10 but no backends"#,
             ),
             (
-                format!(
-                    "{BASE}\n[[service]]\nname = \"api\"\nvip = \"10.0.0.10:80\"\n[[service.version]]\nname = \"v1\"\nweight = 1\nbackends = [\"10.0.2.9:80\"]\n"
-                ),
-                r#"service "api": vip 10.0.0.10:80/tcp is already used by service "web""#,
+                BASE.replace("name = \"green\"", "name = \"green\"\nbackend = []"),
+                "unknown field `backend`, expected one of `name`, `weight`, `backends`",
             ),
-            ("[dataplane]\n".to_string(), "missing field `interface`"),
-            ("[dataplane\ninterface = 1".to_string(), "line 1"),
+            // Backend.
+            (
+                BASE.replace("10.0.2.3:8080", "10.0.2.x:80"),
+                r#"service[0] "web": version "green": backends[0]: "10.0.2.x:80" is not an IPv4 address:port"#,
+            ),
+            (
+                BASE.replace("10.0.2.3:8080", "[2001:db8::1]:80"),
+                r#"service[0] "web": version "green": backends[0]: "[2001:db8::1]:80": IPv6 is not supported yet"#,
+            ),
+            (
+                BASE.replace("10.0.2.3:8080", "10.0.2.3:0"),
+                r#"service[0] "web": version "green": backends[0]: 10.0.2.3:0: port 0 is not a usable port"#,
+            ),
+            (
+                BASE.replace("\"10.0.2.3:8080\"", "\"10.0.2.2:8080\""),
+                r#"service[0] "web": version "green": backends[0]: 10.0.2.2:8080 is already a backend of version "blue""#,
+            ),
+            (
+                BASE.replace("weight = 2", "weight = 0"),
+                r#"service[0] "web": version "blue": backends[1]: weight 0 is out of range 1..=1000"#,
+            ),
+            (
+                BASE.replace("weight = 2", "weight = 1001"),
+                r#"backends[1]: weight 1001 is out of range 1..=1000"#,
+            ),
+            (
+                BASE.replace("weight = 2", "weight = -5"),
+                r#"backends[1]: weight -5 is out of range 1..=1000"#,
+            ),
+            (
+                BASE.replace("weight = 2 }", "weigth = 2 }"),
+                "unknown field `weigth`, expected `address` or `weight`",
+            ),
+            (
+                BASE.replace(
+                    "{ address = \"10.0.2.4:8080\", weight = 2 }",
+                    "{ weight = 2 }",
+                ),
+                "missing field `address`",
+            ),
+            (
+                BASE.replace("\"10.0.2.3:8080\"", "8080"),
+                r#"expected a backend: "IPv4:port" or { address = "IPv4:port", weight = N }"#,
+            ),
+            (
+                BASE.replace("\"10.0.2.3:8080\"", "\"10.0.0.10:80\""),
+                r#"backends[0]: 10.0.0.10:80 is the vip of service "web": packets would loop"#,
+            ),
+            // TOML syntax and types keep toml's position.
+            ("[dataplane\ninterface = 1".to_string(), "line 1, column 11"),
+            (
+                BASE.replace("weight = 90", "weight = \"ninety\""),
+                "line 12, column 10",
+            ),
+            (BASE.replace("weight = 90", "weight = 9.5"), "line 12"),
         ];
         for (text, want) in cases {
-            let e = err(&text);
-            assert!(e.contains(want), "want {want:?} in:\n{e}");
+            let e = err(&text).to_string();
+            assert!(e.contains(want), "want {want:?} in:\n{e}\n--- for:\n{text}");
         }
     }
 
     #[test]
-    fn all_problems_are_reported_together() {
+    fn all_problems_are_reported_together_in_file_order() {
         let text = BASE
             .replace("10.0.2.3:8080", "nope")
-            .replace("10.0.0.10:80", "bad");
-        let e = Config::parse(&text).unwrap_err();
-        assert_eq!(e.problems.len(), 2, "{e}");
+            .replace("10.0.0.10:80", "bad")
+            .replace("weight = 2", "weight = 0")
+            .replace("name = \"green\"", "name = \"blue\"")
+            .replace("interface = \"ec\"", "interface = \"ec\"\nmode = \"nat\"")
+            + &API.replace("10.0.3.1:8443", "10.0.3.1:0");
+        let e = err(&text);
+        let shown = e.to_string();
+        assert!(shown.starts_with("6 problems:\n"), "{shown}");
+        let lines: Vec<&str> = shown.lines().skip(1).collect();
+        assert_eq!(lines.len(), 6, "{shown}");
+        // Dataplane, then service[0] (conversion before validation), then
+        // service[1], whichever pass found them.
+        let want = [
+            "dataplane.mode:",
+            r#"service[0] "web": vip: "bad""#,
+            r#"service[0] "web": version "blue": backends[0]: "nope""#,
+            r#"service[0] "web": version "blue": backends[1]: weight 0"#,
+            r#"service[0] "web": version "blue": name: defined twice"#,
+            r#"service[1] "api": version "v1": backends[0]: 10.0.3.1:0: port 0"#,
+        ];
+        for (line, want) in lines.iter().zip(want) {
+            assert!(
+                line.starts_with(want),
+                "want {want:?} at the start of {line:?}\n{shown}"
+            );
+        }
     }
 
     #[test]
-    fn weight_args_follow_version_order_and_reject_bad_input() {
+    fn a_bad_value_does_not_also_trip_checks_on_its_placeholder() {
+        // Two unparsable VIPs are not "the same VIP"; a bad backend address
+        // is not "port 0" or a duplicate; a negative weight is not "all
+        // weights are 0".
+        let text = BASE.to_string() + API;
+        let text = text
+            .replace("10.0.0.10:80", "x")
+            .replace("10.0.0.11:443", "y")
+            .replace("10.0.2.3:8080", "z")
+            .replace("10.0.2.2:8080", "z")
+            .replace("weight = 90", "weight = -90")
+            .replace("weight = 10\n", "weight = 0\n");
+        let e = err(&text);
+        assert_eq!(e.problems.len(), 5, "{e}");
+        assert!(!e.to_string().contains("port 0"), "{e}");
+        assert!(!e.to_string().contains("already"), "{e}");
+        assert!(!e.to_string().contains("all version weights"), "{e}");
+    }
+
+    #[test]
+    fn load_names_the_path() {
+        let dir = std::env::temp_dir().join(format!("splitter-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("good.toml");
+        std::fs::write(&good, BASE).unwrap();
+        assert_eq!(Config::load(&good).unwrap(), Config::parse(BASE).unwrap());
+        let bad = dir.join("bad.toml");
+        std::fs::write(&bad, BASE.replace("10.0.0.10:80", "10.0.0.10:0")).unwrap();
+        let e = Config::load(&bad).unwrap_err();
+        assert_eq!(
+            e.source.as_deref(),
+            Some(bad.display().to_string().as_str())
+        );
+        assert!(
+            e.to_string()
+                .starts_with(&format!("{}: service[0]", bad.display())),
+            "{e}"
+        );
+        let missing = dir.join("missing.toml");
+        let e = Config::load(&missing).unwrap_err().to_string();
+        assert!(e.contains("missing.toml: cannot read the file"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn validate_catches_configs_built_in_code() {
+        let good = Config::parse(BASE).unwrap();
+        let mut c = good.clone();
+        c.services[0].versions[0].weight = MAX_VERSION_WEIGHT + 1;
+        c.services[0].versions[0].backends[0].weight = 0;
+        c.services[0].vip.set_port(0);
+        c.dataplane.interface = "x".repeat(16);
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.problems.len(), 4, "{e}");
+        let mut c = good.clone();
+        c.services.push(good.services[0].clone());
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains(r#"service[1] "web": name: "web" is already used by service[0]"#),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn capacities_are_enforced() {
+        let mut c = Config::parse(BASE).unwrap();
+        let proto = c.services[0].clone();
+        c.services = (0..=MAX_SERVICES)
+            .map(|i| {
+                let mut s = proto.clone();
+                s.name = format!("s{i}");
+                s.vip = SocketAddrV4::new(Ipv4Addr::from(0x0a00_0000 + i), 80);
+                s.versions.truncate(1);
+                s.versions[0].backends = vec![BackendConfig {
+                    address: SocketAddrV4::new(Ipv4Addr::from(0x0b00_0000 + i), 80),
+                    weight: 1,
+                }];
+                s
+            })
+            .collect();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("1025 services configured; at most 1024"), "{e}");
+        assert!(
+            e.contains("1025 versions configured over all services; at most 512"),
+            "{e}"
+        );
+        let mut c = Config::parse(BASE).unwrap();
+        c.services[0].versions[0].backends = (0..MAX_BACKENDS)
+            .map(|i| BackendConfig {
+                address: SocketAddrV4::new(Ipv4Addr::from(0x0b00_0000 + i), 80),
+                weight: 1,
+            })
+            .collect();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("16385 backends configured over all services; at most 16384"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn keywords_round_trip_through_display_fromstr_and_serde() {
+        for name in Mode::NAMES {
+            assert_eq!(name.parse::<Mode>().unwrap().to_string(), *name);
+        }
+        for name in XdpModeConfig::NAMES {
+            assert_eq!(name.parse::<XdpModeConfig>().unwrap().to_string(), *name);
+        }
+        for name in Protocol::NAMES {
+            assert_eq!(name.parse::<Protocol>().unwrap().to_string(), *name);
+        }
+        for name in Affinity::NAMES {
+            assert_eq!(name.parse::<Affinity>().unwrap().to_string(), *name);
+        }
+        assert_eq!(Affinity::ClientIp.to_string(), "client-ip");
+        assert_eq!(
+            "TCP".parse::<Protocol>().unwrap_err(),
+            r#""TCP" is not one of tcp, udp"#
+        );
+        let c = Config::parse(&BASE.replace("vip = ", "affinity = \"client-ip\"\nvip = ")).unwrap();
+        let text = toml::to_string(&c).unwrap();
+        assert!(text.contains("affinity = \"client-ip\""), "{text}");
+        assert!(text.contains("mode = \"snat\""), "{text}");
+        assert!(text.contains("vip = \"10.0.0.10:80\""), "{text}");
+    }
+
+    #[test]
+    fn weight_args_follow_version_order() {
         let c = Config::parse(BASE).unwrap();
         let s = &c.services[0];
-        let args = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
         assert_eq!(
             parse_weight_args(s, &args(&["green=100", "blue=0"])).unwrap(),
             vec![0, 100]
         );
+        assert_eq!(
+            parse_weight_args(s, &args(&["blue = 5", "green=1000000"])).unwrap(),
+            vec![5, 1_000_000]
+        );
+        let next = c.with_weights("web", &[0, 100]).unwrap();
+        assert_eq!(next.services[0].versions[1].weight, 100);
+        assert_eq!(next.services[0].versions[0].weight, 0);
+        // The original is untouched.
+        assert_eq!(c.services[0].versions[0].weight, 90);
+    }
+
+    #[test]
+    fn weight_args_reject_bad_input() {
+        let c = Config::parse(BASE).unwrap();
+        let s = &c.services[0];
         for (bad, want) in [
-            (&["blue=1", "red=2"][..], "its versions are: blue, green"),
-            (&["blue=1"], "missing: green"),
-            (&["blue=0", "green=0"], "all version weights are 0"),
-            (&["blue", "green=1"], "is not VERSION=WEIGHT"),
-            (&["blue=x", "green=1"], "whole number"),
-            (&["blue=1", "blue=2", "green=1"], "given twice"),
-            (&["blue=2000000", "green=1"], "whole number"),
+            (
+                &["blue=1", "red=2"][..],
+                r#"service "web" has no version "red"; its versions are: blue, green"#,
+            ),
+            (&["blue=1"], "missing: green (for example: blue=N green=N)"),
+            (&[], "missing: blue, green"),
+            (
+                &["blue=0", "green=0"],
+                r#"service "web": all version weights are 0"#,
+            ),
+            (&["blue", "green=1"], r#""blue" is not VERSION=WEIGHT"#),
+            (
+                &["blue=x", "green=1"],
+                r#""blue=x": "x" is not a whole number in 0..=1000000"#,
+            ),
+            (&["blue=-1", "green=1"], "is not a whole number"),
+            (&["blue=1.5", "green=1"], "is not a whole number"),
+            (&["blue=", "green=1"], "is not a whole number"),
+            (
+                &["blue=1", "blue=2", "green=1"],
+                r#"version "blue" is given twice"#,
+            ),
+            (
+                &["blue=2000000", "green=1"],
+                "weight 2000000 is out of range 0..=1000000",
+            ),
+            (
+                &["blue=99999999999999999999", "green=1"],
+                "is not a whole number",
+            ),
         ] {
             let e = parse_weight_args(s, &args(bad)).unwrap_err().to_string();
             assert!(e.contains(want), "{bad:?}: want {want:?} in {e}");
         }
-        let next = c.with_weights("web", &[0, 100]).unwrap();
-        assert_eq!(next.services[0].versions[1].weight, 100);
-        assert!(c.with_weights("web", &[0, 0]).is_err());
-        assert!(c.with_weights("nope", &[1, 1]).is_err());
+        // Several problems at once.
+        let e = parse_weight_args(s, &args(&["red=1", "blue=x"])).unwrap_err();
+        assert_eq!(e.problems.len(), 2, "{e}");
     }
 
-    proptest::proptest! {
+    #[test]
+    fn with_weights_validates() {
+        let c = Config::parse(BASE).unwrap();
+        for (service, weights, want) in [
+            ("web", &[0u32, 0][..], "all version weights are 0"),
+            ("web", &[1], "has 2 versions but 1 weights were given"),
+            ("web", &[MAX_VERSION_WEIGHT + 1, 1], "out of range"),
+            (
+                "nope",
+                &[1, 1],
+                r#"no service named "nope"; the services are: web"#,
+            ),
+        ] {
+            let e = c.with_weights(service, weights).unwrap_err().to_string();
+            assert!(e.contains(want), "{weights:?}: want {want:?} in {e}");
+        }
+        // Weight on a version without backends.
+        let empty = Config::parse(
+            &BASE.replace("weight = 10\nbackends = [\"10.0.2.3:8080\"]", "weight = 0"),
+        )
+        .unwrap();
+        let e = empty.with_weights("web", &[1, 1]).unwrap_err().to_string();
+        assert!(
+            e.contains(r#"version "green": has weight 1 but no backends"#),
+            "{e}"
+        );
+    }
+
+    proptest! {
         #[test]
-        fn arbitrary_text_never_panics(text in ".{0,400}") {
+        fn arbitrary_text_never_panics(text in "\\PC{0,400}") {
             let _ = Config::parse(&text);
         }
 
         #[test]
-        fn mutated_valid_config_never_panics(cut in 0usize..600, insert in "[ -~]{0,8}") {
-            let mut s = BASE.to_string();
+        fn tomlish_text_never_panics(text in r#"[\[\]{}="a-z0-9:., \n#-]{0,300}"#) {
+            let _ = Config::parse(&text);
+        }
+
+        #[test]
+        fn mutated_valid_config_never_panics(cut in 0usize..700, insert in "[ -~\n]{0,12}", delete in 0usize..20) {
+            let mut s = (BASE.to_string() + API).into_bytes();
             let at = cut.min(s.len());
-            if s.is_char_boundary(at) {
-                s.insert_str(at, &insert);
+            let end = (at + delete).min(s.len());
+            s.splice(at..end, insert.bytes());
+            if let Ok(text) = String::from_utf8(s)
+                && let Ok(c) = Config::parse(&text)
+            {
+                // Whatever parses is valid.
+                prop_assert_eq!(c.validate(), Ok(()));
             }
-            let _ = Config::parse(&s);
+        }
+
+        #[test]
+        fn weight_args_never_panic(a in "\\PC{0,30}", b in "\\PC{0,30}") {
+            let c = Config::parse(BASE).unwrap();
+            if let Ok(w) = parse_weight_args(&c.services[0], &[a, b]) {
+                prop_assert!(c.with_weights("web", &w).is_ok());
+            }
         }
     }
 }

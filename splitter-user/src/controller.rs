@@ -1,9 +1,10 @@
 //! The controller's state: the running [`Config`] and the [`Dataplane`] it
 //! is published into. Every change goes through here, validated first and
 //! published second, so a refused change leaves both exactly as they were.
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, path::PathBuf, sync::Arc};
 
-use tracing::info;
+use tokio::sync::Notify;
+use tracing::{error, info};
 
 use crate::{
     api::{
@@ -12,18 +13,77 @@ use crate::{
     },
     config::{Config, ServiceConfig, parse_weight_args},
     dataplane::Dataplane,
+    pins,
+    state::{self, State},
 };
 
 /// Running config plus the data plane it is published into.
 pub struct Controller {
     config: Config,
     dataplane: Dataplane,
+    /// Where the state file lives (`None`: nothing is persisted).
+    state_dir: Option<PathBuf>,
+    /// Set by a detach request; the daemon stops when it fires.
+    pub detach: Arc<Notify>,
 }
 
 impl Controller {
     /// Wraps a data plane into which `config` has already been applied.
-    pub fn new(config: Config, dataplane: Dataplane) -> Self {
-        Self { config, dataplane }
+    pub fn new(config: Config, dataplane: Dataplane, state_dir: Option<PathBuf>) -> Self {
+        Self {
+            config,
+            dataplane,
+            state_dir,
+            detach: Arc::new(Notify::new()),
+        }
+    }
+
+    /// Writes the state file (weights and live ids).
+    ///
+    /// # Errors
+    /// The write failed; the previous file stays in place.
+    pub fn persist(&self) -> Result<(), state::StateError> {
+        let Some(dir) = &self.state_dir else {
+            return Ok(());
+        };
+        let weights = self
+            .config
+            .services
+            .iter()
+            .map(|s| {
+                (
+                    s.name.clone(),
+                    s.versions
+                        .iter()
+                        .map(|v| (v.name.clone(), v.weight))
+                        .collect(),
+                )
+            })
+            .collect();
+        state::save(
+            dir,
+            &State {
+                format: state::FORMAT,
+                weights,
+                layout: self.dataplane.layout(),
+            },
+        )
+    }
+
+    /// Removes the pinned program, links and maps and asks the daemon to
+    /// stop: forwarding ends once this process exits.
+    ///
+    /// # Errors
+    /// A pin that cannot be removed.
+    pub fn detach(&mut self) -> Result<Vec<String>, ApiError> {
+        let removed = pins::remove_all(&self.config.dataplane.pin_dir)
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        info!(pins = removed.len(), "detached: pins removed, stopping");
+        self.detach.notify_one();
+        Ok(removed
+            .into_iter()
+            .map(|p| p.display().to_string())
+            .collect())
     }
 
     /// The running configuration.
@@ -68,6 +128,9 @@ impl Controller {
         }
         self.config = next;
         info!(service, weights = ?weights, "weights changed");
+        if let Err(e) = self.persist() {
+            error!(error = %e, "weights are live but could not be saved; a restart would lose them");
+        }
         let svc = self
             .config
             .service(service)

@@ -1,6 +1,7 @@
 //! `splitter daemon`: loads the config, publishes it into the data plane,
 //! attaches XDP, serves the API until SIGTERM or SIGINT, then detaches.
 use std::{
+    collections::BTreeMap,
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     sync::Arc,
@@ -8,9 +9,9 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use tokio::net::UnixListener;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
-use crate::{api, config::Config, controller::Controller, dataplane::Dataplane};
+use crate::{api, config::Config, controller::Controller, dataplane::Dataplane, state};
 
 /// Default API socket.
 pub const DEFAULT_SOCKET: &str = "/run/splitter/splitter.sock";
@@ -22,26 +23,58 @@ pub struct DaemonOptions {
     pub config: PathBuf,
     /// API socket path.
     pub socket: PathBuf,
+    /// Directory of the state file.
+    pub state_dir: PathBuf,
 }
 
-/// Runs the daemon until `shutdown` resolves.
+/// Runs the daemon until `shutdown` resolves or a detach is requested.
+///
+/// On start it reads the state file (weights set at runtime, live ids),
+/// takes over maps and XDP links pinned by an earlier instance (so
+/// established flows keep flowing through restarts and upgrades), publishes
+/// the configuration, attaches, and only then serves the API. On stop the
+/// pinned data plane keeps forwarding; `splitter detach` removes it.
 ///
 /// # Errors
 /// Invalid config, not root, interfaces missing, the kernel refusing the
-/// program, or the socket path being unusable; each with a message that
-/// says which.
+/// program, a pinned layout this build cannot take over, or the socket path
+/// being unusable; each with a message that says which.
 pub async fn run(
     opts: DaemonOptions,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
-    let config = Config::load(&opts.config)?;
+    let mut config = Config::load(&opts.config)?;
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!(
             "splitter daemon must run as root (it loads BPF programs and attaches XDP: CAP_BPF, CAP_NET_ADMIN)"
         );
     }
-    let mut dataplane = Dataplane::load()?;
+    let saved = match state::load(&opts.state_dir) {
+        Ok(s) => s,
+        Err(e @ state::StateError::Damaged { .. }) => {
+            error!("{e}");
+            None
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if let Some(saved) = &saved {
+        config = restore_weights(config, &saved.weights);
+    }
+    let pin_dir = config.dataplane.pin_dir.clone();
+    let mut dataplane = Dataplane::load_pinned(&pin_dir)?;
+    if dataplane.reused() {
+        match &saved {
+            Some(s) => dataplane.restore_layout(&s.layout),
+            None => {
+                warn!(
+                    "pinned maps found but no state file: republishing every service from the configuration"
+                );
+                dataplane.reset_published()?;
+            }
+        }
+        info!(pins = %pin_dir.display(), "took over the pinned data plane: established connections keep flowing");
+    }
     dataplane
         .apply(&config)
         .context("publishing the configuration into the data plane")?;
@@ -53,19 +86,58 @@ pub async fn run(
             .filter(|b| *b != dp.interface),
     );
     prepare_kernel_forwarding(&ifaces);
-    dataplane.attach(&config.dataplane)?;
+    let modes = saved
+        .as_ref()
+        .map(|s| s.layout.attachments.clone())
+        .unwrap_or_default();
+    dataplane.attach(&config.dataplane, &modes)?;
     let listener = bind_socket(&opts.socket)?;
-    info!(
-        socket = %opts.socket.display(),
-        services = config.services.len(),
-        "splitter daemon ready"
-    );
-    let controller = Arc::new(std::sync::Mutex::new(Controller::new(config, dataplane)));
-    api::serve(listener, controller.clone(), shutdown).await;
-    info!("shutting down: detaching XDP");
+    let controller = Controller::new(config, dataplane, Some(opts.state_dir.clone()));
+    if let Err(e) = controller.persist() {
+        warn!(error = %e, "could not write the state file; runtime changes would not survive a restart");
+    }
+    let detach = controller.detach.clone();
+    info!(socket = %opts.socket.display(), pins = %pin_dir.display(), "splitter daemon ready");
+    let controller = Arc::new(std::sync::Mutex::new(controller));
+    let stop = async {
+        tokio::select! {
+            _ = shutdown => info!("stopping; the pinned data plane keeps forwarding (`splitter detach` removes it)"),
+            _ = detach.notified() => info!("detach requested: stopping"),
+        }
+    };
+    api::serve(listener, controller.clone(), stop).await;
     drop(controller);
     let _ = std::fs::remove_file(&opts.socket);
     Ok(())
+}
+
+/// Applies saved weights to services whose versions are still the same.
+fn restore_weights(config: Config, saved: &BTreeMap<String, BTreeMap<String, u32>>) -> Config {
+    let mut config = config;
+    for (service, weights) in saved {
+        let Some(svc) = config.service(service) else {
+            continue;
+        };
+        let names: Vec<&String> = svc.versions.iter().map(|v| &v.name).collect();
+        if names.len() != weights.len() || names.iter().any(|n| !weights.contains_key(*n)) {
+            warn!(
+                service,
+                "saved weights name other versions than the configuration; using the configuration's"
+            );
+            continue;
+        }
+        let vector: Vec<u32> = svc.versions.iter().map(|v| weights[&v.name]).collect();
+        match config.with_weights(service, &vector) {
+            Ok(next) => {
+                info!(service, weights = ?weights, "restored weights from the state file");
+                config = next;
+            }
+            Err(e) => {
+                warn!(service, error = %e, "saved weights are invalid; using the configuration's")
+            }
+        }
+    }
+    config
 }
 
 /// Resolves on SIGTERM or SIGINT.

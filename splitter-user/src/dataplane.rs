@@ -21,12 +21,17 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     net::{Ipv4Addr, SocketAddrV4},
     os::fd::{AsFd, AsRawFd, RawFd},
+    path::{Path, PathBuf},
 };
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray},
-    programs::{Xdp, XdpMode},
+    programs::{
+        Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        xdp::XdpLink,
+    },
 };
 use splitter_common::{
     BACKEND_F_PRESENT, Backend, BackendStats, FAMILY_V4, MAX_BACKENDS, MAX_TABLES, MAX_VERSIONS,
@@ -37,7 +42,8 @@ use tracing::{info, warn};
 
 use crate::{
     config::{Affinity, Config, DataplaneConfig, Mode, Protocol, ServiceConfig, XdpModeConfig},
-    netif,
+    netif, pins,
+    state::{Layout, LayoutBackend, LayoutService},
     table::{self, MaglevBackend},
 };
 
@@ -90,9 +96,12 @@ pub enum DataplaneError {
         #[source]
         source: table::TableError,
     },
-    /// Out of ids.
-    #[error("capacity exceeded: {0}")]
+    /// Out of ids, or a kernel without what persistence needs.
+    #[error("{0}")]
     Capacity(String),
+    /// The pin directory is unusable or holds maps of another layout.
+    #[error(transparent)]
+    Pins(#[from] pins::PinError),
 }
 
 type Result<T> = std::result::Result<T, DataplaneError>;
@@ -120,8 +129,9 @@ struct LiveVersion {
     id: u32,
     /// Generation (0 or 1) whose slot is live.
     generation: u32,
-    /// The live table, to skip rewriting an unchanged one.
-    table: Box<MaglevTable>,
+    /// The live table, to skip rewriting an unchanged one (`None` after a
+    /// restart: then the next publish rewrites the idle generation).
+    table: Option<Box<MaglevTable>>,
 }
 
 /// What is live for one service.
@@ -145,9 +155,9 @@ impl Ids {
         }
     }
     fn take(&mut self, what: &str) -> Result<u32> {
-        self.free
-            .pop_first()
-            .ok_or_else(|| DataplaneError::Capacity(format!("no free {what} id")))
+        self.free.pop_first().ok_or_else(|| {
+            DataplaneError::Capacity(format!("capacity exceeded: no free {what} id"))
+        })
     }
     fn give(&mut self, id: u32) {
         self.free.insert(id);
@@ -172,6 +182,11 @@ pub struct Dataplane {
     version_id_by_name: BTreeMap<(String, String), u32>,
     attachments: Vec<Attachment>,
     snat_address: Option<Ipv4Addr>,
+    /// Where maps and links are pinned; `None` for an unpinned instance
+    /// (packet tests, benchmarks) that vanishes with the process.
+    pin_dir: Option<PathBuf>,
+    /// The connection table came from a previous instance (restart, upgrade).
+    reused: bool,
 }
 
 impl Dataplane {
@@ -182,11 +197,42 @@ impl Dataplane {
     /// root, no BPF, verifier), [`DataplaneError::NoProgram`] for a build
     /// without the kernel program.
     pub fn load() -> Result<Self> {
+        Self::load_with(EbpfLoader::new(), None, false)
+    }
+
+    /// Loads the kernel program with its maps pinned in `pin_dir` (a bpffs
+    /// directory, mounted at `/sys/fs/bpf` if needed). Maps already pinned
+    /// there, by an earlier daemon or build, are taken over after their
+    /// layout is checked, so established flows survive restarts and upgrades.
+    ///
+    /// # Errors
+    /// As [`Dataplane::load`], plus [`DataplaneError::Pins`] when `pin_dir`
+    /// is unusable or holds maps of another layout.
+    pub fn load_pinned(pin_dir: &Path) -> Result<Self> {
+        pins::ensure_bpffs(pin_dir)?;
+        let reused = pins::check_layout(pin_dir)?;
+        let mut loader = EbpfLoader::new();
+        for (name, ..) in pins::expected_maps() {
+            loader.map_pin_path(name, pin_dir.join(name));
+        }
+        Self::load_with(loader, Some(pin_dir.to_path_buf()), reused)
+    }
+
+    /// Whether the maps were taken over from an earlier instance.
+    pub fn reused(&self) -> bool {
+        self.reused
+    }
+
+    fn load_with(
+        mut loader: EbpfLoader<'_>,
+        pin_dir: Option<PathBuf>,
+        reused: bool,
+    ) -> Result<Self> {
         if PROGRAM.is_empty() {
             return Err(DataplaneError::NoProgram);
         }
         raise_memlock_limit();
-        let mut ebpf = EbpfLoader::new()
+        let mut ebpf = loader
             .load(PROGRAM)
             .map_err(|e| DataplaneError::Load(Box::new(e)))?;
         {
@@ -219,6 +265,8 @@ impl Dataplane {
             version_id_by_name: BTreeMap::new(),
             attachments: Vec::new(),
             snat_address: None,
+            pin_dir,
+            reused,
         })
     }
 
@@ -240,9 +288,20 @@ impl Dataplane {
     /// backend-facing one. `auto` tries native mode and falls back to
     /// generic mode with a warning.
     ///
+    /// With a pin directory, each attachment is a pinned XDP link: one left
+    /// by an earlier instance is taken over and switched to this program in
+    /// one atomic update (no packet sees no program), and a new one is
+    /// pinned so it outlives this process. Links of interfaces no longer
+    /// configured are removed. `modes` holds the modes earlier links were
+    /// made in, for reporting.
+    ///
     /// # Errors
-    /// A missing interface, or the kernel refusing the attach.
-    pub fn attach(&mut self, cfg: &DataplaneConfig) -> Result<()> {
+    /// A missing interface, or the kernel refusing the attach or the update.
+    pub fn attach(
+        &mut self,
+        cfg: &DataplaneConfig,
+        modes: &BTreeMap<String, String>,
+    ) -> Result<()> {
         let mut ifaces = vec![cfg.interface.clone()];
         if let Some(b) = &cfg.backend_interface
             && *b != cfg.interface
@@ -252,30 +311,194 @@ impl Dataplane {
         for iface in &ifaces {
             netif::ifindex(iface)?;
         }
+        if let Some(dir) = &self.pin_dir {
+            for (iface, path) in pins::link_pins(dir) {
+                if !ifaces.contains(&iface) {
+                    info!(interface = %iface, "removing the XDP link of an interface no longer configured");
+                    let _ = std::fs::remove_file(path);
+                }
+            }
+        }
+        let pin_dir = self.pin_dir.clone();
         let prog = program(&mut self.ebpf)?;
         for iface in ifaces {
+            let prog_err = |op: &'static str| {
+                let iface = iface.clone();
+                move |e: aya::programs::ProgramError| DataplaneError::Program {
+                    op,
+                    iface,
+                    source: Box::new(e),
+                }
+            };
+            if let Some(dir) = &pin_dir {
+                let path = pins::link_pin(dir, &iface);
+                if path.exists() {
+                    match take_over_link(prog, &path) {
+                        Ok(()) => {
+                            let mode = match modes.get(&iface).map(String::as_str) {
+                                Some("native") => "native",
+                                Some("generic") => "generic",
+                                _ => "pinned",
+                            };
+                            info!(interface = %iface, mode, "took over the pinned XDP link: program replaced atomically");
+                            self.attachments.push(Attachment {
+                                interface: iface,
+                                mode,
+                            });
+                            continue;
+                        }
+                        Err(e) => {
+                            warn!(interface = %iface, error = %e, "pinned XDP link unusable (interface recreated?); attaching anew");
+                            let _ = std::fs::remove_file(&path);
+                        }
+                    }
+                }
+            }
             let attempt = |prog: &mut Xdp, mode: XdpMode| prog.attach(&iface, mode);
-            let mode = match cfg.xdp_mode {
-                XdpModeConfig::Native => attempt(prog, XdpMode::Driver).map(|_| "native"),
-                XdpModeConfig::Generic => attempt(prog, XdpMode::Skb).map(|_| "generic"),
+            let (id, mode) = match cfg.xdp_mode {
+                XdpModeConfig::Native => attempt(prog, XdpMode::Driver).map(|id| (id, "native")),
+                XdpModeConfig::Generic => attempt(prog, XdpMode::Skb).map(|id| (id, "generic")),
                 XdpModeConfig::Auto => match attempt(prog, XdpMode::Driver) {
-                    Ok(_) => Ok("native"),
+                    Ok(id) => Ok((id, "native")),
                     Err(e) => {
                         warn!(interface = %iface, error = %e, "native XDP attach failed; falling back to generic mode (slower)");
-                        attempt(prog, XdpMode::Skb).map(|_| "generic")
+                        attempt(prog, XdpMode::Skb).map(|id| (id, "generic"))
                     }
                 },
             }
-            .map_err(|e| DataplaneError::Program {
-                op: "attaching XDP",
-                iface: iface.clone(),
-                source: Box::new(e),
-            })?;
+            .map_err(prog_err("attaching XDP"))?;
+            if let Some(dir) = &pin_dir {
+                let path = pins::link_pin(dir, &iface);
+                let link = prog
+                    .take_link(id)
+                    .map_err(prog_err("taking the XDP link"))?;
+                let fd_link = FdLink::try_from(link).map_err(|e| {
+                    DataplaneError::Capacity(format!(
+                        "interface {iface}: the kernel attached XDP without a bpf_link ({e}), which cannot be pinned"
+                    ))
+                })?;
+                fd_link.pin(&path).map_err(|e| {
+                    DataplaneError::Pins(pins::PinError::Io {
+                        op: "pinning the XDP link at",
+                        path: path.clone(),
+                        source: std::io::Error::other(e.to_string()),
+                    })
+                })?;
+            }
             info!(interface = %iface, mode, "XDP program attached");
             self.attachments.push(Attachment {
                 interface: iface,
                 mode,
             });
+        }
+        Ok(())
+    }
+
+    /// What is live, for the state file.
+    pub fn layout(&self) -> Layout {
+        let mut l = Layout::default();
+        for (name, svc) in &self.live {
+            l.services.insert(
+                name.clone(),
+                LayoutService {
+                    id: svc.id,
+                    vip: SocketAddrV4::new(
+                        Ipv4Addr::from(u32::from_be(svc.key.addr[0])),
+                        u16::from_be(svc.key.port),
+                    ),
+                    proto: svc.key.proto,
+                    versions: svc
+                        .versions
+                        .iter()
+                        .map(|(n, v)| (n.clone(), (v.id, v.generation)))
+                        .collect(),
+                },
+            );
+        }
+        l.backends = self
+            .backend_ids
+            .iter()
+            .map(|((s, v, a), id)| LayoutBackend {
+                service: s.clone(),
+                version: v.clone(),
+                address: *a,
+                id: *id,
+            })
+            .collect();
+        l.attachments = self
+            .attachments
+            .iter()
+            .map(|a| (a.interface.clone(), a.mode.to_string()))
+            .collect();
+        l
+    }
+
+    /// Takes over the ids and live generations an earlier instance left in
+    /// reused maps (from its state file), so the next [`Dataplane::apply`]
+    /// writes only idle table slots. Entries out of range are skipped.
+    pub fn restore_layout(&mut self, layout: &Layout) {
+        for (name, ls) in &layout.services {
+            if ls.id >= splitter_common::MAX_SERVICES {
+                warn!(service = %name, "state file: service id out of range; skipped");
+                continue;
+            }
+            let key = ServiceKey {
+                addr: [u32::from(*ls.vip.ip()).to_be(), 0, 0, 0],
+                port: ls.vip.port().to_be(),
+                proto: ls.proto,
+                family: FAMILY_V4,
+            };
+            let mut versions = BTreeMap::new();
+            for (vname, (vid, generation)) in &ls.versions {
+                if *vid >= MAX_TABLES / 2 || *generation > 1 {
+                    warn!(service = %name, version = %vname, "state file: version id out of range; skipped");
+                    continue;
+                }
+                self.version_ids.free.remove(vid);
+                self.version_id_by_name
+                    .insert((name.clone(), vname.clone()), *vid);
+                versions.insert(
+                    vname.clone(),
+                    LiveVersion {
+                        id: *vid,
+                        generation: *generation,
+                        table: None,
+                    },
+                );
+            }
+            self.service_ids.free.remove(&ls.id);
+            self.live.insert(
+                name.clone(),
+                LiveService {
+                    id: ls.id,
+                    key,
+                    versions,
+                },
+            );
+        }
+        for b in &layout.backends {
+            if b.id < MAX_BACKENDS {
+                self.backend_id_pool.free.remove(&b.id);
+                self.backend_ids
+                    .insert((b.service.clone(), b.version.clone(), b.address), b.id);
+            }
+        }
+    }
+
+    /// Withdraws every published service (new flows to VIPs stop being
+    /// placed until the next [`Dataplane::apply`]; established ones go on).
+    /// Used when maps are reused without a state file to say what is live.
+    ///
+    /// # Errors
+    /// Map failures.
+    pub fn reset_published(&mut self) -> Result<()> {
+        let keys: Vec<ServiceKey> = self.services.keys().filter_map(|k| k.ok()).collect();
+        for k in keys {
+            let _ = self.services.remove(&k);
+        }
+        let vips: Vec<VipKey> = self.vips.keys().filter_map(|k| k.ok()).collect();
+        for k in vips {
+            let _ = self.vips.remove(&k);
         }
         Ok(())
     }
@@ -415,26 +638,26 @@ impl Dataplane {
                 source,
             })?;
             let live_ver = match old_versions.get(&ver.name) {
-                Some(old) if old.table == table => old.clone(),
+                Some(old) if old.table.as_ref() == Some(&table) => old.clone(),
                 Some(old) => {
                     let generation = old.generation ^ 1;
                     self.tables
-                        .set(vid * 2 + generation, &*table, 0)
+                        .set(vid * 2 + generation, table.as_ref(), 0)
                         .map_err(map_err(map::TABLES))?;
                     LiveVersion {
                         id: vid,
                         generation,
-                        table,
+                        table: Some(table),
                     }
                 }
                 None => {
                     self.tables
-                        .set(vid * 2, &*table, 0)
+                        .set(vid * 2, table.as_ref(), 0)
                         .map_err(map_err(map::TABLES))?;
                     LiveVersion {
                         id: vid,
                         generation: 0,
-                        table,
+                        table: Some(table),
                     }
                 }
             };
@@ -562,6 +785,16 @@ impl Dataplane {
         }
         Ok(out)
     }
+}
+
+/// Replaces the program behind the pinned link at `path` with `prog`. The
+/// pin keeps the link after this process exits (closing our descriptor does
+/// not detach a pinned link).
+fn take_over_link(prog: &mut Xdp, path: &Path) -> std::result::Result<(), String> {
+    let pinned = PinnedLink::from_pin(path).map_err(|e| e.to_string())?;
+    let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| e.to_string())?;
+    prog.attach_to_link(link).map_err(|e| e.to_string())?;
+    Ok(())
 }
 
 fn program(ebpf: &mut Ebpf) -> Result<&mut Xdp> {

@@ -5,12 +5,14 @@
 //!   name the field (pure, no I/O but reading the file).
 //! - [`table`]: weight math and the Maglev table builder (pure, property-tested).
 //! - [`dataplane`]: loads and attaches the kernel program and writes its maps.
-//! - [`api`]: the daemon's HTTP API on a Unix socket, and its JSON types.
 //! - [`netif`]: interface look-ups (index, first IPv4 address).
+//! - [`pins`]: the bpffs pin directory: layout checks, take-over, removal.
+//! - [`state`]: the state file (weights, live ids), written atomically.
 //! - [`controller`]: the running config and the data plane, changed together.
 //! - [`api`]: the daemon's HTTP API on a Unix socket, and its JSON types.
 //! - [`client`]: the CLI's side of that API.
-//! - [`daemon`]: `splitter daemon`: ties the above together until SIGTERM.
+//! - [`daemon`]: `splitter daemon`: ties the above together until SIGTERM
+//!   (the pinned data plane keeps forwarding after it stops).
 //! - [`cli`]: the `splitter` command line, one module per subcommand.
 pub mod api;
 pub mod cli;
@@ -20,4 +22,6 @@ pub mod controller;
 pub mod daemon;
 pub mod dataplane;
 pub mod netif;
+pub mod pins;
+pub mod state;
 pub mod table;

@@ -20,7 +20,6 @@
 //! ```
 use std::{
     fmt::Write as _,
-    fs::File,
     net::SocketAddrV4,
     path::{Path, PathBuf},
     process::{Command, ExitStatus, Stdio},
@@ -200,6 +199,9 @@ pub fn blue_green_config(mode: Mode, affinity: Affinity, blue: u32, green: u32) 
 #[derive(Debug)]
 pub struct Daemon {
     bin: PathBuf,
+    /// Edge namespace name (for messages).
+    #[allow(dead_code)]
+    edge: String,
     dir: tempfile::TempDir,
     socket: PathBuf,
     log: PathBuf,
@@ -232,23 +234,10 @@ impl Daemon {
         let log = dir.path().join("daemon.log");
         std::fs::write(&config, config_toml)
             .with_context(|| format!("writing {}", config.display()))?;
-        let log_out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-        let log_err = log_out.try_clone()?;
-        let mut cmd = edge.command(&bin.to_string_lossy());
-        cmd.arg("daemon")
-            .arg("--config")
-            .arg(&config)
-            .arg("--socket")
-            .arg(&socket)
-            .stdin(Stdio::null())
-            .stdout(log_out)
-            .stderr(log_err);
-        if std::env::var_os("RUST_LOG").is_none() {
-            cmd.env("RUST_LOG", "info");
-        }
-        let child = Child::spawn(&mut cmd)?;
+        let child = spawn_daemon(edge, bin, dir.path(), &log)?;
         let mut d = Self {
             bin: bin.to_path_buf(),
+            edge: edge.name().to_string(),
             dir,
             socket,
             log,
@@ -257,6 +246,20 @@ impl Daemon {
         };
         d.wait_ready()?;
         Ok(d)
+    }
+
+    /// Kills the daemon with SIGKILL (no clean-up at all), then starts a new
+    /// one with the same config, socket and state directory and waits until
+    /// it answers. What the data plane does in between is the test's to check.
+    ///
+    /// # Errors
+    /// The new daemon did not come up (its log is in the message).
+    pub fn kill9_and_restart(&mut self, edge: &Netns) -> Result<()> {
+        self.child.signal(libc::SIGKILL);
+        let _ = self.child.wait_timeout(STOP_GRACE)?;
+        self.child = spawn_daemon(edge, &self.bin, self.dir.path(), &self.log)?;
+        self.stopped = None;
+        self.wait_ready()
     }
 
     fn wait_ready(&mut self) -> Result<()> {
@@ -379,6 +382,86 @@ impl Daemon {
         self.stopped = Some(s);
         Ok(s)
     }
+}
+
+/// Starts `splitter daemon` in `edge` with the config, socket and state
+/// directory inside `dir`, appending its output to `log`.
+fn spawn_daemon(edge: &Netns, bin: &Path, dir: &Path, log: &Path) -> Result<Child> {
+    let log_out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("opening {}", log.display()))?;
+    let log_err = log_out.try_clone()?;
+    let mut cmd = edge.command(&bin.to_string_lossy());
+    cmd.arg("daemon")
+        .arg("--config")
+        .arg(dir.join("splitter.toml"))
+        .arg("--socket")
+        .arg(dir.join("splitter.sock"))
+        // Every daemon its own state: weights saved by one test must not
+        // leak into the next.
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .stdin(Stdio::null())
+        .stdout(log_out)
+        .stderr(log_err);
+    if std::env::var_os("RUST_LOG").is_none() {
+        cmd.env("RUST_LOG", "info");
+    }
+    Child::spawn(&mut cmd)
+}
+
+/// A bpffs mounted on a temporary directory of the host's mount namespace,
+/// for tests whose pinned data plane must outlive one daemon process
+/// (`ip netns exec` gives each process its own `/sys`, so pins under
+/// `/sys/fs/bpf` vanish with it). Unmounted on drop, which releases every
+/// pin below it: the XDP links detach and the maps are freed.
+#[derive(Debug)]
+pub struct BpfMount {
+    dir: tempfile::TempDir,
+}
+
+impl BpfMount {
+    /// Mounts a fresh bpffs.
+    ///
+    /// # Errors
+    /// `mount` failed (not root?).
+    pub fn new() -> Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("splitter-bpffs-")
+            .tempdir()
+            .context("creating a temp dir")?;
+        netns::run(
+            Command::new("mount")
+                .args(["-t", "bpf", "bpf"])
+                .arg(dir.path()),
+        )?;
+        Ok(Self { dir })
+    }
+
+    /// A pin directory inside it.
+    pub fn pin_dir(&self) -> PathBuf {
+        self.dir.path().join("splitter")
+    }
+}
+
+impl Drop for BpfMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// `config_toml` with `dataplane.pin_dir` set to `dir`.
+pub fn with_pin_dir(config_toml: &str, dir: &Path) -> String {
+    config_toml.replacen(
+        "[dataplane]\n",
+        &format!("[dataplane]\npin_dir = \"{}\"\n", dir.display()),
+        1,
+    )
 }
 
 impl Drop for Daemon {

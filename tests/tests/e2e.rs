@@ -18,7 +18,10 @@ use serde_json::Value;
 use splitter_tests::{
     clients::{self, LongLivedConn},
     servers::{TcpIdentityServer, UdpIdentityServer},
-    splitter::{Affinity, Daemon, Mode, ServiceSpec, VersionSpec, blue_green_config, config_toml},
+    splitter::{
+        Affinity, BpfMount, Daemon, Mode, ServiceSpec, VersionSpec, blue_green_config, config_toml,
+        with_pin_dir,
+    },
     topology::{self, CLIENT_ADDR, EDGE_BACKEND_ADDR, Topology, TopologyOptions},
 };
 
@@ -362,4 +365,88 @@ fn bad_cli_input_is_refused_and_changes_nothing() -> Result<()> {
         r.per_name
     );
     Ok(())
+}
+
+#[test]
+#[ignore = "needs root: run with -- --include-ignored --test-threads=1"]
+fn kill_9_and_restart_under_load_loses_nothing() -> Result<()> {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let bg = blue_green(0)?;
+    let bpffs = BpfMount::new()?;
+    let config = with_pin_dir(
+        &blue_green_config(Mode::Snat, Affinity::Flow, 90, 10),
+        &bpffs.pin_dir(),
+    );
+    let mut daemon = Daemon::start(&bg.topo.edge, &config)?;
+    daemon.weights_set("web", &[("blue", 30), ("green", 70)])?;
+    let conn = LongLivedConn::start(&bg.topo.cli, topology::vip(), TIMEOUT)?;
+    conn.wait_echoes(5, Duration::from_secs(5))?;
+
+    let stop = AtomicBool::new(false);
+    let (ok, failed) = (AtomicU64::new(0), AtomicU64::new(0));
+    let samples = std::sync::Mutex::new(Vec::new());
+    let restarted = std::thread::scope(|s| {
+        s.spawn(|| {
+            // Bounded: at most 200 rounds of 10 connections.
+            for _ in 0..200 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                match clients::tcp_identity_many(&bg.topo.cli, topology::vip(), 10, &[], TIMEOUT) {
+                    Ok(r) => {
+                        ok.fetch_add(r.ok(), Ordering::Relaxed);
+                        failed.fetch_add(r.errors, Ordering::Relaxed);
+                        if let Ok(mut v) = samples.lock() {
+                            v.extend(r.error_samples);
+                        }
+                    }
+                    Err(e) => {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                        if let Ok(mut v) = samples.lock() {
+                            v.push(format!("{e:#}"));
+                        }
+                    }
+                }
+            }
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        let before = ok.load(Ordering::Relaxed);
+        let r = daemon.kill9_and_restart(&bg.topo.edge);
+        std::thread::sleep(Duration::from_millis(500));
+        stop.store(true, Ordering::Relaxed);
+        r.map(|()| before)
+    });
+    let before = restarted?;
+    let (ok, failed) = (ok.into_inner(), failed.into_inner());
+    ensure!(
+        failed == 0,
+        "{failed} connections failed across kill -9 and restart: {:?}",
+        samples.lock().map(|v| v.clone()).unwrap_or_default()
+    );
+    ensure!(
+        before > 0 && ok > before,
+        "load did not run across the restart: {before} then {ok}"
+    );
+    let report = conn.stop();
+    ensure!(
+        report.failures.is_empty(),
+        "long-lived connection broke: {:?}",
+        report.failures
+    );
+    let status = daemon.status_json()?;
+    let weights: Vec<u64> = status["services"][0]["versions"]
+        .as_array()
+        .context("no versions")?
+        .iter()
+        .filter_map(|v| v["weight"].as_u64())
+        .collect();
+    ensure!(
+        weights == vec![30, 70],
+        "weights after restart: {weights:?}"
+    );
+    ensure!(
+        new_flows(&status, "blue")? + new_flows(&status, "green")? >= ok,
+        "counters were lost across the restart: {status}"
+    );
+    no_csum_errors(&bg.topo)
 }

@@ -4,6 +4,7 @@
 //!
 //! Exit codes: 0 success; 1 the request was refused or failed (the message
 //! says why); 2 bad command line; 3 the daemon could not be reached.
+mod detach;
 mod status;
 mod weights;
 
@@ -21,6 +22,7 @@ Examples:
   splitter weights set web blue=90 green=10
   splitter weights set web blue=0 green=100      # blue-green switch
   splitter config check /etc/splitter/splitter.toml
+  splitter detach                                 # remove the pinned data plane
 
 Exit codes: 0 ok, 1 refused or failed, 2 bad command line, 3 daemon unreachable.";
 
@@ -61,6 +63,20 @@ pub enum Command {
         /// Configuration file (TOML; see docs/config.md).
         #[arg(long, short)]
         config: PathBuf,
+        /// Directory of the state file (weights set at runtime, live ids).
+        #[arg(long, default_value = crate::state::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
+    /// Remove the data plane: detach XDP and delete the pinned program,
+    /// links and maps, which drops every established flow through the
+    /// edge. Stops a running daemon first. Stopping the daemon alone leaves
+    /// the data plane forwarding.
+    ///
+    /// Example: splitter detach
+    Detach {
+        /// Pin directory (dataplane.pin_dir), used when no daemon runs.
+        #[arg(long, default_value = crate::config::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
     },
     /// Show services, versions, weights, backends and counters.
     ///
@@ -116,16 +132,18 @@ pub enum ConfigCommand {
 /// Runs the parsed command line and returns the process exit code.
 pub async fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
-        Command::Daemon { config } => {
+        Command::Daemon { config, state_dir } => {
             let opts = daemon::DaemonOptions {
                 config,
                 socket: cli.socket,
+                state_dir,
             };
             daemon::run(opts, daemon::shutdown_signal())
                 .await
                 .map_err(CliError::Other)
         }
         Command::Status { output } => status::run(&cli.socket, output).await,
+        Command::Detach { pin_dir } => detach::run(&cli.socket, &pin_dir).await,
         Command::Weights(WeightsCommand::Set {
             service,
             weights,

@@ -1,0 +1,233 @@
+//! The pinned side of the data plane: the bpffs directory that keeps the
+//! maps and XDP links alive while no daemon runs, the check that a new
+//! build can take them over, and their removal (`splitter detach`).
+//!
+//! Layout of the pin directory (default `/sys/fs/bpf/splitter`):
+//! - one file per map, named as in `splitter_common::map`;
+//! - `link_<interface>` for every XDP attachment.
+use std::{
+    ffi::CString,
+    mem::size_of,
+    path::{Path, PathBuf},
+};
+
+use splitter_common::{
+    Backend, BackendStats, CONN_CAPACITY, Conn, FlowKey, MAX_BACKENDS, MAX_SERVICES, MAX_TABLES,
+    MaglevTable, Service, ServiceKey, VipKey, counter, map,
+};
+
+/// `statfs` magic of bpffs.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+/// Where bpffs is normally mounted.
+const BPFFS_ROOT: &str = "/sys/fs/bpf";
+
+/// Pin-directory errors.
+#[derive(Debug, thiserror::Error)]
+pub enum PinError {
+    /// The directory is not on a bpffs and none could be mounted.
+    #[error(
+        "{path} is not on a bpffs: mount one (`mount -t bpf bpf {BPFFS_ROOT}`) or set dataplane.pin_dir below a bpffs mount ({detail})"
+    )]
+    NotBpffs { path: PathBuf, detail: String },
+    /// A pinned map's shape differs from what this build expects.
+    #[error(
+        "the pinned map {path} has {what} {found}, but this build expects {expected}: the map layout changed and \
+         established connections cannot be carried over. Run `splitter detach` (drops the pinned state and \
+         every established flow through the edge) and start again, or keep running the previous build"
+    )]
+    LayoutChanged {
+        path: PathBuf,
+        what: &'static str,
+        found: u32,
+        expected: u32,
+    },
+    /// Reading a pinned map's info failed.
+    #[error("reading pinned map {path}: {detail}")]
+    Info { path: PathBuf, detail: String },
+    /// Filesystem trouble.
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Every map with the key size, value size and capacity this build uses.
+pub fn expected_maps() -> [(&'static str, u32, u32, u32); 7] {
+    let s = |n: usize| n as u32;
+    [
+        (
+            map::SERVICES,
+            s(size_of::<ServiceKey>()),
+            s(size_of::<Service>()),
+            MAX_SERVICES,
+        ),
+        (map::VIPS, s(size_of::<VipKey>()), 4, MAX_SERVICES),
+        (map::TABLES, 4, s(size_of::<MaglevTable>()), MAX_TABLES),
+        (map::BACKENDS, 4, s(size_of::<Backend>()), MAX_BACKENDS),
+        (
+            map::CONNS,
+            s(size_of::<FlowKey>()),
+            s(size_of::<Conn>()),
+            CONN_CAPACITY,
+        ),
+        (
+            map::BACKEND_STATS,
+            4,
+            s(size_of::<BackendStats>()),
+            MAX_BACKENDS,
+        ),
+        (map::COUNTERS, 4, 8, counter::COUNT),
+    ]
+}
+
+/// Makes sure `dir` exists on a bpffs, mounting bpffs at `/sys/fs/bpf`
+/// when `dir` lies below it and nothing is mounted there yet.
+///
+/// # Errors
+/// [`PinError::NotBpffs`] when no bpffs can be had there.
+pub fn ensure_bpffs(dir: &Path) -> Result<(), PinError> {
+    let root = Path::new(BPFFS_ROOT);
+    if dir.starts_with(root) && !is_bpffs(root) {
+        mount_bpffs(root).map_err(|e| PinError::NotBpffs {
+            path: dir.to_path_buf(),
+            detail: e.to_string(),
+        })?;
+        tracing::info!(path = BPFFS_ROOT, "mounted bpffs");
+    }
+    std::fs::create_dir_all(dir).map_err(|source| PinError::Io {
+        op: "creating",
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    if !is_bpffs(dir) {
+        return Err(PinError::NotBpffs {
+            path: dir.to_path_buf(),
+            detail: "wrong filesystem type".into(),
+        });
+    }
+    Ok(())
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    let Ok(c) = CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs fills the zeroed struct; the path is NUL-terminated.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
+    rc == 0 && st.f_type as i64 == BPF_FS_MAGIC
+}
+
+fn mount_bpffs(at: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(at)?;
+    let target = CString::new(at.as_os_str().as_encoded_bytes())?;
+    // SAFETY: constant NUL-terminated strings and a valid target path.
+    let rc = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            target.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Checks every pinned map against [`expected_maps`]. Returns whether the
+/// connection table is pinned already (a restart or an upgrade).
+///
+/// # Errors
+/// [`PinError::LayoutChanged`] naming the first map that differs.
+pub fn check_layout(dir: &Path) -> Result<bool, PinError> {
+    let mut conns_pinned = false;
+    for (name, key, value, entries) in expected_maps() {
+        let path = dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = aya::maps::MapInfo::from_pin(&path).map_err(|e| PinError::Info {
+            path: path.clone(),
+            detail: e.to_string(),
+        })?;
+        for (what, found, expected) in [
+            ("key size", info.key_size(), key),
+            ("value size", info.value_size(), value),
+            ("capacity", info.max_entries(), entries),
+        ] {
+            if found != expected {
+                return Err(PinError::LayoutChanged {
+                    path,
+                    what,
+                    found,
+                    expected,
+                });
+            }
+        }
+        if name == map::CONNS {
+            conns_pinned = true;
+        }
+    }
+    Ok(conns_pinned)
+}
+
+/// Pin path of the XDP link on `interface`.
+pub fn link_pin(dir: &Path, interface: &str) -> PathBuf {
+    dir.join(format!("link_{interface}"))
+}
+
+/// Link pins present in `dir`, as (interface, path).
+pub fn link_pins(dir: &Path) -> Vec<(String, PathBuf)> {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    rd.filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.strip_prefix("link_")
+                .map(|i| (i.to_string(), e.path()))
+        })
+        .collect()
+}
+
+/// Removes the links (which detaches XDP once no process holds them),
+/// then the maps, then the directory. Returns what was removed.
+///
+/// # Errors
+/// A pin that exists but cannot be removed.
+pub fn remove_all(dir: &Path) -> Result<Vec<PathBuf>, PinError> {
+    let mut removed = Vec::new();
+    let mut rm = |path: PathBuf| -> Result<(), PinError> {
+        match std::fs::remove_file(&path) {
+            Ok(()) => {
+                removed.push(path);
+                Ok(())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(PinError::Io {
+                op: "removing",
+                path,
+                source,
+            }),
+        }
+    };
+    for (_, path) in link_pins(dir) {
+        rm(path)?;
+    }
+    for (name, ..) in expected_maps() {
+        rm(dir.join(name))?;
+    }
+    match std::fs::remove_dir(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(path = %dir.display(), error = %e, "pin directory left in place"),
+    }
+    Ok(removed)
+}
