@@ -11,7 +11,7 @@ use anyhow::{Context, Result, bail};
 use tokio::net::UnixListener;
 use tracing::{error, info, warn};
 
-use crate::{api, config::Config, controller::Controller, dataplane::Dataplane, state};
+use crate::{api, config::Config, controller::Controller, dataplane::Dataplane, pins, state};
 
 /// Default API socket.
 pub const DEFAULT_SOCKET: &str = "/run/splitter/splitter.sock";
@@ -25,15 +25,29 @@ pub struct DaemonOptions {
     pub socket: PathBuf,
     /// Directory of the state file.
     pub state_dir: PathBuf,
+    /// What SIGTERM/SIGINT does to the data plane.
+    pub on_stop: OnStop,
+}
+
+/// What a stopping daemon does to the pinned data plane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnStop {
+    /// Remove the pins: XDP is detached and the maps freed (a clean stop).
+    Detach,
+    /// Leave everything pinned: the data plane keeps forwarding and the
+    /// next daemon takes it over (restarts and upgrades without loss).
+    Keep,
 }
 
 /// Runs the daemon until `shutdown` resolves or a detach is requested.
+/// With [`OnStop::Detach`] a shutdown removes the data plane; with
+/// [`OnStop::Keep`] it stays pinned and forwarding.
 ///
 /// On start it reads the state file (weights set at runtime, live ids),
 /// takes over maps and XDP links pinned by an earlier instance (so
 /// established flows keep flowing through restarts and upgrades), publishes
 /// the configuration, attaches, and only then serves the API. On stop the
-/// pinned data plane keeps forwarding; `splitter detach` removes it.
+/// data plane is detached or, with `--on-stop keep`, keeps forwarding.
 ///
 /// # Errors
 /// Invalid config, not root, interfaces missing, the kernel refusing the
@@ -101,7 +115,15 @@ pub async fn run(
     let controller = Arc::new(std::sync::Mutex::new(controller));
     let stop = async {
         tokio::select! {
-            _ = shutdown => info!("stopping; the pinned data plane keeps forwarding (`splitter detach` removes it)"),
+            _ = shutdown => match opts.on_stop {
+                OnStop::Keep => info!("stopping; the pinned data plane keeps forwarding (`splitter detach` removes it)"),
+                OnStop::Detach => {
+                    info!("stopping: detaching XDP and removing the pins (--on-stop keep would leave them)");
+                    if let Err(e) = pins::remove_all(&pin_dir) {
+                        error!(error = %e, "could not remove every pin; run `splitter detach`");
+                    }
+                }
+            },
             _ = detach.notified() => info!("detach requested: stopping"),
         }
     };

@@ -12,9 +12,10 @@
 //! - [`api`]: the daemon's HTTP API on a Unix socket, and its JSON types.
 //! - [`client`]: the CLI's side of that API.
 //! - [`daemon`]: `splitter daemon`: ties the above together until SIGTERM
-//!   (the pinned data plane keeps forwarding after it stops).
+//!   (which detaches, or with `--on-stop keep` leaves the data plane pinned).
 //! - [`cli`]: the `splitter` command line, one module per subcommand.
 pub mod api;
+pub mod bench_support;
 pub mod cli;
 pub mod client;
 pub mod config;

@@ -40,9 +40,10 @@
 //! - Known weak spot: two keys whose `skip` is equal (about N² / 33000 of
 //!   sets of N backends, so 0.3 % at N = 10, 26 % at N = 100) walk the same
 //!   cycle shifted, and removals in such a set move up to twice as much
-//!   (measured: 0.67 instead of 0.34 of the table at N = 3, 0.04 instead of
-//!   0.03 at N = 50). The paper's permutation is kept as specified; a
-//!   per-backend multiplicative step would avoid it.
+//!   (measured worst: 0.67 instead of 0.34 of the table at N = 3, 0.038
+//!   instead of 0.031 at N = 50). The paper's permutation is kept; a
+//!   permutation family without shifted twins (e.g. a per-backend
+//!   multiplicative step) would avoid it.
 //! - Speed: 0.3-0.5 ms for 100 backends in a release build.
 use splitter_common::{MAGLEV_SIZE, MAX_VERSIONS, MaglevTable, NO_BACKEND};
 

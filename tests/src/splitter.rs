@@ -198,6 +198,8 @@ pub fn blue_green_config(mode: Mode, affinity: Affinity, blue: u32, green: u32) 
 /// A running `splitter daemon`, stopped on drop.
 #[derive(Debug)]
 pub struct Daemon {
+    /// Extra `splitter daemon` arguments.
+    args: Vec<String>,
     bin: PathBuf,
     /// Edge namespace name (for messages).
     #[allow(dead_code)]
@@ -220,11 +222,24 @@ impl Daemon {
         Self::start_with(edge, config_toml, &splitter_bin()?)
     }
 
+    /// [`Daemon::start`] with extra `splitter daemon` arguments (for
+    /// example `--on-stop keep`), kept for [`Daemon::restart`] too.
+    ///
+    /// # Errors
+    /// As [`Daemon::start`].
+    pub fn start_with_args(edge: &Netns, config_toml: &str, args: &[&str]) -> Result<Self> {
+        Self::start_full(edge, config_toml, &splitter_bin()?, args)
+    }
+
     /// [`Daemon::start`] with an explicit binary.
     ///
     /// # Errors
     /// As [`Daemon::start`].
     pub fn start_with(edge: &Netns, config_toml: &str, bin: &Path) -> Result<Self> {
+        Self::start_full(edge, config_toml, bin, &[])
+    }
+
+    fn start_full(edge: &Netns, config_toml: &str, bin: &Path, args: &[&str]) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("splitter-test-")
             .tempdir()
@@ -234,8 +249,10 @@ impl Daemon {
         let log = dir.path().join("daemon.log");
         std::fs::write(&config, config_toml)
             .with_context(|| format!("writing {}", config.display()))?;
-        let child = spawn_daemon(edge, bin, dir.path(), &log)?;
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let child = spawn_daemon(edge, bin, dir.path(), &log, &args)?;
         let mut d = Self {
+            args,
             bin: bin.to_path_buf(),
             edge: edge.name().to_string(),
             dir,
@@ -257,7 +274,16 @@ impl Daemon {
     pub fn kill9_and_restart(&mut self, edge: &Netns) -> Result<()> {
         self.child.signal(libc::SIGKILL);
         let _ = self.child.wait_timeout(STOP_GRACE)?;
-        self.child = spawn_daemon(edge, &self.bin, self.dir.path(), &self.log)?;
+        self.restart(edge)
+    }
+
+    /// Starts the daemon again after it stopped (same config, socket, state
+    /// directory and arguments) and waits until it answers.
+    ///
+    /// # Errors
+    /// The new daemon did not come up (its log is in the message).
+    pub fn restart(&mut self, edge: &Netns) -> Result<()> {
+        self.child = spawn_daemon(edge, &self.bin, self.dir.path(), &self.log, &self.args)?;
         self.stopped = None;
         self.wait_ready()
     }
@@ -386,7 +412,13 @@ impl Daemon {
 
 /// Starts `splitter daemon` in `edge` with the config, socket and state
 /// directory inside `dir`, appending its output to `log`.
-fn spawn_daemon(edge: &Netns, bin: &Path, dir: &Path, log: &Path) -> Result<Child> {
+fn spawn_daemon(
+    edge: &Netns,
+    bin: &Path,
+    dir: &Path,
+    log: &Path,
+    args: &[String],
+) -> Result<Child> {
     let log_out = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -403,6 +435,7 @@ fn spawn_daemon(edge: &Netns, bin: &Path, dir: &Path, log: &Path) -> Result<Chil
         // leak into the next.
         .arg("--state-dir")
         .arg(dir.join("state"))
+        .args(args)
         .stdin(Stdio::null())
         .stdout(log_out)
         .stderr(log_err);

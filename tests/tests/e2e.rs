@@ -450,3 +450,65 @@ fn kill_9_and_restart_under_load_loses_nothing() -> Result<()> {
     );
     no_csum_errors(&bg.topo)
 }
+
+#[test]
+#[ignore = "needs root: run with -- --include-ignored --test-threads=1"]
+fn sigterm_detaches_by_default_and_keeps_forwarding_with_on_stop_keep() -> Result<()> {
+    let bg = blue_green(0)?;
+    let bpffs = BpfMount::new()?;
+    let pin_dir = bpffs.pin_dir();
+    let config = with_pin_dir(
+        &blue_green_config(Mode::Snat, Affinity::Flow, 1, 1),
+        &pin_dir,
+    );
+    let xdp_on_edge = || -> Result<bool> {
+        Ok(bg
+            .topo
+            .edge
+            .ip(&["-o", "link", "show", "ec"])?
+            .contains("xdp"))
+    };
+
+    // Default: a clean stop removes everything.
+    let mut daemon = Daemon::start(&bg.topo.edge, &config)?;
+    ensure!(
+        xdp_on_edge()? && pin_dir.join("CONNS").exists(),
+        "not attached and pinned"
+    );
+    let status = daemon.stop()?;
+    ensure!(status.success(), "daemon exited with {status}");
+    ensure!(!xdp_on_edge()?, "XDP still attached after SIGTERM");
+    ensure!(!pin_dir.join("CONNS").exists(), "pins left after SIGTERM");
+    drop(daemon);
+
+    // --on-stop keep: the data plane outlives the daemon, connections too.
+    let mut daemon = Daemon::start_with_args(&bg.topo.edge, &config, &["--on-stop", "keep"])?;
+    let conn = LongLivedConn::start(&bg.topo.cli, topology::vip(), TIMEOUT)?;
+    conn.wait_echoes(5, Duration::from_secs(5))?;
+    let status = daemon.stop()?;
+    ensure!(status.success(), "daemon exited with {status}");
+    ensure!(xdp_on_edge()?, "XDP detached although --on-stop keep");
+    let r = clients::tcp_identity_many(&bg.topo.cli, topology::vip(), 50, &[], TIMEOUT)?;
+    ensure!(
+        r.errors == 0,
+        "no daemon, pinned data plane: {:?}",
+        r.error_samples
+    );
+    let echoed = conn.report().echoed;
+    conn.wait_echoes(echoed + 10, Duration::from_secs(5))?;
+    daemon.restart(&bg.topo.edge)?;
+    let report = conn.stop();
+    ensure!(
+        report.failures.is_empty(),
+        "long-lived connection broke: {:?}",
+        report.failures
+    );
+
+    // `splitter detach` through the running daemon removes it all.
+    let out = daemon.cli(&["detach"])?;
+    ensure!(out.status.success(), "detach failed: {}", out.stderr);
+    let _ = daemon.stop();
+    ensure!(!xdp_on_edge()?, "XDP still attached after detach");
+    ensure!(!pin_dir.join("CONNS").exists(), "pins left after detach");
+    no_csum_errors(&bg.topo)
+}

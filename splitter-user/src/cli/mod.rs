@@ -66,6 +66,12 @@ pub enum Command {
         /// Directory of the state file (weights set at runtime, live ids).
         #[arg(long, default_value = crate::state::DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
+        /// On SIGTERM/SIGINT: `detach` removes the data plane; `keep` leaves
+        /// it pinned and forwarding for the next daemon (restarts and
+        /// upgrades without dropping a connection). A killed daemon always
+        /// leaves it pinned.
+        #[arg(long, value_enum, default_value_t = daemon::OnStop::Detach)]
+        on_stop: daemon::OnStop,
     },
     /// Remove the data plane: detach XDP and delete the pinned program,
     /// links and maps, which drops every established flow through the
@@ -132,11 +138,16 @@ pub enum ConfigCommand {
 /// Runs the parsed command line and returns the process exit code.
 pub async fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
-        Command::Daemon { config, state_dir } => {
+        Command::Daemon {
+            config,
+            state_dir,
+            on_stop,
+        } => {
             let opts = daemon::DaemonOptions {
                 config,
                 socket: cli.socket,
                 state_dir,
+                on_stop,
             };
             daemon::run(opts, daemon::shutdown_signal())
                 .await
