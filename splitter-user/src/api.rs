@@ -5,6 +5,7 @@
 //! | GET | `/v1/status` | | [`StatusReport`] |
 //! | GET | `/v1/config` | | the running [`Config`] |
 //! | PUT | `/v1/services/{name}/weights` | [`WeightsRequest`] | [`ServiceReport`] |
+//! | POST | `/v1/reload` | | `{"changes": [...]}`: the config file re-read and applied as a diff |
 //! | POST | `/v1/detach` | | `{"removed": [pins]}`; the daemon then stops and XDP is detached |
 //!
 //! Errors come back as `{"error": "..."}` with 400 (bad input), 404
@@ -231,6 +232,9 @@ fn route(
             })?;
             to_json(&lock()?.set_weights(name, &req.weights)?)
         }
+        (&Method::POST, ["v1", "reload"]) => {
+            to_json(&serde_json::json!({ "changes": lock()?.reload()? }))
+        }
         (&Method::POST, ["v1", "detach"]) => {
             to_json(&serde_json::json!({ "removed": lock()?.detach()? }))
         }
@@ -239,6 +243,7 @@ fn route(
             ["v1", "status"]
             | ["v1", "config"]
             | ["v1", "detach"]
+            | ["v1", "reload"]
             | ["v1", "services", _, "weights"],
         ) => Err(ApiError::BadRequest(format!(
             "method {method} is not allowed on {path}"

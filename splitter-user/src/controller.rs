@@ -25,6 +25,8 @@ pub struct Controller {
     state_dir: Option<PathBuf>,
     /// Set by a detach request; the daemon stops when it fires.
     pub detach: Arc<Notify>,
+    /// The file `reload` reads.
+    config_path: Option<PathBuf>,
 }
 
 impl Controller {
@@ -35,7 +37,61 @@ impl Controller {
             dataplane,
             state_dir,
             detach: Arc::new(Notify::new()),
+            config_path: None,
         }
+    }
+
+    /// Sets the file [`Controller::reload`] reads.
+    pub fn with_config_path(mut self, path: PathBuf) -> Self {
+        self.config_path = Some(path);
+        self
+    }
+
+    /// Re-reads the configuration file and applies it as a diff: services
+    /// that did not change keep their tables untouched, established flows
+    /// are never touched. The file's weights win over runtime ones. An
+    /// invalid file is refused as a whole and nothing changes.
+    ///
+    /// # Errors
+    /// [`ApiError::BadRequest`] with every problem of the file, or when the
+    /// `[dataplane]` section changed (that needs a restart);
+    /// [`ApiError::Internal`] when the kernel refused (the old config stays live).
+    pub fn reload(&mut self) -> Result<Vec<String>, ApiError> {
+        let path = self.config_path.clone().ok_or_else(|| {
+            ApiError::BadRequest("this daemon has no configuration file to reload".into())
+        })?;
+        let next = Config::load(&path)
+            .map_err(|e| ApiError::BadRequest(format!("reload refused, nothing changed: {e}")))?;
+        if next.dataplane != self.config.dataplane {
+            return Err(ApiError::BadRequest(
+                "reload refused, nothing changed: the [dataplane] section differs from the running one; restart the daemon to change interfaces, mode, SNAT address, XDP mode or pin_dir".into(),
+            ));
+        }
+        let mut changes = Vec::new();
+        for s in &next.services {
+            match self.config.service(&s.name) {
+                None => changes.push(format!("added service {}", s.name)),
+                Some(old) if old != s => changes.push(format!("changed service {}", s.name)),
+                Some(_) => {}
+            }
+        }
+        for s in &self.config.services {
+            if next.service(&s.name).is_none() {
+                changes.push(format!("removed service {}", s.name));
+            }
+        }
+        if let Err(e) = self.dataplane.apply(&next) {
+            let _ = self.dataplane.apply(&self.config);
+            return Err(ApiError::Internal(format!(
+                "reload failed, the previous configuration stays live: {e}"
+            )));
+        }
+        self.config = next;
+        if let Err(e) = self.persist() {
+            error!(error = %e, "reloaded, but the state file could not be written");
+        }
+        info!(changes = ?changes, "configuration reloaded");
+        Ok(changes)
     }
 
     /// Writes the state file (weights and live ids).

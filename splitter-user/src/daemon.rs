@@ -11,7 +11,9 @@ use anyhow::{Context, Result, bail};
 use tokio::net::UnixListener;
 use tracing::{error, info, warn};
 
-use crate::{api, config::Config, controller::Controller, dataplane::Dataplane, pins, state};
+use crate::{
+    api, config::Config, controller::Controller, dataplane::Dataplane, pins, state, systemd,
+};
 
 /// Default API socket.
 pub const DEFAULT_SOCKET: &str = "/run/splitter/splitter.sock";
@@ -106,13 +108,22 @@ pub async fn run(
         .unwrap_or_default();
     dataplane.attach(&config.dataplane, &modes)?;
     let listener = bind_socket(&opts.socket)?;
-    let controller = Controller::new(config, dataplane, Some(opts.state_dir.clone()));
+    let status_line = format!(
+        "STATUS=forwarding {} service(s) on {}",
+        config.services.len(),
+        ifaces.join(", ")
+    );
+    let controller = Controller::new(config, dataplane, Some(opts.state_dir.clone()))
+        .with_config_path(opts.config.clone());
     if let Err(e) = controller.persist() {
         warn!(error = %e, "could not write the state file; runtime changes would not survive a restart");
     }
     let detach = controller.detach.clone();
     info!(socket = %opts.socket.display(), pins = %pin_dir.display(), "splitter daemon ready");
     let controller = Arc::new(std::sync::Mutex::new(controller));
+    // Ready only now: program attached, state restored, API listening.
+    systemd::notify(&format!("READY=1\n{status_line}"));
+    let background = spawn_watchdog_and_reload(controller.clone());
     let stop = async {
         tokio::select! {
             _ = shutdown => match opts.on_stop {
@@ -128,9 +139,80 @@ pub async fn run(
         }
     };
     api::serve(listener, controller.clone(), stop).await;
+    systemd::notify("STOPPING=1");
+    for task in background {
+        task.abort();
+    }
     drop(controller);
     let _ = std::fs::remove_file(&opts.socket);
     Ok(())
+}
+
+/// The watchdog pinger (it takes the controller's lock, so a wedged
+/// controller stops the pings and systemd restarts it) and the SIGHUP
+/// handler (reload, reported through `RELOADING=1` / `READY=1`).
+fn spawn_watchdog_and_reload(
+    controller: Arc<std::sync::Mutex<Controller>>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut tasks = Vec::new();
+    if let Some(every) = systemd::watchdog_interval() {
+        let c = controller.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                if c.lock().is_ok() {
+                    systemd::notify("WATCHDOG=1");
+                }
+            }
+        }));
+    }
+    tasks.push(tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            warn!("cannot handle SIGHUP; use `splitter reload`");
+            return;
+        };
+        while hup.recv().await.is_some() {
+            info!("SIGHUP: reloading the configuration");
+            systemd::notify(&format!("RELOADING=1\nMONOTONIC_USEC={}", monotonic_usec()));
+            let result = match controller.lock() {
+                Ok(mut c) => c.reload(),
+                Err(_) => Err(crate::api::ApiError::Internal(
+                    "controller state is poisoned".into(),
+                )),
+            };
+            match result {
+                Ok(changes) => {
+                    systemd::notify(&format!("READY=1\nSTATUS=reloaded: {}", describe(&changes)));
+                }
+                Err(e) => {
+                    error!(error = %e, "reload refused");
+                    systemd::notify(
+                        "READY=1\nSTATUS=reload refused; the previous configuration is live",
+                    );
+                }
+            }
+        }
+    }));
+    tasks
+}
+
+fn describe(changes: &[String]) -> String {
+    if changes.is_empty() {
+        "no changes".into()
+    } else {
+        changes.join(", ")
+    }
+}
+
+fn monotonic_usec() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime fills the struct.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000
 }
 
 /// Applies saved weights to services whose versions are still the same.

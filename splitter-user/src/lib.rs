@@ -8,6 +8,7 @@
 //! - [`netif`]: interface look-ups (index, first IPv4 address).
 //! - [`pins`]: the bpffs pin directory: layout checks, take-over, removal.
 //! - [`state`]: the state file (weights, live ids), written atomically.
+//! - [`systemd`]: readiness, status and watchdog notifications.
 //! - [`controller`]: the running config and the data plane, changed together.
 //! - [`api`]: the daemon's HTTP API on a Unix socket, and its JSON types.
 //! - [`client`]: the CLI's side of that API.
@@ -25,4 +26,5 @@ pub mod dataplane;
 pub mod netif;
 pub mod pins;
 pub mod state;
+pub mod systemd;
 pub mod table;

@@ -320,6 +320,11 @@ impl Daemon {
         }
     }
 
+    /// Process id of the running daemon.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The API socket.
     pub fn socket(&self) -> &Path {
         &self.socket

@@ -512,3 +512,70 @@ fn sigterm_detaches_by_default_and_keeps_forwarding_with_on_stop_keep() -> Resul
     ensure!(!pin_dir.join("CONNS").exists(), "pins left after detach");
     no_csum_errors(&bg.topo)
 }
+
+#[test]
+#[ignore = "needs root: run with -- --include-ignored --test-threads=1"]
+fn reload_applies_a_valid_file_and_refuses_an_invalid_one() -> Result<()> {
+    let bg = blue_green(0)?;
+    let daemon = Daemon::start(
+        &bg.topo.edge,
+        &blue_green_config(Mode::Snat, Affinity::Flow, 100, 0),
+    )?;
+    let conn = LongLivedConn::start(&bg.topo.cli, topology::vip(), TIMEOUT)?;
+    let file = daemon.dir().join("splitter.toml");
+    let weights = |d: &Daemon| -> Result<Vec<u64>> {
+        Ok(d.status_json()?["services"][0]["versions"]
+            .as_array()
+            .context("no versions")?
+            .iter()
+            .filter_map(|v| v["weight"].as_u64())
+            .collect())
+    };
+
+    // Invalid: refused as a whole, nothing changes.
+    let bad = blue_green_config(Mode::Snat, Affinity::Flow, 0, 100)
+        .replace("10.0.2.3:8080", "10.0.2.x:8080");
+    std::fs::write(&file, &bad)?;
+    let out = daemon.cli(&["reload"])?;
+    ensure!(
+        out.status.code() == Some(1)
+            && out.stderr.contains("reload refused")
+            && out.stderr.contains("10.0.2.x"),
+        "invalid reload: exit {:?}, {}",
+        out.status.code(),
+        out.stderr
+    );
+    ensure!(
+        weights(&daemon)? == vec![100, 0],
+        "an invalid reload changed the weights"
+    );
+    let r = clients::tcp_identity_many(&bg.topo.cli, topology::vip(), 50, &[], TIMEOUT)?;
+    ensure!(r.errors == 0 && r.count("blue") == 50, "{:?}", r.per_name);
+
+    // A [dataplane] change needs a restart: refused.
+    std::fs::write(&file, blue_green_config(Mode::Dnat, Affinity::Flow, 0, 100))?;
+    let out = daemon.cli(&["reload"])?;
+    ensure!(
+        out.status.code() == Some(1) && out.stderr.contains("[dataplane]"),
+        "{}",
+        out.stderr
+    );
+
+    // Valid: applied.
+    std::fs::write(&file, blue_green_config(Mode::Snat, Affinity::Flow, 0, 100))?;
+    let out = daemon.cli_ok(&["reload"])?;
+    ensure!(out.contains("changed service web"), "{out}");
+    ensure!(
+        weights(&daemon)? == vec![0, 100],
+        "valid reload not applied"
+    );
+    let r = clients::tcp_identity_many(&bg.topo.cli, topology::vip(), 50, &[], TIMEOUT)?;
+    ensure!(r.errors == 0 && r.count("green") == 50, "{:?}", r.per_name);
+    let report = conn.stop();
+    ensure!(
+        report.failures.is_empty(),
+        "a reload broke an established connection: {:?}",
+        report.failures
+    );
+    Ok(())
+}

@@ -22,6 +22,7 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("llvm-22-dev", "needed by bpf-linker"),
     ("ethtool", "the test topology sets veth offloads"),
     ("iproute2", "`ip` builds the test namespaces"),
+    ("systemd", "systemd-analyze verifies the shipped unit"),
 ];
 /// The bpf-linker release known to work with LLVM 22 here.
 const BPF_LINKER_VERSION: &str = "0.13.0";

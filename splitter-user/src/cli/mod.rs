@@ -22,6 +22,7 @@ Examples:
   splitter weights set web blue=90 green=10
   splitter weights set web blue=0 green=100      # blue-green switch
   splitter config check /etc/splitter/splitter.toml
+  splitter reload                                 # re-read the config file (or SIGHUP)
   splitter detach                                 # remove the pinned data plane
 
 Exit codes: 0 ok, 1 refused or failed, 2 bad command line, 3 daemon unreachable.";
@@ -73,6 +74,12 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = daemon::OnStop::Detach)]
         on_stop: daemon::OnStop,
     },
+    /// Re-read the daemon's configuration file and apply it as a diff
+    /// (same as SIGHUP). An invalid file is refused as a whole and the
+    /// running configuration stays; the file's weights replace runtime ones.
+    ///
+    /// Example: splitter reload
+    Reload,
     /// Remove the data plane: detach XDP and delete the pinned program,
     /// links and maps, which drops every established flow through the
     /// edge. Stops a running daemon first. Stopping the daemon alone leaves
@@ -155,6 +162,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         }
         Command::Status { output } => status::run(&cli.socket, output).await,
         Command::Detach { pin_dir } => detach::run(&cli.socket, &pin_dir).await,
+        Command::Reload => reload(&cli.socket).await,
         Command::Weights(WeightsCommand::Set {
             service,
             weights,
@@ -177,6 +185,22 @@ pub async fn run(cli: Cli) -> ExitCode {
             ExitCode::from(e.code())
         }
     }
+}
+
+async fn reload(socket: &std::path::Path) -> Result<(), CliError> {
+    let body = crate::client::request(socket, hyper::Method::POST, "/v1/reload", None).await?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&body).map_err(|e| CliError::Other(e.into()))?;
+    let changes: Vec<&str> = v["changes"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|c| c.as_str()).collect())
+        .unwrap_or_default();
+    if changes.is_empty() {
+        println!("reloaded: no changes");
+    } else {
+        println!("reloaded: {}", changes.join(", "));
+    }
+    Ok(())
 }
 
 /// Errors of CLI commands, carrying their exit code.
