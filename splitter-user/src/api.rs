@@ -5,6 +5,7 @@
 //! | GET | `/v1/status` | | [`StatusReport`] |
 //! | GET | `/v1/config` | | the running [`Config`] |
 //! | PUT | `/v1/services/{name}/weights` | [`WeightsRequest`] | [`ServiceReport`] |
+//! | GET | `/v1/flow?service=NAME&client=ADDR:PORT` | | [`FlowReport`] |
 //! | POST | `/v1/reload` | | `{"changes": [...]}`: the config file re-read and applied as a diff |
 //! | POST | `/v1/detach` | | `{"removed": [pins]}`; the daemon then stops and XDP is detached |
 //!
@@ -115,6 +116,45 @@ pub struct BackendReport {
     pub reply_bytes: u64,
 }
 
+/// `GET /v1/flow?service=NAME&client=ADDR:PORT`: where a client's flow goes and why.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FlowReport {
+    /// Service name.
+    pub service: String,
+    /// `addr:port` of the VIP.
+    pub vip: String,
+    /// `tcp` or `udp`.
+    pub protocol: String,
+    /// `flow` or `client-ip`.
+    pub affinity: String,
+    /// The client `addr:port` asked about.
+    pub client: String,
+    /// Flow hash (of the client address only with `client-ip` affinity).
+    pub hash: u32,
+    /// Version a new flow from this client would get now, and why.
+    pub new_flow_version: String,
+    /// Backend a new flow would get now.
+    pub new_flow_backend: String,
+    /// How the version and backend were chosen.
+    pub why: String,
+    /// The connection-table entry, if the flow is known to the edge: it
+    /// decides, whatever the weights say now.
+    pub connection: Option<ConnectionReport>,
+}
+
+/// A connection-table entry.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ConnectionReport {
+    /// Backend the flow is bound to.
+    pub backend: String,
+    /// Source the backend sees in SNAT mode.
+    pub snat_source: Option<String>,
+    /// TCP state seen so far (`syn`, `established`, `fin-client`, `fin-backend`, `rst`).
+    pub tcp_state: Vec<String>,
+    /// Milliseconds since the last packet (at one-second granularity).
+    pub idle_ms: u64,
+}
+
 /// `PUT /v1/services/{name}/weights`: every version of the service, by name.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -190,6 +230,7 @@ async fn handle(
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
+    let req_query = req.uri().query().map(str::to_string);
     let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
         Ok(b) => b.to_bytes(),
         Err(e) => {
@@ -198,7 +239,8 @@ async fn handle(
             ))));
         }
     };
-    let result = route(&controller, &method, &path, &body);
+    let query = req_query;
+    let result = route(&controller, &method, &path, query.as_deref(), &body);
     match &result {
         Ok(_) => debug!(%method, %path, "API request"),
         Err(e) => info!(%method, %path, error = %e, "API request refused"),
@@ -213,6 +255,7 @@ fn route(
     controller: &Shared,
     method: &Method,
     path: &str,
+    query: Option<&str>,
     body: &[u8],
 ) -> Result<String, ApiError> {
     let lock = || {
@@ -231,6 +274,23 @@ fn route(
                 ))
             })?;
             to_json(&lock()?.set_weights(name, &req.weights)?)
+        }
+        (&Method::GET, ["v1", "flow"]) => {
+            let q = query.unwrap_or_default();
+            let get = |k: &str| {
+                q.split('&')
+                    .filter_map(|kv| kv.split_once('='))
+                    .find(|(key, _)| *key == k)
+                    .map(|(_, v)| v.to_string())
+            };
+            let service = get("service")
+                .ok_or_else(|| ApiError::BadRequest("missing ?service=NAME".into()))?;
+            let client = get("client")
+                .ok_or_else(|| ApiError::BadRequest("missing &client=ADDR:PORT".into()))?;
+            let client: std::net::SocketAddrV4 = client.parse().map_err(|_| {
+                ApiError::BadRequest(format!("client {client:?} is not an IPv4 address:port"))
+            })?;
+            to_json(&lock()?.flow(&service, client)?)
         }
         (&Method::POST, ["v1", "reload"]) => {
             to_json(&serde_json::json!({ "changes": lock()?.reload()? }))

@@ -74,7 +74,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
-    net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
     path::{Path, PathBuf},
     str::FromStr,
 };
@@ -218,6 +218,31 @@ pub struct Config {
     pub dataplane: DataplaneConfig,
     /// Services, in file order (`[[service]]`).
     pub services: Vec<ServiceConfig>,
+    /// The Prometheus endpoint; `None`: disabled.
+    pub metrics: Option<MetricsConfig>,
+}
+
+/// `[metrics]`: the Prometheus endpoint (`GET /metrics`). Without the
+/// table it listens on [`DEFAULT_METRICS_LISTEN`]; `listen = ""` or
+/// `enabled = false` turns it off. It binds only what is written: a
+/// non-loopback address (`0.0.0.0:9470`) exposes the counters, service
+/// names and backend addresses to whoever can reach it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MetricsConfig {
+    /// Address and port to listen on.
+    pub listen: SocketAddr,
+}
+
+/// Default of `metrics.listen`: loopback only.
+pub const DEFAULT_METRICS_LISTEN: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9470));
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_METRICS_LISTEN,
+        }
+    }
 }
 
 /// `[dataplane]`.
@@ -287,6 +312,14 @@ struct RawConfig {
     dataplane: RawDataplane,
     #[serde(default, rename = "service")]
     services: Vec<RawService>,
+    metrics: Option<RawMetrics>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    enabled: Option<bool>,
+    listen: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -516,9 +549,33 @@ fn convert(raw: RawConfig, p: &mut Problems, bad: &mut Unparsed) -> Config {
             versions,
         });
     }
+    p.section = 0;
+    let metrics = match raw.metrics {
+        None => Some(MetricsConfig::default()),
+        Some(RawMetrics {
+            enabled: Some(false),
+            ..
+        }) => None,
+        Some(RawMetrics { listen: None, .. }) => Some(MetricsConfig::default()),
+        Some(RawMetrics {
+            listen: Some(l), ..
+        }) if l.is_empty() => None,
+        Some(RawMetrics {
+            listen: Some(l), ..
+        }) => match l.parse::<SocketAddr>() {
+            Ok(listen) => Some(MetricsConfig { listen }),
+            Err(_) => {
+                p.push(format!(
+                    "metrics.listen: {l:?} is not an address:port (like \"{DEFAULT_METRICS_LISTEN}\"; \"\" turns the endpoint off)"
+                ));
+                None
+            }
+        },
+    };
     Config {
         dataplane,
         services,
+        metrics,
     }
 }
 
@@ -590,6 +647,20 @@ fn check(c: &Config, bad: &Unparsed, out: &mut Problems) {
     }
     if let Some(e) = d.snat_address.and_then(addr_problem) {
         out.push(format!("dataplane.snat_address: {e}"));
+    }
+    if let Some(m) = &c.metrics {
+        if m.listen.port() == 0 {
+            out.push(format!(
+                "metrics.listen: {}: port 0 is not a usable port",
+                m.listen
+            ));
+        }
+        if m.listen.ip().is_multicast() {
+            out.push(format!(
+                "metrics.listen: {} is not a unicast address",
+                m.listen
+            ));
+        }
     }
     out.section = usize::MAX;
     if c.services.len() > MAX_SERVICES as usize {
@@ -991,6 +1062,7 @@ backends = ["10.0.3.1:8443"]
                     },
                 ],
             }],
+            metrics: Some(MetricsConfig::default()),
         };
         assert_eq!(Config::parse(&text).unwrap(), want);
         assert_eq!(want.validate(), Ok(()));
@@ -1020,6 +1092,58 @@ backends = ["10.0.3.1:8443"]
         let c = Config::parse("[dataplane]\ninterface = \"eth0\"\n").unwrap();
         assert!(c.services.is_empty());
         assert!(c.service("web").is_none());
+    }
+
+    #[test]
+    fn metrics_default_to_loopback_and_can_be_moved_or_turned_off() {
+        let listen = |extra: &str| {
+            Config::parse(&format!("{BASE}\n{extra}"))
+                .unwrap()
+                .metrics
+                .map(|m| m.listen.to_string())
+        };
+        assert_eq!(listen(""), Some("127.0.0.1:9470".into()));
+        assert_eq!(listen("[metrics]"), Some("127.0.0.1:9470".into()));
+        assert_eq!(
+            listen("[metrics]\nlisten = \"10.1.2.3:9100\""),
+            Some("10.1.2.3:9100".into())
+        );
+        assert_eq!(
+            listen("[metrics]\nlisten = \"[::1]:9470\""),
+            Some("[::1]:9470".into())
+        );
+        assert_eq!(listen("[metrics]\nlisten = \"\""), None);
+        assert_eq!(listen("[metrics]\nenabled = false"), None);
+        assert_eq!(
+            listen("[metrics]\nenabled = false\nlisten = \"127.0.0.1:1\""),
+            None
+        );
+        assert_eq!(
+            listen("[metrics]\nenabled = true"),
+            Some("127.0.0.1:9470".into())
+        );
+        for (extra, want) in [
+            (
+                "[metrics]\nlisten = \"localhost:9470\"",
+                "metrics.listen: \"localhost:9470\" is not an address:port",
+            ),
+            (
+                "[metrics]\nlisten = \"127.0.0.1\"",
+                "metrics.listen: \"127.0.0.1\" is not an address:port",
+            ),
+            (
+                "[metrics]\nlisten = \"127.0.0.1:0\"",
+                "metrics.listen: 127.0.0.1:0: port 0 is not a usable port",
+            ),
+            (
+                "[metrics]\nlisten = \"224.0.0.1:9470\"",
+                "metrics.listen: 224.0.0.1:9470 is not a unicast address",
+            ),
+            ("[metrics]\nport = 9470", "unknown field `port`"),
+        ] {
+            let e = err(&format!("{BASE}\n{extra}")).to_string();
+            assert!(e.contains(want), "{extra}: got {e}");
+        }
     }
 
     #[test]

@@ -8,13 +8,14 @@ use tracing::{error, info};
 
 use crate::{
     api::{
-        ApiError, AttachmentReport, BackendReport, DataplaneReport, ServiceReport, StatusReport,
-        VersionReport,
+        ApiError, AttachmentReport, BackendReport, ConnectionReport, DataplaneReport, FlowReport,
+        ServiceReport, StatusReport, VersionReport,
     },
     config::{Config, ServiceConfig, parse_weight_args},
     dataplane::Dataplane,
     pins,
     state::{self, State},
+    table,
 };
 
 /// Running config plus the data plane it is published into.
@@ -195,6 +196,133 @@ impl Controller {
         self.service_report(&svc)
     }
 
+    /// Where `client`'s flow to `service` goes and why: the connection-table
+    /// entry if the edge knows the flow, and what a new flow would get now.
+    ///
+    /// # Errors
+    /// [`ApiError::NotFound`] for an unknown service; [`ApiError::Internal`]
+    /// for map failures.
+    pub fn flow(
+        &self,
+        service: &str,
+        client: std::net::SocketAddrV4,
+    ) -> Result<FlowReport, ApiError> {
+        use splitter_common::{
+            CONN_F_SNAT, TCP_ESTABLISHED, TCP_FIN_BACKEND, TCP_FIN_CLIENT, TCP_RST, TCP_SYN,
+            flow_hash, version_hash,
+        };
+        let svc = self
+            .config
+            .service(service)
+            .ok_or_else(|| ApiError::NotFound(format!("no service named {service:?}")))?;
+        let key = crate::dataplane::service_key(svc);
+        let src = [u32::from(*client.ip()).to_be(), 0, 0, 0];
+        let by_ip = svc.affinity == crate::config::Affinity::ClientIp;
+        let h = flow_hash(
+            &src,
+            &key.addr,
+            client.port().to_be(),
+            key.port,
+            key.proto,
+            by_ip,
+        );
+        let weights: Vec<u32> = svc.versions.iter().map(|v| v.weight).collect();
+        let internal = |e: String| ApiError::Internal(e);
+        let thresholds =
+            table::version_thresholds(&weights).map_err(|e| internal(e.to_string()))?;
+        let vi = table::pick_version(&thresholds, weights.len(), version_hash(h));
+        let version = svc
+            .versions
+            .get(vi)
+            .ok_or_else(|| internal("no version picked".into()))?;
+        let keys: Vec<String> = version
+            .backends
+            .iter()
+            .map(|b| b.address.to_string())
+            .collect();
+        let members: Vec<table::MaglevBackend> = version
+            .backends
+            .iter()
+            .zip(&keys)
+            .map(|(b, k)| table::MaglevBackend {
+                key: k,
+                weight: b.weight,
+                id: self
+                    .dataplane
+                    .backend_id(&svc.name, &version.name, b.address)
+                    .unwrap_or(0) as u16,
+            })
+            .collect();
+        let t = table::maglev_table(&members).map_err(|e| internal(e.to_string()))?;
+        let id = table::maglev_lookup(&t, h);
+        let backend = version
+            .backends
+            .iter()
+            .find(|b| {
+                self.dataplane
+                    .backend_id(&svc.name, &version.name, b.address)
+                    == Some(u32::from(id))
+            })
+            .map(|b| b.address.to_string())
+            .unwrap_or_else(|| "none".into());
+        let lo = if vi == 0 { 0 } else { thresholds[vi - 1] };
+        let why = format!(
+            "{} hash {h:#010x}; version hash {:#010x} falls in {}'s range [{lo:#x}, {:#x}) of the weights {}; Maglev slot {} of that version",
+            if by_ip { "client-ip" } else { "5-tuple" },
+            version_hash(h),
+            version.name,
+            thresholds[vi],
+            svc.versions
+                .iter()
+                .map(|v| format!("{}={}", v.name, v.weight))
+                .collect::<Vec<_>>()
+                .join(" "),
+            h % splitter_common::MAGLEV_SIZE,
+        );
+        let conn = self
+            .dataplane
+            .conn(client, svc.vip, key.proto)
+            .map_err(|e| internal(e.to_string()))?;
+        let connection = conn.map(|c| {
+            let addr = |a: [u32; 4], p: u16| {
+                std::net::SocketAddrV4::new(
+                    std::net::Ipv4Addr::from(u32::from_be(a[0])),
+                    u16::from_be(p),
+                )
+                .to_string()
+            };
+            let state = [
+                (TCP_SYN, "syn"),
+                (TCP_ESTABLISHED, "established"),
+                (TCP_FIN_CLIENT, "fin-client"),
+                (TCP_FIN_BACKEND, "fin-backend"),
+                (TCP_RST, "rst"),
+            ]
+            .iter()
+            .filter(|(bit, _)| c.state & bit != 0)
+            .map(|(_, n)| n.to_string())
+            .collect();
+            ConnectionReport {
+                backend: addr(c.new_addr, c.new_port),
+                snat_source: (c.flags & CONN_F_SNAT != 0).then(|| addr(c.other_addr, c.other_port)),
+                tcp_state: state,
+                idle_ms: monotonic_ns().saturating_sub(c.last_seen) / 1_000_000,
+            }
+        });
+        Ok(FlowReport {
+            service: svc.name.clone(),
+            vip: svc.vip.to_string(),
+            protocol: svc.protocol.to_string(),
+            affinity: svc.affinity.to_string(),
+            client: client.to_string(),
+            hash: h,
+            new_flow_version: version.name.clone(),
+            new_flow_backend: backend,
+            why,
+            connection,
+        })
+    }
+
     /// Status of everything, with live counters.
     ///
     /// # Errors
@@ -280,4 +408,15 @@ impl Controller {
             versions,
         })
     }
+}
+
+/// The clock `bpf_ktime_get_ns` reads.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime fills the struct.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }

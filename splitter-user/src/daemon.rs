@@ -12,7 +12,8 @@ use tokio::net::UnixListener;
 use tracing::{error, info, warn};
 
 use crate::{
-    api, config::Config, controller::Controller, dataplane::Dataplane, pins, state, systemd,
+    api, config::Config, controller::Controller, dataplane::Dataplane, metrics, pins, state,
+    systemd,
 };
 
 /// Default API socket.
@@ -53,8 +54,9 @@ pub enum OnStop {
 ///
 /// # Errors
 /// Invalid config, not root, interfaces missing, the kernel refusing the
-/// program, a pinned layout this build cannot take over, or the socket path
-/// being unusable; each with a message that says which.
+/// program, a pinned layout this build cannot take over, the socket path
+/// being unusable, or the metrics address not bindable; each with a message
+/// that says which.
 pub async fn run(
     opts: DaemonOptions,
     shutdown: impl std::future::Future<Output = ()>,
@@ -66,6 +68,12 @@ pub async fn run(
             "splitter daemon must run as root (it loads BPF programs and attaches XDP: CAP_BPF, CAP_NET_ADMIN)"
         );
     }
+    // Before the data plane is touched: a taken port refuses the start
+    // with nothing changed.
+    let metrics_listener = match &config.metrics {
+        Some(m) => Some(bind_metrics(m.listen).await?),
+        None => None,
+    };
     let saved = match state::load(&opts.state_dir) {
         Ok(s) => s,
         Err(e @ state::StateError::Damaged { .. }) => {
@@ -124,6 +132,13 @@ pub async fn run(
     // Ready only now: program attached, state restored, API listening.
     systemd::notify(&format!("READY=1\n{status_line}"));
     let background = spawn_watchdog_and_reload(controller.clone());
+    let metrics_server = metrics_listener.map(|l| {
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(metrics::serve(l, controller.clone(), async {
+            let _ = stop_rx.await;
+        }));
+        (stop_tx, task)
+    });
     let stop = async {
         tokio::select! {
             _ = shutdown => match opts.on_stop {
@@ -142,6 +157,10 @@ pub async fn run(
     systemd::notify("STOPPING=1");
     for task in background {
         task.abort();
+    }
+    if let Some((stop_tx, task)) = metrics_server {
+        drop(stop_tx);
+        let _ = task.await;
     }
     drop(controller);
     let _ = std::fs::remove_file(&opts.socket);
@@ -258,6 +277,21 @@ pub async fn shutdown_signal() {
         _ = term.recv() => info!("SIGTERM received"),
         _ = int.recv() => info!("SIGINT received"),
     }
+}
+
+/// Binds the Prometheus endpoint (`[metrics] listen`).
+async fn bind_metrics(addr: std::net::SocketAddr) -> Result<tokio::net::TcpListener> {
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+        format!(
+            "binding the metrics endpoint on {addr} ([metrics] listen): set another address, or enabled = false to turn it off"
+        )
+    })?;
+    if addr.ip().is_loopback() {
+        info!(%addr, "metrics on http://{addr}/metrics");
+    } else {
+        warn!(%addr, "metrics on http://{addr}/metrics, reachable beyond this host: counters, service names and backend addresses are visible to anyone who can connect");
+    }
+    Ok(listener)
 }
 
 fn bind_socket(path: &Path) -> Result<UnixListener> {

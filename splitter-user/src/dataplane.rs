@@ -34,9 +34,9 @@ use aya::{
     },
 };
 use splitter_common::{
-    BACKEND_F_PRESENT, Backend, BackendStats, FAMILY_V4, MAX_BACKENDS, MAX_TABLES, MAX_VERSIONS,
-    MaglevTable, PROTO_TCP, PROTO_UDP, SVC_F_CLIENT_IP, SVC_F_SNAT, Service, ServiceKey, VipKey,
-    counter, map,
+    BACKEND_F_PRESENT, Backend, BackendStats, Conn, FAMILY_V4, FlowKey, MAX_BACKENDS, MAX_TABLES,
+    MAX_VERSIONS, MaglevTable, PROTO_TCP, PROTO_UDP, SVC_F_CLIENT_IP, SVC_F_SNAT, Service,
+    ServiceKey, VipKey, counter, map,
 };
 use tracing::{info, warn};
 
@@ -173,6 +173,7 @@ pub struct Dataplane {
     backends: Array<MapData, Backend>,
     backend_stats: PerCpuArray<MapData, BackendStats>,
     counters: PerCpuArray<MapData, u64>,
+    conns: HashMap<MapData, FlowKey, Conn>,
     live: BTreeMap<String, LiveService>,
     /// Backend ids by (service, version, address).
     backend_ids: BTreeMap<(String, String, SocketAddrV4), u32>,
@@ -249,6 +250,7 @@ impl Dataplane {
         let backends = take(&mut ebpf, map::BACKENDS, Array::try_from)?;
         let backend_stats = take(&mut ebpf, map::BACKEND_STATS, PerCpuArray::try_from)?;
         let counters = take(&mut ebpf, map::COUNTERS, PerCpuArray::try_from)?;
+        let conns = take(&mut ebpf, map::CONNS, HashMap::try_from)?;
         Ok(Self {
             ebpf,
             services,
@@ -257,6 +259,7 @@ impl Dataplane {
             backends,
             backend_stats,
             counters,
+            conns,
             live: BTreeMap::new(),
             backend_ids: BTreeMap::new(),
             service_ids: Ids::new(splitter_common::MAX_SERVICES),
@@ -392,6 +395,34 @@ impl Dataplane {
             });
         }
         Ok(())
+    }
+
+    /// The connection-table entry of a client's flow to a VIP, if any.
+    ///
+    /// # Errors
+    /// Map read failures other than "not found".
+    pub fn conn(&self, client: SocketAddrV4, vip: SocketAddrV4, proto: u8) -> Result<Option<Conn>> {
+        let key = FlowKey {
+            src: [u32::from(*client.ip()).to_be(), 0, 0, 0],
+            dst: [u32::from(*vip.ip()).to_be(), 0, 0, 0],
+            sport: client.port().to_be(),
+            dport: vip.port().to_be(),
+            proto,
+            family: FAMILY_V4,
+            _pad: [0; 2],
+        };
+        match self.conns.get(&key, 0) {
+            Ok(c) => Ok(Some(c)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(map::CONNS)(e)),
+        }
+    }
+
+    /// The backend id table entries use for a configured backend.
+    pub fn backend_id(&self, service: &str, version: &str, addr: SocketAddrV4) -> Option<u32> {
+        self.backend_ids
+            .get(&(service.to_string(), version.to_string(), addr))
+            .copied()
     }
 
     /// What is live, for the state file.

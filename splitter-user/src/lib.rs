@@ -12,6 +12,7 @@
 //! - [`controller`]: the running config and the data plane, changed together.
 //! - [`api`]: the daemon's HTTP API on a Unix socket, and its JSON types.
 //! - [`client`]: the CLI's side of that API.
+//! - [`metrics`]: the Prometheus endpoint (`GET /metrics` on TCP, loopback by default).
 //! - [`daemon`]: `splitter daemon`: ties the above together until SIGTERM
 //!   (which detaches, or with `--on-stop keep` leaves the data plane pinned).
 //! - [`cli`]: the `splitter` command line, one module per subcommand.
@@ -23,6 +24,7 @@ pub mod config;
 pub mod controller;
 pub mod daemon;
 pub mod dataplane;
+pub mod metrics;
 pub mod netif;
 pub mod pins;
 pub mod state;

@@ -579,3 +579,123 @@ fn reload_applies_a_valid_file_and_refuses_an_invalid_one() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+#[ignore = "needs root: run with -- --include-ignored --test-threads=1"]
+fn flow_shows_the_bound_backend_and_what_a_new_flow_would_get() -> Result<()> {
+    let bg = blue_green(0)?;
+    // DNAT: the backend sees the client's own address and port, which is
+    // the flow's key at the edge.
+    let daemon = Daemon::start(
+        &bg.topo.edge,
+        &blue_green_config(Mode::Dnat, Affinity::Flow, 100, 0),
+    )?;
+    let conn = LongLivedConn::start(&bg.topo.cli, topology::vip(), TIMEOUT)?;
+    conn.wait_echoes(3, Duration::from_secs(5))?;
+    let client = conn.identity().peer.to_string();
+    daemon.weights_set("web", &[("blue", 0), ("green", 100)])?;
+    let out = daemon.cli_ok(&["flow", &client, "--service", "web", "--output", "json"])?;
+    let v: Value = serde_json::from_str(&out)?;
+    ensure!(
+        v["connection"]["backend"] == bg.blue.addr().to_string(),
+        "{v}"
+    );
+    ensure!(
+        v["connection"]["tcp_state"]
+            .as_array()
+            .is_some_and(|s| s.iter().any(|x| x == "established")),
+        "{v}"
+    );
+    ensure!(
+        v["new_flow_version"] == "green" && v["new_flow_backend"] == bg.green.addr().to_string(),
+        "{v}"
+    );
+    let table = daemon.cli_ok(&["flow", &client, "--service", "web"])?;
+    ensure!(
+        table.contains("established: bound to 10.0.2.2:8080"),
+        "{table}"
+    );
+    let unknown = daemon.cli_ok(&["flow", "10.0.1.2:1", "--service", "web", "--output", "json"])?;
+    ensure!(
+        serde_json::from_str::<Value>(&unknown)?["connection"].is_null(),
+        "{unknown}"
+    );
+    let bad = daemon.cli(&["flow", "nonsense", "--service", "web"])?;
+    ensure!(bad.status.code() == Some(2), "{}", bad.stderr);
+    let report = conn.stop();
+    ensure!(report.failures.is_empty(), "{:?}", report.failures);
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs root: run with -- --include-ignored --test-threads=1"]
+fn malformed_api_requests_get_clear_errors() -> Result<()> {
+    use std::io::{Read, Write};
+    let bg = blue_green(0)?;
+    let daemon = Daemon::start(
+        &bg.topo.edge,
+        &blue_green_config(Mode::Snat, Affinity::Flow, 90, 10),
+    )?;
+    let before = daemon.status_json()?["services"].clone();
+    let send = |req: &str| -> Result<String> {
+        let mut s = std::os::unix::net::UnixStream::connect(daemon.socket())?;
+        s.set_read_timeout(Some(TIMEOUT))?;
+        s.write_all(req.as_bytes())?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    };
+    let put = |body: &str| {
+        format!(
+            "PUT /v1/services/web/weights HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    for (req, want_status, want) in [
+        (put("{not json"), "400", "body must be JSON"),
+        (
+            put(r#"{"weights": {"blue": -5, "green": 1}}"#),
+            "400",
+            "body must be JSON",
+        ),
+        (put(r#"{"weights": {"blue": 1}}"#), "400", "missing: green"),
+        (
+            put(r#"{"weights": {"blue": 0, "green": 0}}"#),
+            "400",
+            "all version weights are 0",
+        ),
+        (
+            put(r#"{"weights": {"blue": 1, "green": 1}, "extra": 1}"#),
+            "400",
+            "unknown field",
+        ),
+        (
+            "GET /v1/nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".to_string(),
+            "404",
+            "no such API path",
+        ),
+        (
+            "DELETE /v1/status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".to_string(),
+            "400",
+            "not allowed",
+        ),
+        (
+            "GET /v1/flow?service=web&client=zzz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                .to_string(),
+            "400",
+            "not an IPv4",
+        ),
+    ] {
+        let out = send(&req)?;
+        let status_line = out.lines().next().unwrap_or_default();
+        ensure!(
+            status_line.contains(want_status) && out.contains(want) && out.contains("\"error\""),
+            "request {req:?} got:\n{out}"
+        );
+    }
+    ensure!(
+        daemon.status_json()?["services"] == before,
+        "a refused request changed something"
+    );
+    Ok(())
+}

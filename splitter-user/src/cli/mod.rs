@@ -22,6 +22,7 @@ Examples:
   splitter weights set web blue=90 green=10
   splitter weights set web blue=0 green=100      # blue-green switch
   splitter config check /etc/splitter/splitter.toml
+  splitter flow 10.0.1.2:40000 --service web      # where a flow goes, and why
   splitter reload                                 # re-read the config file (or SIGHUP)
   splitter detach                                 # remove the pinned data plane
 
@@ -74,6 +75,32 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = daemon::OnStop::Detach)]
         on_stop: daemon::OnStop,
     },
+    /// Show where a client's flow goes and why: its connection-table entry
+    /// if the edge knows it (that decides), and the version and backend a
+    /// new flow from it would get now.
+    ///
+    /// Example: splitter flow 10.0.1.2:40000 --service web
+    Flow {
+        /// Client address and source port.
+        client: String,
+        /// Service the client connects to.
+        #[arg(long, short)]
+        service: String,
+        /// Output format.
+        #[arg(long, short, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    ///
+    /// Example: splitter completions bash > /usr/share/bash-completion/completions/splitter
+    Completions {
+        /// Target shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff) generated from these help texts.
+    ///
+    /// Example: splitter manpage | gzip > splitter.1.gz
+    Manpage,
     /// Re-read the daemon's configuration file and apply it as a diff
     /// (same as SIGHUP). An invalid file is refused as a whole and the
     /// running configuration stays; the file's weights replace runtime ones.
@@ -163,6 +190,27 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Status { output } => status::run(&cli.socket, output).await,
         Command::Detach { pin_dir } => detach::run(&cli.socket, &pin_dir).await,
         Command::Reload => reload(&cli.socket).await,
+        Command::Flow {
+            client,
+            service,
+            output,
+        } => flow(&cli.socket, &client, &service, output).await,
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "splitter", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Manpage => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            let mut out = Vec::new();
+            clap_mangen::Man::new(cmd)
+                .render(&mut out)
+                .map_err(|e| CliError::Other(e.into()))
+                .map(|()| {
+                    use std::io::Write as _;
+                    let _ = std::io::stdout().write_all(&out);
+                })
+        }
         Command::Weights(WeightsCommand::Set {
             service,
             weights,
@@ -185,6 +233,54 @@ pub async fn run(cli: Cli) -> ExitCode {
             ExitCode::from(e.code())
         }
     }
+}
+
+async fn flow(
+    socket: &std::path::Path,
+    client: &str,
+    service: &str,
+    output: Output,
+) -> Result<(), CliError> {
+    let client: std::net::SocketAddrV4 = client.parse().map_err(|_| {
+        CliError::Usage(format!(
+            "{client:?} is not an IPv4 address:port (like 10.0.1.2:40000)"
+        ))
+    })?;
+    let path = format!("/v1/flow?service={service}&client={client}");
+    let body = crate::client::request(socket, hyper::Method::GET, &path, None).await?;
+    if output == Output::Json {
+        print!("{}", String::from_utf8_lossy(&body));
+        return Ok(());
+    }
+    let r: crate::api::FlowReport =
+        serde_json::from_slice(&body).map_err(|e| CliError::Other(e.into()))?;
+    println!(
+        "flow {} -> {} ({}/{}, affinity {})",
+        r.client, r.vip, r.service, r.protocol, r.affinity
+    );
+    match &r.connection {
+        Some(c) => println!(
+            "established: bound to {} (state {}, idle {} ms{}) — weights do not move it",
+            c.backend,
+            if c.tcp_state.is_empty() {
+                "udp".to_string()
+            } else {
+                c.tcp_state.join(",")
+            },
+            c.idle_ms,
+            c.snat_source
+                .as_deref()
+                .map(|s| format!(", backend sees {s}"))
+                .unwrap_or_default()
+        ),
+        None => println!("not in the connection table"),
+    }
+    println!(
+        "a new flow now: version {}, backend {}",
+        r.new_flow_version, r.new_flow_backend
+    );
+    println!("why: {}", r.why);
+    Ok(())
 }
 
 async fn reload(socket: &std::path::Path) -> Result<(), CliError> {
