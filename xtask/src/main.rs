@@ -5,12 +5,17 @@
 //! - `setup`: installs missing prerequisites (apt packages, nightly
 //!   rust-src, bpf-linker, bpffs); every other task runs it first.
 //! - `build`: the release build of `splitter` (and its XDP program).
+//! - `dist`: a Debian package (binary, unit, example config, man page, completions).
 //! - `test`: host tests, then the privileged tests one at a time, with a
 //!   summary.
 //! - `demo`: a blue/green switch through splitter in network namespaces.
+//! - `bench`: per-packet and control-plane figures, written to
+//!   `docs/benchmarks*` (never run by `test`; never fails for slowness).
 //! - `util`: workspace paths, cargo, running commands.
+mod bench;
 mod build;
 mod demo;
+mod dist;
 mod setup;
 mod test;
 mod util;
@@ -29,7 +34,9 @@ Examples:
   cargo xtask test --host-only           # no root needed
   cargo xtask test -- --nocapture        # arguments after `--` go to the test binaries
   cargo xtask demo                       # blue/green switch in network namespaces
-  cargo xtask demo --requests 200 --mode dnat";
+  cargo xtask demo --requests 200 --mode dnat
+  cargo xtask bench                      # per-packet cost, control plane; writes docs/benchmarks*
+  cargo xtask bench --rounds 5 --no-write # quicker, print only";
 
 /// Developer tasks for splitter: install prerequisites, build, test, demo.
 ///
@@ -55,6 +62,11 @@ enum Command {
     ///
     /// Example: cargo xtask build
     Build,
+    /// Setup, build, then a Debian package in target/dist/: the binary,
+    /// the systemd unit, an example config, the man page, completions.
+    ///
+    /// Example: cargo xtask dist && apt-get install ./target/dist/splitter_*.deb
+    Dist,
     /// Setup, build, host tests, then the privileged tests of
     /// splitter-tests one at a time (root) with SPLITTER_BIN set. Prints a
     /// summary; exits non-zero if anything failed.
@@ -87,6 +99,24 @@ enum Command {
         #[arg(long, env = "SPLITTER_BIN")]
         bin: Option<PathBuf>,
     },
+    /// Setup, build, then measure (root): the XDP program's cost per packet
+    /// through BPF_PROG_TEST_RUN beside reference programs, Maglev table
+    /// builds, weight-change latency, map memory. Prints a table and writes
+    /// docs/benchmarks.md, docs/benchmarks/results.json and an SVG chart.
+    /// Reports targets; never fails because something is slow.
+    ///
+    /// Example: cargo xtask bench --rounds 15
+    Bench {
+        /// Rounds of each measurement (min / median / max are over rounds).
+        #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=50))]
+        rounds: u64,
+        /// Live flows for the established-flow and reply cases (at most 65536).
+        #[arg(long, default_value_t = 65536, value_parser = clap::value_parser!(u32).range(1..=65536))]
+        flows: u32,
+        /// Print the results only; leave docs/ alone.
+        #[arg(long)]
+        no_write: bool,
+    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -99,7 +129,17 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Setup => setup::setup().map(|()| true),
+        Command::Bench {
+            rounds,
+            flows,
+            no_write,
+        } => bench::bench(&bench::BenchOptions {
+            rounds: rounds as usize,
+            flows,
+            no_write,
+        }),
         Command::Build => build::build().map(|_| true),
+        Command::Dist => dist::dist().map(|_| true),
         Command::Test {
             host_only,
             privileged_only,

@@ -219,7 +219,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Config(ConfigCommand::Check { file }) => {
             match crate::config::Config::load(&file) {
                 Ok(c) => {
-                    println!("{}: OK ({} services)", file.display(), c.services.len());
+                    println!("{}: OK ({} service(s))", file.display(), c.services.len());
                     Ok(())
                 }
                 Err(e) => Err(CliError::Other(e.into())),

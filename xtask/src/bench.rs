@@ -1,0 +1,256 @@
+//! `cargo xtask bench`: figures, not tests. It measures and reports; a
+//! missed target is printed, never an error, and `cargo xtask test` does
+//! not run it.
+//!
+//! Two stages, because the measurements load the XDP programs through
+//! `splitter-user`, whose build script needs the BPF toolchain that
+//! `setup` installs (so the plain xtask cannot link it):
+//!
+//! 1. this crate as always (`cargo xtask bench`): setup, the release
+//!    build, then `cargo run --release -p xtask --features bench -- bench`;
+//! 2. that release build with the `bench` feature measures:
+//!    - [`packet`]: per-packet cost through `BPF_PROG_TEST_RUN` of the
+//!      splitter program and of reference programs, in a namespace of its
+//!      own, and the weight-change latency of `Dataplane::apply`;
+//!    - [`control`]: Maglev table builds for 1,000 services x 100 backends;
+//!    - [`bpf`]: map memory as the kernel accounts it;
+//!
+//!    then prints a table ([`report`]) and writes
+//!    `docs/benchmarks/results.json`, `docs/benchmarks/per-packet.svg` and
+//!    the generated part of `docs/benchmarks.md`.
+//!
+//! Everything it creates (a network namespace, BPF programs and maps) is
+//! owned by guards and removed on return; namespaces left by a killed run
+//! are removed by the next one.
+// Used only by the measuring stage; compiled (and tested) in both.
+#[cfg_attr(not(feature = "bench"), allow(dead_code))]
+mod report;
+
+#[cfg(feature = "bench")]
+mod bpf;
+#[cfg(feature = "bench")]
+mod control;
+#[cfg(feature = "bench")]
+mod packet;
+
+use anyhow::Result;
+
+/// Options of `cargo xtask bench`.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Rounds of every measurement (min / median / max are over rounds).
+    pub rounds: usize,
+    /// Live flows in the connection table for the established-flow cases.
+    pub flows: u32,
+    /// Print only; leave docs/ alone.
+    pub no_write: bool,
+}
+
+/// Runs the bench; `Ok(false)` if a section could not be measured.
+///
+/// # Errors
+/// Setup, the build or the measuring process failed to run.
+pub fn bench(opts: &BenchOptions) -> Result<bool> {
+    #[cfg(feature = "bench")]
+    {
+        measure::run(opts)
+    }
+    #[cfg(not(feature = "bench"))]
+    {
+        outer(opts)
+    }
+}
+
+/// Stage 1: setup, build, then stage 2 in release mode.
+#[cfg(not(feature = "bench"))]
+fn outer(opts: &BenchOptions) -> Result<bool> {
+    use crate::util::{cargo, is_root, step};
+    crate::build::build()?;
+    if !is_root() {
+        anyhow::bail!(
+            "not root: the bench loads XDP programs and builds a network namespace; run `sudo cargo xtask bench`"
+        );
+    }
+    step("measuring (release build of xtask with the `bench` feature)");
+    let mut c = cargo();
+    c.args([
+        "run",
+        "--release",
+        "-p",
+        "xtask",
+        "--features",
+        "bench",
+        "--",
+        "bench",
+        "--rounds",
+        &opts.rounds.to_string(),
+        "--flows",
+        &opts.flows.to_string(),
+    ]);
+    if opts.no_write {
+        c.arg("--no-write");
+    }
+    let what = splitter_tests::netns::describe(&c);
+    println!("    $ {what}");
+    let status = c
+        .status()
+        .map_err(|e| anyhow::anyhow!("cannot start `{what}`: {e}"))?;
+    Ok(status.success())
+}
+
+/// Stage 2: the measurements.
+#[cfg(feature = "bench")]
+mod measure {
+    use std::path::Path;
+
+    use anyhow::{Context, Result, bail};
+    use splitter_tests::netns::{Netns, remove_stale, run_prefix};
+
+    use super::{
+        BenchOptions, control, packet,
+        report::{self, ControlResults, Machine, Results},
+    };
+    use crate::util::{is_root, probe, step, workspace_root};
+
+    /// Rounds of the Maglev build (each builds all 1,000 tables).
+    const MAGLEV_ROUNDS: usize = 5;
+
+    pub fn run(opts: &BenchOptions) -> Result<bool> {
+        if !is_root() {
+            bail!("not root: run `sudo cargo xtask bench`");
+        }
+        let stale = remove_stale();
+        if !stale.is_empty() {
+            step(&format!(
+                "removed namespaces left by earlier runs: {}",
+                stale.join(" ")
+            ));
+        }
+        let mut machine = machine();
+        step(&format!(
+            "control plane: Maglev tables for {} services x {} backends, {MAGLEV_ROUNDS} rounds",
+            control::SERVICES,
+            control::BACKENDS
+        ));
+        let maglev = control::maglev_build(MAGLEV_ROUNDS);
+        step(&format!(
+            "per-packet cost: {} rounds, {} live flows, then a full connection table",
+            opts.rounds, opts.flows
+        ));
+        let popts = packet::PacketOptions {
+            rounds: opts.rounds,
+            flows: opts.flows,
+        };
+        let measured = (|| -> Result<_> {
+            let ns = Netns::new(format!("{}-bench", run_prefix()))?;
+            packet::build_topology(&ns)?;
+            ns.enter(|| packet::run(popts))?
+        })();
+        let (packet, extras) = match measured {
+            Ok((p, x)) => (Ok(p), Some(x)),
+            Err(e) => (Err(format!("{e:#}")), None),
+        };
+        machine.pinned_cpu = extras.as_ref().and_then(|x| x.pinned_cpu);
+        let control = maglev
+            .map(|maglev_ms| {
+                let mut c = ControlResults {
+                    services: control::SERVICES,
+                    backends_per_service: control::BACKENDS,
+                    maglev_ms,
+                    ..ControlResults::default()
+                };
+                if let Some(x) = extras {
+                    c.apply_us = x.apply_us;
+                    c.apply_misses = x.apply_misses;
+                    c.maps = x.maps;
+                }
+                c
+            })
+            .map_err(|e| format!("{e:#}"));
+        let results = Results {
+            machine,
+            packet,
+            control,
+        };
+        step("results");
+        print!("{}", report::text(&results));
+        if !opts.no_write {
+            write(&results)?;
+        }
+        Ok(results.packet.is_ok() && results.control.is_ok())
+    }
+
+    fn write(r: &Results) -> Result<()> {
+        let docs = workspace_root().join("docs");
+        let dir = docs.join("benchmarks");
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let json = serde_json::to_string_pretty(&report::to_json(r))? + "\n";
+        write_file(&dir.join("results.json"), &json)?;
+        if let Some(svg) = report::per_packet_svg(r) {
+            write_file(&dir.join("per-packet.svg"), &svg)?;
+        }
+        let md = docs.join("benchmarks.md");
+        match std::fs::read_to_string(&md)
+            .ok()
+            .and_then(|doc| report::replace_generated(&doc, &report::markdown(r)))
+        {
+            Some(doc) => write_file(&md, &doc)?,
+            None => eprintln!(
+                "warning: {} has no `{}` / `{}` markers; its results section was not updated",
+                md.display(),
+                report::BEGIN_MARKER,
+                report::END_MARKER
+            ),
+        }
+        Ok(())
+    }
+
+    fn write_file(path: &Path, text: &str) -> Result<()> {
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+        println!("    wrote {}", path.display());
+        Ok(())
+    }
+
+    fn machine() -> Machine {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu_model = cpuinfo
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                (k.trim() == "model name").then(|| v.trim().to_string())
+            })
+            .unwrap_or_else(|| "unknown CPU".into());
+        let git = |args: &[&str]| {
+            probe(
+                std::process::Command::new("git")
+                    .current_dir(workspace_root())
+                    .args(args),
+            )
+        };
+        let mut commit = git(&["rev-parse", "--short", "HEAD"])
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|| "unknown".into());
+        if git(&["status", "--porcelain", "--untracked-files=no"])
+            .is_some_and(|s| !s.trim().is_empty())
+        {
+            commit.push_str("-dirty");
+        }
+        Machine {
+            nproc: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .map(|s| s.trim().to_string())
+                .unwrap_or_default(),
+            cpu_model,
+            date: probe(std::process::Command::new("date").args(["-u", "+%Y-%m-%dT%H:%M:%SZ"]))
+                .map(|s| s.trim().to_string())
+                .unwrap_or_default(),
+            commit,
+            profile: if cfg!(debug_assertions) {
+                "debug"
+            } else {
+                "release"
+            },
+            pinned_cpu: None,
+        }
+    }
+}
