@@ -68,6 +68,11 @@ impl Controller {
                 "reload refused, nothing changed: the [dataplane] section differs from the running one; restart the daemon to change interfaces, mode, SNAT address, XDP mode or pin_dir".into(),
             ));
         }
+        if next.metrics != self.config.metrics {
+            return Err(ApiError::BadRequest(
+                "reload refused, nothing changed: the [metrics] section differs from the running one; restart the daemon to move or turn off the metrics endpoint".into(),
+            ));
+        }
         let mut changes = Vec::new();
         for s in &next.services {
             match self.config.service(&s.name) {

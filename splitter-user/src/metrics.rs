@@ -491,8 +491,11 @@ splitter_drops_total{reason="no_flow"} 2
         assert!(got.contains("splitter_version_share_ratio{service=\"web\",version=\"blue\"} 0\n"));
     }
 
+    /// A parsed sample: name, labels (unescaped), value.
+    type Sample = (String, Vec<(String, String)>, f64);
+
     /// Parses one sample line as `name{k="v",...} value`, undoing escapes.
-    fn parse_sample(line: &str) -> Option<(String, Vec<(String, String)>, f64)> {
+    fn parse_sample(line: &str) -> Option<Sample> {
         let name_end = line.find(['{', ' '])?;
         let name = &line[..name_end];
         let name_ok = !name.is_empty()
