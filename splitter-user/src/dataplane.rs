@@ -12,9 +12,9 @@
 //! # fn main() -> Result<(), splitter::dataplane::DataplaneError> {
 //! use splitter::{config::Config, dataplane::Dataplane};
 //! let config = Config::load(std::path::Path::new("/etc/splitter/splitter.toml")).unwrap();
-//! let mut dp = Dataplane::load()?;
+//! let mut dp = Dataplane::load_pinned(&config.dataplane.pin_dir)?;
 //! dp.apply(&config)?;
-//! dp.attach(&config.dataplane)?;
+//! dp.attach(&config.dataplane, &Default::default())?;
 //! # Ok(()) }
 //! ```
 use std::{

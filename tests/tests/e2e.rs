@@ -699,3 +699,70 @@ fn malformed_api_requests_get_clear_errors() -> Result<()> {
     );
     Ok(())
 }
+
+/// Creates a BPF map with the given shape and pins it at `path`, as an
+/// older or newer build with another layout would have left it.
+fn pin_foreign_map(
+    path: &std::path::Path,
+    map_type: u32,
+    key: u32,
+    value: u32,
+    entries: u32,
+) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut attr = [0u32; 32];
+    attr[..4].copy_from_slice(&[map_type, key, value, entries]);
+    // SAFETY: BPF_MAP_CREATE (0) with a zeroed attr holding the four first fields.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            0,
+            attr.as_ptr(),
+            std::mem::size_of_val(&attr),
+        )
+    };
+    ensure!(
+        fd >= 0,
+        "BPF_MAP_CREATE: {}",
+        std::io::Error::last_os_error()
+    );
+    let cpath = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    let mut pin = [0u64; 4];
+    pin[0] = cpath.as_ptr() as u64;
+    pin[1] = fd as u64;
+    // SAFETY: BPF_OBJ_PIN (6): pathname, bpf_fd.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, 6, pin.as_ptr(), std::mem::size_of_val(&pin)) };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: closing the descriptor we created; the pin keeps the map.
+    unsafe { libc::close(fd as i32) };
+    ensure!(rc == 0, "BPF_OBJ_PIN {}: {err}", path.display());
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs root: run with -- --include-ignored --test-threads=1"]
+fn a_pinned_map_of_another_layout_is_refused() -> Result<()> {
+    let topo = Topology::new(TopologyOptions::default())?;
+    let bpffs = BpfMount::new()?;
+    let pin_dir = bpffs.pin_dir();
+    std::fs::create_dir_all(&pin_dir)?;
+    // An LRU hash (type 9) named CONNS whose values are 48 bytes, not 64.
+    pin_foreign_map(&pin_dir.join("CONNS"), 9, 40, 48, 1024)?;
+    let config = with_pin_dir(
+        &blue_green_config(Mode::Snat, Affinity::Flow, 1, 1),
+        &pin_dir,
+    );
+    let err = match Daemon::start(&topo.edge, &config) {
+        Ok(_) => anyhow::bail!("the daemon took over a CONNS map of another layout"),
+        Err(e) => format!("{e:#}"),
+    };
+    ensure!(
+        err.contains("CONNS") && err.contains("value size 48") && err.contains("layout changed"),
+        "unclear refusal: {err}"
+    );
+    ensure!(
+        !topo.edge.ip(&["-o", "link", "show", "ec"])?.contains("xdp"),
+        "something was attached despite the refusal"
+    );
+    Ok(())
+}
