@@ -132,6 +132,9 @@ struct LiveVersion {
     /// The live table, to skip rewriting an unchanged one (`None` after a
     /// restart: then the next publish rewrites the idle generation).
     table: Option<Box<MaglevTable>>,
+    /// The (key, weight, id) list the live table was built from: when it
+    /// is unchanged (a weight-only change), the table is not rebuilt.
+    members: Vec<(String, u32, u16)>,
 }
 
 /// What is live for one service.
@@ -494,6 +497,7 @@ impl Dataplane {
                         id: *vid,
                         generation: *generation,
                         table: None,
+                        members: Vec::new(),
                     },
                 );
             }
@@ -656,6 +660,15 @@ impl Dataplane {
                 used_backends.insert(bid);
                 members.push((b.address.to_string(), b.weight, bid as u16));
             }
+            if let Some(old) = old_versions.get(&ver.name)
+                && old.table.is_some()
+                && old.members == members
+            {
+                entry.tables[i] = old.id * 2 + old.generation;
+                entry.versions[i] = old.id;
+                versions.insert(ver.name.clone(), old.clone());
+                continue;
+            }
             let mb: Vec<MaglevBackend> = members
                 .iter()
                 .map(|(k, w, id)| MaglevBackend {
@@ -669,7 +682,10 @@ impl Dataplane {
                 source,
             })?;
             let live_ver = match old_versions.get(&ver.name) {
-                Some(old) if old.table.as_ref() == Some(&table) => old.clone(),
+                Some(old) if old.table.as_ref() == Some(&table) => LiveVersion {
+                    members: members.clone(),
+                    ..old.clone()
+                },
                 Some(old) => {
                     let generation = old.generation ^ 1;
                     self.tables
@@ -679,6 +695,7 @@ impl Dataplane {
                         id: vid,
                         generation,
                         table: Some(table),
+                        members: members.clone(),
                     }
                 }
                 None => {
@@ -689,6 +706,7 @@ impl Dataplane {
                         id: vid,
                         generation: 0,
                         table: Some(table),
+                        members: members.clone(),
                     }
                 }
             };
