@@ -140,7 +140,15 @@ impl Controller {
     pub fn detach(&mut self) -> Result<Vec<String>, ApiError> {
         let removed = pins::remove_all(&self.config.dataplane.pin_dir)
             .map_err(|e| ApiError::Internal(e.to_string()))?;
-        info!(pins = removed.len(), "detached: pins removed, stopping");
+        if let Some(dir) = &self.state_dir
+            && let Err(e) = state::remove(dir)
+        {
+            error!(error = %e, "could not remove the state file");
+        }
+        info!(
+            pins = removed.len(),
+            "detached: pins and saved state removed, stopping"
+        );
         self.detach.notify_one();
         Ok(removed
             .into_iter()

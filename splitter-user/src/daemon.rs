@@ -144,9 +144,12 @@ pub async fn run(
             _ = shutdown => match opts.on_stop {
                 OnStop::Keep => info!("stopping; the pinned data plane keeps forwarding (`splitter detach` removes it)"),
                 OnStop::Detach => {
-                    info!("stopping: detaching XDP and removing the pins (--on-stop keep would leave them)");
+                    info!("stopping: detaching XDP, removing the pins and the saved state (--on-stop keep would leave them)");
                     if let Err(e) = pins::remove_all(&pin_dir) {
                         error!(error = %e, "could not remove every pin; run `splitter detach`");
+                    }
+                    if let Err(e) = state::remove(&opts.state_dir) {
+                        error!(error = %e, "could not remove the state file");
                     }
                 }
             },

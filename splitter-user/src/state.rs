@@ -169,6 +169,24 @@ pub fn save(dir: &Path, state: &State) -> Result<(), StateError> {
     Ok(())
 }
 
+/// Forgets the saved state (after a detach: the next start begins from
+/// the configuration file).
+///
+/// # Errors
+/// The file exists but cannot be removed.
+pub fn remove(dir: &Path) -> Result<(), StateError> {
+    let path = dir.join(FILE_NAME);
+    match std::fs::remove_file(&path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(StateError::Io {
+            op: "removing",
+            path,
+            source,
+        }),
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

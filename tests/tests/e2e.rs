@@ -479,6 +479,10 @@ fn sigterm_detaches_by_default_and_keeps_forwarding_with_on_stop_keep() -> Resul
     ensure!(status.success(), "daemon exited with {status}");
     ensure!(!xdp_on_edge()?, "XDP still attached after SIGTERM");
     ensure!(!pin_dir.join("CONNS").exists(), "pins left after SIGTERM");
+    ensure!(
+        !daemon.dir().join("state/state.json").exists(),
+        "saved state left after a detaching stop"
+    );
     drop(daemon);
 
     // --on-stop keep: the data plane outlives the daemon, connections too.
@@ -488,6 +492,10 @@ fn sigterm_detaches_by_default_and_keeps_forwarding_with_on_stop_keep() -> Resul
     let status = daemon.stop()?;
     ensure!(status.success(), "daemon exited with {status}");
     ensure!(xdp_on_edge()?, "XDP detached although --on-stop keep");
+    ensure!(
+        daemon.dir().join("state/state.json").exists(),
+        "state file gone although --on-stop keep"
+    );
     let r = clients::tcp_identity_many(&bg.topo.cli, topology::vip(), 50, &[], TIMEOUT)?;
     ensure!(
         r.errors == 0,

@@ -11,7 +11,7 @@ use crate::{
 };
 
 /// Detaches and prints what was removed.
-pub async fn run(socket: &Path, pin_dir: &Path) -> Result<(), CliError> {
+pub async fn run(socket: &Path, pin_dir: &Path, state_dir: &Path) -> Result<(), CliError> {
     match client::request(socket, Method::POST, "/v1/detach", None).await {
         Ok(body) => {
             let v: serde_json::Value =
@@ -22,6 +22,7 @@ pub async fn run(socket: &Path, pin_dir: &Path) -> Result<(), CliError> {
         }
         Err(ClientError::Unreachable { .. }) => {
             let removed = pins::remove_all(pin_dir).map_err(|e| CliError::Other(e.into()))?;
+            crate::state::remove(state_dir).map_err(|e| CliError::Other(e.into()))?;
             if removed.is_empty() {
                 println!("nothing to detach in {}", pin_dir.display());
             } else {

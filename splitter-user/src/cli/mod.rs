@@ -117,6 +117,10 @@ pub enum Command {
         /// Pin directory (dataplane.pin_dir), used when no daemon runs.
         #[arg(long, default_value = crate::config::DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
+        /// State directory whose saved weights are forgotten too, used when
+        /// no daemon runs.
+        #[arg(long, default_value = crate::state::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
     },
     /// Show services, versions, weights, backends and counters.
     ///
@@ -188,7 +192,9 @@ pub async fn run(cli: Cli) -> ExitCode {
                 .map_err(CliError::Other)
         }
         Command::Status { output } => status::run(&cli.socket, output).await,
-        Command::Detach { pin_dir } => detach::run(&cli.socket, &pin_dir).await,
+        Command::Detach { pin_dir, state_dir } => {
+            detach::run(&cli.socket, &pin_dir, &state_dir).await
+        }
         Command::Reload => reload(&cli.socket).await,
         Command::Flow {
             client,
