@@ -115,6 +115,21 @@ pub struct Topology {
 }
 
 impl Topology {
+    /// Fails if any of the three namespaces counted a bad TCP or UDP
+    /// checksum (`InCsumErrors` in `/proc/net/snmp`).
+    ///
+    /// # Errors
+    /// The counters could not be read, or one is not zero.
+    pub fn no_csum_errors(&self) -> Result<()> {
+        for ns in [&self.cli, &self.edge, &self.back] {
+            let c = ns.csum_errors()?;
+            if c.total() != 0 {
+                bail!("InCsumErrors in {}: {c:?}", ns.name());
+            }
+        }
+        Ok(())
+    }
+
     /// Builds the namespaces, links, addresses, routes, offloads and
     /// neighbour entries. Removes namespaces left by dead runs first.
     ///

@@ -25,14 +25,6 @@ use splitter_tests::{
 
 const TIMEOUT: Duration = Duration::from_secs(3);
 
-fn no_csum_errors(topo: &Topology) -> Result<()> {
-    for ns in [&topo.cli, &topo.edge, &topo.back] {
-        let c = ns.csum_errors()?;
-        ensure!(c.total() == 0, "InCsumErrors in {}: {c:?}", ns.name());
-    }
-    Ok(())
-}
-
 #[test]
 #[ignore = "needs root: run with -- --include-ignored --test-threads=1"]
 fn veth_offloads_and_neighbours_are_set() -> Result<()> {
@@ -111,7 +103,7 @@ fn tcp_through_edge_forwarding() -> Result<()> {
         peers.contains(&CLIENT_ADDR) && peers.len() == 3,
         "blue saw peers {peers:?}"
     );
-    no_csum_errors(&topo)
+    topo.no_csum_errors()
 }
 
 #[test]
@@ -146,7 +138,7 @@ fn udp_and_http_through_edge_forwarding() -> Result<()> {
         "HTTP server answered {}",
         http.requests()
     );
-    no_csum_errors(&topo)
+    topo.no_csum_errors()
 }
 
 #[test]
