@@ -181,6 +181,11 @@ pub struct Backend {
 
 /// Backend flag: the slot holds a configured backend.
 pub const BACKEND_F_PRESENT: u8 = 1;
+/// Backend flag: the operator disabled the backend. It gets no new flows
+/// (it is left out of every table) and the client packets of its
+/// established flows are dropped (`drop_backend_disabled`). A draining
+/// backend is only left out of the tables: its flows go on.
+pub const BACKEND_F_DISABLED: u8 = 2;
 
 /// Key of `CONNS`: a packet's own 5-tuple as it arrives at the edge.
 #[repr(C)]
@@ -302,8 +307,14 @@ pub mod counter {
     pub const REDIRECT: u32 = 14;
     /// New flows created.
     pub const NEW_FLOW: u32 = 15;
-    /// Number of counters.
-    pub const COUNT: u32 = 16;
+    /// A client packet of a flow whose backend the operator disabled. Dropped.
+    pub const DROP_BACKEND_DISABLED: u32 = 16;
+    /// Number of counters in use.
+    pub const COUNT: u32 = 17;
+    /// Entries of the `COUNTERS` map: room for counters added later, so that
+    /// adding one does not change the map's layout (and an upgrade can keep
+    /// the pinned maps).
+    pub const SLOTS: u32 = 32;
 
     /// Human names, indexed like the constants.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -323,6 +334,7 @@ pub mod counter {
         "tx",
         "redirect",
         "new_flow",
+        "drop_backend_disabled",
     ];
 }
 

@@ -6,7 +6,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use splitter_common::{
-    BACKEND_F_PRESENT, CONN_F_REVERSE, CONN_F_SNAT, Conn, FAMILY_V4, FlowKey,
+    BACKEND_F_DISABLED, BACKEND_F_PRESENT, CONN_F_REVERSE, CONN_F_SNAT, Conn, FAMILY_V4, FlowKey,
     LAST_SEEN_GRANULARITY_NS, MAGLEV_SIZE, MAX_VERSIONS, NO_BACKEND, PROTO_TCP, SNAT_PORT_MAX,
     SNAT_PORT_MIN, SNAT_PORT_TRIES, SVC_F_CLIENT_IP, SVC_F_SNAT, Service, ServiceKey,
     TCP_CLOSED_REUSE_NS, TCP_ESTABLISHED, TCP_FIN_BACKEND, TCP_FIN_CLIENT, TCP_IDLE_TIMEOUT_NS,
@@ -128,6 +128,12 @@ fn peer_key(conn: &Conn, proto: u8) -> FlowKey {
 #[inline(always)]
 fn established(ctx: &XdpContext, pkt: &Packet, conn: &mut Conn, now: u64) -> u32 {
     let reverse = conn.flags & CONN_F_REVERSE != 0;
+    if !reverse
+        && let Some(b) = BACKENDS.get(conn.backend)
+        && b.flags & BACKEND_F_DISABLED != 0
+    {
+        return maps::drop_with(counter::DROP_BACKEND_DISABLED);
+    }
     let mut bits = 0;
     let mut touch_peer = false;
     if pkt.proto == PROTO_TCP {

@@ -79,7 +79,7 @@ pub fn expected_maps() -> [(&'static str, u32, u32, u32); 7] {
             s(size_of::<BackendStats>()),
             MAX_BACKENDS,
         ),
-        (map::COUNTERS, 4, 8, counter::COUNT),
+        (map::COUNTERS, 4, 8, counter::SLOTS),
     ]
 }
 
