@@ -256,6 +256,27 @@ pub struct Conn {
     pub last_seen: u64,
 }
 
+/// Is the flow an entry describes still going at `now` (same clock as
+/// `last_seen`)? Not once a TCP flow saw a RST or a FIN from both ends, nor
+/// once it was idle past its timeout. The controller counts live flows with
+/// it; the data plane applies the same timeouts before reusing a tuple.
+#[inline(always)]
+pub fn conn_live(proto: u8, state: u32, last_seen: u64, now: u64) -> bool {
+    let idle = now.saturating_sub(last_seen);
+    if proto != PROTO_TCP {
+        return idle <= UDP_IDLE_TIMEOUT_NS;
+    }
+    let closed = state & TCP_RST != 0
+        || state & (TCP_FIN_CLIENT | TCP_FIN_BACKEND) == (TCP_FIN_CLIENT | TCP_FIN_BACKEND);
+    if closed {
+        false
+    } else if state & TCP_ESTABLISHED == 0 {
+        idle <= TCP_SYN_TIMEOUT_NS
+    } else {
+        idle <= TCP_IDLE_TIMEOUT_NS
+    }
+}
+
 /// Value of `BACKEND_STATS` (per CPU; the controller sums the CPUs).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

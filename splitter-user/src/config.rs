@@ -211,6 +211,21 @@ keyword_enum!(
     }
 );
 
+keyword_enum!(
+    /// Whether a backend takes new flows (`state` of a backend).
+    BackendState {
+        /// In its version's table: takes new flows.
+        #[default]
+        Active = "active",
+        /// Out of the table: no new flows; its established flows go on
+        /// until they end (rolling deploys drain a backend this way).
+        Drain = "drain",
+        /// Out of service: no new flows, and the client packets of its
+        /// established flows are dropped (counted as `drop_backend_disabled`).
+        Disabled = "disabled",
+    }
+);
+
 /// The whole configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Config {
@@ -268,7 +283,7 @@ pub struct DataplaneConfig {
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/splitter";
 
 /// `[[service]]`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceConfig {
     /// Unique name.
     pub name: String,
@@ -283,7 +298,7 @@ pub struct ServiceConfig {
 }
 
 /// `[[service.version]]`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VersionConfig {
     /// Unique within the service.
     pub name: String,
@@ -294,12 +309,26 @@ pub struct VersionConfig {
 }
 
 /// One backend.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BackendConfig {
     /// Address and port.
     pub address: SocketAddrV4,
     /// Relative weight inside the version, `1..=MAX_BACKEND_WEIGHT`.
     pub weight: u32,
+    /// Active, draining or disabled.
+    #[serde(default)]
+    pub state: BackendState,
+}
+
+impl BackendConfig {
+    /// An active backend of weight 1.
+    pub fn new(address: SocketAddrV4) -> Self {
+        Self {
+            address,
+            weight: 1,
+            state: BackendState::Active,
+        }
+    }
 }
 
 // ---- The file as written. Addresses, keywords and weights stay raw here
@@ -353,10 +382,11 @@ struct RawVersion {
     backends: Vec<RawBackend>,
 }
 
-/// `"IPv4:port"` or `{ address = "IPv4:port", weight = N }`.
+/// `"IPv4:port"` or `{ address = "IPv4:port", weight = N, state = "drain" }`.
 struct RawBackend {
     address: String,
     weight: Option<i64>,
+    state: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -364,6 +394,7 @@ struct RawBackend {
 struct RawBackendTable {
     address: String,
     weight: Option<i64>,
+    state: Option<String>,
 }
 
 impl<'de> Deserialize<'de> for RawBackend {
@@ -375,12 +406,15 @@ impl<'de> Deserialize<'de> for RawBackend {
         impl<'de> serde::de::Visitor<'de> for Visitor {
             type Value = RawBackend;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(r#"a backend: "IPv4:port" or { address = "IPv4:port", weight = N }"#)
+                f.write_str(
+                    r#"a backend: "IPv4:port" or { address = "IPv4:port", weight = N, state = "active" }"#,
+                )
             }
             fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawBackend, E> {
                 Ok(RawBackend {
                     address: v.to_string(),
                     weight: None,
+                    state: None,
                 })
             }
             fn visit_map<A: serde::de::MapAccess<'de>>(
@@ -393,6 +427,7 @@ impl<'de> Deserialize<'de> for RawBackend {
                 Ok(RawBackend {
                     address: t.address,
                     weight: t.weight,
+                    state: t.state,
                 })
             }
         }
@@ -533,7 +568,13 @@ fn convert(raw: RawConfig, p: &mut Problems, bad: &mut Unparsed) -> Config {
                     p.push(format!("{bat}: {}", backend_weight_problem(w)));
                     1
                 });
-                backends.push(BackendConfig { address, weight });
+                let state =
+                    keyword(p, &format!("{bat}: state"), b.state.as_deref()).unwrap_or_default();
+                backends.push(BackendConfig {
+                    address,
+                    weight,
+                    state,
+                });
             }
             versions.push(VersionConfig {
                 name: v.name,
@@ -742,6 +783,11 @@ fn check(c: &Config, bad: &Unparsed, out: &mut Problems) {
                     "{vat}: has weight {} but no backends (add backends or set weight = 0)",
                     v.weight
                 ));
+            } else if v.weight > 0 && !v.backends.iter().any(|b| b.state == BackendState::Active) {
+                out.push(format!(
+                    "{vat}: has weight {} but no active backend (every one is draining or disabled): activate one or set the version's weight to 0 first",
+                    v.weight
+                ));
             }
             for (k, b) in v.backends.iter().enumerate() {
                 let bat = format!("{vat}: backends[{k}]");
@@ -822,6 +868,22 @@ impl Config {
         Self::parse(&text).map_err(with_source)
     }
 
+    /// Reads a file, parses it, and returns it with the digest of its text
+    /// ([`file_digest`]).
+    ///
+    /// # Errors
+    /// As [`Config::load`].
+    pub fn load_with_digest(path: &Path) -> Result<(Self, String), ConfigError> {
+        let with_source = |mut e: ConfigError| {
+            e.source = Some(path.display().to_string());
+            e
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| with_source(ConfigError::one(format!("cannot read the file: {e}"))))?;
+        let config = Self::parse(&text).map_err(with_source)?;
+        Ok((config, file_digest(&text)))
+    }
+
     /// Checks every rule of a valid configuration: names, interface names,
     /// addresses and ports, weight ranges, uniqueness, versions per service
     /// and the data plane's capacities. [`Config::parse`] calls it; call it
@@ -879,6 +941,17 @@ impl Config {
         next.validate()?;
         Ok(next)
     }
+}
+
+/// A digest of a configuration file's text (64-bit FNV-1a, hex): the state
+/// file records it to tell whether the file changed since.
+pub fn file_digest(text: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("fnv1a64:{h:016x}")
 }
 
 /// Turns CLI arguments like `["blue=90", "green=10"]` into weights in the
@@ -1045,10 +1118,12 @@ backends = ["10.0.3.1:8443"]
                             BackendConfig {
                                 address: addr("10.0.2.2:8080"),
                                 weight: 1,
+                                state: BackendState::Active,
                             },
                             BackendConfig {
                                 address: addr("10.0.2.4:8080"),
                                 weight: 2,
+                                state: BackendState::Active,
                             },
                         ],
                     },
@@ -1058,6 +1133,7 @@ backends = ["10.0.3.1:8443"]
                         backends: vec![BackendConfig {
                             address: addr("10.0.2.3:8080"),
                             weight: 1,
+                            state: BackendState::Active,
                         }],
                     },
                 ],
@@ -1322,7 +1398,7 @@ backends = ["10.0.3.1:8443"]
             ),
             (
                 BASE.replace("weight = 2 }", "weigth = 2 }"),
-                "unknown field `weigth`, expected `address` or `weight`",
+                "unknown field `weigth`, expected one of `address`, `weight`, `state`",
             ),
             (
                 BASE.replace(
@@ -1333,7 +1409,7 @@ backends = ["10.0.3.1:8443"]
             ),
             (
                 BASE.replace("\"10.0.2.3:8080\"", "8080"),
-                r#"expected a backend: "IPv4:port" or { address = "IPv4:port", weight = N }"#,
+                r#"expected a backend: "IPv4:port" or { address = "IPv4:port", weight = N, state = "active" }"#,
             ),
             (
                 BASE.replace("\"10.0.2.3:8080\"", "\"10.0.0.10:80\""),
@@ -1462,6 +1538,7 @@ backends = ["10.0.3.1:8443"]
                 s.versions[0].backends = vec![BackendConfig {
                     address: SocketAddrV4::new(Ipv4Addr::from(0x0b00_0000 + i), 80),
                     weight: 1,
+                    state: BackendState::Active,
                 }];
                 s
             })
@@ -1477,6 +1554,7 @@ backends = ["10.0.3.1:8443"]
             .map(|i| BackendConfig {
                 address: SocketAddrV4::new(Ipv4Addr::from(0x0b00_0000 + i), 80),
                 weight: 1,
+                state: BackendState::Active,
             })
             .collect();
         let e = c.validate().unwrap_err().to_string();

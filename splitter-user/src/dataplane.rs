@@ -34,14 +34,17 @@ use aya::{
     },
 };
 use splitter_common::{
-    BACKEND_F_PRESENT, Backend, BackendStats, Conn, FAMILY_V4, FlowKey, MAX_BACKENDS, MAX_TABLES,
-    MAX_VERSIONS, MaglevTable, PROTO_TCP, PROTO_UDP, SVC_F_CLIENT_IP, SVC_F_SNAT, Service,
-    ServiceKey, VipKey, counter, map,
+    BACKEND_F_DISABLED, BACKEND_F_PRESENT, Backend, BackendStats, CONN_CAPACITY, CONN_F_REVERSE,
+    Conn, FAMILY_V4, FlowKey, MAX_BACKENDS, MAX_TABLES, MAX_VERSIONS, MaglevTable, PROTO_TCP,
+    PROTO_UDP, SVC_F_CLIENT_IP, SVC_F_SNAT, Service, ServiceKey, VipKey, counter, map,
 };
 use tracing::{info, warn};
 
 use crate::{
-    config::{Affinity, Config, DataplaneConfig, Mode, Protocol, ServiceConfig, XdpModeConfig},
+    config::{
+        Affinity, BackendState, Config, DataplaneConfig, Mode, Protocol, ServiceConfig,
+        XdpModeConfig,
+    },
     netif, pins,
     state::{Layout, LayoutBackend, LayoutService},
     table::{self, MaglevBackend},
@@ -180,6 +183,9 @@ pub struct Dataplane {
     live: BTreeMap<String, LiveService>,
     /// Backend ids by (service, version, address).
     backend_ids: BTreeMap<(String, String, SocketAddrV4), u32>,
+    /// Flags last written to `BACKENDS` per id (a change of state rewrites
+    /// the entry; an unchanged one is not written again).
+    backend_written: BTreeMap<u32, u8>,
     service_ids: Ids,
     version_ids: Ids,
     backend_id_pool: Ids,
@@ -265,6 +271,7 @@ impl Dataplane {
             conns,
             live: BTreeMap::new(),
             backend_ids: BTreeMap::new(),
+            backend_written: BTreeMap::new(),
             service_ids: Ids::new(splitter_common::MAX_SERVICES),
             version_ids: Ids::new(MAX_TABLES / 2),
             backend_id_pool: Ids::new(MAX_BACKENDS),
@@ -419,6 +426,32 @@ impl Dataplane {
             Err(aya::maps::MapError::KeyNotFound) => Ok(None),
             Err(e) => Err(map_err(map::CONNS)(e)),
         }
+    }
+
+    /// Live flows per backend id: forward entries of the connection table
+    /// whose flow is still going (see [`splitter_common::conn_live`]) at
+    /// `now` (`CLOCK_MONOTONIC` ns). Walks the whole table, one entry at a
+    /// time: about a second per million entries. The walk is bounded (twice
+    /// the capacity), since the table changes while it is read.
+    ///
+    /// # Errors
+    /// Map read failures.
+    pub fn live_flows(&self, now: u64) -> Result<BTreeMap<u32, u64>> {
+        let mut out = BTreeMap::new();
+        for item in self.conns.iter().take(2 * CONN_CAPACITY as usize) {
+            let (key, conn) = match item {
+                Ok(kv) => kv,
+                // An entry evicted between the key walk and its read.
+                Err(aya::maps::MapError::KeyNotFound) => continue,
+                Err(e) => return Err(map_err(map::CONNS)(e)),
+            };
+            if conn.flags & CONN_F_REVERSE == 0
+                && splitter_common::conn_live(key.proto, conn.state, conn.last_seen, now)
+            {
+                *out.entry(conn.backend).or_insert(0) += 1;
+            }
+        }
+        Ok(out)
     }
 
     /// The backend id table entries use for a configured backend.
@@ -644,21 +677,30 @@ impl Dataplane {
             let mut members = Vec::with_capacity(ver.backends.len());
             for b in &ver.backends {
                 let bkey = (svc.name.clone(), ver.name.clone(), b.address);
+                let entry = backend_entry(b.address, vid, b.state);
                 let bid = match self.backend_ids.get(&bkey) {
                     Some(id) => *id,
                     None => {
                         let bid = self.backend_id_pool.take("backend")?;
-                        self.backends
-                            .set(bid, backend_entry(b.address, vid), 0)
-                            .map_err(map_err(map::BACKENDS))?;
                         // A recycled id starts its counters from zero.
                         self.clear_stats(bid)?;
                         self.backend_ids.insert(bkey, bid);
                         bid
                     }
                 };
+                if self.backend_written.get(&bid) != Some(&entry.flags) {
+                    self.backends
+                        .set(bid, entry, 0)
+                        .map_err(map_err(map::BACKENDS))?;
+                    self.backend_written.insert(bid, entry.flags);
+                }
                 used_backends.insert(bid);
-                members.push((b.address.to_string(), b.weight, bid as u16));
+                // Only active backends take new flows; draining and
+                // disabled ones keep their id (their flows go on being
+                // counted) but leave the table.
+                if b.state == BackendState::Active {
+                    members.push((b.address.to_string(), b.weight, bid as u16));
+                }
             }
             if let Some(old) = old_versions.get(&ver.name)
                 && old.table.is_some()
@@ -737,6 +779,7 @@ impl Dataplane {
             .collect();
         for (k, id) in stale {
             self.backend_ids.remove(&k);
+            self.backend_written.remove(&id);
             self.backend_id_pool.give(id);
         }
         self.live
@@ -768,6 +811,7 @@ impl Dataplane {
             .collect();
         for (k, id) in ids {
             self.backend_ids.remove(&k);
+            self.backend_written.remove(&id);
             self.backend_id_pool.give(id);
         }
         self.service_ids.give(live.id);
@@ -899,12 +943,16 @@ fn vip_key(key: &ServiceKey) -> VipKey {
     }
 }
 
-fn backend_entry(addr: SocketAddrV4, version: u32) -> Backend {
+fn backend_entry(addr: SocketAddrV4, version: u32, state: BackendState) -> Backend {
+    let flags = match state {
+        BackendState::Disabled => BACKEND_F_PRESENT | BACKEND_F_DISABLED,
+        BackendState::Active | BackendState::Drain => BACKEND_F_PRESENT,
+    };
     Backend {
         addr: [u32::from(*addr.ip()).to_be(), 0, 0, 0],
         port: addr.port().to_be(),
         family: FAMILY_V4,
-        flags: BACKEND_F_PRESENT,
+        flags,
         version,
     }
 }

@@ -45,7 +45,10 @@ pub async fn set(
     let weights = parse_pairs(args)?;
     let body = serde_json::to_string(&WeightsRequest { weights })
         .map_err(|e| CliError::Other(e.into()))?;
-    let path = format!("/v1/services/{service}/weights");
+    let path = format!(
+        "/v1/services/{}/weights",
+        super::edit::seg("service", service)?
+    );
     let bytes = client::request(socket, Method::PUT, &path, Some(body)).await?;
     match output {
         Output::Json => print!("{}", String::from_utf8_lossy(&bytes)),
