@@ -121,6 +121,9 @@ pub struct BackendReport {
     /// `active`, `drain` or `disabled`.
     #[serde(default)]
     pub state: String,
+    /// `up` or `down` by the service's health checks, `unchecked` without.
+    #[serde(default)]
+    pub health: String,
     /// Flows bound to it that are still going (counted from the
     /// connection table, at most a second old).
     #[serde(default)]

@@ -295,6 +295,38 @@ pub struct ServiceConfig {
     pub affinity: Affinity,
     /// Versions (`[[service.version]]`), in the order weights refer to.
     pub versions: Vec<VersionConfig>,
+    /// Active health checks of its backends (`[service.health]`); `None`:
+    /// not checked, every active backend takes new flows.
+    #[serde(default)]
+    pub health: Option<HealthConfig>,
+}
+
+/// `[service.health]`: a TCP connect to each backend every `interval_ms`.
+/// A backend that fails `fall` checks in a row leaves new-flow selection
+/// (its established flows go on); one that then passes `rise` in a row
+/// comes back. If every active backend of a version is down, all of them
+/// stay in (fail open) rather than dropping the version's new flows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthConfig {
+    /// Time between checks of one backend, in ms.
+    pub interval_ms: u32,
+    /// Longest a connect may take, in ms.
+    pub timeout_ms: u32,
+    /// Failed checks in a row that take a backend out.
+    pub fall: u32,
+    /// Passed checks in a row that bring it back.
+    pub rise: u32,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            interval_ms: 1000,
+            timeout_ms: 1000,
+            fall: 3,
+            rise: 2,
+        }
+    }
 }
 
 /// `[[service.version]]`.
@@ -371,6 +403,17 @@ struct RawService {
     affinity: Option<String>,
     #[serde(default, rename = "version")]
     versions: Vec<RawVersion>,
+    health: Option<RawHealth>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    check: Option<String>,
+    interval_ms: Option<i64>,
+    timeout_ms: Option<i64>,
+    fall: Option<i64>,
+    rise: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -497,6 +540,37 @@ fn socket(problems: &mut Problems, field: &str, v: &str) -> Option<SocketAddrV4>
     None
 }
 
+/// Converts `[service.health]`; `None` (and a problem) for a bad value or
+/// `check = "none"`.
+fn health(p: &mut Problems, at: &str, h: RawHealth) -> Option<HealthConfig> {
+    match h.check.as_deref() {
+        None | Some("tcp") => {}
+        Some("none") => return None,
+        Some(other) => {
+            p.push(format!("{at}.check: {other:?} is not one of tcp, none"));
+            return None;
+        }
+    }
+    let d = HealthConfig::default();
+    let mut field = |name: &str, v: Option<i64>, default: u32, lo: u32, hi: u32| -> u32 {
+        match v {
+            None => default,
+            Some(v) if (i64::from(lo)..=i64::from(hi)).contains(&v) => v as u32,
+            Some(v) => {
+                p.push(format!("{at}.{name}: {v} is out of range {lo}..={hi}"));
+                default
+            }
+        }
+    };
+    let c = HealthConfig {
+        interval_ms: field("interval_ms", h.interval_ms, d.interval_ms, 100, 3_600_000),
+        timeout_ms: field("timeout_ms", h.timeout_ms, d.timeout_ms, 10, 60_000),
+        fall: field("fall", h.fall, d.fall, 1, 100),
+        rise: field("rise", h.rise, d.rise, 1, 100),
+    };
+    Some(c)
+}
+
 /// Converts the raw file into typed values, reporting every value that
 /// does not convert. Placeholders stand in for those (see [`Unparsed`]).
 fn convert(raw: RawConfig, p: &mut Problems, bad: &mut Unparsed) -> Config {
@@ -582,12 +656,16 @@ fn convert(raw: RawConfig, p: &mut Problems, bad: &mut Unparsed) -> Config {
                 backends,
             });
         }
+        let health = s
+            .health
+            .and_then(|h| health(p, &format!("{at}: health"), h));
         services.push(ServiceConfig {
             name: s.name,
             vip: vip.unwrap_or(placeholder),
             protocol: protocol.unwrap_or_default(),
             affinity: affinity.unwrap_or_default(),
             versions,
+            health,
         });
     }
     p.section = 0;
@@ -749,6 +827,12 @@ fn check(c: &Config, bad: &Unparsed, out: &mut Problems) {
         }
         if s.versions.is_empty() {
             out.push(format!("{svc}: needs at least one [[service.version]]"));
+        }
+        if s.health.is_some() && s.protocol != Protocol::Tcp {
+            out.push(format!(
+                "{at}: health: TCP connect checks need a tcp service (set check = \"none\" for {})",
+                s.protocol
+            ));
         }
         if s.versions.len() > MAX_VERSIONS {
             out.push(format!(
@@ -1110,6 +1194,7 @@ backends = ["10.0.3.1:8443"]
                 vip: addr("10.0.0.10:80"),
                 protocol: Protocol::Udp,
                 affinity: Affinity::ClientIp,
+                health: None,
                 versions: vec![
                     VersionConfig {
                         name: "blue".into(),
@@ -1220,6 +1305,41 @@ backends = ["10.0.3.1:8443"]
             let e = err(&format!("{BASE}\n{extra}")).to_string();
             assert!(e.contains(want), "{extra}: got {e}");
         }
+    }
+
+    #[test]
+    fn health_tables_parse_with_defaults_and_ranges() {
+        let c = Config::parse(&format!("{BASE}\n[service.health]\nfall = 5\n")).unwrap();
+        let h = c.services[0].health.unwrap();
+        assert_eq!(
+            (h.interval_ms, h.timeout_ms, h.fall, h.rise),
+            (1000, 1000, 5, 2)
+        );
+        let off = Config::parse(&format!("{BASE}\n[service.health]\ncheck = \"none\"\n")).unwrap();
+        assert_eq!(off.services[0].health, None);
+        let e = err(&format!(
+            "{BASE}\n[service.health]\ncheck = \"http\"\ninterval_ms = 5\nrise = 0\n"
+        ))
+        .to_string();
+        assert!(
+            e.contains("health.check: \"http\" is not one of tcp, none"),
+            "{e}"
+        );
+        let e = err(&format!(
+            "{BASE}\n[service.health]\ninterval_ms = 5\nrise = 0\n"
+        ))
+        .to_string();
+        assert!(
+            e.contains("health.interval_ms: 5 is out of range 100..=3600000"),
+            "{e}"
+        );
+        assert!(e.contains("health.rise: 0 is out of range 1..=100"), "{e}");
+        let udp = BASE.replace(
+            "vip = \"10.0.0.10:80\"",
+            "vip = \"10.0.0.10:80\"\nprotocol = \"udp\"",
+        );
+        let e = err(&format!("{udp}\n[service.health]\n")).to_string();
+        assert!(e.contains("TCP connect checks need a tcp service"), "{e}");
     }
 
     #[test]

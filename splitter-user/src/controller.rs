@@ -11,7 +11,7 @@ use crate::{
         ApiError, AttachmentReport, BackendReport, ConnectionReport, DataplaneReport, FlowReport,
         ServiceReport, StatusReport, VersionReport,
     },
-    config::{BackendState, Config, ServiceConfig, parse_weight_args},
+    config::{BackendState, Config, HealthConfig, ServiceConfig, parse_weight_args},
     dataplane::Dataplane,
     edit::{self, BackendPatch, BackendSpec, EditError, RemoveGuard, ServiceSpec, VersionSpec},
     pins,
@@ -36,6 +36,9 @@ pub struct Controller {
     /// `CLOCK_MONOTONIC`): a walk of the connection table is not free, so
     /// reads within [`LIVE_FLOWS_MAX_AGE_NS`] share one.
     live_flows: RefCell<Option<(u64, BTreeMap<u32, u64>)>>,
+    /// Backends the health checks found down, by (service, address). Not
+    /// saved: a restarted daemon starts with every backend up.
+    down: std::collections::BTreeSet<(String, SocketAddrV4)>,
 }
 
 /// How old a live-flow count may be before it is taken again.
@@ -61,6 +64,7 @@ impl Controller {
             config_path: None,
             config_digest: String::new(),
             live_flows: RefCell::new(None),
+            down: std::collections::BTreeSet::new(),
         }
     }
 
@@ -110,8 +114,8 @@ impl Controller {
                 changes.push(format!("removed service {}", s.name));
             }
         }
-        if let Err(e) = self.dataplane.apply(&next) {
-            let _ = self.dataplane.apply(&self.config);
+        if let Err(e) = self.dataplane.apply(&self.effective(&next)) {
+            let _ = self.dataplane.apply(&self.effective(&self.config));
             return Err(ApiError::Internal(format!(
                 "reload failed, the previous configuration stays live: {e}"
             )));
@@ -149,9 +153,9 @@ impl Controller {
     /// config, then saves it. On a kernel refusal the running config is put
     /// back and stays live.
     fn publish(&mut self, next: Config, what: &str) -> Result<(), ApiError> {
-        if let Err(e) = self.dataplane.apply(&next) {
+        if let Err(e) = self.dataplane.apply(&self.effective(&next)) {
             // Put back what was live; the maps may hold part of `next`.
-            let _ = self.dataplane.apply(&self.config);
+            let _ = self.dataplane.apply(&self.effective(&self.config));
             return Err(ApiError::Internal(format!(
                 "{what}: the kernel refused the update, nothing changed: {e}"
             )));
@@ -282,6 +286,93 @@ impl Controller {
         let (next, what) = edit::set_backend(&self.config, service, addr, patch)?;
         self.publish(next, &what)?;
         self.report_of(service)
+    }
+
+    /// What the data plane gets: the running config with backends that
+    /// health checks found down set to drain (out of new-flow selection,
+    /// established flows untouched), except where that would leave a
+    /// version with weight and no active backend: then all of its active
+    /// backends stay in (fail open).
+    pub fn effective(&self, config: &Config) -> Config {
+        if self.down.is_empty() {
+            return config.clone();
+        }
+        let mut out = config.clone();
+        for svc in &mut out.services {
+            for v in &mut svc.versions {
+                let is_down = |a: SocketAddrV4| self.down.contains(&(svc.name.clone(), a));
+                let healthy = v
+                    .backends
+                    .iter()
+                    .filter(|b| b.state == BackendState::Active && !is_down(b.address))
+                    .count();
+                if healthy == 0 {
+                    continue;
+                }
+                for b in &mut v.backends {
+                    if b.state == BackendState::Active && is_down(b.address) {
+                        b.state = BackendState::Drain;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Backends to health-check now: the active and draining backends of
+    /// services with `[service.health]`, with their settings.
+    pub fn health_targets(&self) -> Vec<(String, SocketAddrV4, HealthConfig)> {
+        let mut out = Vec::new();
+        for svc in &self.config.services {
+            let Some(h) = svc.health else { continue };
+            for v in &svc.versions {
+                for b in &v.backends {
+                    if b.state != BackendState::Disabled {
+                        out.push((svc.name.clone(), b.address, h));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Records a health verdict and publishes its effect.
+    ///
+    /// # Errors
+    /// [`ApiError::Internal`] when the kernel refuses the update (the
+    /// verdict is then not recorded).
+    pub fn set_health(
+        &mut self,
+        service: &str,
+        addr: SocketAddrV4,
+        up: bool,
+    ) -> Result<(), ApiError> {
+        let key = (service.to_string(), addr);
+        let before = self.down.clone();
+        if up {
+            self.down.remove(&key);
+        } else {
+            self.down.insert(key);
+        }
+        if before == self.down {
+            return Ok(());
+        }
+        if let Err(e) = self.dataplane.apply(&self.effective(&self.config)) {
+            self.down = before;
+            let _ = self.dataplane.apply(&self.effective(&self.config));
+            return Err(ApiError::Internal(e.to_string()));
+        }
+        Ok(())
+    }
+
+    fn health_of(&self, svc: &ServiceConfig, addr: SocketAddrV4) -> &'static str {
+        if svc.health.is_none() {
+            "unchecked"
+        } else if self.down.contains(&(svc.name.clone(), addr)) {
+            "down"
+        } else {
+            "up"
+        }
     }
 
     /// Live flows per backend id, counted at most once a second.
@@ -573,6 +664,7 @@ impl Controller {
                     address: b.address.to_string(),
                     weight: b.weight,
                     state: b.state.to_string(),
+                    health: self.health_of(svc, b.address).to_string(),
                     live_flows: live.get(&id_of(b.address)).copied().unwrap_or(0),
                     packets: s.packets,
                     bytes: s.bytes,

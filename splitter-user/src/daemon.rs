@@ -136,7 +136,8 @@ pub async fn run(
     let controller = Arc::new(std::sync::Mutex::new(controller));
     // Ready only now: program attached, state restored, API listening.
     systemd::notify(&format!("READY=1\n{status_line}"));
-    let background = spawn_watchdog_and_reload(controller.clone());
+    let mut background = spawn_watchdog_and_reload(controller.clone());
+    background.push(tokio::spawn(crate::health::run(controller.clone())));
     let metrics_server = metrics_listener.map(|l| {
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(metrics::serve(l, controller.clone(), async {

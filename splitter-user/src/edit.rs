@@ -228,6 +228,7 @@ pub fn add_service(c: &Config, spec: &ServiceSpec) -> Result<(Config, String), E
         protocol,
         affinity,
         versions,
+        health: None,
     });
     let what = format!("added service {} on {vip}/{protocol}", spec.name);
     Ok((validated(next)?, what))

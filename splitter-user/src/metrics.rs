@@ -13,6 +13,7 @@
 //! | `splitter_backend_weight` | gauge | `service`, `version`, `backend` |
 //! | `splitter_backend_state` | gauge (1 for the current state) | `service`, `version`, `backend`, `state` |
 //! | `splitter_backend_live_flows` | gauge | `service`, `version`, `backend` |
+//! | `splitter_backend_health_up` | gauge (1 up, 0 down; only checked backends) | `service`, `version`, `backend` |
 //! | `splitter_backend_packets_total` | counter | `service`, `version`, `backend` |
 //! | `splitter_backend_bytes_total` | counter | `service`, `version`, `backend` |
 //! | `splitter_backend_new_flows_total` | counter | `service`, `version`, `backend` |
@@ -193,6 +194,29 @@ pub fn render(report: &StatusReport) -> String {
                     ("state", &b.state),
                 ],
                 1,
+            );
+        }
+    }
+
+    let mut f = Family::new(
+        &mut out,
+        "splitter_backend_health_up",
+        "gauge",
+        "1 if the backend passes its health checks, 0 if it is down (only backends of services with [service.health]).",
+    );
+    for (s, v, _) in versions() {
+        for b in v
+            .backends
+            .iter()
+            .filter(|b| b.health == "up" || b.health == "down")
+        {
+            f.sample(
+                &[
+                    ("service", &s.name),
+                    ("version", &v.name),
+                    ("backend", &b.address),
+                ],
+                u8::from(b.health == "up"),
             );
         }
     }
@@ -388,6 +412,7 @@ mod tests {
             address: address.into(),
             weight: 1,
             state: "active".into(),
+            health: if n > 5 { "up" } else { "down" }.into(),
             live_flows: n / 2,
             packets: n * 10,
             bytes: n * 1000,
@@ -460,6 +485,10 @@ splitter_version_live_flows{service="web",version="green"} 1
 # TYPE splitter_backend_state gauge
 splitter_backend_state{service="web",version="blue",backend="10.0.2.2:8080",state="active"} 1
 splitter_backend_state{service="web",version="green",backend="10.0.2.3:8080",state="active"} 1
+# HELP splitter_backend_health_up 1 if the backend passes its health checks, 0 if it is down (only backends of services with [service.health]).
+# TYPE splitter_backend_health_up gauge
+splitter_backend_health_up{service="web",version="blue",backend="10.0.2.2:8080"} 1
+splitter_backend_health_up{service="web",version="green",backend="10.0.2.3:8080"} 0
 # HELP splitter_backend_weight Weight of the backend inside its version.
 # TYPE splitter_backend_weight gauge
 splitter_backend_weight{service="web",version="blue",backend="10.0.2.2:8080"} 1

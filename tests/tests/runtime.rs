@@ -18,7 +18,10 @@ use serde_json::Value;
 use splitter_tests::{
     clients::{self, LongLivedConn},
     servers::TcpIdentityServer,
-    splitter::{Affinity, BpfMount, Daemon, Mode, blue_green_config, with_pin_dir},
+    splitter::{
+        Affinity, BpfMount, Daemon, Mode, ServiceSpec, VersionSpec, blue_green_config, config_toml,
+        with_pin_dir,
+    },
     topology::{self, BACKEND_PORT, Topology, TopologyOptions},
 };
 
@@ -469,4 +472,83 @@ fn the_api_socket_can_be_opened_to_a_group() -> Result<()> {
         ),
     }
     Ok(())
+}
+
+/// Waits (bounded) until the health of `addr` reads `want`; returns how long.
+fn wait_health(d: &Daemon, addr: SocketAddrV4, want: &str) -> Result<Duration> {
+    let start = Instant::now();
+    loop {
+        let status = d.status_json()?;
+        if backend(&status, "web", addr)?["health"] == want {
+            return Ok(start.elapsed());
+        }
+        if start.elapsed() > Duration::from_secs(8) {
+            bail!("{addr} is not {want} after 8 s: {status}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+#[ignore = "needs root: run with -- --include-ignored --test-threads=1"]
+fn health_checks_take_a_dead_backend_out_and_bring_it_back() -> Result<()> {
+    let topo = Topology::new(TopologyOptions {
+        backend_addrs: 3,
+        ..Default::default()
+    })?;
+    let _blue = TcpIdentityServer::start(&topo.back, be(2), "blue")?;
+    let _green = TcpIdentityServer::start(&topo.back, be(3), "green")?;
+    let blue2 = TcpIdentityServer::start(&topo.back, be(4), "blue2")?;
+    let mut config = config_toml(
+        Mode::Snat,
+        &[ServiceSpec {
+            name: "web".into(),
+            vip: topology::vip(),
+            protocol: "tcp",
+            affinity: Affinity::Flow,
+            versions: vec![
+                VersionSpec {
+                    name: "blue".into(),
+                    weight: 100,
+                    backends: vec![be(2), be(4)],
+                },
+                VersionSpec {
+                    name: "green".into(),
+                    weight: 0,
+                    backends: vec![be(3)],
+                },
+            ],
+        }],
+    );
+    config
+        .push_str("\n[service.health]\ninterval_ms = 200\ntimeout_ms = 200\nfall = 2\nrise = 2\n");
+    let d = Daemon::start(&topo.edge, &config)?;
+    wait_health(&d, be(4), "up")?;
+    let r = clients::tcp_identity_many(&topo.cli, topology::vip(), 200, &[], TIMEOUT)?;
+    ensure!(
+        r.errors == 0 && r.count("blue") > 0 && r.count("blue2") > 0,
+        "{r:?}"
+    );
+
+    // blue2 dies: after two failed checks it gets no new flows.
+    blue2.stop();
+    let took = wait_health(&d, be(4), "down")?;
+    let r = clients::tcp_identity_many(&topo.cli, topology::vip(), 200, &[], TIMEOUT)?;
+    ensure!(
+        r.errors == 0 && r.count("blue") == 200,
+        "with blue2 down: {r:?}"
+    );
+    let out = d.cli_ok(&["status"])?;
+    ensure!(
+        out.contains("10.0.2.4:8080 w=1 active down"),
+        "status table:\n{out}"
+    );
+
+    // It comes back: after two passed checks it takes new flows again.
+    let _blue2 = TcpIdentityServer::start(&topo.back, be(4), "blue2")?;
+    wait_health(&d, be(4), "up")?;
+    let r = clients::tcp_identity_many(&topo.cli, topology::vip(), 200, &[], TIMEOUT)?;
+    ensure!(r.errors == 0 && r.count("blue2") > 0, "blue2 back: {r:?}");
+    eprintln!("blue2 was marked down {took:?} after it stopped");
+    topo.no_csum_errors()
 }

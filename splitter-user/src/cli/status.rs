@@ -106,7 +106,11 @@ pub fn render_services(services: &[ServiceReport]) -> String {
                     String::new(),
                     String::new(),
                     String::new(),
-                    format!("{} w={} {}", b.address, b.weight, b.state),
+                    if b.health == "up" || b.health == "down" {
+                        format!("{} w={} {} {}", b.address, b.weight, b.state, b.health)
+                    } else {
+                        format!("{} w={} {}", b.address, b.weight, b.state)
+                    },
                     b.live_flows.to_string(),
                     b.new_flows.to_string(),
                     b.packets.to_string(),
