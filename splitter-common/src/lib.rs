@@ -81,6 +81,9 @@ pub mod map {
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     /// `PerCpuArray<u64>`, indexed by `counter::*`.
     pub const COUNTERS: &str = "COUNTERS";
+    /// `PerCpuArray<u64>`: drops by reason per service, index
+    /// `service id * service_drop::SLOTS + service_drop::*`.
+    pub const SERVICE_DROPS: &str = "SERVICE_DROPS";
 }
 
 /// Service flag: pick the version and backend from the client address only.
@@ -356,6 +359,31 @@ pub mod counter {
         "redirect",
         "new_flow",
         "drop_backend_disabled",
+    ];
+}
+
+/// Slots of `SERVICE_DROPS`: the drops that happen once a packet's service
+/// is known, counted per service as well as globally.
+pub mod service_drop {
+    /// `counter::DROP_NO_FLOW`.
+    pub const NO_FLOW: u32 = 0;
+    /// `counter::DROP_NO_BACKEND`.
+    pub const NO_BACKEND: u32 = 1;
+    /// `counter::DROP_SNAT_EXHAUSTED`.
+    pub const SNAT_EXHAUSTED: u32 = 2;
+    /// `counter::DROP_CONN_TABLE`.
+    pub const CONN_TABLE: u32 = 3;
+    /// `counter::DROP_BACKEND_DISABLED`.
+    pub const BACKEND_DISABLED: u32 = 4;
+    /// Slots per service (room to grow without a layout change).
+    pub const SLOTS: u32 = 8;
+    /// Reasons in use, named like the global counters without `drop_`.
+    pub const NAMES: [&str; 5] = [
+        "no_flow",
+        "no_backend",
+        "snat_exhausted",
+        "conn_table",
+        "backend_disabled",
     ];
 }
 

@@ -87,6 +87,10 @@ pub struct ServiceReport {
     pub affinity: String,
     /// Versions in configuration order.
     pub versions: Vec<VersionReport>,
+    /// Drops of this service's packets by reason (`no_flow`, `no_backend`,
+    /// `snat_exhausted`, `conn_table`, `backend_disabled`).
+    #[serde(default)]
+    pub drops: BTreeMap<String, u64>,
 }
 
 /// One version of a service.

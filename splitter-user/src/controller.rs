@@ -688,12 +688,20 @@ impl Controller {
                 backends,
             });
         }
+        let drops = self
+            .dataplane
+            .service_drops(&svc.name)
+            .map_err(|e| ApiError::Internal(e.to_string()))?
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
         Ok(ServiceReport {
             name: svc.name.clone(),
             vip: svc.vip.to_string(),
             protocol: svc.protocol.to_string(),
             affinity: svc.affinity.to_string(),
             versions,
+            drops,
         })
     }
 }

@@ -37,6 +37,7 @@ use splitter_common::{
     BACKEND_F_DISABLED, BACKEND_F_PRESENT, Backend, BackendStats, CONN_CAPACITY, CONN_F_REVERSE,
     Conn, FAMILY_V4, FlowKey, MAX_BACKENDS, MAX_TABLES, MAX_VERSIONS, MaglevTable, PROTO_TCP,
     PROTO_UDP, SVC_F_CLIENT_IP, SVC_F_SNAT, Service, ServiceKey, VipKey, counter, map,
+    service_drop,
 };
 use tracing::{info, warn};
 
@@ -180,6 +181,7 @@ pub struct Dataplane {
     backend_stats: PerCpuArray<MapData, BackendStats>,
     counters: PerCpuArray<MapData, u64>,
     conns: HashMap<MapData, FlowKey, Conn>,
+    service_drops: PerCpuArray<MapData, u64>,
     live: BTreeMap<String, LiveService>,
     /// Backend ids by (service, version, address).
     backend_ids: BTreeMap<(String, String, SocketAddrV4), u32>,
@@ -260,6 +262,7 @@ impl Dataplane {
         let backend_stats = take(&mut ebpf, map::BACKEND_STATS, PerCpuArray::try_from)?;
         let counters = take(&mut ebpf, map::COUNTERS, PerCpuArray::try_from)?;
         let conns = take(&mut ebpf, map::CONNS, HashMap::try_from)?;
+        let service_drops = take(&mut ebpf, map::SERVICE_DROPS, PerCpuArray::try_from)?;
         Ok(Self {
             ebpf,
             services,
@@ -269,6 +272,7 @@ impl Dataplane {
             backend_stats,
             counters,
             conns,
+            service_drops,
             live: BTreeMap::new(),
             backend_ids: BTreeMap::new(),
             backend_written: BTreeMap::new(),
@@ -629,7 +633,12 @@ impl Dataplane {
         }
         let id = match self.live.get(&svc.name) {
             Some(l) => l.id,
-            None => self.service_ids.take("service")?,
+            None => {
+                let id = self.service_ids.take("service")?;
+                // A recycled id starts its drop counters from zero.
+                self.clear_service_drops(id)?;
+                id
+            }
         };
         let weights: Vec<u32> = svc.versions.iter().map(|v| v.weight).collect();
         let thresholds =
@@ -816,6 +825,44 @@ impl Dataplane {
         }
         self.service_ids.give(live.id);
         Ok(())
+    }
+
+    fn clear_service_drops(&mut self, id: u32) -> Result<()> {
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::Map {
+            map: map::SERVICE_DROPS,
+            source: Box::new(aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                call: "nr_cpus",
+                io_error: e,
+            })),
+        })?;
+        for slot in 0..service_drop::SLOTS {
+            let zeros = aya::maps::PerCpuValues::try_from(vec![0u64; cpus])
+                .map_err(|e| DataplaneError::Capacity(e.to_string()))?;
+            self.service_drops
+                .set(id * service_drop::SLOTS + slot, zeros, 0)
+                .map_err(map_err(map::SERVICE_DROPS))?;
+        }
+        Ok(())
+    }
+
+    /// Drops of one service by reason ([`service_drop::NAMES`]), summed
+    /// over CPUs; empty for a service that is not published.
+    ///
+    /// # Errors
+    /// Map read failures.
+    pub fn service_drops(&self, service: &str) -> Result<BTreeMap<&'static str, u64>> {
+        let mut out = BTreeMap::new();
+        let Some(live) = self.live.get(service) else {
+            return Ok(out);
+        };
+        for (slot, name) in service_drop::NAMES.iter().enumerate() {
+            let v = self
+                .service_drops
+                .get(&(live.id * service_drop::SLOTS + slot as u32), 0)
+                .map_err(map_err(map::SERVICE_DROPS))?;
+            out.insert(*name, v.iter().sum());
+        }
+        Ok(out)
     }
 
     fn clear_stats(&mut self, id: u32) -> Result<()> {

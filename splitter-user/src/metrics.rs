@@ -21,6 +21,7 @@
 //! | `splitter_backend_reply_bytes_total` | counter | `service`, `version`, `backend` |
 //! | `splitter_dataplane_events_total` | counter | `event` (every data-plane counter) |
 //! | `splitter_drops_total` | counter | `reason` (the `drop_*` counters, prefix removed) |
+//! | `splitter_service_drops_total` | counter | `service`, `reason` (drops once the service is known) |
 //!
 //! Every scrape reads the counters live through [`Controller::status`], the
 //! same numbers `splitter status` shows. Counters restart from 0 when the
@@ -302,6 +303,17 @@ pub fn render(report: &StatusReport) -> String {
             f.sample(&[("reason", reason)], v);
         }
     }
+    let mut f = Family::new(
+        &mut out,
+        "splitter_service_drops_total",
+        "counter",
+        "Packets of a service the data plane dropped, by reason (drops that happen once the service is known; also in splitter_drops_total).",
+    );
+    for s in &report.services {
+        for (reason, v) in &s.drops {
+            f.sample(&[("service", &s.name), ("reason", reason)], v);
+        }
+    }
     out
 }
 
@@ -453,6 +465,7 @@ mod tests {
                     version("blue", 90, vec![backend("10.0.2.2:8080", 7)]),
                     version("green", 10, vec![backend("10.0.2.3:8080", 3)]),
                 ],
+                drops: BTreeMap::from([("no_backend".to_string(), 0), ("no_flow".to_string(), 2)]),
             }],
             counters: BTreeMap::from([
                 ("drop_no_flow".to_string(), 2),
@@ -525,6 +538,10 @@ splitter_dataplane_events_total{event="tx"} 0
 # HELP splitter_drops_total Packets the data plane dropped, by reason (the drop_* events without their prefix).
 # TYPE splitter_drops_total counter
 splitter_drops_total{reason="no_flow"} 2
+# HELP splitter_service_drops_total Packets of a service the data plane dropped, by reason (drops that happen once the service is known; also in splitter_drops_total).
+# TYPE splitter_service_drops_total counter
+splitter_service_drops_total{service="web",reason="no_backend"} 0
+splitter_service_drops_total{service="web",reason="no_flow"} 2
 "#;
 
     #[test]

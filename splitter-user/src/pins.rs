@@ -55,7 +55,7 @@ pub enum PinError {
 }
 
 /// Every map with the key size, value size and capacity this build uses.
-pub fn expected_maps() -> [(&'static str, u32, u32, u32); 7] {
+pub fn expected_maps() -> [(&'static str, u32, u32, u32); 8] {
     let s = |n: usize| n as u32;
     [
         (
@@ -80,6 +80,12 @@ pub fn expected_maps() -> [(&'static str, u32, u32, u32); 7] {
             MAX_BACKENDS,
         ),
         (map::COUNTERS, 4, 8, counter::SLOTS),
+        (
+            map::SERVICE_DROPS,
+            4,
+            8,
+            MAX_SERVICES * splitter_common::service_drop::SLOTS,
+        ),
     ]
 }
 

@@ -314,6 +314,10 @@ fn a_disabled_backend_gets_no_packets_and_guards_refuse_bad_changes() -> Result<
     );
     ensure!(dropped > 0, "drop_backend_disabled stayed 0: {status}");
     ensure!(
+        status["services"][0]["drops"]["backend_disabled"] == dropped,
+        "the service's own drop count differs from the global one: {status}"
+    );
+    ensure!(
         backend(&status, "web", be(2))?["state"] == "disabled",
         "{status}"
     );

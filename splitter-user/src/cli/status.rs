@@ -49,6 +49,17 @@ pub fn render(r: &StatusReport) -> String {
     );
     out.push('\n');
     out.push_str(&render_services(&r.services));
+    for s in &r.services {
+        let drops: Vec<String> = s
+            .drops
+            .iter()
+            .filter(|(_, v)| **v > 0)
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        if !drops.is_empty() {
+            let _ = writeln!(out, "drops of {}: {}", s.name, drops.join(" "));
+        }
+    }
     let nonzero: Vec<String> = r
         .counters
         .iter()
