@@ -828,18 +828,13 @@ impl Dataplane {
     }
 
     fn clear_service_drops(&mut self, id: u32) -> Result<()> {
-        let cpus = aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::Map {
-            map: map::SERVICE_DROPS,
-            source: Box::new(aya::maps::MapError::SyscallError(aya::sys::SyscallError {
-                call: "nr_cpus",
-                io_error: e,
-            })),
-        })?;
         for slot in 0..service_drop::SLOTS {
-            let zeros = aya::maps::PerCpuValues::try_from(vec![0u64; cpus])
-                .map_err(|e| DataplaneError::Capacity(e.to_string()))?;
             self.service_drops
-                .set(id * service_drop::SLOTS + slot, zeros, 0)
+                .set(
+                    id * service_drop::SLOTS + slot,
+                    per_cpu_zeros(map::SERVICE_DROPS)?,
+                    0,
+                )
                 .map_err(map_err(map::SERVICE_DROPS))?;
         }
         Ok(())
@@ -866,17 +861,8 @@ impl Dataplane {
     }
 
     fn clear_stats(&mut self, id: u32) -> Result<()> {
-        let cpus = aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::Map {
-            map: map::BACKEND_STATS,
-            source: Box::new(aya::maps::MapError::SyscallError(aya::sys::SyscallError {
-                call: "nr_cpus",
-                io_error: e,
-            })),
-        })?;
-        let zeros = aya::maps::PerCpuValues::try_from(vec![BackendStats::default(); cpus])
-            .map_err(|e| DataplaneError::Capacity(e.to_string()))?;
         self.backend_stats
-            .set(id, zeros, 0)
+            .set(id, per_cpu_zeros(map::BACKEND_STATS)?, 0)
             .map_err(map_err(map::BACKEND_STATS))
     }
 
@@ -925,6 +911,19 @@ impl Dataplane {
         }
         Ok(out)
     }
+}
+
+/// A zero value for every possible CPU, to reset a slot of per-CPU `map`.
+fn per_cpu_zeros<T: aya::Pod + Default>(map: &'static str) -> Result<aya::maps::PerCpuValues<T>> {
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::Map {
+        map,
+        source: Box::new(aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+            call: "nr_cpus",
+            io_error: e,
+        })),
+    })?;
+    aya::maps::PerCpuValues::try_from((0..cpus).map(|_| T::default()).collect::<Vec<_>>())
+        .map_err(|e| DataplaneError::Capacity(e.to_string()))
 }
 
 /// Replaces the program behind the pinned link at `path` with `prog`. The

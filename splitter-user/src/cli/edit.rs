@@ -193,7 +193,7 @@ fn json<T: serde::Serialize>(v: &T) -> Result<String, CliError> {
 }
 
 /// Sends one request whose answer is a service report, and prints it.
-async fn call(
+pub(super) async fn call(
     socket: &Path,
     method: Method,
     path: &str,
