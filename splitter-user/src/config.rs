@@ -301,13 +301,18 @@ pub struct ServiceConfig {
     pub health: Option<HealthConfig>,
 }
 
-/// `[service.health]`: a TCP connect to each backend every `interval_ms`.
+/// `[service.health]`: a TCP connect (or an HTTP `GET`) to each backend
+/// every `interval_ms`.
 /// A backend that fails `fall` checks in a row leaves new-flow selection
 /// (its established flows go on); one that then passes `rise` in a row
 /// comes back. If every active backend of a version is down, all of them
 /// stay in (fail open) rather than dropping the version's new flows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HealthConfig {
+    /// `None`: a TCP connect passes. `Some(path)`: `GET path` must answer
+    /// with a 2xx or 3xx status.
+    #[serde(default)]
+    pub http_path: Option<String>,
     /// Time between checks of one backend, in ms.
     pub interval_ms: u32,
     /// Longest a connect may take, in ms.
@@ -321,6 +326,7 @@ pub struct HealthConfig {
 impl Default for HealthConfig {
     fn default() -> Self {
         Self {
+            http_path: None,
             interval_ms: 1000,
             timeout_ms: 1000,
             fall: 3,
@@ -410,6 +416,7 @@ struct RawService {
 #[serde(deny_unknown_fields)]
 struct RawHealth {
     check: Option<String>,
+    path: Option<String>,
     interval_ms: Option<i64>,
     timeout_ms: Option<i64>,
     fall: Option<i64>,
@@ -543,14 +550,29 @@ fn socket(problems: &mut Problems, field: &str, v: &str) -> Option<SocketAddrV4>
 /// Converts `[service.health]`; `None` (and a problem) for a bad value or
 /// `check = "none"`.
 fn health(p: &mut Problems, at: &str, h: RawHealth) -> Option<HealthConfig> {
-    match h.check.as_deref() {
-        None | Some("tcp") => {}
-        Some("none") => return None,
-        Some(other) => {
-            p.push(format!("{at}.check: {other:?} is not one of tcp, none"));
+    let http_path = match (h.check.as_deref(), h.path) {
+        (None | Some("tcp"), None) => None,
+        (Some("http"), None) => Some("/".to_string()),
+        (Some("http"), Some(path)) => {
+            if !path.starts_with('/') || path.chars().any(|c| c.is_ascii_control() || c == ' ') {
+                p.push(format!(
+                    "{at}.path: {path:?} must start with '/' and hold no spaces or control characters"
+                ));
+            }
+            Some(path)
+        }
+        (None | Some("tcp"), Some(_)) => {
+            p.push(format!("{at}.path: only for check = \"http\""));
+            None
+        }
+        (Some("none"), _) => return None,
+        (Some(other), _) => {
+            p.push(format!(
+                "{at}.check: {other:?} is not one of tcp, http, none"
+            ));
             return None;
         }
-    }
+    };
     let d = HealthConfig::default();
     let mut field = |name: &str, v: Option<i64>, default: u32, lo: u32, hi: u32| -> u32 {
         match v {
@@ -563,6 +585,7 @@ fn health(p: &mut Problems, at: &str, h: RawHealth) -> Option<HealthConfig> {
         }
     };
     let c = HealthConfig {
+        http_path,
         interval_ms: field("interval_ms", h.interval_ms, d.interval_ms, 100, 3_600_000),
         timeout_ms: field("timeout_ms", h.timeout_ms, d.timeout_ms, 10, 60_000),
         fall: field("fall", h.fall, d.fall, 1, 100),
@@ -830,7 +853,7 @@ fn check(c: &Config, bad: &Unparsed, out: &mut Problems) {
         }
         if s.health.is_some() && s.protocol != Protocol::Tcp {
             out.push(format!(
-                "{at}: health: TCP connect checks need a tcp service (set check = \"none\" for {})",
+                "{at}: health: TCP and HTTP checks need a tcp service (set check = \"none\" for {})",
                 s.protocol
             ));
         }
@@ -1310,19 +1333,33 @@ backends = ["10.0.3.1:8443"]
     #[test]
     fn health_tables_parse_with_defaults_and_ranges() {
         let c = Config::parse(&format!("{BASE}\n[service.health]\nfall = 5\n")).unwrap();
-        let h = c.services[0].health.unwrap();
+        let h = c.services[0].health.clone().unwrap();
         assert_eq!(
             (h.interval_ms, h.timeout_ms, h.fall, h.rise),
             (1000, 1000, 5, 2)
         );
+        assert_eq!(h.http_path, None);
+        let c = Config::parse(&format!(
+            "{BASE}\n[service.health]\ncheck = \"http\"\npath = \"/healthz\"\n"
+        ))
+        .unwrap();
+        let h = c.services[0].health.clone().unwrap();
+        assert_eq!(h.http_path.as_deref(), Some("/healthz"));
+        let e = err(&format!("{BASE}\n[service.health]\npath = \"/x\"\n")).to_string();
+        assert!(e.contains("health.path: only for check = \"http\""), "{e}");
+        let e = err(&format!(
+            "{BASE}\n[service.health]\ncheck = \"http\"\npath = \"x y\"\n"
+        ))
+        .to_string();
+        assert!(e.contains("must start with '/'"), "{e}");
         let off = Config::parse(&format!("{BASE}\n[service.health]\ncheck = \"none\"\n")).unwrap();
         assert_eq!(off.services[0].health, None);
         let e = err(&format!(
-            "{BASE}\n[service.health]\ncheck = \"http\"\ninterval_ms = 5\nrise = 0\n"
+            "{BASE}\n[service.health]\ncheck = \"grpc\"\ninterval_ms = 5\nrise = 0\n"
         ))
         .to_string();
         assert!(
-            e.contains("health.check: \"http\" is not one of tcp, none"),
+            e.contains("health.check: \"grpc\" is not one of tcp, http, none"),
             "{e}"
         );
         let e = err(&format!(
@@ -1339,7 +1376,7 @@ backends = ["10.0.3.1:8443"]
             "vip = \"10.0.0.10:80\"\nprotocol = \"udp\"",
         );
         let e = err(&format!("{udp}\n[service.health]\n")).to_string();
-        assert!(e.contains("TCP connect checks need a tcp service"), "{e}");
+        assert!(e.contains("TCP and HTTP checks need a tcp service"), "{e}");
     }
 
     #[test]

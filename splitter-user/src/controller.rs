@@ -114,7 +114,10 @@ impl Controller {
                 changes.push(format!("removed service {}", s.name));
             }
         }
+        let down_before = self.down.clone();
+        self.forget_unchecked(&next);
         if let Err(e) = self.dataplane.apply(&self.effective(&next)) {
+            self.down = down_before;
             let _ = self.dataplane.apply(&self.effective(&self.config));
             return Err(ApiError::Internal(format!(
                 "reload failed, the previous configuration stays live: {e}"
@@ -153,8 +156,11 @@ impl Controller {
     /// config, then saves it. On a kernel refusal the running config is put
     /// back and stays live.
     fn publish(&mut self, next: Config, what: &str) -> Result<(), ApiError> {
+        let down_before = self.down.clone();
+        self.forget_unchecked(&next);
         if let Err(e) = self.dataplane.apply(&self.effective(&next)) {
             // Put back what was live; the maps may hold part of `next`.
+            self.down = down_before;
             let _ = self.dataplane.apply(&self.effective(&self.config));
             return Err(ApiError::Internal(format!(
                 "{what}: the kernel refused the update, nothing changed: {e}"
@@ -319,16 +325,34 @@ impl Controller {
         out
     }
 
+    /// Forgets the verdicts on backends that `next` no longer checks (a
+    /// backend removed and added again, or a service whose checks were
+    /// turned off, starts up again).
+    fn forget_unchecked(&mut self, next: &Config) {
+        self.down.retain(|(service, addr)| {
+            next.service(service).is_some_and(|s| {
+                s.health.is_some()
+                    && s.versions.iter().any(|v| {
+                        v.backends
+                            .iter()
+                            .any(|b| b.address == *addr && b.state != BackendState::Disabled)
+                    })
+            })
+        });
+    }
+
     /// Backends to health-check now: the active and draining backends of
-    /// services with `[service.health]`, with their settings.
-    pub fn health_targets(&self) -> Vec<(String, SocketAddrV4, HealthConfig)> {
+    /// services with `[service.health]`, with their settings and whether
+    /// they are up now.
+    pub fn health_targets(&self) -> Vec<(String, SocketAddrV4, HealthConfig, bool)> {
         let mut out = Vec::new();
         for svc in &self.config.services {
-            let Some(h) = svc.health else { continue };
+            let Some(h) = &svc.health else { continue };
             for v in &svc.versions {
                 for b in &v.backends {
                     if b.state != BackendState::Disabled {
-                        out.push((svc.name.clone(), b.address, h));
+                        let up = !self.down.contains(&(svc.name.clone(), b.address));
+                        out.push((svc.name.clone(), b.address, h.clone(), up));
                     }
                 }
             }

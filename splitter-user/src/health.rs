@@ -1,5 +1,6 @@
-//! Active health checks: a TCP connect to every active or draining backend
-//! of each service with a `[service.health]` table, on its own interval.
+//! Active health checks: a TCP connect (or an HTTP `GET` that must answer
+//! 2xx or 3xx) to every active or draining backend of each service with a
+//! `[service.health]` table, on its own interval.
 //! This module owns the checking loop and the rise/fall counting; the
 //! controller owns what a verdict changes (a backend that is down leaves
 //! new-flow selection, see [`Controller::set_health`]).
@@ -50,12 +51,59 @@ fn record(t: &mut Track, passed: bool, cfg: &HealthConfig) -> Option<bool> {
     }
 }
 
-/// One connect: `Ok` once the handshake completes within `timeout`.
-async fn check(addr: SocketAddrV4, timeout: Duration) -> Result<(), String> {
-    match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-        Ok(Ok(_stream)) => Ok(()),
-        Ok(Err(e)) => Err(e.to_string()),
+/// One check within `timeout`: the TCP handshake, and with `http_path`
+/// an HTTP/1.0 `GET` whose status must be 2xx or 3xx.
+async fn check(
+    addr: SocketAddrV4,
+    http_path: Option<String>,
+    timeout: Duration,
+) -> Result<(), String> {
+    let attempt = async {
+        let mut stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+        let Some(path) = http_path else {
+            return Ok(());
+        };
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let req = format!(
+            "GET {path} HTTP/1.0\r\nHost: {addr}\r\nUser-Agent: splitter-health\r\nConnection: close\r\n\r\n"
+        );
+        stream
+            .write_all(req.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut head = Vec::with_capacity(64);
+        let mut buf = [0u8; 64];
+        // The status line is all that is needed; read until its end.
+        while !head.contains(&b'\n') && head.len() < 1024 {
+            let n = stream.read(&mut buf).await.map_err(|e| e.to_string())?;
+            if n == 0 {
+                break;
+            }
+            head.extend_from_slice(&buf[..n]);
+        }
+        http_status_ok(&head)
+    };
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(r) => r,
         Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
+    }
+}
+
+/// Is the first line of `head` an HTTP status line with 2xx or 3xx?
+fn http_status_ok(head: &[u8]) -> Result<(), String> {
+    let line = head.split(|b| *b == b'\n').next().unwrap_or_default();
+    let line = String::from_utf8_lossy(line);
+    let mut parts = line.split_whitespace();
+    let (Some(version), Some(code)) = (parts.next(), parts.next()) else {
+        return Err(format!("no HTTP status line: {:?}", line.trim()));
+    };
+    if !version.starts_with("HTTP/") {
+        return Err(format!("no HTTP status line: {:?}", line.trim()));
+    }
+    match code.parse::<u16>() {
+        Ok(200..=399) => Ok(()),
+        Ok(c) => Err(format!("HTTP status {c}")),
+        Err(_) => Err(format!("bad HTTP status {code:?}")),
     }
 }
 
@@ -75,7 +123,7 @@ pub async fn run(controller: Arc<Mutex<Controller>>) {
                     Ok(c) => c.health_targets(),
                     Err(_) => return,
                 };
-                let Some(cfg) = targets.iter().find(|(s, a, _)| (s, a) == (&key.0, &key.1)).map(|t| t.2) else {
+                let Some(cfg) = targets.iter().find(|(s, a, _, _)| (s, a) == (&key.0, &key.1)).map(|t| t.2.clone()) else {
                     tracks.remove(&key);
                     continue;
                 };
@@ -111,23 +159,30 @@ pub async fn run(controller: Arc<Mutex<Controller>>) {
             Err(_) => return,
         };
         let now = Instant::now();
-        tracks.retain(|k, _| targets.iter().any(|(s, a, _)| (s, a) == (&k.0, &k.1)));
-        for (service, addr, cfg) in targets {
+        tracks.retain(|k, _| targets.iter().any(|(s, a, _, _)| (s, a) == (&k.0, &k.1)));
+        for (service, addr, cfg, up) in targets {
             let key = (service, addr);
             let t = tracks.entry(key.clone()).or_insert(Track {
                 next_due: now,
                 streak: 0,
-                up: true,
+                up,
                 in_flight: false,
             });
+            if t.up != up && !t.in_flight {
+                // The controller forgot a verdict (the backend left and came
+                // back, or its checks changed): start over from its view.
+                t.up = up;
+                t.streak = 0;
+            }
             if t.in_flight || t.next_due > now {
                 continue;
             }
             t.in_flight = true;
             t.next_due = now + Duration::from_millis(u64::from(cfg.interval_ms));
             let timeout = Duration::from_millis(u64::from(cfg.timeout_ms));
+            let path = cfg.http_path.clone();
             running.spawn(async move {
-                let r = check(key.1, timeout).await;
+                let r = check(key.1, path, timeout).await;
                 (key, r)
             });
         }
@@ -137,6 +192,19 @@ pub async fn run(controller: Arc<Mutex<Controller>>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn http_status_lines() {
+        assert!(http_status_ok(b"HTTP/1.1 200 OK\r\n").is_ok());
+        assert!(http_status_ok(b"HTTP/1.0 302 Found\r\nLocation: /").is_ok());
+        assert_eq!(
+            http_status_ok(b"HTTP/1.1 503 Service Unavailable\r\n"),
+            Err("HTTP status 503".into())
+        );
+        assert!(http_status_ok(b"SSH-2.0-OpenSSH\r\n").is_err());
+        assert!(http_status_ok(b"").is_err());
+        assert!(http_status_ok(b"HTTP/1.1 abc\r\n").is_err());
+    }
 
     #[test]
     fn rise_and_fall_need_streaks() {

@@ -334,7 +334,8 @@ fn find_head_end(buf: &[u8]) -> Option<usize> {
 }
 
 /// A minimal HTTP/1.1 server: `GET` anything answers 200 with the body
-/// `"<name> <peer_ip>\n"`. Keep-alive and `Connection: close` are honoured.
+/// `"<name> <peer_ip>\n"`, except `GET /status/NNN`, which answers status
+/// NNN (for health checks). Keep-alive and `Connection: close` are honoured.
 #[derive(Debug)]
 pub struct HttpServer {
     addr: SocketAddrV4,
@@ -431,10 +432,15 @@ fn serve_http(
                 Ok(None) => {}
             }
         }
-        let (status, body) = if head.method == "GET" {
-            ("200 OK", format!("{name} {}\n", peer.ip()))
-        } else {
-            ("405 Method Not Allowed", String::new())
+        let forced = head
+            .path
+            .strip_prefix("/status/")
+            .and_then(|c| c.parse::<u16>().ok())
+            .filter(|c| (100..=599).contains(c));
+        let (status, body) = match (head.method.as_str(), forced) {
+            ("GET", Some(code)) => (format!("{code} Forced"), format!("{name} {code}\n")),
+            ("GET", None) => ("200 OK".to_string(), format!("{name} {}\n", peer.ip())),
+            _ => ("405 Method Not Allowed".to_string(), String::new()),
         };
         let conn = if head.keep_alive {
             "keep-alive"

@@ -17,7 +17,7 @@ use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 use splitter_tests::{
     clients::{self, LongLivedConn},
-    servers::TcpIdentityServer,
+    servers::{HttpServer, TcpIdentityServer},
     splitter::{
         Affinity, BpfMount, Daemon, Mode, ServiceSpec, VersionSpec, blue_green_config, config_toml,
         with_pin_dir,
@@ -554,5 +554,62 @@ fn health_checks_take_a_dead_backend_out_and_bring_it_back() -> Result<()> {
     let r = clients::tcp_identity_many(&topo.cli, topology::vip(), 200, &[], TIMEOUT)?;
     ensure!(r.errors == 0 && r.count("blue2") > 0, "blue2 back: {r:?}");
     eprintln!("blue2 was marked down {took:?} after it stopped");
+    topo.no_csum_errors()
+}
+
+#[test]
+#[ignore = "needs root: run with -- --include-ignored --test-threads=1"]
+fn http_health_checks_go_by_the_status_code() -> Result<()> {
+    let topo = Topology::new(TopologyOptions {
+        backend_addrs: 3,
+        ..Default::default()
+    })?;
+    let ok = HttpServer::start(&topo.back, be(2), "ok")?;
+    let _green = HttpServer::start(&topo.back, be(3), "green")?;
+    let failing = HttpServer::start(&topo.back, be(4), "failing")?;
+    let base = config_toml(
+        Mode::Snat,
+        &[ServiceSpec {
+            name: "web".into(),
+            vip: topology::vip(),
+            protocol: "tcp",
+            affinity: Affinity::Flow,
+            versions: vec![
+                VersionSpec {
+                    name: "blue".into(),
+                    weight: 100,
+                    backends: vec![be(2), be(4)],
+                },
+                VersionSpec {
+                    name: "green".into(),
+                    weight: 0,
+                    backends: vec![be(3)],
+                },
+            ],
+        }],
+    );
+    // Every backend answers the TCP connect; the path decides. A path that
+    // answers 503 takes both blue backends down (and fails open); 200 keeps
+    // them up.
+    let health = |path: &str| {
+        format!(
+            "{base}\n[service.health]\ncheck = \"http\"\npath = \"{path}\"\ninterval_ms = 200\ntimeout_ms = 500\nfall = 2\nrise = 2\n"
+        )
+    };
+    let d = Daemon::start(&topo.edge, &health("/status/503"))?;
+    wait_health(&d, be(2), "down")?;
+    wait_health(&d, be(4), "down")?;
+    // Both of blue's backends are down: blue fails open and still serves.
+    let r = clients::http_get_many(&topo.cli, topology::vip(), "/", 40, TIMEOUT)?;
+    ensure!(r.errors == 0 && r.ok() == 40, "fail open: {r:?}");
+    ensure!(
+        ok.requests() > 0 && failing.requests() > 0,
+        "checks did not reach the servers"
+    );
+
+    std::fs::write(d.dir().join("splitter.toml"), health("/status/204"))?;
+    d.cli_ok(&["reload"])?;
+    wait_health(&d, be(2), "up")?;
+    wait_health(&d, be(4), "up")?;
     topo.no_csum_errors()
 }
