@@ -177,6 +177,19 @@ fn rolling_add_drain_and_remove_a_backend_without_dropping_a_connection() -> Res
         running_config(&d)? == before,
         "a refused remove changed the config"
     );
+    // Waiting for the drain times out while they live, and says so.
+    let b2 = be(2).to_string();
+    let drain_wait = |secs: &'static str| {
+        [
+            "backend", "set", "web", &b2, "--state", "drain", "--wait", secs,
+        ]
+    };
+    refused(
+        &d,
+        &drain_wait("1"),
+        1,
+        "still has 3 live flow(s) after 1 s",
+    )?;
 
     // The connections finish; then the removal goes through.
     for c in conns {
@@ -187,8 +200,15 @@ fn rolling_add_drain_and_remove_a_backend_without_dropping_a_connection() -> Res
             report.failures
         );
     }
+    let o = d.cli(&drain_wait("10"))?;
+    ensure!(
+        o.status.success() && o.stderr.contains("drained: no live flows"),
+        "drain --wait: {} {:?}",
+        o.status,
+        o.stderr
+    );
     wait_live_flows(&d, be(2), 0)?;
-    d.cli_ok(&["backend", "remove", "web", &be(2).to_string()])?;
+    d.cli_ok(&["backend", "remove", "web", &b2])?;
     let status = d.status_json()?;
     ensure!(
         backend(&status, "web", be(2)).is_err(),

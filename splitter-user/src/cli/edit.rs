@@ -151,6 +151,11 @@ pub enum BackendCommand {
         /// New state.
         #[arg(long, value_parser = STATES)]
         state: Option<String>,
+        /// With --state drain: then wait up to SECONDS for the backend's
+        /// live flows to reach 0, printing the count as it falls; exit 1 if
+        /// they have not by then (the backend stays draining).
+        #[arg(long, value_name = "SECONDS", requires = "state")]
+        wait: Option<u64>,
         /// Output format of the resulting service.
         #[arg(long, short, value_enum, default_value_t = Output::Table)]
         output: Output,
@@ -221,6 +226,50 @@ fn backends(addrs: &[SocketAddrV4]) -> Vec<BackendSpec> {
             state: None,
         })
         .collect()
+}
+
+/// Polls the service once a second until `addr` has no live flows, or
+/// `secs` have passed. Progress goes to stderr, so stdout stays the
+/// command's output.
+async fn wait_drained(
+    socket: &Path,
+    service: &str,
+    addr: SocketAddrV4,
+    secs: u64,
+) -> Result<(), CliError> {
+    let path = format!("/v1/services/{}", seg("service", service)?);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    let mut last = None;
+    loop {
+        let bytes = client::request(socket, Method::GET, &path, None).await?;
+        let report: ServiceReport =
+            serde_json::from_slice(&bytes).map_err(|e| CliError::Other(e.into()))?;
+        let live = report
+            .versions
+            .iter()
+            .flat_map(|v| &v.backends)
+            .find(|b| b.address == addr.to_string())
+            .map(|b| b.live_flows)
+            .ok_or_else(|| {
+                CliError::Other(anyhow::anyhow!(
+                    "backend {addr} left {service} while draining"
+                ))
+            })?;
+        if live == 0 {
+            eprintln!("{addr} drained: no live flows");
+            return Ok(());
+        }
+        if last != Some(live) {
+            eprintln!("draining {addr}: {live} live flow(s)");
+            last = Some(live);
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(CliError::Other(anyhow::anyhow!(
+                "{addr} still has {live} live flow(s) after {secs} s; it stays draining (no new flows)"
+            )));
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
 }
 
 /// Runs `splitter service ...`.
@@ -331,6 +380,7 @@ pub async fn backend(socket: &Path, cmd: BackendCommand) -> Result<(), CliError>
             address,
             weight,
             state,
+            wait,
             output,
         } => {
             if weight.is_none() && state.is_none() {
@@ -338,12 +388,22 @@ pub async fn backend(socket: &Path, cmd: BackendCommand) -> Result<(), CliError>
                     "nothing to change: give --weight and/or --state".into(),
                 ));
             }
+            if wait.is_some() && state.as_deref() != Some("drain") {
+                return Err(CliError::Usage(
+                    "--wait goes with --state drain: it waits for the drained backend's flows to end"
+                        .into(),
+                ));
+            }
             let patch = BackendPatch { weight, state };
             let path = format!(
                 "/v1/services/{}/backends/{address}",
                 seg("service", &service)?
             );
-            call(socket, Method::PATCH, &path, Some(json(&patch)?), output).await
+            call(socket, Method::PATCH, &path, Some(json(&patch)?), output).await?;
+            match wait {
+                Some(secs) => wait_drained(socket, &service, address, secs).await,
+                None => Ok(()),
+            }
         }
         BackendCommand::Remove {
             service,

@@ -23,6 +23,7 @@ Examples:
   splitter weights set web blue=90 green=10
   splitter weights set web blue=0 green=100      # blue-green switch
   splitter backend set web 10.0.2.2:8080 --state drain   # no new flows; established go on
+  splitter backend set web 10.0.2.2:8080 --state drain --wait 300   # ... and wait until they end
   splitter backend remove web 10.0.2.2:8080       # once its live flows reached 0
   splitter backend add web blue 10.0.2.5:8080
   splitter version add web canary --backend 10.0.2.7:8080   # weight 0 until raised
@@ -113,7 +114,8 @@ pub enum Command {
     Manpage,
     /// Re-read the daemon's configuration file and apply it as a diff
     /// (same as SIGHUP). An invalid file is refused as a whole and the
-    /// running configuration stays; the file's weights replace runtime ones.
+    /// running configuration stays; the file replaces runtime changes
+    /// (weights, backends, states, versions, services made with the CLI).
     ///
     /// Example: splitter reload
     Reload,
