@@ -149,25 +149,45 @@ struct LiveService {
     versions: BTreeMap<String, LiveVersion>,
 }
 
-/// Small id allocator: lowest free id first, so ids are dense and stable.
+/// Small id allocator. Ids are handed out round-robin (the first free id
+/// after the last one taken), so a freed id is reused as late as possible:
+/// flows still bound to a removed backend (or counted for a removed
+/// service) do not land on the counters, the state or the live-flow count
+/// of whatever is added next.
 #[derive(Debug)]
 struct Ids {
     free: BTreeSet<u32>,
+    next: u32,
 }
 
 impl Ids {
     fn new(capacity: u32) -> Self {
         Self {
             free: (0..capacity).collect(),
+            next: 0,
         }
     }
     fn take(&mut self, what: &str) -> Result<u32> {
-        self.free.pop_first().ok_or_else(|| {
-            DataplaneError::Capacity(format!("capacity exceeded: no free {what} id"))
-        })
+        let id = self
+            .free
+            .range(self.next..)
+            .next()
+            .or_else(|| self.free.first())
+            .copied()
+            .ok_or_else(|| {
+                DataplaneError::Capacity(format!("capacity exceeded: no free {what} id"))
+            })?;
+        self.free.remove(&id);
+        self.next = id.wrapping_add(1);
+        Ok(id)
     }
     fn give(&mut self, id: u32) {
         self.free.insert(id);
+    }
+    /// Marks `id` as in use (restored from the state file).
+    fn claim(&mut self, id: u32) {
+        self.free.remove(&id);
+        self.next = self.next.max(id.wrapping_add(1));
     }
 }
 
@@ -545,7 +565,7 @@ impl Dataplane {
                     warn!(service = %name, version = %vname, "state file: version id out of range; skipped");
                     continue;
                 }
-                self.version_ids.free.remove(vid);
+                self.version_ids.claim(*vid);
                 self.version_id_by_name
                     .insert((name.clone(), vname.clone()), *vid);
                 versions.insert(
@@ -558,7 +578,7 @@ impl Dataplane {
                     },
                 );
             }
-            self.service_ids.free.remove(&ls.id);
+            self.service_ids.claim(ls.id);
             self.live.insert(
                 name.clone(),
                 LiveService {
@@ -570,7 +590,7 @@ impl Dataplane {
         }
         for b in &layout.backends {
             if b.id < MAX_BACKENDS {
-                self.backend_id_pool.free.remove(&b.id);
+                self.backend_id_pool.claim(b.id);
                 self.backend_ids
                     .insert((b.service.clone(), b.version.clone(), b.address), b.id);
             }
@@ -1103,5 +1123,30 @@ fn raise_memlock_limit() {
     let ret = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
     if ret != 0 {
         tracing::debug!("could not lift RLIMIT_MEMLOCK; only kernels before 5.11 need it");
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::Ids;
+
+    #[test]
+    fn freed_ids_are_reused_last() {
+        let mut ids = Ids::new(4);
+        assert_eq!(
+            (0..3).map(|_| ids.take("x").unwrap()).collect::<Vec<_>>(),
+            [0, 1, 2]
+        );
+        ids.give(0);
+        // 0 is free again, but 3 comes first; then the wrap finds 0.
+        assert_eq!(ids.take("x").unwrap(), 3);
+        assert_eq!(ids.take("x").unwrap(), 0);
+        assert!(ids.take("x").is_err());
+        ids.give(2);
+        ids.claim(2);
+        assert!(ids.take("x").is_err());
+        ids.give(1);
+        assert_eq!(ids.take("x").unwrap(), 1);
     }
 }
