@@ -9,6 +9,7 @@ use tracing::{error, info};
 use crate::{
     api::{
         ApiError, AttachmentReport, BackendReport, ConnectionReport, DataplaneReport, FlowReport,
+        ProgramReport,
         ServiceReport, StatusReport, VersionReport,
     },
     config::{Config, ServiceConfig, parse_weight_args},
@@ -373,6 +374,14 @@ impl Controller {
                         mode: a.mode.to_string(),
                     })
                     .collect(),
+                program: {
+                    let p = self.dataplane.program();
+                    Some(ProgramReport {
+                        id: p.id,
+                        tag: p.tag.clone(),
+                        source: p.source.clone(),
+                    })
+                },
             },
             services,
             counters,

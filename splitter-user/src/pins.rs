@@ -41,6 +41,23 @@ pub enum PinError {
         found: u32,
         expected: u32,
     },
+    /// A kernel program object whose maps differ from this build's layout.
+    #[error(
+        "{program} defines map {map} with {what} {found}, but this daemon (and the maps it pins) uses {expected}: \
+         the object was built against another map layout and cannot take over the running data plane. \
+         Build it from the same sources as this daemon (splitter-common), or upgrade the daemon itself; \
+         nothing was changed and the running program keeps forwarding"
+    )]
+    ObjectLayout {
+        program: String,
+        map: &'static str,
+        what: &'static str,
+        found: u32,
+        expected: u32,
+    },
+    /// A kernel program object that is not a usable BPF ELF object.
+    #[error("{program} is not a usable BPF object (nothing was changed): {detail}")]
+    Object { program: String, detail: String },
     /// Reading a pinned map's info failed.
     #[error("reading pinned map {path}: {detail}")]
     Info { path: PathBuf, detail: String },
@@ -81,6 +98,45 @@ pub fn expected_maps() -> [(&'static str, u32, u32, u32); 7] {
         ),
         (map::COUNTERS, 4, 8, counter::SLOTS),
     ]
+}
+
+/// Checks the maps an object file defines against [`expected_maps`]
+/// before anything is loaded: an object built against another layout
+/// would otherwise be handed the pinned maps and read them wrongly.
+/// `program` names the object in messages.
+///
+/// # Errors
+/// [`PinError::Object`] when the bytes are no BPF object or lack a map,
+/// [`PinError::ObjectLayout`] naming the first map that differs.
+pub fn check_object(bytes: &[u8], program: &str) -> Result<(), PinError> {
+    let obj = aya_obj::Object::parse(bytes).map_err(|e| PinError::Object {
+        program: program.to_string(),
+        detail: e.to_string(),
+    })?;
+    for (name, key, value, entries) in expected_maps() {
+        let Some(m) = obj.maps.get(name) else {
+            return Err(PinError::Object {
+                program: program.to_string(),
+                detail: format!("it defines no map {name}"),
+            });
+        };
+        for (what, found, expected) in [
+            ("key size", m.key_size(), key),
+            ("value size", m.value_size(), value),
+            ("capacity", m.max_entries(), entries),
+        ] {
+            if found != expected {
+                return Err(PinError::ObjectLayout {
+                    program: program.to_string(),
+                    map: name,
+                    what,
+                    found,
+                    expected,
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Makes sure `dir` exists on a bpffs, mounting bpffs at `/sys/fs/bpf`

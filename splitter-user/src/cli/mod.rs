@@ -74,6 +74,16 @@ pub enum Command {
         /// leaves it pinned.
         #[arg(long, value_enum, default_value_t = daemon::OnStop::Detach)]
         on_stop: daemon::OnStop,
+        /// Load the kernel program from this BPF object file instead of the
+        /// one built into this binary: to upgrade the kernel program alone,
+        /// or to test a build (`cargo xtask build` leaves it in
+        /// target/.../out/splitter). Its maps must have this daemon's
+        /// layout (checked before anything changes); it takes over the
+        /// pinned maps and XDP links like a restart, so established
+        /// connections keep flowing. `splitter status` shows the program's
+        /// id and tag.
+        #[arg(long, value_name = "PATH")]
+        program: Option<PathBuf>,
     },
     /// Show where a client's flow goes and why: its connection-table entry
     /// if the edge knows it (that decides), and the version and backend a
@@ -180,12 +190,14 @@ pub async fn run(cli: Cli) -> ExitCode {
             config,
             state_dir,
             on_stop,
+            program,
         } => {
             let opts = daemon::DaemonOptions {
                 config,
                 socket: cli.socket,
                 state_dir,
                 on_stop,
+                program,
             };
             daemon::run(opts, daemon::shutdown_signal())
                 .await
