@@ -9,8 +9,7 @@ use tracing::{error, info};
 use crate::{
     api::{
         ApiError, AttachmentReport, BackendReport, ConnectionReport, DataplaneReport, FlowReport,
-        ProgramReport,
-        ServiceReport, StatusReport, VersionReport,
+        ProgramReport, ServiceReport, StatusReport, VersionReport,
     },
     config::{Config, ServiceConfig, parse_weight_args},
     dataplane::Dataplane,

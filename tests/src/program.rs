@@ -107,7 +107,13 @@ pub fn build(variant: Variant) -> Result<PathBuf> {
     let mut cmd = Command::new("rustup");
     cmd.current_dir(workspace_root())
         .args(["run", "nightly", "cargo", "build"])
-        .args(["--package", "splitter-ebpf", "--bin", "splitter", "--release"])
+        .args([
+            "--package",
+            "splitter-ebpf",
+            "--bin",
+            "splitter",
+            "--release",
+        ])
         .args(["--target", target, "-Z", "build-std=core"])
         .args(["--features", variant.feature()])
         .arg("--target-dir")

@@ -116,7 +116,10 @@ fn program_of(status: &Value) -> Result<(u64, String, String)> {
     let p = &status["dataplane"]["program"];
     let id = p["id"].as_u64().context("no program id")?;
     let tag = p["tag"].as_str().context("no program tag")?.to_string();
-    let source = p["source"].as_str().context("no program source")?.to_string();
+    let source = p["source"]
+        .as_str()
+        .context("no program source")?
+        .to_string();
     ensure!(
         id > 0 && tag.len() == 16 && tag.chars().all(|c| c.is_ascii_hexdigit()),
         "odd program report: {p}"
@@ -250,11 +253,11 @@ impl Load {
             if self.stop.load(Ordering::Relaxed) || started.elapsed() > Duration::from_secs(120) {
                 break;
             }
-            let (ok, failed, samples) = match clients::http_get_many(cli, http_vip(), "/", 8, TIMEOUT)
-            {
-                Ok(r) => (r.ok(), r.errors, r.error_samples),
-                Err(e) => (0, 1, vec![format!("{e:#}")]),
-            };
+            let (ok, failed, samples) =
+                match clients::http_get_many(cli, http_vip(), "/", 8, TIMEOUT) {
+                    Ok(r) => (r.ok(), r.errors, r.error_samples),
+                    Err(e) => (0, 1, vec![format!("{e:#}")]),
+                };
             self.ok.fetch_add(ok, Ordering::Relaxed);
             self.failed.fetch_add(failed, Ordering::Relaxed);
             if let Ok(mut v) = self.samples.lock() {
@@ -302,7 +305,10 @@ fn another_build_replaces_the_running_program_under_load_and_rolls_back() -> Res
     daemon.weights_set("web", &[("blue", 30), ("green", 70)])?;
     let weights_before = weights(&daemon.status_json()?)?;
     let (id0, tag0, source0) = program_of(&daemon.status_json()?)?;
-    ensure!(source0 == "embedded", "first start did not use the embedded program: {source0}");
+    ensure!(
+        source0 == "embedded",
+        "first start did not use the embedded program: {source0}"
+    );
     kernel_runs(&s.topo.edge, id0)?;
     ensure!(
         probe_count(&pin_dir)? == 0,
@@ -348,7 +354,10 @@ fn another_build_replaces_the_running_program_under_load_and_rolls_back() -> Res
         id1 != id0 && tag1 != tag0,
         "program not replaced: id {id0} -> {id1}, tag {tag0} -> {tag1}"
     );
-    ensure!(source1 == probe_arg, "source {source1}, expected {probe_arg}");
+    ensure!(
+        source1 == probe_arg,
+        "source {source1}, expected {probe_arg}"
+    );
     kernel_runs(&s.topo.edge, id1)?;
     // ... and it is the one handling the packets.
     let p1 = probe_count(&pin_dir)?;
@@ -389,7 +398,10 @@ fn another_build_replaces_the_running_program_under_load_and_rolls_back() -> Res
         probe_count(&pin_dir)? == p3,
         "the probe build still sees packets after the rollback"
     );
-    ensure!(weights(&status)? == weights_before, "weights changed across the rollback");
+    ensure!(
+        weights(&status)? == weights_before,
+        "weights changed across the rollback"
+    );
     long_lived_intact(&s, &conns, "after the rollback")?;
 
     let resets_after = client_tcp_failures(&s.topo.cli)?;
