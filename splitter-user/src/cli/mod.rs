@@ -76,12 +76,12 @@ pub enum Command {
         on_stop: daemon::OnStop,
         /// Load the kernel program from this BPF object file instead of the
         /// one built into this binary: to upgrade the kernel program alone,
-        /// or to test a build (`cargo xtask build` leaves it in
-        /// target/.../out/splitter). Its maps must have this daemon's
-        /// layout (checked before anything changes); it takes over the
-        /// pinned maps and XDP links like a restart, so established
-        /// connections keep flowing. `splitter status` shows the program's
-        /// id and tag.
+        /// or to test a build (`cargo xtask build` leaves the program it
+        /// embeds in target/release/splitter.bpf.o). Its maps must have
+        /// this daemon's layout, checked before anything changes; it then
+        /// takes over the pinned maps and XDP links like any restart, so
+        /// established connections keep flowing. Applies to this run only.
+        /// `splitter status` shows the running program's id and tag.
         #[arg(long, value_name = "PATH")]
         program: Option<PathBuf>,
     },
