@@ -287,3 +287,33 @@ pub fn remove_all(dir: &Path) -> Result<Vec<PathBuf>, PinError> {
     }
     Ok(removed)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The program this binary embeds (empty with `AYA_BUILD_SKIP=1`).
+    static EMBEDDED: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/splitter"));
+
+    #[test]
+    fn the_embedded_program_has_this_builds_layout() {
+        if EMBEDDED.is_empty() {
+            // Built without the kernel program: nothing to check.
+            return;
+        }
+        let r = check_object(EMBEDDED, "the embedded kernel program");
+        assert!(r.is_ok(), "{r:?}");
+    }
+
+    #[test]
+    fn a_file_that_is_no_bpf_object_is_refused() {
+        let err = check_object(b"not an ELF file\n", "the kernel program junk.o")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            err.contains("junk.o is not a usable BPF object"),
+            "got {err:?}"
+        );
+    }
+}
