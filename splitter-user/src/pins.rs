@@ -120,10 +120,12 @@ pub fn check_object(bytes: &[u8], program: &str) -> Result<(), PinError> {
                 detail: format!("it defines no map {name}"),
             });
         };
+        let map_type = expected_map_type(name).unwrap_or(u32::MAX);
         for (what, found, expected) in [
             ("key size", m.key_size(), key),
             ("value size", m.value_size(), value),
             ("capacity", m.max_entries(), entries),
+            ("map type (bpf_map_type)", m.map_type(), map_type),
         ] {
             if found != expected {
                 return Err(PinError::ObjectLayout {
@@ -137,6 +139,21 @@ pub fn check_object(bytes: &[u8], program: &str) -> Result<(), PinError> {
         }
     }
     Ok(())
+}
+
+/// The kernel map type (`bpf_map_type`) of each map: 1 hash, 2 array,
+/// 6 per-CPU array, 9 LRU hash.
+pub fn expected_map_type(name: &str) -> Option<u32> {
+    const TYPES: [(&str, u32); 7] = [
+        (map::SERVICES, 1),
+        (map::VIPS, 1),
+        (map::TABLES, 2),
+        (map::BACKENDS, 2),
+        (map::CONNS, 9),
+        (map::BACKEND_STATS, 6),
+        (map::COUNTERS, 6),
+    ];
+    TYPES.iter().find(|(n, _)| *n == name).map(|(_, t)| *t)
 }
 
 /// Makes sure `dir` exists on a bpffs, mounting bpffs at `/sys/fs/bpf`
@@ -197,7 +214,7 @@ fn mount_bpffs(at: &Path) -> std::io::Result<()> {
     }
 }
 
-/// Checks every pinned map against [`expected_maps`]. Returns whether the
+/// Checks every pinned map against [`expected_maps`] and [`expected_map_type`]. Returns whether the
 /// connection table is pinned already (a restart or an upgrade).
 ///
 /// # Errors
@@ -213,10 +230,16 @@ pub fn check_layout(dir: &Path) -> Result<bool, PinError> {
             path: path.clone(),
             detail: e.to_string(),
         })?;
+        let found_type = info.map_type().map(|t| t as u32).unwrap_or(u32::MAX);
         for (what, found, expected) in [
             ("key size", info.key_size(), key),
             ("value size", info.value_size(), value),
             ("capacity", info.max_entries(), entries),
+            (
+                "map type (bpf_map_type)",
+                found_type,
+                expected_map_type(name).unwrap_or(u32::MAX),
+            ),
         ] {
             if found != expected {
                 return Err(PinError::LayoutChanged {
