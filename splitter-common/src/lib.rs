@@ -81,6 +81,9 @@ pub mod map {
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     /// `PerCpuArray<u64>`, indexed by `counter::*`.
     pub const COUNTERS: &str = "COUNTERS";
+    /// `PerCpuArray<u64>`: drops by reason per service, index
+    /// `service id * service_drop::SLOTS + service_drop::*`.
+    pub const SERVICE_DROPS: &str = "SERVICE_DROPS";
 }
 
 /// Service flag: pick the version and backend from the client address only.
@@ -256,6 +259,27 @@ pub struct Conn {
     pub last_seen: u64,
 }
 
+/// Is the flow an entry describes still going at `now` (same clock as
+/// `last_seen`)? Not once a TCP flow saw a RST or a FIN from both ends, nor
+/// once it was idle past its timeout. The controller counts live flows with
+/// it; the data plane applies the same timeouts before reusing a tuple.
+#[inline(always)]
+pub fn conn_live(proto: u8, state: u32, last_seen: u64, now: u64) -> bool {
+    let idle = now.saturating_sub(last_seen);
+    if proto != PROTO_TCP {
+        return idle <= UDP_IDLE_TIMEOUT_NS;
+    }
+    let closed = state & TCP_RST != 0
+        || state & (TCP_FIN_CLIENT | TCP_FIN_BACKEND) == (TCP_FIN_CLIENT | TCP_FIN_BACKEND);
+    if closed {
+        false
+    } else if state & TCP_ESTABLISHED == 0 {
+        idle <= TCP_SYN_TIMEOUT_NS
+    } else {
+        idle <= TCP_IDLE_TIMEOUT_NS
+    }
+}
+
 /// Value of `BACKEND_STATS` (per CPU; the controller sums the CPUs).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -339,6 +363,31 @@ pub mod counter {
         "redirect",
         "new_flow",
         "drop_backend_disabled",
+    ];
+}
+
+/// Slots of `SERVICE_DROPS`: the drops that happen once a packet's service
+/// is known, counted per service as well as globally.
+pub mod service_drop {
+    /// `counter::DROP_NO_FLOW`.
+    pub const NO_FLOW: u32 = 0;
+    /// `counter::DROP_NO_BACKEND`.
+    pub const NO_BACKEND: u32 = 1;
+    /// `counter::DROP_SNAT_EXHAUSTED`.
+    pub const SNAT_EXHAUSTED: u32 = 2;
+    /// `counter::DROP_CONN_TABLE`.
+    pub const CONN_TABLE: u32 = 3;
+    /// `counter::DROP_BACKEND_DISABLED`.
+    pub const BACKEND_DISABLED: u32 = 4;
+    /// Slots per service (room to grow without a layout change).
+    pub const SLOTS: u32 = 8;
+    /// Reasons in use, named like the global counters without `drop_`.
+    pub const NAMES: [&str; 5] = [
+        "no_flow",
+        "no_backend",
+        "snat_exhausted",
+        "conn_table",
+        "backend_disabled",
     ];
 }
 

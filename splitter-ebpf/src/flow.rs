@@ -11,7 +11,7 @@ use splitter_common::{
     SNAT_PORT_MIN, SNAT_PORT_TRIES, SVC_F_CLIENT_IP, SVC_F_SNAT, Service, ServiceKey,
     TCP_CLOSED_REUSE_NS, TCP_ESTABLISHED, TCP_FIN_BACKEND, TCP_FIN_CLIENT, TCP_IDLE_TIMEOUT_NS,
     TCP_RST, TCP_SYN, TCP_SYN_TIMEOUT_NS, UDP_IDLE_TIMEOUT_NS, counter, flow_hash, mix32,
-    version_hash,
+    service_drop, version_hash,
 };
 
 use crate::{
@@ -135,7 +135,11 @@ fn established(ctx: &XdpContext, pkt: &Packet, conn: &mut Conn, now: u64) -> u32
         && let Some(b) = BACKENDS.get(conn.backend)
         && b.flags & BACKEND_F_DISABLED != 0
     {
-        return maps::drop_with(counter::DROP_BACKEND_DISABLED);
+        return maps::drop_for(
+            conn.service,
+            counter::DROP_BACKEND_DISABLED,
+            service_drop::BACKEND_DISABLED,
+        );
     }
     let mut bits = 0;
     let mut touch_peer = false;
@@ -241,7 +245,7 @@ fn new_flow(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, svc: &Service, now: u
     {
         // Mid-stream packet of a flow we do not know: forwarding it to a
         // freshly chosen backend would only draw a reset.
-        return maps::drop_with(counter::DROP_NO_FLOW);
+        return maps::drop_for(svc.id, counter::DROP_NO_FLOW, service_drop::NO_FLOW);
     }
     let full = flow_hash(&key.src, &key.dst, pkt.sport, pkt.dport, pkt.proto, false);
     let h = if svc.flags & SVC_F_CLIENT_IP != 0 {
@@ -250,13 +254,13 @@ fn new_flow(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, svc: &Service, now: u
         full
     };
     let Some(id) = pick_backend(svc, h) else {
-        return maps::drop_with(counter::DROP_NO_BACKEND);
+        return maps::drop_for(svc.id, counter::DROP_NO_BACKEND, service_drop::NO_BACKEND);
     };
     let Some(backend) = BACKENDS.get(id as u32) else {
-        return maps::drop_with(counter::DROP_NO_BACKEND);
+        return maps::drop_for(svc.id, counter::DROP_NO_BACKEND, service_drop::NO_BACKEND);
     };
     if backend.flags & BACKEND_F_PRESENT == 0 {
-        return maps::drop_with(counter::DROP_NO_BACKEND);
+        return maps::drop_for(svc.id, counter::DROP_NO_BACKEND, service_drop::NO_BACKEND);
     }
     let snat = svc.flags & SVC_F_SNAT != 0;
     let state = if pkt.proto == PROTO_TCP { TCP_SYN } else { 0 };
@@ -285,11 +289,15 @@ fn new_flow(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, svc: &Service, now: u
     if snat {
         rkey.dst = svc.snat_addr;
         let Some(port) = claim_snat_port(&mut rkey, &rev, full, now) else {
-            return maps::drop_with(counter::DROP_SNAT_EXHAUSTED);
+            return maps::drop_for(
+                svc.id,
+                counter::DROP_SNAT_EXHAUSTED,
+                service_drop::SNAT_EXHAUSTED,
+            );
         };
         rkey.dport = port;
     } else if CONNS.insert(&rkey, &rev, BPF_ANY as u64).is_err() {
-        return maps::drop_with(counter::DROP_CONN_TABLE);
+        return maps::drop_for(svc.id, counter::DROP_CONN_TABLE, service_drop::CONN_TABLE);
     }
     rev.new_addr = backend.addr;
     rev.new_port = backend.port;
@@ -298,7 +306,7 @@ fn new_flow(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, svc: &Service, now: u
     rev.flags = flags;
     if CONNS.insert(key, &rev, BPF_ANY as u64).is_err() {
         let _ = CONNS.remove(&rkey);
-        return maps::drop_with(counter::DROP_CONN_TABLE);
+        return maps::drop_for(svc.id, counter::DROP_CONN_TABLE, service_drop::CONN_TABLE);
     }
     maps::count(counter::NEW_FLOW);
     if let Some(s) = BACKEND_STATS.get_ptr_mut(id as u32) {

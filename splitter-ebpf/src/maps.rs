@@ -6,7 +6,7 @@ use aya_ebpf::{
 };
 use splitter_common::{
     Backend, BackendStats, CONN_CAPACITY, Conn, FlowKey, MAX_BACKENDS, MAX_SERVICES, MAX_TABLES,
-    MaglevTable, Service, ServiceKey, VipKey, counter,
+    MaglevTable, Service, ServiceKey, VipKey, counter, service_drop,
 };
 
 #[map(name = "SERVICES")]
@@ -38,6 +38,21 @@ const COUNTER_SLOTS: u32 = counter::SLOTS * 2;
 
 #[map(name = "COUNTERS")]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
+
+#[map(name = "SERVICE_DROPS")]
+pub static SERVICE_DROPS: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(MAX_SERVICES * service_drop::SLOTS, 0);
+
+/// Counts a drop of service `svc` globally (`idx`, a `counter::*`) and for
+/// the service (`slot`, a `service_drop::*`), and returns `XDP_DROP`.
+#[inline(always)]
+pub fn drop_for(svc: u32, idx: u32, slot: u32) -> u32 {
+    if let Some(c) = SERVICE_DROPS.get_ptr_mut(svc.wrapping_mul(service_drop::SLOTS) + slot) {
+        // Per-CPU slot: no other writer.
+        unsafe { *c += 1 };
+    }
+    drop_with(idx)
+}
 
 /// Adds one to counter `idx` (a `counter::*` constant).
 #[inline(always)]

@@ -5,6 +5,14 @@
 //! | GET | `/v1/status` | | [`StatusReport`] |
 //! | GET | `/v1/config` | | the running [`Config`] |
 //! | PUT | `/v1/services/{name}/weights` | [`WeightsRequest`] | [`ServiceReport`] |
+//! | POST | `/v1/services` | [`ServiceSpec`] | [`ServiceReport`] of the new service |
+//! | GET | `/v1/services/{name}` | | [`ServiceReport`] |
+//! | DELETE | `/v1/services/{name}` | | `{"removed": "..."}` |
+//! | POST | `/v1/services/{name}/versions` | [`VersionSpec`] | [`ServiceReport`] |
+//! | DELETE | `/v1/services/{name}/versions/{version}` | | [`ServiceReport`] |
+//! | POST | `/v1/services/{name}/versions/{version}/backends` | [`BackendSpec`] | [`ServiceReport`] |
+//! | PATCH | `/v1/services/{name}/backends/{addr:port}` | [`BackendPatch`] | [`ServiceReport`] |
+//! | DELETE | `/v1/services/{name}/backends/{addr:port}[?force=true]` | | [`ServiceReport`] |
 //! | GET | `/v1/flow?service=NAME&client=ADDR:PORT` | | [`FlowReport`] |
 //! | POST | `/v1/reload` | | `{"changes": [...]}`: the config file re-read and applied as a diff |
 //! | POST | `/v1/detach` | | `{"removed": [pins]}`; the daemon then stops and XDP is detached |
@@ -23,7 +31,10 @@ use serde::{Deserialize, Serialize};
 use tokio::net::UnixListener;
 use tracing::{debug, info, warn};
 
-use crate::controller::Controller;
+use crate::{
+    controller::Controller,
+    edit::{BackendPatch, BackendSpec, ServiceSpec, VersionSpec, parse_addr},
+};
 
 /// Largest request body the API reads.
 const MAX_BODY: usize = 64 * 1024;
@@ -91,6 +102,10 @@ pub struct ServiceReport {
     pub affinity: String,
     /// Versions in configuration order.
     pub versions: Vec<VersionReport>,
+    /// Drops of this service's packets by reason (`no_flow`, `no_backend`,
+    /// `snat_exhausted`, `conn_table`, `backend_disabled`).
+    #[serde(default)]
+    pub drops: BTreeMap<String, u64>,
 }
 
 /// One version of a service.
@@ -104,6 +119,9 @@ pub struct VersionReport {
     pub share_percent: f64,
     /// New flows over all its backends.
     pub new_flows: u64,
+    /// Established flows over all its backends now.
+    #[serde(default)]
+    pub live_flows: u64,
     /// Packets to its backends.
     pub packets: u64,
     /// Bytes to its backends.
@@ -119,6 +137,16 @@ pub struct BackendReport {
     pub address: String,
     /// Weight inside its version.
     pub weight: u32,
+    /// `active`, `drain` or `disabled`.
+    #[serde(default)]
+    pub state: String,
+    /// `up` or `down` by the service's health checks, `unchecked` without.
+    #[serde(default)]
+    pub health: String,
+    /// Flows bound to it that are still going (counted from the
+    /// connection table, at most a second old).
+    #[serde(default)]
+    pub live_flows: u64,
     /// Packets forwarded to it.
     pub packets: u64,
     /// Bytes forwarded to it.
@@ -290,6 +318,58 @@ fn route(
             })?;
             to_json(&lock()?.set_weights(name, &req.weights)?)
         }
+        (&Method::POST, ["v1", "services"]) => {
+            let spec: ServiceSpec = body_json(
+                body,
+                r#"{"name": "web", "vip": "10.0.0.10:80", "versions": [{"name": "blue", "weight": 100, "backends": [{"address": "10.0.2.1:8080"}]}]}"#,
+            )?;
+            to_json(&lock()?.add_service(&spec)?)
+        }
+        (&Method::GET, ["v1", "services", name]) => {
+            let c = lock()?;
+            let report = c.status()?.services.into_iter().find(|s| s.name == *name);
+            to_json(
+                &report.ok_or_else(|| ApiError::NotFound(format!("no service named {name:?}")))?,
+            )
+        }
+        (&Method::DELETE, ["v1", "services", name]) => {
+            to_json(&serde_json::json!({ "removed": lock()?.remove_service(name)? }))
+        }
+        (&Method::POST, ["v1", "services", name, "versions"]) => {
+            let spec: VersionSpec = body_json(
+                body,
+                r#"{"name": "green", "weight": 0, "backends": [{"address": "10.0.2.3:8080"}]}"#,
+            )?;
+            to_json(&lock()?.add_version(name, &spec)?)
+        }
+        (&Method::DELETE, ["v1", "services", name, "versions", version]) => {
+            to_json(&lock()?.remove_version(name, version)?)
+        }
+        (&Method::POST, ["v1", "services", name, "versions", version, "backends"]) => {
+            let spec: BackendSpec = body_json(
+                body,
+                r#"{"address": "10.0.2.4:8080", "weight": 1, "state": "active"}"#,
+            )?;
+            to_json(&lock()?.add_backend(name, version, &spec)?)
+        }
+        (&Method::PATCH, ["v1", "services", name, "backends", addr]) => {
+            let addr = parse_addr("backend", addr)?;
+            let patch: BackendPatch = body_json(body, r#"{"weight": 2, "state": "drain"}"#)?;
+            to_json(&lock()?.set_backend(name, addr, &patch)?)
+        }
+        (&Method::DELETE, ["v1", "services", name, "backends", addr]) => {
+            let addr = parse_addr("backend", addr)?;
+            let force = match query_param(query, "force").as_deref() {
+                None | Some("false") => false,
+                Some("true") => true,
+                Some(other) => {
+                    return Err(ApiError::BadRequest(format!(
+                        "force={other:?}: use force=true or force=false"
+                    )));
+                }
+            };
+            to_json(&lock()?.remove_backend(name, addr, force)?)
+        }
         (&Method::GET, ["v1", "flow"]) => {
             let q = query.unwrap_or_default();
             let get = |k: &str| {
@@ -319,12 +399,33 @@ fn route(
             | ["v1", "config"]
             | ["v1", "detach"]
             | ["v1", "reload"]
-            | ["v1", "services", _, "weights"],
+            | ["v1", "services", _, "weights"]
+            | ["v1", "services"]
+            | ["v1", "services", _]
+            | ["v1", "services", _, "versions"]
+            | ["v1", "services", _, "versions", _]
+            | ["v1", "services", _, "versions", _, "backends"]
+            | ["v1", "services", _, "backends", _],
         ) => Err(ApiError::BadRequest(format!(
             "method {method} is not allowed on {path}"
         ))),
         _ => Err(ApiError::NotFound(format!("no such API path: {path}"))),
     }
+}
+
+/// Decodes a JSON body, with an example of a good one in the error.
+fn body_json<T: serde::de::DeserializeOwned>(body: &[u8], example: &str) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::BadRequest(format!("body must be JSON like {example}: {e}")))
+}
+
+/// The value of `key` in a query string.
+fn query_param(query: Option<&str>, key: &str) -> Option<String> {
+    query?
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| v.to_string())
 }
 
 fn to_json<T: Serialize>(v: &T) -> Result<String, ApiError> {

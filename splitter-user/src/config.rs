@@ -211,6 +211,21 @@ keyword_enum!(
     }
 );
 
+keyword_enum!(
+    /// Whether a backend takes new flows (`state` of a backend).
+    BackendState {
+        /// In its version's table: takes new flows.
+        #[default]
+        Active = "active",
+        /// Out of the table: no new flows; its established flows go on
+        /// until they end (rolling deploys drain a backend this way).
+        Drain = "drain",
+        /// Out of service: no new flows, and the client packets of its
+        /// established flows are dropped (counted as `drop_backend_disabled`).
+        Disabled = "disabled",
+    }
+);
+
 /// The whole configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Config {
@@ -268,7 +283,7 @@ pub struct DataplaneConfig {
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/splitter";
 
 /// `[[service]]`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceConfig {
     /// Unique name.
     pub name: String,
@@ -280,10 +295,42 @@ pub struct ServiceConfig {
     pub affinity: Affinity,
     /// Versions (`[[service.version]]`), in the order weights refer to.
     pub versions: Vec<VersionConfig>,
+    /// Active health checks of its backends (`[service.health]`); `None`:
+    /// not checked, every active backend takes new flows.
+    #[serde(default)]
+    pub health: Option<HealthConfig>,
+}
+
+/// `[service.health]`: a TCP connect to each backend every `interval_ms`.
+/// A backend that fails `fall` checks in a row leaves new-flow selection
+/// (its established flows go on); one that then passes `rise` in a row
+/// comes back. If every active backend of a version is down, all of them
+/// stay in (fail open) rather than dropping the version's new flows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthConfig {
+    /// Time between checks of one backend, in ms.
+    pub interval_ms: u32,
+    /// Longest a connect may take, in ms.
+    pub timeout_ms: u32,
+    /// Failed checks in a row that take a backend out.
+    pub fall: u32,
+    /// Passed checks in a row that bring it back.
+    pub rise: u32,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            interval_ms: 1000,
+            timeout_ms: 1000,
+            fall: 3,
+            rise: 2,
+        }
+    }
 }
 
 /// `[[service.version]]`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VersionConfig {
     /// Unique within the service.
     pub name: String,
@@ -294,12 +341,26 @@ pub struct VersionConfig {
 }
 
 /// One backend.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BackendConfig {
     /// Address and port.
     pub address: SocketAddrV4,
     /// Relative weight inside the version, `1..=MAX_BACKEND_WEIGHT`.
     pub weight: u32,
+    /// Active, draining or disabled.
+    #[serde(default)]
+    pub state: BackendState,
+}
+
+impl BackendConfig {
+    /// An active backend of weight 1.
+    pub fn new(address: SocketAddrV4) -> Self {
+        Self {
+            address,
+            weight: 1,
+            state: BackendState::Active,
+        }
+    }
 }
 
 // ---- The file as written. Addresses, keywords and weights stay raw here
@@ -342,6 +403,17 @@ struct RawService {
     affinity: Option<String>,
     #[serde(default, rename = "version")]
     versions: Vec<RawVersion>,
+    health: Option<RawHealth>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    check: Option<String>,
+    interval_ms: Option<i64>,
+    timeout_ms: Option<i64>,
+    fall: Option<i64>,
+    rise: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -353,10 +425,11 @@ struct RawVersion {
     backends: Vec<RawBackend>,
 }
 
-/// `"IPv4:port"` or `{ address = "IPv4:port", weight = N }`.
+/// `"IPv4:port"` or `{ address = "IPv4:port", weight = N, state = "drain" }`.
 struct RawBackend {
     address: String,
     weight: Option<i64>,
+    state: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -364,6 +437,7 @@ struct RawBackend {
 struct RawBackendTable {
     address: String,
     weight: Option<i64>,
+    state: Option<String>,
 }
 
 impl<'de> Deserialize<'de> for RawBackend {
@@ -375,12 +449,15 @@ impl<'de> Deserialize<'de> for RawBackend {
         impl<'de> serde::de::Visitor<'de> for Visitor {
             type Value = RawBackend;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(r#"a backend: "IPv4:port" or { address = "IPv4:port", weight = N }"#)
+                f.write_str(
+                    r#"a backend: "IPv4:port" or { address = "IPv4:port", weight = N, state = "active" }"#,
+                )
             }
             fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawBackend, E> {
                 Ok(RawBackend {
                     address: v.to_string(),
                     weight: None,
+                    state: None,
                 })
             }
             fn visit_map<A: serde::de::MapAccess<'de>>(
@@ -393,6 +470,7 @@ impl<'de> Deserialize<'de> for RawBackend {
                 Ok(RawBackend {
                     address: t.address,
                     weight: t.weight,
+                    state: t.state,
                 })
             }
         }
@@ -460,6 +538,37 @@ fn socket(problems: &mut Problems, field: &str, v: &str) -> Option<SocketAddrV4>
         ));
     }
     None
+}
+
+/// Converts `[service.health]`; `None` (and a problem) for a bad value or
+/// `check = "none"`.
+fn health(p: &mut Problems, at: &str, h: RawHealth) -> Option<HealthConfig> {
+    match h.check.as_deref() {
+        None | Some("tcp") => {}
+        Some("none") => return None,
+        Some(other) => {
+            p.push(format!("{at}.check: {other:?} is not one of tcp, none"));
+            return None;
+        }
+    }
+    let d = HealthConfig::default();
+    let mut field = |name: &str, v: Option<i64>, default: u32, lo: u32, hi: u32| -> u32 {
+        match v {
+            None => default,
+            Some(v) if (i64::from(lo)..=i64::from(hi)).contains(&v) => v as u32,
+            Some(v) => {
+                p.push(format!("{at}.{name}: {v} is out of range {lo}..={hi}"));
+                default
+            }
+        }
+    };
+    let c = HealthConfig {
+        interval_ms: field("interval_ms", h.interval_ms, d.interval_ms, 100, 3_600_000),
+        timeout_ms: field("timeout_ms", h.timeout_ms, d.timeout_ms, 10, 60_000),
+        fall: field("fall", h.fall, d.fall, 1, 100),
+        rise: field("rise", h.rise, d.rise, 1, 100),
+    };
+    Some(c)
 }
 
 /// Converts the raw file into typed values, reporting every value that
@@ -533,7 +642,13 @@ fn convert(raw: RawConfig, p: &mut Problems, bad: &mut Unparsed) -> Config {
                     p.push(format!("{bat}: {}", backend_weight_problem(w)));
                     1
                 });
-                backends.push(BackendConfig { address, weight });
+                let state =
+                    keyword(p, &format!("{bat}: state"), b.state.as_deref()).unwrap_or_default();
+                backends.push(BackendConfig {
+                    address,
+                    weight,
+                    state,
+                });
             }
             versions.push(VersionConfig {
                 name: v.name,
@@ -541,12 +656,16 @@ fn convert(raw: RawConfig, p: &mut Problems, bad: &mut Unparsed) -> Config {
                 backends,
             });
         }
+        let health = s
+            .health
+            .and_then(|h| health(p, &format!("{at}: health"), h));
         services.push(ServiceConfig {
             name: s.name,
             vip: vip.unwrap_or(placeholder),
             protocol: protocol.unwrap_or_default(),
             affinity: affinity.unwrap_or_default(),
             versions,
+            health,
         });
     }
     p.section = 0;
@@ -709,6 +828,12 @@ fn check(c: &Config, bad: &Unparsed, out: &mut Problems) {
         if s.versions.is_empty() {
             out.push(format!("{svc}: needs at least one [[service.version]]"));
         }
+        if s.health.is_some() && s.protocol != Protocol::Tcp {
+            out.push(format!(
+                "{at}: health: TCP connect checks need a tcp service (set check = \"none\" for {})",
+                s.protocol
+            ));
+        }
         if s.versions.len() > MAX_VERSIONS {
             out.push(format!(
                 "{svc}: {} versions; at most {MAX_VERSIONS} are supported",
@@ -740,6 +865,11 @@ fn check(c: &Config, bad: &Unparsed, out: &mut Problems) {
             if v.weight > 0 && v.backends.is_empty() {
                 out.push(format!(
                     "{vat}: has weight {} but no backends (add backends or set weight = 0)",
+                    v.weight
+                ));
+            } else if v.weight > 0 && !v.backends.iter().any(|b| b.state == BackendState::Active) {
+                out.push(format!(
+                    "{vat}: has weight {} but no active backend (every one is draining or disabled): activate one or set the version's weight to 0 first",
                     v.weight
                 ));
             }
@@ -822,6 +952,22 @@ impl Config {
         Self::parse(&text).map_err(with_source)
     }
 
+    /// Reads a file, parses it, and returns it with the digest of its text
+    /// ([`file_digest`]).
+    ///
+    /// # Errors
+    /// As [`Config::load`].
+    pub fn load_with_digest(path: &Path) -> Result<(Self, String), ConfigError> {
+        let with_source = |mut e: ConfigError| {
+            e.source = Some(path.display().to_string());
+            e
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| with_source(ConfigError::one(format!("cannot read the file: {e}"))))?;
+        let config = Self::parse(&text).map_err(with_source)?;
+        Ok((config, file_digest(&text)))
+    }
+
     /// Checks every rule of a valid configuration: names, interface names,
     /// addresses and ports, weight ranges, uniqueness, versions per service
     /// and the data plane's capacities. [`Config::parse`] calls it; call it
@@ -879,6 +1025,17 @@ impl Config {
         next.validate()?;
         Ok(next)
     }
+}
+
+/// A digest of a configuration file's text (64-bit FNV-1a, hex): the state
+/// file records it to tell whether the file changed since.
+pub fn file_digest(text: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("fnv1a64:{h:016x}")
 }
 
 /// Turns CLI arguments like `["blue=90", "green=10"]` into weights in the
@@ -1037,6 +1194,7 @@ backends = ["10.0.3.1:8443"]
                 vip: addr("10.0.0.10:80"),
                 protocol: Protocol::Udp,
                 affinity: Affinity::ClientIp,
+                health: None,
                 versions: vec![
                     VersionConfig {
                         name: "blue".into(),
@@ -1045,10 +1203,12 @@ backends = ["10.0.3.1:8443"]
                             BackendConfig {
                                 address: addr("10.0.2.2:8080"),
                                 weight: 1,
+                                state: BackendState::Active,
                             },
                             BackendConfig {
                                 address: addr("10.0.2.4:8080"),
                                 weight: 2,
+                                state: BackendState::Active,
                             },
                         ],
                     },
@@ -1058,6 +1218,7 @@ backends = ["10.0.3.1:8443"]
                         backends: vec![BackendConfig {
                             address: addr("10.0.2.3:8080"),
                             weight: 1,
+                            state: BackendState::Active,
                         }],
                     },
                 ],
@@ -1144,6 +1305,41 @@ backends = ["10.0.3.1:8443"]
             let e = err(&format!("{BASE}\n{extra}")).to_string();
             assert!(e.contains(want), "{extra}: got {e}");
         }
+    }
+
+    #[test]
+    fn health_tables_parse_with_defaults_and_ranges() {
+        let c = Config::parse(&format!("{BASE}\n[service.health]\nfall = 5\n")).unwrap();
+        let h = c.services[0].health.unwrap();
+        assert_eq!(
+            (h.interval_ms, h.timeout_ms, h.fall, h.rise),
+            (1000, 1000, 5, 2)
+        );
+        let off = Config::parse(&format!("{BASE}\n[service.health]\ncheck = \"none\"\n")).unwrap();
+        assert_eq!(off.services[0].health, None);
+        let e = err(&format!(
+            "{BASE}\n[service.health]\ncheck = \"http\"\ninterval_ms = 5\nrise = 0\n"
+        ))
+        .to_string();
+        assert!(
+            e.contains("health.check: \"http\" is not one of tcp, none"),
+            "{e}"
+        );
+        let e = err(&format!(
+            "{BASE}\n[service.health]\ninterval_ms = 5\nrise = 0\n"
+        ))
+        .to_string();
+        assert!(
+            e.contains("health.interval_ms: 5 is out of range 100..=3600000"),
+            "{e}"
+        );
+        assert!(e.contains("health.rise: 0 is out of range 1..=100"), "{e}");
+        let udp = BASE.replace(
+            "vip = \"10.0.0.10:80\"",
+            "vip = \"10.0.0.10:80\"\nprotocol = \"udp\"",
+        );
+        let e = err(&format!("{udp}\n[service.health]\n")).to_string();
+        assert!(e.contains("TCP connect checks need a tcp service"), "{e}");
     }
 
     #[test]
@@ -1322,7 +1518,7 @@ backends = ["10.0.3.1:8443"]
             ),
             (
                 BASE.replace("weight = 2 }", "weigth = 2 }"),
-                "unknown field `weigth`, expected `address` or `weight`",
+                "unknown field `weigth`, expected one of `address`, `weight`, `state`",
             ),
             (
                 BASE.replace(
@@ -1333,7 +1529,7 @@ backends = ["10.0.3.1:8443"]
             ),
             (
                 BASE.replace("\"10.0.2.3:8080\"", "8080"),
-                r#"expected a backend: "IPv4:port" or { address = "IPv4:port", weight = N }"#,
+                r#"expected a backend: "IPv4:port" or { address = "IPv4:port", weight = N, state = "active" }"#,
             ),
             (
                 BASE.replace("\"10.0.2.3:8080\"", "\"10.0.0.10:80\""),
@@ -1462,6 +1658,7 @@ backends = ["10.0.3.1:8443"]
                 s.versions[0].backends = vec![BackendConfig {
                     address: SocketAddrV4::new(Ipv4Addr::from(0x0b00_0000 + i), 80),
                     weight: 1,
+                    state: BackendState::Active,
                 }];
                 s
             })
@@ -1477,6 +1674,7 @@ backends = ["10.0.3.1:8443"]
             .map(|i| BackendConfig {
                 address: SocketAddrV4::new(Ipv4Addr::from(0x0b00_0000 + i), 80),
                 weight: 1,
+                state: BackendState::Active,
             })
             .collect();
         let e = c.validate().unwrap_err().to_string();

@@ -1,7 +1,7 @@
 //! The controller's state: the running [`Config`] and the [`Dataplane`] it
 //! is published into. Every change goes through here, validated first and
 //! published second, so a refused change leaves both exactly as they were.
-use std::{collections::BTreeMap, path::PathBuf, sync::Arc};
+use std::{cell::RefCell, collections::BTreeMap, net::SocketAddrV4, path::PathBuf, sync::Arc};
 
 use tokio::sync::Notify;
 use tracing::{error, info};
@@ -11,8 +11,9 @@ use crate::{
         ApiError, AttachmentReport, BackendReport, ConnectionReport, DataplaneReport, FlowReport,
         ProgramReport, ServiceReport, StatusReport, VersionReport,
     },
-    config::{Config, ServiceConfig, parse_weight_args},
+    config::{BackendState, Config, HealthConfig, ServiceConfig, parse_weight_args},
     dataplane::Dataplane,
+    edit::{self, BackendPatch, BackendSpec, EditError, RemoveGuard, ServiceSpec, VersionSpec},
     pins,
     state::{self, State},
     table,
@@ -28,6 +29,28 @@ pub struct Controller {
     pub detach: Arc<Notify>,
     /// The file `reload` reads.
     config_path: Option<PathBuf>,
+    /// Digest of that file's text when it was last read (see
+    /// [`crate::config::file_digest`]).
+    config_digest: String,
+    /// Live flows per backend id and when they were counted (ns,
+    /// `CLOCK_MONOTONIC`): a walk of the connection table is not free, so
+    /// reads within [`LIVE_FLOWS_MAX_AGE_NS`] share one.
+    live_flows: RefCell<Option<(u64, BTreeMap<u32, u64>)>>,
+    /// Backends the health checks found down, by (service, address). Not
+    /// saved: a restarted daemon starts with every backend up.
+    down: std::collections::BTreeSet<(String, SocketAddrV4)>,
+}
+
+/// How old a live-flow count may be before it is taken again.
+const LIVE_FLOWS_MAX_AGE_NS: u64 = 1_000_000_000;
+
+impl From<EditError> for ApiError {
+    fn from(e: EditError) -> Self {
+        match e {
+            EditError::NotFound(m) => Self::NotFound(m),
+            EditError::Invalid(m) => Self::BadRequest(m),
+        }
+    }
 }
 
 impl Controller {
@@ -39,12 +62,17 @@ impl Controller {
             state_dir,
             detach: Arc::new(Notify::new()),
             config_path: None,
+            config_digest: String::new(),
+            live_flows: RefCell::new(None),
+            down: std::collections::BTreeSet::new(),
         }
     }
 
-    /// Sets the file [`Controller::reload`] reads.
-    pub fn with_config_path(mut self, path: PathBuf) -> Self {
+    /// Sets the file [`Controller::reload`] reads, and the digest of the
+    /// text the running config started from.
+    pub fn with_config_path(mut self, path: PathBuf, digest: String) -> Self {
         self.config_path = Some(path);
+        self.config_digest = digest;
         self
     }
 
@@ -61,7 +89,7 @@ impl Controller {
         let path = self.config_path.clone().ok_or_else(|| {
             ApiError::BadRequest("this daemon has no configuration file to reload".into())
         })?;
-        let next = Config::load(&path)
+        let (next, digest) = Config::load_with_digest(&path)
             .map_err(|e| ApiError::BadRequest(format!("reload refused, nothing changed: {e}")))?;
         if next.dataplane != self.config.dataplane {
             return Err(ApiError::BadRequest(
@@ -86,13 +114,14 @@ impl Controller {
                 changes.push(format!("removed service {}", s.name));
             }
         }
-        if let Err(e) = self.dataplane.apply(&next) {
-            let _ = self.dataplane.apply(&self.config);
+        if let Err(e) = self.dataplane.apply(&self.effective(&next)) {
+            let _ = self.dataplane.apply(&self.effective(&self.config));
             return Err(ApiError::Internal(format!(
                 "reload failed, the previous configuration stays live: {e}"
             )));
         }
         self.config = next;
+        self.config_digest = digest;
         if let Err(e) = self.persist() {
             error!(error = %e, "reloaded, but the state file could not be written");
         }
@@ -100,7 +129,7 @@ impl Controller {
         Ok(changes)
     }
 
-    /// Writes the state file (weights and live ids).
+    /// Writes the state file: the running services and live ids.
     ///
     /// # Errors
     /// The write failed; the previous file stays in place.
@@ -108,28 +137,270 @@ impl Controller {
         let Some(dir) = &self.state_dir else {
             return Ok(());
         };
-        let weights = self
-            .config
-            .services
-            .iter()
-            .map(|s| {
-                (
-                    s.name.clone(),
-                    s.versions
-                        .iter()
-                        .map(|v| (v.name.clone(), v.weight))
-                        .collect(),
-                )
-            })
-            .collect();
         state::save(
             dir,
             &State {
                 format: state::FORMAT,
-                weights,
+                weights: BTreeMap::new(),
+                config_digest: self.config_digest.clone(),
+                services: Some(self.config.services.clone()),
                 layout: self.dataplane.layout(),
             },
         )
+    }
+
+    /// Publishes `next` (already validated) in place of the running
+    /// config, then saves it. On a kernel refusal the running config is put
+    /// back and stays live.
+    fn publish(&mut self, next: Config, what: &str) -> Result<(), ApiError> {
+        if let Err(e) = self.dataplane.apply(&self.effective(&next)) {
+            // Put back what was live; the maps may hold part of `next`.
+            let _ = self.dataplane.apply(&self.effective(&self.config));
+            return Err(ApiError::Internal(format!(
+                "{what}: the kernel refused the update, nothing changed: {e}"
+            )));
+        }
+        self.config = next;
+        // Flows may have changed backend sets: count afresh next time.
+        self.live_flows.replace(None);
+        info!(change = what, "configuration changed");
+        if let Err(e) = self.persist() {
+            error!(error = %e, "the change is live but could not be saved; a restart would lose it");
+        }
+        Ok(())
+    }
+
+    fn report_of(&self, service: &str) -> Result<ServiceReport, ApiError> {
+        let svc = self
+            .config
+            .service(service)
+            .ok_or_else(|| ApiError::Internal(format!("service {service} vanished")))?;
+        self.service_report(svc)
+    }
+
+    /// Adds a service (`POST /v1/services`).
+    ///
+    /// # Errors
+    /// [`ApiError::BadRequest`] for a bad or conflicting spec,
+    /// [`ApiError::Internal`] when the kernel refuses.
+    pub fn add_service(&mut self, spec: &ServiceSpec) -> Result<ServiceReport, ApiError> {
+        let (next, what) = edit::add_service(&self.config, spec)?;
+        self.publish(next, &what)?;
+        self.report_of(&spec.name)
+    }
+
+    /// Removes a service (`DELETE /v1/services/{name}`). Its established
+    /// flows keep going until they end.
+    ///
+    /// # Errors
+    /// [`ApiError::NotFound`], or [`ApiError::Internal`] when the kernel refuses.
+    pub fn remove_service(&mut self, name: &str) -> Result<String, ApiError> {
+        let (next, what) = edit::remove_service(&self.config, name)?;
+        self.publish(next, &what)?;
+        Ok(what)
+    }
+
+    /// Adds a version to a service.
+    ///
+    /// # Errors
+    /// As [`edit::add_version`], or the kernel refusing.
+    pub fn add_version(
+        &mut self,
+        service: &str,
+        spec: &VersionSpec,
+    ) -> Result<ServiceReport, ApiError> {
+        let (next, what) = edit::add_version(&self.config, service, spec)?;
+        self.publish(next, &what)?;
+        self.report_of(service)
+    }
+
+    /// Removes a version of weight 0.
+    ///
+    /// # Errors
+    /// As [`edit::remove_version`], or the kernel refusing.
+    pub fn remove_version(
+        &mut self,
+        service: &str,
+        version: &str,
+    ) -> Result<ServiceReport, ApiError> {
+        let (next, what) = edit::remove_version(&self.config, service, version)?;
+        self.publish(next, &what)?;
+        self.report_of(service)
+    }
+
+    /// Adds a backend to a version.
+    ///
+    /// # Errors
+    /// As [`edit::add_backend`], or the kernel refusing.
+    pub fn add_backend(
+        &mut self,
+        service: &str,
+        version: &str,
+        spec: &BackendSpec,
+    ) -> Result<ServiceReport, ApiError> {
+        let (next, what) = edit::add_backend(&self.config, service, version, spec)?;
+        self.publish(next, &what)?;
+        self.report_of(service)
+    }
+
+    /// Removes a backend: refused while it is active or carries live flows,
+    /// unless `force`.
+    ///
+    /// # Errors
+    /// As [`edit::remove_backend`], or the kernel refusing.
+    pub fn remove_backend(
+        &mut self,
+        service: &str,
+        addr: SocketAddrV4,
+        force: bool,
+    ) -> Result<ServiceReport, ApiError> {
+        let live_flows = match self.config.service(service) {
+            Some(svc) => {
+                // Counted afresh: this decides whether flows get cut.
+                self.live_flows.replace(None);
+                svc.versions
+                    .iter()
+                    .find(|v| v.backends.iter().any(|b| b.address == addr))
+                    .map(|v| self.backend_live_flows(service, &v.name, addr))
+                    .transpose()?
+                    .unwrap_or(0)
+            }
+            None => 0,
+        };
+        let guard = RemoveGuard { live_flows, force };
+        let (next, what) = edit::remove_backend(&self.config, service, addr, guard)?;
+        self.publish(next, &what)?;
+        self.report_of(service)
+    }
+
+    /// Changes a backend's weight and/or state.
+    ///
+    /// # Errors
+    /// As [`edit::set_backend`], or the kernel refusing.
+    pub fn set_backend(
+        &mut self,
+        service: &str,
+        addr: SocketAddrV4,
+        patch: &BackendPatch,
+    ) -> Result<ServiceReport, ApiError> {
+        let (next, what) = edit::set_backend(&self.config, service, addr, patch)?;
+        self.publish(next, &what)?;
+        self.report_of(service)
+    }
+
+    /// What the data plane gets: the running config with backends that
+    /// health checks found down set to drain (out of new-flow selection,
+    /// established flows untouched), except where that would leave a
+    /// version with weight and no active backend: then all of its active
+    /// backends stay in (fail open).
+    pub fn effective(&self, config: &Config) -> Config {
+        if self.down.is_empty() {
+            return config.clone();
+        }
+        let mut out = config.clone();
+        for svc in &mut out.services {
+            for v in &mut svc.versions {
+                let is_down = |a: SocketAddrV4| self.down.contains(&(svc.name.clone(), a));
+                let healthy = v
+                    .backends
+                    .iter()
+                    .filter(|b| b.state == BackendState::Active && !is_down(b.address))
+                    .count();
+                if healthy == 0 {
+                    continue;
+                }
+                for b in &mut v.backends {
+                    if b.state == BackendState::Active && is_down(b.address) {
+                        b.state = BackendState::Drain;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Backends to health-check now: the active and draining backends of
+    /// services with `[service.health]`, with their settings.
+    pub fn health_targets(&self) -> Vec<(String, SocketAddrV4, HealthConfig)> {
+        let mut out = Vec::new();
+        for svc in &self.config.services {
+            let Some(h) = svc.health else { continue };
+            for v in &svc.versions {
+                for b in &v.backends {
+                    if b.state != BackendState::Disabled {
+                        out.push((svc.name.clone(), b.address, h));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Records a health verdict and publishes its effect.
+    ///
+    /// # Errors
+    /// [`ApiError::Internal`] when the kernel refuses the update (the
+    /// verdict is then not recorded).
+    pub fn set_health(
+        &mut self,
+        service: &str,
+        addr: SocketAddrV4,
+        up: bool,
+    ) -> Result<(), ApiError> {
+        let key = (service.to_string(), addr);
+        let before = self.down.clone();
+        if up {
+            self.down.remove(&key);
+        } else {
+            self.down.insert(key);
+        }
+        if before == self.down {
+            return Ok(());
+        }
+        if let Err(e) = self.dataplane.apply(&self.effective(&self.config)) {
+            self.down = before;
+            let _ = self.dataplane.apply(&self.effective(&self.config));
+            return Err(ApiError::Internal(e.to_string()));
+        }
+        Ok(())
+    }
+
+    fn health_of(&self, svc: &ServiceConfig, addr: SocketAddrV4) -> &'static str {
+        if svc.health.is_none() {
+            "unchecked"
+        } else if self.down.contains(&(svc.name.clone(), addr)) {
+            "down"
+        } else {
+            "up"
+        }
+    }
+
+    /// Live flows per backend id, counted at most once a second.
+    fn live_flows_by_id(&self) -> Result<BTreeMap<u32, u64>, ApiError> {
+        let now = monotonic_ns();
+        if let Some((at, counts)) = &*self.live_flows.borrow()
+            && now.saturating_sub(*at) < LIVE_FLOWS_MAX_AGE_NS
+        {
+            return Ok(counts.clone());
+        }
+        let counts = self
+            .dataplane
+            .live_flows(now)
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        self.live_flows.replace(Some((now, counts.clone())));
+        Ok(counts)
+    }
+
+    fn backend_live_flows(
+        &self,
+        service: &str,
+        version: &str,
+        addr: SocketAddrV4,
+    ) -> Result<u64, ApiError> {
+        let Some(id) = self.dataplane.backend_id(service, version, addr) else {
+            return Ok(0);
+        };
+        Ok(self.live_flows_by_id()?.get(&id).copied().unwrap_or(0))
     }
 
     /// Removes the pinned program, links and maps and asks the daemon to
@@ -191,22 +462,16 @@ impl Controller {
             .config
             .with_weights(service, &vector)
             .map_err(|e| ApiError::BadRequest(e.to_string()))?;
-        if let Err(e) = self.dataplane.apply(&next) {
-            // Put back what was live; the maps may hold part of `next`.
-            let _ = self.dataplane.apply(&self.config);
-            return Err(ApiError::Internal(e.to_string()));
-        }
-        self.config = next;
-        info!(service, weights = ?weights, "weights changed");
-        if let Err(e) = self.persist() {
-            error!(error = %e, "weights are live but could not be saved; a restart would lose them");
-        }
-        let svc = self
-            .config
-            .service(service)
-            .ok_or_else(|| ApiError::Internal("service vanished".into()))?
-            .clone();
-        self.service_report(&svc)
+        let what = format!(
+            "weights of {service}: {}",
+            weights
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        self.publish(next, &what)?;
+        self.report_of(service)
     }
 
     /// Where `client`'s flow to `service` goes and why: the connection-table
@@ -248,13 +513,13 @@ impl Controller {
             .versions
             .get(vi)
             .ok_or_else(|| internal("no version picked".into()))?;
-        let keys: Vec<String> = version
+        let active: Vec<&crate::config::BackendConfig> = version
             .backends
             .iter()
-            .map(|b| b.address.to_string())
+            .filter(|b| b.state == BackendState::Active)
             .collect();
-        let members: Vec<table::MaglevBackend> = version
-            .backends
+        let keys: Vec<String> = active.iter().map(|b| b.address.to_string()).collect();
+        let members: Vec<table::MaglevBackend> = active
             .iter()
             .zip(&keys)
             .map(|(b, k)| table::MaglevBackend {
@@ -389,8 +654,14 @@ impl Controller {
 
     fn service_report(&self, svc: &ServiceConfig) -> Result<ServiceReport, ApiError> {
         let total: u64 = svc.versions.iter().map(|v| u64::from(v.weight)).sum();
+        let live = self.live_flows_by_id()?;
         let mut versions = Vec::with_capacity(svc.versions.len());
         for v in &svc.versions {
+            let id_of = |addr| {
+                self.dataplane
+                    .backend_id(&svc.name, &v.name, addr)
+                    .unwrap_or(u32::MAX)
+            };
             let mut backends = Vec::with_capacity(v.backends.len());
             for b in &v.backends {
                 let s = self
@@ -400,6 +671,9 @@ impl Controller {
                 backends.push(BackendReport {
                     address: b.address.to_string(),
                     weight: b.weight,
+                    state: b.state.to_string(),
+                    health: self.health_of(svc, b.address).to_string(),
+                    live_flows: live.get(&id_of(b.address)).copied().unwrap_or(0),
                     packets: s.packets,
                     bytes: s.bytes,
                     new_flows: s.new_flows,
@@ -416,17 +690,26 @@ impl Controller {
                     100.0 * f64::from(v.weight) / total as f64
                 },
                 new_flows: backends.iter().map(|b| b.new_flows).sum(),
+                live_flows: backends.iter().map(|b| b.live_flows).sum(),
                 packets: backends.iter().map(|b| b.packets).sum(),
                 bytes: backends.iter().map(|b| b.bytes).sum(),
                 backends,
             });
         }
+        let drops = self
+            .dataplane
+            .service_drops(&svc.name)
+            .map_err(|e| ApiError::Internal(e.to_string()))?
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
         Ok(ServiceReport {
             name: svc.name.clone(),
             vip: svc.vip.to_string(),
             protocol: svc.protocol.to_string(),
             affinity: svc.affinity.to_string(),
             versions,
+            drops,
         })
     }
 }

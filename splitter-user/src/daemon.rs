@@ -36,6 +36,8 @@ pub struct DaemonOptions {
     /// Kernel program object to load instead of the embedded one
     /// (`--program`); `None` for the embedded one.
     pub program: Option<PathBuf>,
+    /// Group allowed on the API socket (mode 0660); `None`: root only (0600).
+    pub socket_group: Option<String>,
 }
 
 /// What a stopping daemon does to the pinned data plane.
@@ -67,7 +69,9 @@ pub async fn run(
     opts: DaemonOptions,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
-    let mut config = Config::load(&opts.config)?;
+    let (file_config, digest) = Config::load_with_digest(&opts.config)?;
+    // Before anything changes: an unknown group refuses the start.
+    let socket_gid = opts.socket_group.as_deref().map(group_id).transpose()?;
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!(
@@ -76,7 +80,7 @@ pub async fn run(
     }
     // Before the data plane is touched: a taken port refuses the start
     // with nothing changed.
-    let metrics_listener = match &config.metrics {
+    let metrics_listener = match &file_config.metrics {
         Some(m) => Some(bind_metrics(m.listen).await?),
         None => None,
     };
@@ -88,9 +92,10 @@ pub async fn run(
         }
         Err(e) => return Err(e.into()),
     };
-    if let Some(saved) = &saved {
-        config = restore_weights(config, &saved.weights);
-    }
+    let config = match &saved {
+        Some(saved) => restore_services(file_config, &digest, saved),
+        None => file_config,
+    };
     let pin_dir = config.dataplane.pin_dir.clone();
     let source = match &opts.program {
         Some(p) => ProgramSource::File(p.clone()),
@@ -125,14 +130,14 @@ pub async fn run(
         .map(|s| s.layout.attachments.clone())
         .unwrap_or_default();
     dataplane.attach(&config.dataplane, &modes)?;
-    let listener = bind_socket(&opts.socket)?;
+    let listener = bind_socket(&opts.socket, socket_gid)?;
     let status_line = format!(
         "STATUS=forwarding {} service(s) on {}",
         config.services.len(),
         ifaces.join(", ")
     );
     let controller = Controller::new(config, dataplane, Some(opts.state_dir.clone()))
-        .with_config_path(opts.config.clone());
+        .with_config_path(opts.config.clone(), digest);
     if let Err(e) = controller.persist() {
         warn!(error = %e, "could not write the state file; runtime changes would not survive a restart");
     }
@@ -141,7 +146,8 @@ pub async fn run(
     let controller = Arc::new(std::sync::Mutex::new(controller));
     // Ready only now: program attached, state restored, API listening.
     systemd::notify(&format!("READY=1\n{status_line}"));
-    let background = spawn_watchdog_and_reload(controller.clone());
+    let mut background = spawn_watchdog_and_reload(controller.clone());
+    background.push(tokio::spawn(crate::health::run(controller.clone())));
     let metrics_server = metrics_listener.map(|l| {
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(metrics::serve(l, controller.clone(), async {
@@ -247,6 +253,39 @@ fn monotonic_usec() -> u64 {
     ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000
 }
 
+/// The services to start with: the saved running ones if the file is
+/// still the one they started from (runtime changes survive a restart),
+/// otherwise the file's (an edited file wins, and says so). A format-1
+/// state carries weights only; those are applied to the file's services.
+fn restore_services(file: Config, digest: &str, saved: &state::State) -> Config {
+    let Some(services) = &saved.services else {
+        return restore_weights(file, &saved.weights);
+    };
+    if saved.config_digest != digest {
+        warn!(
+            "the configuration file changed since the state was saved: starting from the file; runtime changes made since it was last read are replaced by it"
+        );
+        return file;
+    }
+    let mut config = file.clone();
+    config.services = services.clone();
+    match config.validate() {
+        Ok(()) => {
+            if config.services != file.services {
+                info!(
+                    services = config.services.len(),
+                    "restored the running services from the state file (they differ from the file: runtime changes kept)"
+                );
+            }
+            config
+        }
+        Err(e) => {
+            error!(error = %e, "the saved services are not valid; starting from the configuration file");
+            file
+        }
+    }
+}
+
 /// Applies saved weights to services whose versions are still the same.
 fn restore_weights(config: Config, saved: &BTreeMap<String, BTreeMap<String, u32>>) -> Config {
     let mut config = config;
@@ -307,7 +346,30 @@ async fn bind_metrics(addr: std::net::SocketAddr) -> Result<tokio::net::TcpListe
     Ok(listener)
 }
 
-fn bind_socket(path: &Path) -> Result<UnixListener> {
+/// The id of group `name`.
+fn group_id(name: &str) -> Result<libc::gid_t> {
+    let cname = std::ffi::CString::new(name)
+        .map_err(|_| anyhow::anyhow!("--socket-group {name:?}: not a group name"))?;
+    let mut grp: libc::group = unsafe { std::mem::zeroed() };
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut result: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: every pointer is valid for the call; `buf` outlives it.
+    let rc = unsafe {
+        libc::getgrnam_r(
+            cname.as_ptr(),
+            &mut grp,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            &mut result,
+        )
+    };
+    if rc != 0 || result.is_null() {
+        bail!("--socket-group {name:?}: no such group (create it with `groupadd {name}`)");
+    }
+    Ok(grp.gr_gid)
+}
+
+fn bind_socket(path: &Path, group: Option<libc::gid_t>) -> Result<UnixListener> {
     if let Some(dir) = path.parent()
         && !dir.as_os_str().is_empty()
     {
@@ -325,8 +387,16 @@ fn bind_socket(path: &Path) -> Result<UnixListener> {
     }
     let listener = UnixListener::bind(path)
         .with_context(|| format!("binding API socket {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("chmod 0600 {}", path.display()))?;
+    match group {
+        None => std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("chmod 0600 {}", path.display()))?,
+        Some(gid) => {
+            std::os::unix::fs::chown(path, None, Some(gid))
+                .with_context(|| format!("chown :{gid} {}", path.display()))?;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+                .with_context(|| format!("chmod 0660 {}", path.display()))?;
+        }
+    }
     Ok(listener)
 }
 

@@ -34,14 +34,18 @@ use aya::{
     },
 };
 use splitter_common::{
-    BACKEND_F_PRESENT, Backend, BackendStats, Conn, FAMILY_V4, FlowKey, MAX_BACKENDS, MAX_TABLES,
-    MAX_VERSIONS, MaglevTable, PROTO_TCP, PROTO_UDP, SVC_F_CLIENT_IP, SVC_F_SNAT, Service,
-    ServiceKey, VipKey, counter, map,
+    BACKEND_F_DISABLED, BACKEND_F_PRESENT, Backend, BackendStats, CONN_CAPACITY, CONN_F_REVERSE,
+    Conn, FAMILY_V4, FlowKey, MAX_BACKENDS, MAX_TABLES, MAX_VERSIONS, MaglevTable, PROTO_TCP,
+    PROTO_UDP, SVC_F_CLIENT_IP, SVC_F_SNAT, Service, ServiceKey, VipKey, counter, map,
+    service_drop,
 };
 use tracing::{info, warn};
 
 use crate::{
-    config::{Affinity, Config, DataplaneConfig, Mode, Protocol, ServiceConfig, XdpModeConfig},
+    config::{
+        Affinity, BackendState, Config, DataplaneConfig, Mode, Protocol, ServiceConfig,
+        XdpModeConfig,
+    },
     netif, pins,
     state::{Layout, LayoutBackend, LayoutService},
     table::{self, MaglevBackend},
@@ -218,9 +222,13 @@ pub struct Dataplane {
     backend_stats: PerCpuArray<MapData, BackendStats>,
     counters: PerCpuArray<MapData, u64>,
     conns: HashMap<MapData, FlowKey, Conn>,
+    service_drops: PerCpuArray<MapData, u64>,
     live: BTreeMap<String, LiveService>,
     /// Backend ids by (service, version, address).
     backend_ids: BTreeMap<(String, String, SocketAddrV4), u32>,
+    /// Flags last written to `BACKENDS` per id (a change of state rewrites
+    /// the entry; an unchanged one is not written again).
+    backend_written: BTreeMap<u32, u8>,
     service_ids: Ids,
     version_ids: Ids,
     backend_id_pool: Ids,
@@ -328,6 +336,7 @@ impl Dataplane {
         let backend_stats = take(&mut ebpf, map::BACKEND_STATS, PerCpuArray::try_from)?;
         let counters = take(&mut ebpf, map::COUNTERS, PerCpuArray::try_from)?;
         let conns = take(&mut ebpf, map::CONNS, HashMap::try_from)?;
+        let service_drops = take(&mut ebpf, map::SERVICE_DROPS, PerCpuArray::try_from)?;
         Ok(Self {
             ebpf,
             services,
@@ -337,8 +346,10 @@ impl Dataplane {
             backend_stats,
             counters,
             conns,
+            service_drops,
             live: BTreeMap::new(),
             backend_ids: BTreeMap::new(),
+            backend_written: BTreeMap::new(),
             service_ids: Ids::new(splitter_common::MAX_SERVICES),
             version_ids: Ids::new(MAX_TABLES / 2),
             backend_id_pool: Ids::new(MAX_BACKENDS),
@@ -494,6 +505,32 @@ impl Dataplane {
             Err(aya::maps::MapError::KeyNotFound) => Ok(None),
             Err(e) => Err(map_err(map::CONNS)(e)),
         }
+    }
+
+    /// Live flows per backend id: forward entries of the connection table
+    /// whose flow is still going (see [`splitter_common::conn_live`]) at
+    /// `now` (`CLOCK_MONOTONIC` ns). Walks the whole table, one entry at a
+    /// time: about a second per million entries. The walk is bounded (twice
+    /// the capacity), since the table changes while it is read.
+    ///
+    /// # Errors
+    /// Map read failures.
+    pub fn live_flows(&self, now: u64) -> Result<BTreeMap<u32, u64>> {
+        let mut out = BTreeMap::new();
+        for item in self.conns.iter().take(2 * CONN_CAPACITY as usize) {
+            let (key, conn) = match item {
+                Ok(kv) => kv,
+                // An entry evicted between the key walk and its read.
+                Err(aya::maps::MapError::KeyNotFound) => continue,
+                Err(e) => return Err(map_err(map::CONNS)(e)),
+            };
+            if conn.flags & CONN_F_REVERSE == 0
+                && splitter_common::conn_live(key.proto, conn.state, conn.last_seen, now)
+            {
+                *out.entry(conn.backend).or_insert(0) += 1;
+            }
+        }
+        Ok(out)
     }
 
     /// The backend id table entries use for a configured backend.
@@ -671,7 +708,12 @@ impl Dataplane {
         }
         let id = match self.live.get(&svc.name) {
             Some(l) => l.id,
-            None => self.service_ids.take("service")?,
+            None => {
+                let id = self.service_ids.take("service")?;
+                // A recycled id starts its drop counters from zero.
+                self.clear_service_drops(id)?;
+                id
+            }
         };
         let weights: Vec<u32> = svc.versions.iter().map(|v| v.weight).collect();
         let thresholds =
@@ -719,21 +761,30 @@ impl Dataplane {
             let mut members = Vec::with_capacity(ver.backends.len());
             for b in &ver.backends {
                 let bkey = (svc.name.clone(), ver.name.clone(), b.address);
+                let entry = backend_entry(b.address, vid, b.state);
                 let bid = match self.backend_ids.get(&bkey) {
                     Some(id) => *id,
                     None => {
                         let bid = self.backend_id_pool.take("backend")?;
-                        self.backends
-                            .set(bid, backend_entry(b.address, vid), 0)
-                            .map_err(map_err(map::BACKENDS))?;
                         // A recycled id starts its counters from zero.
                         self.clear_stats(bid)?;
                         self.backend_ids.insert(bkey, bid);
                         bid
                     }
                 };
+                if self.backend_written.get(&bid) != Some(&entry.flags) {
+                    self.backends
+                        .set(bid, entry, 0)
+                        .map_err(map_err(map::BACKENDS))?;
+                    self.backend_written.insert(bid, entry.flags);
+                }
                 used_backends.insert(bid);
-                members.push((b.address.to_string(), b.weight, bid as u16));
+                // Only active backends take new flows; draining and
+                // disabled ones keep their id (their flows go on being
+                // counted) but leave the table.
+                if b.state == BackendState::Active {
+                    members.push((b.address.to_string(), b.weight, bid as u16));
+                }
             }
             if let Some(old) = old_versions.get(&ver.name)
                 && old.table.is_some()
@@ -812,6 +863,7 @@ impl Dataplane {
             .collect();
         for (k, id) in stale {
             self.backend_ids.remove(&k);
+            self.backend_written.remove(&id);
             self.backend_id_pool.give(id);
         }
         self.live
@@ -843,24 +895,49 @@ impl Dataplane {
             .collect();
         for (k, id) in ids {
             self.backend_ids.remove(&k);
+            self.backend_written.remove(&id);
             self.backend_id_pool.give(id);
         }
         self.service_ids.give(live.id);
         Ok(())
     }
 
+    fn clear_service_drops(&mut self, id: u32) -> Result<()> {
+        for slot in 0..service_drop::SLOTS {
+            self.service_drops
+                .set(
+                    id * service_drop::SLOTS + slot,
+                    per_cpu_zeros(map::SERVICE_DROPS)?,
+                    0,
+                )
+                .map_err(map_err(map::SERVICE_DROPS))?;
+        }
+        Ok(())
+    }
+
+    /// Drops of one service by reason ([`service_drop::NAMES`]), summed
+    /// over CPUs; empty for a service that is not published.
+    ///
+    /// # Errors
+    /// Map read failures.
+    pub fn service_drops(&self, service: &str) -> Result<BTreeMap<&'static str, u64>> {
+        let mut out = BTreeMap::new();
+        let Some(live) = self.live.get(service) else {
+            return Ok(out);
+        };
+        for (slot, name) in service_drop::NAMES.iter().enumerate() {
+            let v = self
+                .service_drops
+                .get(&(live.id * service_drop::SLOTS + slot as u32), 0)
+                .map_err(map_err(map::SERVICE_DROPS))?;
+            out.insert(*name, v.iter().sum());
+        }
+        Ok(out)
+    }
+
     fn clear_stats(&mut self, id: u32) -> Result<()> {
-        let cpus = aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::Map {
-            map: map::BACKEND_STATS,
-            source: Box::new(aya::maps::MapError::SyscallError(aya::sys::SyscallError {
-                call: "nr_cpus",
-                io_error: e,
-            })),
-        })?;
-        let zeros = aya::maps::PerCpuValues::try_from(vec![BackendStats::default(); cpus])
-            .map_err(|e| DataplaneError::Capacity(e.to_string()))?;
         self.backend_stats
-            .set(id, zeros, 0)
+            .set(id, per_cpu_zeros(map::BACKEND_STATS)?, 0)
             .map_err(map_err(map::BACKEND_STATS))
     }
 
@@ -939,6 +1016,19 @@ fn program_bytes(source: &ProgramSource) -> Result<std::borrow::Cow<'static, [u8
     Ok(bytes)
 }
 
+/// A zero value for every possible CPU, to reset a slot of per-CPU `map`.
+fn per_cpu_zeros<T: aya::Pod + Default>(map: &'static str) -> Result<aya::maps::PerCpuValues<T>> {
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::Map {
+        map,
+        source: Box::new(aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+            call: "nr_cpus",
+            io_error: e,
+        })),
+    })?;
+    aya::maps::PerCpuValues::try_from((0..cpus).map(|_| T::default()).collect::<Vec<_>>())
+        .map_err(|e| DataplaneError::Capacity(e.to_string()))
+}
+
 /// Replaces the program behind the pinned link at `path` with `prog`. The
 /// pin keeps the link after this process exits (closing our descriptor does
 /// not detach a pinned link).
@@ -1002,12 +1092,16 @@ fn vip_key(key: &ServiceKey) -> VipKey {
     }
 }
 
-fn backend_entry(addr: SocketAddrV4, version: u32) -> Backend {
+fn backend_entry(addr: SocketAddrV4, version: u32, state: BackendState) -> Backend {
+    let flags = match state {
+        BackendState::Disabled => BACKEND_F_PRESENT | BACKEND_F_DISABLED,
+        BackendState::Active | BackendState::Drain => BACKEND_F_PRESENT,
+    };
     Backend {
         addr: [u32::from(*addr.ip()).to_be(), 0, 0, 0],
         port: addr.port().to_be(),
         family: FAMILY_V4,
-        flags: BACKEND_F_PRESENT,
+        flags,
         version,
     }
 }

@@ -3,11 +3,14 @@
 //! # Layout
 //! - [`config`]: the TOML configuration, parsed and validated with errors that
 //!   name the field (pure, no I/O but reading the file).
+//! - [`edit`]: runtime edits (add/remove services, versions, backends;
+//!   backend weight and state), each validated before it is published.
+//! - [`health`]: active TCP health checks with rise/fall counting.
 //! - [`table`]: weight math and the Maglev table builder (pure, property-tested).
 //! - [`dataplane`]: loads and attaches the kernel program and writes its maps.
 //! - [`netif`]: interface look-ups (index, first IPv4 address).
 //! - [`pins`]: the bpffs pin directory: layout checks, take-over, removal.
-//! - [`state`]: the state file (weights, live ids), written atomically.
+//! - [`state`]: the state file (running services, live ids), written atomically.
 //! - [`systemd`]: readiness, status and watchdog notifications.
 //! - [`controller`]: the running config and the data plane, changed together.
 //! - [`api`]: the daemon's HTTP API on a Unix socket, and its JSON types.
@@ -24,6 +27,8 @@ pub mod config;
 pub mod controller;
 pub mod daemon;
 pub mod dataplane;
+pub mod edit;
+pub mod health;
 pub mod metrics;
 pub mod netif;
 pub mod pins;

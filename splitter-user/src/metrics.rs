@@ -9,7 +9,11 @@
 //! | `splitter_version_weight` | gauge | `service`, `version` |
 //! | `splitter_version_share_ratio` | gauge, 0..1 | `service`, `version` |
 //! | `splitter_version_new_flows_total` | counter | `service`, `version` |
+//! | `splitter_version_live_flows` | gauge | `service`, `version` |
 //! | `splitter_backend_weight` | gauge | `service`, `version`, `backend` |
+//! | `splitter_backend_state` | gauge (1 for the current state) | `service`, `version`, `backend`, `state` |
+//! | `splitter_backend_live_flows` | gauge | `service`, `version`, `backend` |
+//! | `splitter_backend_health_up` | gauge (1 up, 0 down; only checked backends) | `service`, `version`, `backend` |
 //! | `splitter_backend_packets_total` | counter | `service`, `version`, `backend` |
 //! | `splitter_backend_bytes_total` | counter | `service`, `version`, `backend` |
 //! | `splitter_backend_new_flows_total` | counter | `service`, `version`, `backend` |
@@ -17,6 +21,7 @@
 //! | `splitter_backend_reply_bytes_total` | counter | `service`, `version`, `backend` |
 //! | `splitter_dataplane_events_total` | counter | `event` (every data-plane counter) |
 //! | `splitter_drops_total` | counter | `reason` (the `drop_*` counters, prefix removed) |
+//! | `splitter_service_drops_total` | counter | `service`, `reason` (drops once the service is known) |
 //!
 //! Every scrape reads the counters live through [`Controller::status`], the
 //! same numbers `splitter status` shows. Counters restart from 0 when the
@@ -165,14 +170,71 @@ pub fn render(report: &StatusReport) -> String {
     for (s, v, _) in versions() {
         f.sample(&[("service", &s.name), ("version", &v.name)], v.new_flows);
     }
+    let mut f = Family::new(
+        &mut out,
+        "splitter_version_live_flows",
+        "gauge",
+        "Established flows on the version's backends now (from the connection table).",
+    );
+    for (s, v, _) in versions() {
+        f.sample(&[("service", &s.name), ("version", &v.name)], v.live_flows);
+    }
+    let mut f = Family::new(
+        &mut out,
+        "splitter_backend_state",
+        "gauge",
+        "The backend's state: 1 on the series of its current state (active, drain or disabled).",
+    );
+    for (s, v, _) in versions() {
+        for b in &v.backends {
+            f.sample(
+                &[
+                    ("service", &s.name),
+                    ("version", &v.name),
+                    ("backend", &b.address),
+                    ("state", &b.state),
+                ],
+                1,
+            );
+        }
+    }
+
+    let mut f = Family::new(
+        &mut out,
+        "splitter_backend_health_up",
+        "gauge",
+        "1 if the backend passes its health checks, 0 if it is down (only backends of services with [service.health]).",
+    );
+    for (s, v, _) in versions() {
+        for b in v
+            .backends
+            .iter()
+            .filter(|b| b.health == "up" || b.health == "down")
+        {
+            f.sample(
+                &[
+                    ("service", &s.name),
+                    ("version", &v.name),
+                    ("backend", &b.address),
+                ],
+                u8::from(b.health == "up"),
+            );
+        }
+    }
 
     type Field = fn(&crate::api::BackendReport) -> u64;
-    let backend_families: [(&'static str, &str, &str, Field); 6] = [
+    let backend_families: [(&'static str, &str, &str, Field); 7] = [
         (
             "splitter_backend_weight",
             "gauge",
             "Weight of the backend inside its version.",
             |b| u64::from(b.weight),
+        ),
+        (
+            "splitter_backend_live_flows",
+            "gauge",
+            "Established flows bound to the backend now (from the connection table, at most a second old).",
+            |b| b.live_flows,
         ),
         (
             "splitter_backend_packets_total",
@@ -239,6 +301,17 @@ pub fn render(report: &StatusReport) -> String {
     for (event, v) in &report.counters {
         if let Some(reason) = event.strip_prefix("drop_") {
             f.sample(&[("reason", reason)], v);
+        }
+    }
+    let mut f = Family::new(
+        &mut out,
+        "splitter_service_drops_total",
+        "counter",
+        "Packets of a service the data plane dropped, by reason (drops that happen once the service is known; also in splitter_drops_total).",
+    );
+    for s in &report.services {
+        for (reason, v) in &s.drops {
+            f.sample(&[("service", &s.name), ("reason", reason)], v);
         }
     }
     out
@@ -350,6 +423,9 @@ mod tests {
         BackendReport {
             address: address.into(),
             weight: 1,
+            state: "active".into(),
+            health: if n > 5 { "up" } else { "down" }.into(),
+            live_flows: n / 2,
             packets: n * 10,
             bytes: n * 1000,
             new_flows: n,
@@ -364,6 +440,7 @@ mod tests {
             weight,
             share_percent: 0.0,
             new_flows: backends.iter().map(|b| b.new_flows).sum(),
+            live_flows: backends.iter().map(|b| b.live_flows).sum(),
             packets: backends.iter().map(|b| b.packets).sum(),
             bytes: backends.iter().map(|b| b.bytes).sum(),
             backends,
@@ -389,6 +466,7 @@ mod tests {
                     version("blue", 90, vec![backend("10.0.2.2:8080", 7)]),
                     version("green", 10, vec![backend("10.0.2.3:8080", 3)]),
                 ],
+                drops: BTreeMap::from([("no_backend".to_string(), 0), ("no_flow".to_string(), 2)]),
             }],
             counters: BTreeMap::from([
                 ("drop_no_flow".to_string(), 2),
@@ -413,10 +491,26 @@ splitter_version_share_ratio{service="web",version="green"} 0.1
 # TYPE splitter_version_new_flows_total counter
 splitter_version_new_flows_total{service="web",version="blue"} 7
 splitter_version_new_flows_total{service="web",version="green"} 3
+# HELP splitter_version_live_flows Established flows on the version's backends now (from the connection table).
+# TYPE splitter_version_live_flows gauge
+splitter_version_live_flows{service="web",version="blue"} 3
+splitter_version_live_flows{service="web",version="green"} 1
+# HELP splitter_backend_state The backend's state: 1 on the series of its current state (active, drain or disabled).
+# TYPE splitter_backend_state gauge
+splitter_backend_state{service="web",version="blue",backend="10.0.2.2:8080",state="active"} 1
+splitter_backend_state{service="web",version="green",backend="10.0.2.3:8080",state="active"} 1
+# HELP splitter_backend_health_up 1 if the backend passes its health checks, 0 if it is down (only backends of services with [service.health]).
+# TYPE splitter_backend_health_up gauge
+splitter_backend_health_up{service="web",version="blue",backend="10.0.2.2:8080"} 1
+splitter_backend_health_up{service="web",version="green",backend="10.0.2.3:8080"} 0
 # HELP splitter_backend_weight Weight of the backend inside its version.
 # TYPE splitter_backend_weight gauge
 splitter_backend_weight{service="web",version="blue",backend="10.0.2.2:8080"} 1
 splitter_backend_weight{service="web",version="green",backend="10.0.2.3:8080"} 1
+# HELP splitter_backend_live_flows Established flows bound to the backend now (from the connection table, at most a second old).
+# TYPE splitter_backend_live_flows gauge
+splitter_backend_live_flows{service="web",version="blue",backend="10.0.2.2:8080"} 3
+splitter_backend_live_flows{service="web",version="green",backend="10.0.2.3:8080"} 1
 # HELP splitter_backend_packets_total Packets forwarded to the backend.
 # TYPE splitter_backend_packets_total counter
 splitter_backend_packets_total{service="web",version="blue",backend="10.0.2.2:8080"} 70
@@ -445,6 +539,10 @@ splitter_dataplane_events_total{event="tx"} 0
 # HELP splitter_drops_total Packets the data plane dropped, by reason (the drop_* events without their prefix).
 # TYPE splitter_drops_total counter
 splitter_drops_total{reason="no_flow"} 2
+# HELP splitter_service_drops_total Packets of a service the data plane dropped, by reason (drops that happen once the service is known; also in splitter_drops_total).
+# TYPE splitter_service_drops_total counter
+splitter_service_drops_total{service="web",reason="no_backend"} 0
+splitter_service_drops_total{service="web",reason="no_flow"} 2
 "#;
 
     #[test]

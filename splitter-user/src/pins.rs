@@ -72,7 +72,7 @@ pub enum PinError {
 }
 
 /// Every map with the key size, value size and capacity this build uses.
-pub fn expected_maps() -> [(&'static str, u32, u32, u32); 7] {
+pub fn expected_maps() -> [(&'static str, u32, u32, u32); 8] {
     let s = |n: usize| n as u32;
     [
         (
@@ -97,6 +97,12 @@ pub fn expected_maps() -> [(&'static str, u32, u32, u32); 7] {
             MAX_BACKENDS,
         ),
         (map::COUNTERS, 4, 8, counter::SLOTS),
+        (
+            map::SERVICE_DROPS,
+            4,
+            8,
+            MAX_SERVICES * splitter_common::service_drop::SLOTS,
+        ),
     ]
 }
 
@@ -144,7 +150,7 @@ pub fn check_object(bytes: &[u8], program: &str) -> Result<(), PinError> {
 /// The kernel map type (`bpf_map_type`) of each map: 1 hash, 2 array,
 /// 6 per-CPU array, 9 LRU hash.
 pub fn expected_map_type(name: &str) -> Option<u32> {
-    const TYPES: [(&str, u32); 7] = [
+    const TYPES: [(&str, u32); 8] = [
         (map::SERVICES, 1),
         (map::VIPS, 1),
         (map::TABLES, 2),
@@ -152,6 +158,7 @@ pub fn expected_map_type(name: &str) -> Option<u32> {
         (map::CONNS, 9),
         (map::BACKEND_STATS, 6),
         (map::COUNTERS, 6),
+        (map::SERVICE_DROPS, 6),
     ];
     TYPES.iter().find(|(n, _)| *n == name).map(|(_, t)| *t)
 }
@@ -326,6 +333,13 @@ mod tests {
         }
         let r = check_object(EMBEDDED, "the embedded kernel program");
         assert!(r.is_ok(), "{r:?}");
+    }
+
+    #[test]
+    fn every_map_has_a_type() {
+        for (name, ..) in expected_maps() {
+            assert!(expected_map_type(name).is_some(), "{name} has no type");
+        }
     }
 
     #[test]

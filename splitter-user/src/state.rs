@@ -1,6 +1,7 @@
-//! The daemon's runtime state on disk: the weights set through the API and
-//! the data-plane layout (which ids and table generations are live in the
-//! pinned maps). Written atomically (temporary file, fsync, rename, fsync
+//! The daemon's runtime state on disk: the running services (with every
+//! change made through the API: weights, backends added, removed, drained)
+//! and the data-plane layout (which ids and table generations are live in
+//! the pinned maps). Written atomically (temporary file, fsync, rename, fsync
 //! of the directory) after every change and read back on start, before the
 //! daemon reports ready. A damaged file is set aside under a new name and
 //! reported, never silently dropped.
@@ -13,8 +14,13 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-/// Format version written into the file.
-pub const FORMAT: u32 = 1;
+use crate::config::ServiceConfig;
+
+/// Format version written into the file. Format 1 (weights only) is still
+/// read.
+pub const FORMAT: u32 = 2;
+/// Oldest format still read.
+const OLDEST_FORMAT: u32 = 1;
 /// File name inside the state directory.
 pub const FILE_NAME: &str = "state.json";
 /// Default state directory (systemd's `StateDirectory=splitter`).
@@ -23,10 +29,19 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/splitter";
 /// Everything persisted.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct State {
-    /// Always [`FORMAT`].
+    /// [`FORMAT`] when written by this build.
     pub format: u32,
-    /// Service -> version -> weight, as last set.
+    /// Format 1 only: service -> version -> weight, as last set.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub weights: BTreeMap<String, BTreeMap<String, u32>>,
+    /// Digest ([`crate::config::file_digest`]) of the configuration file
+    /// the running services started from. On start they are restored only
+    /// if the file is still the same; an edited file wins.
+    #[serde(default)]
+    pub config_digest: String,
+    /// The running services, as changed at runtime (format 2).
+    #[serde(default)]
+    pub services: Option<Vec<ServiceConfig>>,
     /// What is live in the pinned maps.
     pub layout: Layout,
 }
@@ -112,7 +127,7 @@ pub fn load(dir: &Path) -> Result<Option<State>, StateError> {
     let parsed: Result<State, String> = serde_json::from_str::<State>(&text)
         .map_err(|e| e.to_string())
         .and_then(|s| {
-            if s.format == FORMAT {
+            if (OLDEST_FORMAT..=FORMAT).contains(&s.format) {
                 Ok(s)
             } else {
                 Err(format!("unknown format {}", s.format))

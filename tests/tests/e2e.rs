@@ -664,6 +664,12 @@ fn malformed_api_requests_get_clear_errors() -> Result<()> {
             body.len()
         )
     };
+    let req = |method: &str, path: &str, body: &str| {
+        format!(
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
     for (req, want_status, want) in [
         (put("{not json"), "400", "body must be JSON"),
         (
@@ -697,6 +703,75 @@ fn malformed_api_requests_get_clear_errors() -> Result<()> {
                 .to_string(),
             "400",
             "not an IPv4",
+        ),
+        (
+            req("POST", "/v1/services", "{\"name\": \"api\""),
+            "400",
+            "body must be JSON like",
+        ),
+        (
+            req(
+                "POST",
+                "/v1/services",
+                r#"{"name": "api", "vip": "10.0.0.300:80", "versions": []}"#,
+            ),
+            "400",
+            "10.0.0.300:80\\\" is not an IPv4 address:port",
+        ),
+        (
+            req(
+                "POST",
+                "/v1/services/web/versions",
+                r#"{"name": "canary", "weight": 5}"#,
+            ),
+            "400",
+            "has weight 5 but no backends",
+        ),
+        (
+            req(
+                "POST",
+                "/v1/services/web/versions/blue/backends",
+                r#"{"address": "10.0.2.9:80", "state": "asleep"}"#,
+            ),
+            "400",
+            "is not one of active, drain, disabled",
+        ),
+        (
+            req(
+                "PATCH",
+                "/v1/services/web/backends/10.0.2.2:8080",
+                r#"{"weight": 5000}"#,
+            ),
+            "400",
+            "out of range 1..=1000",
+        ),
+        (
+            req(
+                "PATCH",
+                "/v1/services/web/backends/nope",
+                r#"{"weight": 2}"#,
+            ),
+            "400",
+            "not an IPv4 address:port",
+        ),
+        (
+            req("DELETE", "/v1/services/web/backends/10.0.2.77:8080", ""),
+            "404",
+            "has no backend 10.0.2.77:8080",
+        ),
+        (
+            req(
+                "DELETE",
+                "/v1/services/web/backends/10.0.2.2:8080?force=maybe",
+                "",
+            ),
+            "400",
+            "use force=true or force=false",
+        ),
+        (
+            req("DELETE", "/v1/services/nope/versions/blue", ""),
+            "404",
+            "no service named",
         ),
     ] {
         let out = send(&req)?;

@@ -5,6 +5,7 @@
 //! Exit codes: 0 success; 1 the request was refused or failed (the message
 //! says why); 2 bad command line; 3 the daemon could not be reached.
 mod detach;
+mod edit;
 mod status;
 mod weights;
 
@@ -21,6 +22,11 @@ Examples:
   splitter status --output json
   splitter weights set web blue=90 green=10
   splitter weights set web blue=0 green=100      # blue-green switch
+  splitter backend set web 10.0.2.2:8080 --state drain   # no new flows; established go on
+  splitter backend remove web 10.0.2.2:8080       # once its live flows reached 0
+  splitter backend add web blue 10.0.2.5:8080
+  splitter version add web canary --backend 10.0.2.7:8080   # weight 0 until raised
+  splitter service add api --vip 10.0.0.11:443 --version v1 --backend 10.0.2.9:8443
   splitter config check /etc/splitter/splitter.toml
   splitter flow 10.0.1.2:40000 --service web      # where a flow goes, and why
   splitter reload                                 # re-read the config file (or SIGHUP)
@@ -84,6 +90,10 @@ pub enum Command {
         /// `splitter status` shows the running program's id and tag.
         #[arg(long, value_name = "PATH")]
         program: Option<PathBuf>,
+        /// Group allowed to use the API socket (mode 0660 instead of 0600,
+        /// owned by this group), so its members run the CLI without root.
+        #[arg(long, value_name = "GROUP")]
+        socket_group: Option<String>,
     },
     /// Show where a client's flow goes and why: its connection-table entry
     /// if the edge knows it (that decides), and the version and backend a
@@ -144,6 +154,15 @@ pub enum Command {
     /// flows keep their backend).
     #[command(subcommand)]
     Weights(WeightsCommand),
+    /// Add, remove or show services (runtime changes, saved across restarts).
+    #[command(subcommand)]
+    Service(edit::ServiceCommand),
+    /// Add or remove versions of a service.
+    #[command(subcommand)]
+    Version(edit::VersionCommand),
+    /// Add, remove, reweight, drain or disable backends.
+    #[command(subcommand)]
+    Backend(edit::BackendCommand),
     /// Work with configuration files.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -191,6 +210,7 @@ pub async fn run(cli: Cli) -> ExitCode {
             state_dir,
             on_stop,
             program,
+            socket_group,
         } => {
             let opts = daemon::DaemonOptions {
                 config,
@@ -198,6 +218,7 @@ pub async fn run(cli: Cli) -> ExitCode {
                 state_dir,
                 on_stop,
                 program,
+                socket_group,
             };
             daemon::run(opts, daemon::shutdown_signal())
                 .await
@@ -234,6 +255,9 @@ pub async fn run(cli: Cli) -> ExitCode {
             weights,
             output,
         }) => weights::set(&cli.socket, &service, &weights, output).await,
+        Command::Service(c) => edit::service(&cli.socket, c).await,
+        Command::Version(c) => edit::version(&cli.socket, c).await,
+        Command::Backend(c) => edit::backend(&cli.socket, c).await,
         Command::Config(ConfigCommand::Check { file }) => {
             match crate::config::Config::load(&file) {
                 Ok(c) => {
@@ -264,7 +288,10 @@ async fn flow(
             "{client:?} is not an IPv4 address:port (like 10.0.1.2:40000)"
         ))
     })?;
-    let path = format!("/v1/flow?service={service}&client={client}");
+    let path = format!(
+        "/v1/flow?service={}&client={client}",
+        edit::seg("service", service)?
+    );
     let body = crate::client::request(socket, hyper::Method::GET, &path, None).await?;
     if output == Output::Json {
         print!("{}", String::from_utf8_lossy(&body));

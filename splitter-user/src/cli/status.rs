@@ -56,6 +56,17 @@ pub fn render(r: &StatusReport) -> String {
     }
     out.push('\n');
     out.push_str(&render_services(&r.services));
+    for s in &r.services {
+        let drops: Vec<String> = s
+            .drops
+            .iter()
+            .filter(|(_, v)| **v > 0)
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        if !drops.is_empty() {
+            let _ = writeln!(out, "drops of {}: {}", s.name, drops.join(" "));
+        }
+    }
     let nonzero: Vec<String> = r
         .counters
         .iter()
@@ -84,6 +95,7 @@ pub fn render_services(services: &[ServiceReport]) -> String {
             "WEIGHT",
             "SHARE",
             "BACKEND",
+            "LIVE FLOWS",
             "NEW FLOWS",
             "PACKETS",
             "BYTES",
@@ -100,6 +112,7 @@ pub fn render_services(services: &[ServiceReport]) -> String {
                 v.weight.to_string(),
                 format!("{:.1}%", v.share_percent),
                 format!("{} backend(s)", v.backends.len()),
+                v.live_flows.to_string(),
                 v.new_flows.to_string(),
                 v.packets.to_string(),
                 v.bytes.to_string(),
@@ -111,7 +124,12 @@ pub fn render_services(services: &[ServiceReport]) -> String {
                     String::new(),
                     String::new(),
                     String::new(),
-                    format!("{} w={}", b.address, b.weight),
+                    if b.health == "up" || b.health == "down" {
+                        format!("{} w={} {} {}", b.address, b.weight, b.state, b.health)
+                    } else {
+                        format!("{} w={} {}", b.address, b.weight, b.state)
+                    },
+                    b.live_flows.to_string(),
                     b.new_flows.to_string(),
                     b.packets.to_string(),
                     b.bytes.to_string(),

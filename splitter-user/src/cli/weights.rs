@@ -3,11 +3,8 @@ use std::{collections::BTreeMap, path::Path};
 
 use hyper::Method;
 
-use super::{CliError, Output, status};
-use crate::{
-    api::{ServiceReport, WeightsRequest},
-    client,
-};
+use super::{CliError, Output};
+use crate::api::WeightsRequest;
 
 /// Parses `VERSION=WEIGHT` pairs (syntax only; the daemon checks names).
 pub fn parse_pairs(args: &[String]) -> Result<BTreeMap<String, u32>, CliError> {
@@ -45,17 +42,11 @@ pub async fn set(
     let weights = parse_pairs(args)?;
     let body = serde_json::to_string(&WeightsRequest { weights })
         .map_err(|e| CliError::Other(e.into()))?;
-    let path = format!("/v1/services/{service}/weights");
-    let bytes = client::request(socket, Method::PUT, &path, Some(body)).await?;
-    match output {
-        Output::Json => print!("{}", String::from_utf8_lossy(&bytes)),
-        Output::Table => {
-            let report: ServiceReport =
-                serde_json::from_slice(&bytes).map_err(|e| CliError::Other(e.into()))?;
-            print!("{}", status::render_services(std::slice::from_ref(&report)));
-        }
-    }
-    Ok(())
+    let path = format!(
+        "/v1/services/{}/weights",
+        super::edit::seg("service", service)?
+    );
+    super::edit::call(socket, Method::PUT, &path, Some(body), output).await
 }
 
 #[cfg(test)]
