@@ -509,25 +509,45 @@ impl Dataplane {
 
     /// Live flows per backend id: forward entries of the connection table
     /// whose flow is still going (see [`splitter_common::conn_live`]) at
-    /// `now` (`CLOCK_MONOTONIC` ns). Walks the whole table, one entry at a
-    /// time: about a second per million entries. The walk is bounded (twice
-    /// the capacity), since the table changes while it is read.
+    /// `now` (`CLOCK_MONOTONIC` ns). Reads the table in batches of 4096
+    /// entries (`BPF_MAP_LOOKUP_BATCH`; about 0.1 s per million entries),
+    /// or one entry at a time on kernels without batch reads. Either walk
+    /// is bounded, since the table changes while it is read.
     ///
     /// # Errors
     /// Map read failures.
     pub fn live_flows(&self, now: u64) -> Result<BTreeMap<u32, u64>> {
         let mut out = BTreeMap::new();
-        for item in self.conns.iter().take(2 * CONN_CAPACITY as usize) {
-            let (key, conn) = match item {
-                Ok(kv) => kv,
-                // An entry evicted between the key walk and its read.
-                Err(aya::maps::MapError::KeyNotFound) => continue,
-                Err(e) => return Err(map_err(map::CONNS)(e)),
-            };
+        let mut count = |key: &FlowKey, conn: &Conn| {
             if conn.flags & CONN_F_REVERSE == 0
                 && splitter_common::conn_live(key.proto, conn.state, conn.last_seen, now)
             {
                 *out.entry(conn.backend).or_insert(0) += 1;
+            }
+        };
+        use aya::maps::IterableMap as _;
+        let fd = self.conns.map().fd().as_fd().as_raw_fd();
+        match lookup_batch(fd, 2 * CONN_CAPACITY as usize, &mut count) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                tracing::debug!("no batch map reads on this kernel: walking CONNS entry by entry");
+                for item in self.conns.iter().take(2 * CONN_CAPACITY as usize) {
+                    match item {
+                        Ok((key, conn)) => count(&key, &conn),
+                        // An entry evicted between the key walk and its read.
+                        Err(aya::maps::MapError::KeyNotFound) => continue,
+                        Err(e) => return Err(map_err(map::CONNS)(e)),
+                    }
+                }
+            }
+            Err(e) => {
+                return Err(DataplaneError::Map {
+                    map: map::CONNS,
+                    source: Box::new(aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                        call: "bpf_map_lookup_batch",
+                        io_error: e,
+                    })),
+                });
             }
         }
         Ok(out)
@@ -1014,6 +1034,75 @@ fn program_bytes(source: &ProgramSource) -> Result<std::borrow::Cow<'static, [u8
     };
     pins::check_object(&bytes, &what)?;
     Ok(bytes)
+}
+
+/// Reads every entry of the connection table behind `fd` with
+/// `BPF_MAP_LOOKUP_BATCH` and hands it to `f`, at most `limit` entries.
+/// `EINVAL` means the kernel has no batch reads (before 5.6).
+fn lookup_batch(fd: i32, limit: usize, f: &mut impl FnMut(&FlowKey, &Conn)) -> std::io::Result<()> {
+    /// The `batch` member of `union bpf_attr`.
+    #[repr(C)]
+    struct BatchAttr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+    const CHUNK: usize = 4096;
+    let mut keys = vec![FlowKey::default(); CHUNK];
+    let mut values = vec![Conn::default(); CHUNK];
+    // The position token: a bucket index for hash maps (room for a key).
+    let mut token_in = [0u8; size_of::<FlowKey>()];
+    let mut token_out = [0u8; size_of::<FlowKey>()];
+    let mut first = true;
+    let mut seen = 0usize;
+    while seen < limit {
+        let mut attr = BatchAttr {
+            in_batch: if first { 0 } else { token_in.as_ptr() as u64 },
+            out_batch: token_out.as_mut_ptr() as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: CHUNK as u32,
+            map_fd: fd as u32,
+            elem_flags: 0,
+            flags: 0,
+        };
+        // SAFETY: `attr` points at buffers of `CHUNK` keys and values of the
+        // map's sizes and at tokens of a key's size, all alive for the call.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                &mut attr as *mut BatchAttr,
+                size_of::<BatchAttr>(),
+            )
+        };
+        let done = if rc < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::ENOENT) {
+                return Err(e);
+            }
+            true
+        } else {
+            false
+        };
+        let n = (attr.count as usize).min(CHUNK);
+        for (k, v) in keys.iter().zip(&values).take(n) {
+            f(k, v);
+        }
+        seen += n;
+        if done {
+            break;
+        }
+        token_in = token_out;
+        first = false;
+    }
+    Ok(())
 }
 
 /// A zero value for every possible CPU, to reset a slot of per-CPU `map`.
