@@ -339,6 +339,10 @@ pub mod counter {
     /// adding one does not change the map's layout (and an upgrade can keep
     /// the pinned maps).
     pub const SLOTS: u32 = 32;
+    /// The last slot, written only by the `upgrade-probe` test build of
+    /// the kernel program (one per packet it sees): the upgrade test reads
+    /// it to prove the new build handles the traffic. Not in [`NAMES`].
+    pub const UPGRADE_PROBE: u32 = SLOTS - 1;
 
     /// Human names, indexed like the constants.
     pub const NAMES: [&str; COUNT as usize] = [

@@ -24,6 +24,9 @@ use crate::{
 /// Entry point for every packet.
 #[inline(always)]
 pub fn handle(ctx: &XdpContext) -> u32 {
+    // Test build only: a different program (another tag) that shows it runs.
+    #[cfg(feature = "upgrade-probe")]
+    maps::count(counter::UPGRADE_PROBE);
     let pkt = match parse::parse(ctx) {
         Ok(p) => p,
         Err(action) => return action,

@@ -29,8 +29,15 @@ pub static CONNS: LruHashMap<FlowKey, Conn> = LruHashMap::with_max_entries(CONN_
 pub static BACKEND_STATS: PerCpuArray<BackendStats> =
     PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
 
+/// Entries of `COUNTERS`. The `foreign-layout` test build doubles them, so
+/// its maps no longer match the pinned ones and a daemon must refuse it.
+#[cfg(not(feature = "foreign-layout"))]
+const COUNTER_SLOTS: u32 = counter::SLOTS;
+#[cfg(feature = "foreign-layout")]
+const COUNTER_SLOTS: u32 = counter::SLOTS * 2;
+
 #[map(name = "COUNTERS")]
-pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::SLOTS, 0);
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
 
 #[map(name = "SERVICE_DROPS")]
 pub static SERVICE_DROPS: PerCpuArray<u64> =

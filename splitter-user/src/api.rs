@@ -63,6 +63,21 @@ pub struct DataplaneReport {
     pub snat_address: Option<String>,
     /// Where the program is attached and in which XDP mode.
     pub attachments: Vec<AttachmentReport>,
+    /// The running kernel program (id, tag, origin).
+    #[serde(default)]
+    pub program: Option<ProgramReport>,
+}
+
+/// The running kernel program.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ProgramReport {
+    /// Kernel program id (changes at every load).
+    pub id: u32,
+    /// Kernel program tag, 16 hex digits: a hash of the instructions, so
+    /// another build has another tag.
+    pub tag: String,
+    /// `embedded`, or the object file given to `splitter daemon --program`.
+    pub source: String,
 }
 
 /// One XDP attachment.

@@ -9,7 +9,7 @@ use tracing::{error, info};
 use crate::{
     api::{
         ApiError, AttachmentReport, BackendReport, ConnectionReport, DataplaneReport, FlowReport,
-        ServiceReport, StatusReport, VersionReport,
+        ProgramReport, ServiceReport, StatusReport, VersionReport,
     },
     config::{BackendState, Config, HealthConfig, ServiceConfig, parse_weight_args},
     dataplane::Dataplane,
@@ -662,6 +662,14 @@ impl Controller {
                         mode: a.mode.to_string(),
                     })
                     .collect(),
+                program: {
+                    let p = self.dataplane.program();
+                    Some(ProgramReport {
+                        id: p.id,
+                        tag: p.tag.clone(),
+                        source: p.source.clone(),
+                    })
+                },
             },
             services,
             counters,

@@ -12,8 +12,11 @@ use tokio::net::UnixListener;
 use tracing::{error, info, warn};
 
 use crate::{
-    api, config::Config, controller::Controller, dataplane::Dataplane, metrics, pins, state,
-    systemd,
+    api,
+    config::Config,
+    controller::Controller,
+    dataplane::{Dataplane, ProgramSource},
+    metrics, pins, state, systemd,
 };
 
 /// Default API socket.
@@ -30,6 +33,9 @@ pub struct DaemonOptions {
     pub state_dir: PathBuf,
     /// What SIGTERM/SIGINT does to the data plane.
     pub on_stop: OnStop,
+    /// Kernel program object to load instead of the embedded one
+    /// (`--program`); `None` for the embedded one.
+    pub program: Option<PathBuf>,
     /// Group allowed on the API socket (mode 0660); `None`: root only (0600).
     pub socket_group: Option<String>,
 }
@@ -91,7 +97,11 @@ pub async fn run(
         None => file_config,
     };
     let pin_dir = config.dataplane.pin_dir.clone();
-    let mut dataplane = Dataplane::load_pinned(&pin_dir)?;
+    let source = match &opts.program {
+        Some(p) => ProgramSource::File(p.clone()),
+        None => ProgramSource::Embedded,
+    };
+    let mut dataplane = Dataplane::load_pinned_from(&pin_dir, &source)?;
     if dataplane.reused() {
         match &saved {
             Some(s) => dataplane.restore_layout(&s.layout),

@@ -103,9 +103,50 @@ pub enum DataplaneError {
     /// Out of ids, or a kernel without what persistence needs.
     #[error("{0}")]
     Capacity(String),
-    /// The pin directory is unusable or holds maps of another layout.
+    /// The pin directory is unusable or holds maps of another layout, or
+    /// the kernel program's maps are of another layout.
     #[error(transparent)]
     Pins(#[from] pins::PinError),
+    /// `splitter daemon --program PATH`: the file cannot be read.
+    #[error("reading the kernel program {path}: {source}")]
+    ProgramFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Where the kernel program comes from.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum ProgramSource {
+    /// The object built into this binary (the normal case).
+    #[default]
+    Embedded,
+    /// An object file (`splitter daemon --program PATH`): upgrading the
+    /// kernel program alone, or trying a build. It goes through the same
+    /// layout checks and link take-over as the embedded one.
+    File(PathBuf),
+}
+
+impl std::fmt::Display for ProgramSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Embedded => f.write_str("embedded"),
+            Self::File(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
+/// The loaded kernel program as the kernel reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadedProgram {
+    /// Kernel program id (new at every load).
+    pub id: u32,
+    /// Kernel program tag (a hash of its instructions, 16 hex digits): the
+    /// same for the same build, different for another build.
+    pub tag: String,
+    /// `embedded` or the object file's path.
+    pub source: String,
 }
 
 type Result<T> = std::result::Result<T, DataplaneError>;
@@ -219,6 +260,8 @@ pub struct Dataplane {
     pin_dir: Option<PathBuf>,
     /// The connection table came from a previous instance (restart, upgrade).
     reused: bool,
+    /// Id, tag and origin of the loaded program.
+    program: LoadedProgram,
 }
 
 impl Dataplane {
@@ -229,7 +272,9 @@ impl Dataplane {
     /// root, no BPF, verifier), [`DataplaneError::NoProgram`] for a build
     /// without the kernel program.
     pub fn load() -> Result<Self> {
-        Self::load_with(EbpfLoader::new(), None, false)
+        let source = ProgramSource::Embedded;
+        let bytes = program_bytes(&source)?;
+        Self::load_with(EbpfLoader::new(), &bytes, &source, None, false)
     }
 
     /// Loads the kernel program with its maps pinned in `pin_dir` (a bpffs
@@ -241,13 +286,32 @@ impl Dataplane {
     /// As [`Dataplane::load`], plus [`DataplaneError::Pins`] when `pin_dir`
     /// is unusable or holds maps of another layout.
     pub fn load_pinned(pin_dir: &Path) -> Result<Self> {
+        Self::load_pinned_from(pin_dir, &ProgramSource::Embedded)
+    }
+
+    /// [`Dataplane::load_pinned`] with the kernel program from `source`.
+    /// The object's maps are checked against this build's layout before
+    /// anything is loaded, then the pinned maps as usual; a refused object
+    /// changes nothing (the pinned program keeps forwarding).
+    ///
+    /// # Errors
+    /// As [`Dataplane::load_pinned`], plus [`DataplaneError::ProgramFile`]
+    /// for an unreadable file and [`DataplaneError::Pins`] for an object
+    /// whose maps are of another layout.
+    pub fn load_pinned_from(pin_dir: &Path, source: &ProgramSource) -> Result<Self> {
+        let bytes = program_bytes(source)?;
         pins::ensure_bpffs(pin_dir)?;
         let reused = pins::check_layout(pin_dir)?;
         let mut loader = EbpfLoader::new();
         for (name, ..) in pins::expected_maps() {
             loader.map_pin_path(name, pin_dir.join(name));
         }
-        Self::load_with(loader, Some(pin_dir.to_path_buf()), reused)
+        Self::load_with(loader, &bytes, source, Some(pin_dir.to_path_buf()), reused)
+    }
+
+    /// Id, tag and origin of the loaded kernel program.
+    pub fn program(&self) -> &LoadedProgram {
+        &self.program
     }
 
     /// Whether the maps were taken over from an earlier instance.
@@ -257,24 +321,34 @@ impl Dataplane {
 
     fn load_with(
         mut loader: EbpfLoader<'_>,
+        bytes: &[u8],
+        source: &ProgramSource,
         pin_dir: Option<PathBuf>,
         reused: bool,
     ) -> Result<Self> {
-        if PROGRAM.is_empty() {
-            return Err(DataplaneError::NoProgram);
-        }
         raise_memlock_limit();
         let mut ebpf = loader
-            .load(PROGRAM)
+            .load(bytes)
             .map_err(|e| DataplaneError::Load(Box::new(e)))?;
-        {
+        let loaded = {
             let prog: &mut Xdp = program(&mut ebpf)?;
             prog.load().map_err(|e| DataplaneError::Program {
                 op: "loading the XDP program (verifier)",
                 iface: "-".into(),
                 source: Box::new(e),
             })?;
-        }
+            let info = prog.info().map_err(|e| DataplaneError::Program {
+                op: "reading the loaded program's id and tag",
+                iface: "-".into(),
+                source: Box::new(e),
+            })?;
+            LoadedProgram {
+                id: info.id(),
+                tag: format!("{:016x}", info.tag()),
+                source: source.to_string(),
+            }
+        };
+        info!(id = loaded.id, tag = %loaded.tag, source = %loaded.source, "kernel program loaded");
         let services = take(&mut ebpf, map::SERVICES, HashMap::try_from)?;
         let vips = take(&mut ebpf, map::VIPS, HashMap::try_from)?;
         let tables = take(&mut ebpf, map::TABLES, Array::try_from)?;
@@ -304,6 +378,7 @@ impl Dataplane {
             snat_address: None,
             pin_dir,
             reused,
+            program: loaded,
         })
     }
 
@@ -951,6 +1026,34 @@ impl Dataplane {
         }
         Ok(out)
     }
+}
+
+/// The object to load from `source`, after checking that its maps have
+/// this build's layout (so a refused object changes nothing).
+fn program_bytes(source: &ProgramSource) -> Result<std::borrow::Cow<'static, [u8]>> {
+    let (bytes, what) = match source {
+        ProgramSource::Embedded => {
+            if PROGRAM.is_empty() {
+                return Err(DataplaneError::NoProgram);
+            }
+            (
+                std::borrow::Cow::Borrowed(PROGRAM),
+                "the embedded kernel program".to_string(),
+            )
+        }
+        ProgramSource::File(path) => {
+            let b = std::fs::read(path).map_err(|e| DataplaneError::ProgramFile {
+                path: path.clone(),
+                source: e,
+            })?;
+            (
+                std::borrow::Cow::Owned(b),
+                format!("the kernel program {}", path.display()),
+            )
+        }
+    };
+    pins::check_object(&bytes, &what)?;
+    Ok(bytes)
 }
 
 /// Reads every entry of the connection table behind `fd` with

@@ -455,6 +455,7 @@ mod tests {
                 mode: "snat".into(),
                 snat_address: Some("10.0.2.1".into()),
                 attachments: vec![],
+                program: None,
             },
             services: vec![ServiceReport {
                 name: "web".into(),

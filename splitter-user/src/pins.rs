@@ -41,6 +41,23 @@ pub enum PinError {
         found: u32,
         expected: u32,
     },
+    /// A kernel program object whose maps differ from this build's layout.
+    #[error(
+        "{program} defines map {map} with {what} {found}, but this daemon (and the maps it pins) uses {expected}: \
+         the object was built against another map layout and cannot take over the running data plane. \
+         Build it from the same sources as this daemon (splitter-common), or upgrade the daemon itself; \
+         nothing was changed and the running program keeps forwarding"
+    )]
+    ObjectLayout {
+        program: String,
+        map: &'static str,
+        what: &'static str,
+        found: u32,
+        expected: u32,
+    },
+    /// A kernel program object that is not a usable BPF ELF object.
+    #[error("{program} is not a usable BPF object (nothing was changed): {detail}")]
+    Object { program: String, detail: String },
     /// Reading a pinned map's info failed.
     #[error("reading pinned map {path}: {detail}")]
     Info { path: PathBuf, detail: String },
@@ -87,6 +104,63 @@ pub fn expected_maps() -> [(&'static str, u32, u32, u32); 8] {
             MAX_SERVICES * splitter_common::service_drop::SLOTS,
         ),
     ]
+}
+
+/// Checks the maps an object file defines against [`expected_maps`]
+/// before anything is loaded: an object built against another layout
+/// would otherwise be handed the pinned maps and read them wrongly.
+/// `program` names the object in messages.
+///
+/// # Errors
+/// [`PinError::Object`] when the bytes are no BPF object or lack a map,
+/// [`PinError::ObjectLayout`] naming the first map that differs.
+pub fn check_object(bytes: &[u8], program: &str) -> Result<(), PinError> {
+    let obj = aya_obj::Object::parse(bytes).map_err(|e| PinError::Object {
+        program: program.to_string(),
+        detail: e.to_string(),
+    })?;
+    for (name, key, value, entries) in expected_maps() {
+        let Some(m) = obj.maps.get(name) else {
+            return Err(PinError::Object {
+                program: program.to_string(),
+                detail: format!("it defines no map {name}"),
+            });
+        };
+        let map_type = expected_map_type(name).unwrap_or(u32::MAX);
+        for (what, found, expected) in [
+            ("key size", m.key_size(), key),
+            ("value size", m.value_size(), value),
+            ("capacity", m.max_entries(), entries),
+            ("map type (bpf_map_type)", m.map_type(), map_type),
+        ] {
+            if found != expected {
+                return Err(PinError::ObjectLayout {
+                    program: program.to_string(),
+                    map: name,
+                    what,
+                    found,
+                    expected,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The kernel map type (`bpf_map_type`) of each map: 1 hash, 2 array,
+/// 6 per-CPU array, 9 LRU hash.
+pub fn expected_map_type(name: &str) -> Option<u32> {
+    const TYPES: [(&str, u32); 8] = [
+        (map::SERVICES, 1),
+        (map::VIPS, 1),
+        (map::TABLES, 2),
+        (map::BACKENDS, 2),
+        (map::CONNS, 9),
+        (map::BACKEND_STATS, 6),
+        (map::COUNTERS, 6),
+        (map::SERVICE_DROPS, 6),
+    ];
+    TYPES.iter().find(|(n, _)| *n == name).map(|(_, t)| *t)
 }
 
 /// Makes sure `dir` exists on a bpffs, mounting bpffs at `/sys/fs/bpf`
@@ -147,7 +221,7 @@ fn mount_bpffs(at: &Path) -> std::io::Result<()> {
     }
 }
 
-/// Checks every pinned map against [`expected_maps`]. Returns whether the
+/// Checks every pinned map against [`expected_maps`] and [`expected_map_type`]. Returns whether the
 /// connection table is pinned already (a restart or an upgrade).
 ///
 /// # Errors
@@ -163,10 +237,16 @@ pub fn check_layout(dir: &Path) -> Result<bool, PinError> {
             path: path.clone(),
             detail: e.to_string(),
         })?;
+        let found_type = info.map_type().map(|t| t as u32).unwrap_or(u32::MAX);
         for (what, found, expected) in [
             ("key size", info.key_size(), key),
             ("value size", info.value_size(), value),
             ("capacity", info.max_entries(), entries),
+            (
+                "map type (bpf_map_type)",
+                found_type,
+                expected_map_type(name).unwrap_or(u32::MAX),
+            ),
         ] {
             if found != expected {
                 return Err(PinError::LayoutChanged {
@@ -236,4 +316,41 @@ pub fn remove_all(dir: &Path) -> Result<Vec<PathBuf>, PinError> {
         Err(e) => tracing::warn!(path = %dir.display(), error = %e, "pin directory left in place"),
     }
     Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The program this binary embeds (empty with `AYA_BUILD_SKIP=1`).
+    static EMBEDDED: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/splitter"));
+
+    #[test]
+    fn the_embedded_program_has_this_builds_layout() {
+        if EMBEDDED.is_empty() {
+            // Built without the kernel program: nothing to check.
+            return;
+        }
+        let r = check_object(EMBEDDED, "the embedded kernel program");
+        assert!(r.is_ok(), "{r:?}");
+    }
+
+    #[test]
+    fn every_map_has_a_type() {
+        for (name, ..) in expected_maps() {
+            assert!(expected_map_type(name).is_some(), "{name} has no type");
+        }
+    }
+
+    #[test]
+    fn a_file_that_is_no_bpf_object_is_refused() {
+        let err = check_object(b"not an ELF file\n", "the kernel program junk.o")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            err.contains("junk.o is not a usable BPF object"),
+            "got {err:?}"
+        );
+    }
 }

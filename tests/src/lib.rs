@@ -13,6 +13,8 @@
 //!   long-lived echo connection that records any disruption.
 //! - [`splitter`]: finding the `splitter` binary, running the daemon in the
 //!   edge namespace, its CLI, and config files for the topology.
+//! - [`program`]: test builds of the kernel program (another tag; another
+//!   map layout) for the upgrade tests.
 //!
 //! Everything that creates something (namespaces, processes, threads,
 //! sockets) is owned by a guard that removes it on `Drop`, so a failing or
@@ -26,6 +28,7 @@
 //! `cargo test` and run one at a time by `cargo xtask test`.
 pub mod clients;
 pub mod netns;
+pub mod program;
 pub mod servers;
 pub mod splitter;
 pub mod topology;

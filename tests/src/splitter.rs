@@ -288,6 +288,12 @@ impl Daemon {
         self.wait_ready()
     }
 
+    /// Replaces the extra `splitter daemon` arguments of the next
+    /// [`Daemon::restart`]: `--program PATH` upgrades the kernel program.
+    pub fn set_args(&mut self, args: &[&str]) {
+        self.args = args.iter().map(|a| a.to_string()).collect();
+    }
+
     fn wait_ready(&mut self) -> Result<()> {
         let deadline = Instant::now() + READY_TIMEOUT;
         let mut last;

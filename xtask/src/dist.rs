@@ -1,7 +1,11 @@
 //! `cargo xtask dist`: a Debian package of splitter, built with `dpkg-deb`
 //! from the release build: the binary, the systemd unit, an example
 //! configuration, the manual page and shell completions.
-use std::{fs, path::PathBuf, process::Command};
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use anyhow::{Context, Result, bail};
 
@@ -13,6 +17,15 @@ use crate::util::{probe, run, step, target_dir, workspace_root};
 /// The build, a file copy, or `dpkg-deb` failed.
 pub fn dist() -> Result<PathBuf> {
     let bin = crate::build::build()?;
+    package(&bin)
+}
+
+/// Packages the release binary `bin` (already built) into
+/// `target/dist/splitter_<version>_<arch>.deb` and returns its path.
+///
+/// # Errors
+/// A file copy or `dpkg-deb` failed.
+pub fn package(bin: &Path) -> Result<PathBuf> {
     let root = workspace_root();
     let version = env!("CARGO_PKG_VERSION");
     let arch = probe(Command::new("dpkg").arg("--print-architecture"))
@@ -34,7 +47,7 @@ pub fn dist() -> Result<PathBuf> {
         Ok(())
     };
     step("staging the package tree");
-    put("usr/bin/splitter", &fs::read(&bin)?, 0o755)?;
+    put("usr/bin/splitter", &fs::read(bin)?, 0o755)?;
     put(
         "lib/systemd/system/splitter.service",
         &fs::read(root.join("packaging/systemd/splitter.service"))?,
@@ -59,7 +72,7 @@ pub fn dist() -> Result<PathBuf> {
         )?;
     }
     let output = |args: &[&str]| -> Result<Vec<u8>> {
-        let out = Command::new(&bin).args(args).output()?;
+        let out = Command::new(bin).args(args).output()?;
         if !out.status.success() {
             bail!(
                 "splitter {} failed: {}",

@@ -23,6 +23,7 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("ethtool", "the test topology sets veth offloads"),
     ("iproute2", "`ip` builds the test namespaces"),
     ("systemd", "systemd-analyze verifies the shipped unit"),
+    ("man-db", "the package test renders the installed man page"),
 ];
 /// The bpf-linker release known to work with LLVM 22 here.
 const BPF_LINKER_VERSION: &str = "0.13.0";

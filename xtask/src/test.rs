@@ -5,7 +5,10 @@
 //!    privileged test crate (unit, property and doc tests; no root);
 //! 2. privileged tests: the `splitter-tests` crate, `#[ignore]`d tests
 //!    included, one at a time (`--test-threads=1`), with `SPLITTER_BIN` set
-//!    to the release binary. Needs root.
+//!    to the release binary and `SPLITTER_DEB` to the Debian package built
+//!    from it (as `cargo xtask dist` does; `tests/package.rs` installs and
+//!    purges it). The upgrade tests build their variants of the kernel
+//!    program themselves (`target/program-variants`). Needs root.
 //!
 //! Extra arguments go to both test binaries (a filter, `--nocapture`...).
 //! The last line is `summary: N passed, N failed, N skipped`.
@@ -185,6 +188,17 @@ fn privileged(bin: &Path, args: &[String]) -> Phase {
             stale.join(" ")
         ));
     }
+    // The package test (tests/package.rs) installs this .deb; a packaging
+    // failure makes it fail with the path it could not find.
+    let deb = match crate::dist::package(bin) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("error: building the package failed: {e:#}");
+            crate::util::target_dir()
+                .map(|t| t.join("dist").join("packaging-failed.deb"))
+                .unwrap_or_default()
+        }
+    };
     let mut c = cargo();
     c.args([
         "test",
@@ -196,7 +210,8 @@ fn privileged(bin: &Path, args: &[String]) -> Phase {
         "--test-threads=1",
     ])
     .args(args)
-    .env("SPLITTER_BIN", bin);
+    .env("SPLITTER_BIN", bin)
+    .env("SPLITTER_DEB", deb);
     run_phase(name, &mut c)
 }
 

@@ -81,6 +81,16 @@ pub enum Command {
         /// leaves it pinned.
         #[arg(long, value_enum, default_value_t = daemon::OnStop::Detach)]
         on_stop: daemon::OnStop,
+        /// Load the kernel program from this BPF object file instead of the
+        /// one built into this binary: to upgrade the kernel program alone,
+        /// or to test a build (`cargo xtask build` leaves the program it
+        /// embeds in target/release/splitter.bpf.o). Its maps must have
+        /// this daemon's layout, checked before anything changes; it then
+        /// takes over the pinned maps and XDP links like any restart, so
+        /// established connections keep flowing. Applies to this run only.
+        /// `splitter status` shows the running program's id and tag.
+        #[arg(long, value_name = "PATH")]
+        program: Option<PathBuf>,
         /// Group allowed to use the API socket (mode 0660 instead of 0600,
         /// owned by this group), so its members run the CLI without root.
         #[arg(long, value_name = "GROUP")]
@@ -201,6 +211,7 @@ pub async fn run(cli: Cli) -> ExitCode {
             config,
             state_dir,
             on_stop,
+            program,
             socket_group,
         } => {
             let opts = daemon::DaemonOptions {
@@ -208,6 +219,7 @@ pub async fn run(cli: Cli) -> ExitCode {
                 socket: cli.socket,
                 state_dir,
                 on_stop,
+                program,
                 socket_group,
             };
             daemon::run(opts, daemon::shutdown_signal())

@@ -47,6 +47,13 @@ pub fn render(r: &StatusReport) -> String {
             attached.join(", ")
         }
     );
+    if let Some(p) = &r.dataplane.program {
+        let _ = writeln!(
+            out,
+            "kernel program: id {}, tag {} ({})",
+            p.id, p.tag, p.source
+        );
+    }
     out.push('\n');
     out.push_str(&render_services(&r.services));
     for s in &r.services {
