@@ -5,6 +5,7 @@
 //!
 //! | metric | type | labels |
 //! |---|---|---|
+//! | `splitter_program_info` | gauge (always 1) | `id`, `tag`, `source` of the running kernel program |
 //! | `splitter_service_info` | gauge (always 1) | `service`, `vip`, `protocol`, `affinity` |
 //! | `splitter_version_weight` | gauge | `service`, `version` |
 //! | `splitter_version_share_ratio` | gauge, 0..1 | `service`, `version` |
@@ -113,6 +114,23 @@ impl<'a> Family<'a> {
 /// order, data-plane counters by name.
 pub fn render(report: &StatusReport) -> String {
     let mut out = String::new();
+
+    let mut f = Family::new(
+        &mut out,
+        "splitter_program_info",
+        "gauge",
+        "The running kernel program (always 1): its id, its tag (a hash of its instructions: another build, another tag) and where it was loaded from.",
+    );
+    if let Some(p) = &report.dataplane.program {
+        f.sample(
+            &[
+                ("id", &p.id.to_string()),
+                ("tag", &p.tag),
+                ("source", &p.source),
+            ],
+            1,
+        );
+    }
 
     let mut f = Family::new(
         &mut out,
@@ -476,7 +494,9 @@ mod tests {
         }
     }
 
-    const EXPECTED: &str = r#"# HELP splitter_service_info A configured service (always 1), with its VIP, protocol and affinity.
+    const EXPECTED: &str = r#"# HELP splitter_program_info The running kernel program (always 1): its id, its tag (a hash of its instructions: another build, another tag) and where it was loaded from.
+# TYPE splitter_program_info gauge
+# HELP splitter_service_info A configured service (always 1), with its VIP, protocol and affinity.
 # TYPE splitter_service_info gauge
 splitter_service_info{service="web",vip="10.0.0.10:80",protocol="tcp",affinity="flow"} 1
 # HELP splitter_version_weight Configured weight of a version (relative to the other versions of its service).
