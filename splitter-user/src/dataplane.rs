@@ -8,6 +8,11 @@
 //! depends on is touched (flows carry their backend's address in the
 //! connection table).
 //!
+//! The address filter (`ADDR_FILTER`) only ever gains bits while the maps
+//! live: every VIP, SNAT address and DNAT-mode backend ever published stays
+//! in it, so established flows of a withdrawn service or of an earlier
+//! mode still reach the connection table. Extra bits only cost a lookup.
+//!
 //! ```no_run
 //! # fn main() -> Result<(), splitter::dataplane::DataplaneError> {
 //! use splitter::{config::Config, dataplane::Dataplane};
@@ -34,9 +39,10 @@ use aya::{
     },
 };
 use splitter_common::{
-    BACKEND_F_PRESENT, Backend, BackendStats, Conn, FAMILY_V4, FlowKey, MAX_BACKENDS, MAX_TABLES,
-    MAX_VERSIONS, MaglevTable, PROTO_TCP, PROTO_UDP, SVC_F_CLIENT_IP, SVC_F_SNAT, Service,
-    ServiceKey, VipKey, counter, map,
+    ADDR_FILTER_DST, ADDR_FILTER_SRC, ADDR_FILTER_WORDS, BACKEND_F_PRESENT, Backend,
+    BackendStats, Conn, FAMILY_V4, FlowKey, MAX_BACKENDS, MAX_TABLES, MAX_VERSIONS, MaglevTable,
+    PROTO_TCP, PROTO_UDP, SVC_F_CLIENT_IP, SVC_F_SNAT, Service, ServiceKey, VipKey,
+    addr_filter_bit, counter, map,
 };
 use tracing::{info, warn};
 
@@ -177,6 +183,9 @@ pub struct Dataplane {
     backend_stats: PerCpuArray<MapData, BackendStats>,
     counters: PerCpuArray<MapData, u64>,
     conns: HashMap<MapData, FlowKey, Conn>,
+    addr_filter: Array<MapData, u64>,
+    /// What `addr_filter` holds, so that a publish writes only new bits.
+    filter_words: Vec<u64>,
     live: BTreeMap<String, LiveService>,
     /// Backend ids by (service, version, address).
     backend_ids: BTreeMap<(String, String, SocketAddrV4), u32>,
@@ -201,7 +210,7 @@ impl Dataplane {
     /// root, no BPF, verifier), [`DataplaneError::NoProgram`] for a build
     /// without the kernel program.
     pub fn load() -> Result<Self> {
-        Self::load_with(EbpfLoader::new(), None, false)
+        Self::load_with(EbpfLoader::new(), None, false, false)
     }
 
     /// Loads the kernel program with its maps pinned in `pin_dir` (a bpffs
@@ -215,11 +224,14 @@ impl Dataplane {
     pub fn load_pinned(pin_dir: &Path) -> Result<Self> {
         pins::ensure_bpffs(pin_dir)?;
         let reused = pins::check_layout(pin_dir)?;
+        // A connection table kept from a build without the address filter
+        // holds flows the new filter knows nothing of: open it fully.
+        let open_filter = reused && !pin_dir.join(map::ADDR_FILTER).exists();
         let mut loader = EbpfLoader::new();
         for (name, ..) in pins::expected_maps() {
             loader.map_pin_path(name, pin_dir.join(name));
         }
-        Self::load_with(loader, Some(pin_dir.to_path_buf()), reused)
+        Self::load_with(loader, Some(pin_dir.to_path_buf()), reused, open_filter)
     }
 
     /// Whether the maps were taken over from an earlier instance.
@@ -231,6 +243,7 @@ impl Dataplane {
         mut loader: EbpfLoader<'_>,
         pin_dir: Option<PathBuf>,
         reused: bool,
+        open_filter: bool,
     ) -> Result<Self> {
         if PROGRAM.is_empty() {
             return Err(DataplaneError::NoProgram);
@@ -254,6 +267,19 @@ impl Dataplane {
         let backend_stats = take(&mut ebpf, map::BACKEND_STATS, PerCpuArray::try_from)?;
         let counters = take(&mut ebpf, map::COUNTERS, PerCpuArray::try_from)?;
         let conns = take(&mut ebpf, map::CONNS, HashMap::try_from)?;
+        let mut addr_filter = take(&mut ebpf, map::ADDR_FILTER, Array::try_from)?;
+        if open_filter {
+            warn!("connection table kept from a build without the address filter: filter opened");
+            for i in 0..2 * ADDR_FILTER_WORDS {
+                addr_filter
+                    .set(i, u64::MAX, 0)
+                    .map_err(map_err(map::ADDR_FILTER))?;
+            }
+        }
+        let filter_words = (0..2 * ADDR_FILTER_WORDS)
+            .map(|i| addr_filter.get(&i, 0))
+            .collect::<std::result::Result<Vec<u64>, _>>()
+            .map_err(map_err(map::ADDR_FILTER))?;
         Ok(Self {
             ebpf,
             services,
@@ -263,6 +289,8 @@ impl Dataplane {
             backend_stats,
             counters,
             conns,
+            addr_filter,
+            filter_words,
             live: BTreeMap::new(),
             backend_ids: BTreeMap::new(),
             service_ids: Ids::new(splitter_common::MAX_SERVICES),
@@ -643,6 +671,10 @@ impl Dataplane {
             };
             let mut members = Vec::with_capacity(ver.backends.len());
             for b in &ver.backends {
+                if snat.is_none() {
+                    // DNAT: replies come from the backend's own address.
+                    self.filter_add(ADDR_FILTER_SRC, *b.address.ip())?;
+                }
                 let bkey = (svc.name.clone(), ver.name.clone(), b.address);
                 let bid = match self.backend_ids.get(&bkey) {
                     Some(id) => *id,
@@ -714,6 +746,12 @@ impl Dataplane {
             entry.versions[i] = live_ver.id;
             versions.insert(ver.name.clone(), live_ver);
         }
+        // Before the service goes live, so its first packets are not
+        // filtered out: the VIP, and in SNAT mode the address replies come to.
+        self.filter_add(ADDR_FILTER_DST, *svc.vip.ip())?;
+        if let Some(a) = snat {
+            self.filter_add(ADDR_FILTER_DST, a)?;
+        }
         // Publish: one atomic replacement of the service entry.
         self.services
             .insert(key, entry, 0)
@@ -772,6 +810,32 @@ impl Dataplane {
         }
         self.service_ids.give(live.id);
         Ok(())
+    }
+
+    /// Sets the bit of `addr` in one half of the address filter (never
+    /// cleared; see the module documentation).
+    fn filter_add(&mut self, half: u32, addr: Ipv4Addr) -> Result<()> {
+        let bit = addr_filter_bit(&[u32::from(addr).to_be(), 0, 0, 0]);
+        let idx = half + bit / 64;
+        let word = self.filter_words[idx as usize];
+        let mask = 1u64 << (bit % 64);
+        if word & mask == 0 {
+            self.addr_filter
+                .set(idx, word | mask, 0)
+                .map_err(map_err(map::ADDR_FILTER))?;
+            self.filter_words[idx as usize] = word | mask;
+        }
+        Ok(())
+    }
+
+    /// Whether `addr` is in one half of the address filter (its bit is set).
+    pub fn filter_has(&self, half: u32, addr: Ipv4Addr) -> Result<bool> {
+        let bit = addr_filter_bit(&[u32::from(addr).to_be(), 0, 0, 0]);
+        let word = self
+            .addr_filter
+            .get(&(half + bit / 64), 0)
+            .map_err(map_err(map::ADDR_FILTER))?;
+        Ok(word & (1u64 << (bit % 64)) != 0)
     }
 
     fn clear_stats(&mut self, id: u32) -> Result<()> {

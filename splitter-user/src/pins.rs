@@ -12,7 +12,7 @@ use std::{
 };
 
 use splitter_common::{
-    Backend, BackendStats, CONN_CAPACITY, Conn, FlowKey, MAX_BACKENDS, MAX_SERVICES, MAX_TABLES,
+    ADDR_FILTER_WORDS, Backend, BackendStats, CONN_CAPACITY, Conn, FlowKey, MAX_BACKENDS, MAX_SERVICES, MAX_TABLES,
     MaglevTable, Service, ServiceKey, VipKey, counter, map,
 };
 
@@ -55,7 +55,7 @@ pub enum PinError {
 }
 
 /// Every map with the key size, value size and capacity this build uses.
-pub fn expected_maps() -> [(&'static str, u32, u32, u32); 7] {
+pub fn expected_maps() -> [(&'static str, u32, u32, u32); 8] {
     let s = |n: usize| n as u32;
     [
         (
@@ -80,6 +80,7 @@ pub fn expected_maps() -> [(&'static str, u32, u32, u32); 7] {
             MAX_BACKENDS,
         ),
         (map::COUNTERS, 4, 8, counter::SLOTS),
+        (map::ADDR_FILTER, 4, 8, 2 * ADDR_FILTER_WORDS),
     ]
 }
 
