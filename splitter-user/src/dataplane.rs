@@ -39,10 +39,10 @@ use aya::{
     },
 };
 use splitter_common::{
-    ADDR_FILTER_DST, ADDR_FILTER_SRC, ADDR_FILTER_WORDS, BACKEND_F_PRESENT, Backend,
-    BackendStats, Conn, FAMILY_V4, FlowKey, MAX_BACKENDS, MAX_TABLES, MAX_VERSIONS, MaglevTable,
-    PROTO_TCP, PROTO_UDP, SVC_F_CLIENT_IP, SVC_F_SNAT, Service, ServiceKey, VipKey,
-    addr_filter_bit, counter, map,
+    ADDR_FILTER_DST, ADDR_FILTER_SRC, ADDR_FILTER_WORDS, BACKEND_F_PRESENT, Backend, BackendStats,
+    Conn, FAMILY_V4, FlowKey, MAX_BACKENDS, MAX_TABLES, MAX_VERSIONS, MaglevTable, PROTO_TCP,
+    PROTO_UDP, SVC_F_CLIENT_IP, SVC_F_SNAT, Service, ServiceKey, VipKey, addr_filter_bit, counter,
+    map,
 };
 use tracing::{info, warn};
 

@@ -12,8 +12,8 @@ use std::{
 };
 
 use splitter_common::{
-    ADDR_FILTER_WORDS, Backend, BackendStats, CONN_CAPACITY, Conn, FlowKey, MAX_BACKENDS, MAX_SERVICES, MAX_TABLES,
-    MaglevTable, Service, ServiceKey, VipKey, counter, map,
+    ADDR_FILTER_WORDS, Backend, BackendStats, CONN_CAPACITY, Conn, FlowKey, MAX_BACKENDS,
+    MAX_SERVICES, MAX_TABLES, MaglevTable, Service, ServiceKey, VipKey, counter, map,
 };
 
 /// `statfs` magic of bpffs.
