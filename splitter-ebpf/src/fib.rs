@@ -198,9 +198,11 @@ fn store(c: &mut Conn, hop: &Hop, ingress: u32, tos: u8, len: u16, now: u64) {
         }
         return;
     }
-    // Another CPU may read the entry meanwhile: the time is cleared first
-    // and written last, so a reader sees either no answer or a whole one
-    // (or, racing with the writer, the same route's fields).
+    // Another CPU may read the entry meanwhile (a flow's packets normally
+    // stay on one CPU): the time is cleared first and written last, so a
+    // reader that checks it after the clear asks the FIB itself. One that
+    // checked it just before may mix the old and new answer's fields, which
+    // differ only when the route changed at that very moment.
     unsafe { write_volatile(&mut c.fib_at, 0) };
     compiler_fence(Ordering::Release);
     let w = c.fib_dmac.as_mut_ptr() as *mut u16;
