@@ -465,7 +465,9 @@ mod tests {
         assert_eq!(size_of::<Backend>(), 24);
         assert_eq!(size_of::<FlowKey>(), 40);
         assert_eq!(size_of::<Conn>(), 96);
-        // The program copies the cached MACs as six 16-bit words.
+        // The program zeroes the route cache as the last four 64-bit words
+        // and copies the cached MACs as six 16-bit words.
+        assert_eq!(core::mem::offset_of!(Conn, fib_at), 64);
         assert_eq!(core::mem::offset_of!(Conn, fib_dmac), 80);
         assert_eq!(core::mem::offset_of!(Conn, fib_smac), 86);
         assert_eq!(size_of::<BackendStats>(), 40);
