@@ -1023,3 +1023,37 @@ fn flows_of_a_withdrawn_service_go_on_past_the_address_filter() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+#[ignore = "needs root: run with -- --include-ignored --test-threads=1"]
+fn a_kept_connection_table_without_a_filter_opens_the_filter() -> Result<()> {
+    use splitter::pins;
+    use splitter_common::{ADDR_FILTER_DST, ADDR_FILTER_SRC, map};
+    let dir = std::path::PathBuf::from(format!("/sys/fs/bpf/{}-filter", run_prefix()));
+    let check = || -> Result<()> {
+        {
+            let mut dp = Dataplane::load_pinned(&dir)?;
+            dp.apply(&config("snat", 100, 0)?)?;
+            ensure!(
+                !dp.filter_has(ADDR_FILTER_DST, *OTHER.ip())?,
+                "a non-VIP address is in the filter"
+            );
+        }
+        // As if the table had been kept by a build without the filter.
+        std::fs::remove_file(dir.join(map::ADDR_FILTER))?;
+        let dp = Dataplane::load_pinned(&dir)?;
+        ensure!(
+            dp.reused(),
+            "the pinned connection table was not taken over"
+        );
+        ensure!(
+            dp.filter_has(ADDR_FILTER_DST, *OTHER.ip())?
+                && dp.filter_has(ADDR_FILTER_SRC, *CLIENT.ip())?,
+            "the filter was not opened for the kept table's flows"
+        );
+        Ok(())
+    };
+    let r = check();
+    pins::remove_all(&dir)?;
+    r
+}
