@@ -53,6 +53,21 @@ pub const TCP_IDLE_TIMEOUT_NS: u64 = 3600 * 1_000_000_000;
 pub const UDP_IDLE_TIMEOUT_NS: u64 = 60_000_000_000;
 /// `last_seen` is refreshed at most this often, to spare a shared cache line.
 pub const LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
+/// How long a flow entry's cached route (egress interface and MACs, see
+/// [`Conn::fib_at`]) is used before the FIB is asked again: a route or
+/// neighbour change reaches established flows within this time.
+pub const FIB_CACHE_NS: u64 = 1_000_000_000;
+
+/// 64-bit words of each half of the address filter (`ADDR_FILTER`).
+pub const ADDR_FILTER_WORDS: u32 = 1024;
+/// Bits of each half of the address filter.
+pub const ADDR_FILTER_BITS: u32 = ADDR_FILTER_WORDS * 64;
+/// First word of the half that holds destination addresses of interest
+/// (VIPs, SNAT addresses).
+pub const ADDR_FILTER_DST: u32 = 0;
+/// First word of the half that holds source addresses of interest
+/// (backends of DNAT-mode services, whose replies come from them).
+pub const ADDR_FILTER_SRC: u32 = ADDR_FILTER_WORDS;
 
 /// Address families, as in `AF_INET` / `AF_INET6`.
 pub const FAMILY_V4: u8 = 2;
@@ -84,6 +99,9 @@ pub mod map {
     /// `PerCpuArray<u64>`: drops by reason per service, index
     /// `service id * service_drop::SLOTS + service_drop::*`.
     pub const SERVICE_DROPS: &str = "SERVICE_DROPS";
+    /// `Array<u64>`, `2 * ADDR_FILTER_WORDS` words: a bit set of addresses
+    /// that a flow or a service may involve ([`super::addr_filter_bit`]).
+    pub const ADDR_FILTER: &str = "ADDR_FILTER";
 }
 
 /// Service flag: pick the version and backend from the client address only.
@@ -255,8 +273,30 @@ pub struct Conn {
     pub service: u32,
     /// Explicit padding.
     pub _pad: u32,
-    /// `bpf_ktime_get_ns()` of the last packet, at `LAST_SEEN_GRANULARITY_NS`.
+    /// `CLOCK_MONOTONIC` ns (the kernel's coarse reading,
+    /// `bpf_ktime_get_coarse_ns()`) of the last packet, at
+    /// `LAST_SEEN_GRANULARITY_NS`.
     pub last_seen: u64,
+    /// Route cache of this direction, written by the kernel program only:
+    /// coarse `CLOCK_MONOTONIC` ns of the FIB lookup it holds, 0 for none.
+    /// Used for `FIB_CACHE_NS`, for packets that arrive on `fib_iif` with
+    /// TOS `fib_tos` and are no longer than `fib_len`.
+    pub fib_at: u64,
+    /// Egress interface the FIB gave.
+    pub fib_ifindex: u32,
+    /// Ingress interface the lookup was made for.
+    pub fib_iif: u32,
+    /// Destination (next hop) MAC the FIB gave. Directly followed by
+    /// `fib_smac`, as in an Ethernet header, 4-byte aligned.
+    pub fib_dmac: [u8; 6],
+    /// Source MAC the FIB gave.
+    pub fib_smac: [u8; 6],
+    /// Largest IP total length the route accepted (its MTU check passed).
+    pub fib_len: u16,
+    /// IP TOS the lookup was made with.
+    pub fib_tos: u8,
+    /// Explicit padding.
+    pub _pad2: u8,
 }
 
 /// Is the flow an entry describes still going at `now` (same clock as
@@ -429,6 +469,15 @@ pub const fn flow_hash(
     mix32(h ^ ((sport as u32) << 16 | dport as u32) ^ ((proto as u32) << 8))
 }
 
+/// Bit of an address in either half of the address filter. The filter may
+/// hold false positives (two addresses on one bit); it never misses an
+/// address that was added.
+#[inline(always)]
+pub const fn addr_filter_bit(addr: &[u32; 4]) -> u32 {
+    let h = mix32(addr[0] ^ mix32(addr[1] ^ mix32(addr[2] ^ mix32(addr[3] ^ 0x2545_f491))));
+    h & (ADDR_FILTER_BITS - 1)
+}
+
 /// Hash used to pick the version, derived from the flow hash so that the
 /// version choice and the backend choice inside it are independent.
 #[inline(always)]
@@ -468,7 +517,12 @@ mod tests {
         assert_eq!(size_of::<MaglevTable>(), 2 * MAGLEV_SIZE as usize + 2);
         assert_eq!(size_of::<Backend>(), 24);
         assert_eq!(size_of::<FlowKey>(), 40);
-        assert_eq!(size_of::<Conn>(), 64);
+        assert_eq!(size_of::<Conn>(), 96);
+        // The program zeroes the route cache as the last four 64-bit words
+        // and copies the cached MACs as six 16-bit words.
+        assert_eq!(core::mem::offset_of!(Conn, fib_at), 64);
+        assert_eq!(core::mem::offset_of!(Conn, fib_dmac), 80);
+        assert_eq!(core::mem::offset_of!(Conn, fib_smac), 86);
         assert_eq!(size_of::<BackendStats>(), 40);
     }
 

@@ -1,8 +1,10 @@
 //! Flow handling: established flows in both directions (connection-table
 //! hit), new flows (service hit), and the TCP state both entries share.
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
-    helpers::bpf_ktime_get_ns,
+    helpers::bpf_ktime_get_coarse_ns,
     programs::XdpContext,
 };
 use splitter_common::{
@@ -31,6 +33,11 @@ pub fn handle(ctx: &XdpContext) -> u32 {
         Ok(p) => p,
         Err(action) => return action,
     };
+    if !maps::may_be_ours(pkt.saddr, pkt.daddr) {
+        // Neither to a VIP or SNAT address nor from a DNAT backend: no
+        // flow can hold it and no service can take it.
+        return XDP_PASS;
+    }
     let key = FlowKey {
         src: [pkt.saddr, 0, 0, 0],
         dst: [pkt.daddr, 0, 0, 0],
@@ -40,7 +47,9 @@ pub fn handle(ctx: &XdpContext) -> u32 {
         family: FAMILY_V4,
         _pad: [0; 2],
     };
-    let now = unsafe { bpf_ktime_get_ns() };
+    // CLOCK_MONOTONIC at tick granularity: timeouts and `last_seen` are
+    // coarser than a tick, and the fine clock costs a clock-source read.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     if let Some(entry) = CONNS.get_ptr_mut(&key) {
         // SAFETY: a valid map value for the duration of this program run.
         let conn = unsafe { &mut *entry };
@@ -211,7 +220,7 @@ fn established(ctx: &XdpContext, pkt: &Packet, conn: &mut Conn, now: u64) -> u32
             new.sport = conn.other_port;
         }
     }
-    fib::forward(ctx, pkt.proto, &old, &new)
+    fib::forward(ctx, pkt.proto, &old, &new, Some(conn), now)
 }
 
 /// Picks the version by hash threshold, then the backend by Maglev slot.
@@ -265,20 +274,29 @@ fn new_flow(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, svc: &Service, now: u
     let snat = svc.flags & SVC_F_SNAT != 0;
     let state = if pkt.proto == PROTO_TCP { TCP_SYN } else { 0 };
     let flags = if snat { CONN_F_SNAT } else { 0 };
-    let mut rev = Conn {
-        new_addr: key.dst,
-        other_addr: key.src,
-        new_port: pkt.dport,
-        other_port: pkt.sport,
-        backend: id as u32,
-        flags: flags | CONN_F_REVERSE,
-        state,
-        service: svc.id,
-        _pad: 0,
-        last_seen: now,
+    // IPv4 only on this path: addresses are built from word 0 (the other
+    // words are zero by contract), which also keeps the compiler from
+    // turning whole-array copies into `memmove` calls.
+    let backend_addr = [backend.addr[0], 0, 0, 0];
+    let mut slot = MaybeUninit::<Conn>::uninit();
+    // SAFETY: every field is written here, the route cache by `clear_route`.
+    let rev = unsafe {
+        let c = slot.as_mut_ptr();
+        (*c).new_addr = key.dst;
+        (*c).other_addr = key.src;
+        (*c).new_port = pkt.dport;
+        (*c).other_port = pkt.sport;
+        (*c).backend = id as u32;
+        (*c).flags = flags | CONN_F_REVERSE;
+        (*c).state = state;
+        (*c).service = svc.id;
+        (*c)._pad = 0;
+        (*c).last_seen = now;
+        clear_route(c);
+        &mut *c
     };
     let mut rkey = FlowKey {
-        src: backend.addr,
+        src: backend_addr,
         dst: key.src,
         sport: backend.port,
         dport: pkt.sport,
@@ -287,8 +305,8 @@ fn new_flow(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, svc: &Service, now: u
         _pad: [0; 2],
     };
     if snat {
-        rkey.dst = svc.snat_addr;
-        let Some(port) = claim_snat_port(&mut rkey, &rev, full, now) else {
+        rkey.dst = [svc.snat_addr[0], 0, 0, 0];
+        let Some(port) = claim_snat_port(&mut rkey, &*rev, full, now) else {
             return maps::drop_for(
                 svc.id,
                 counter::DROP_SNAT_EXHAUSTED,
@@ -296,15 +314,15 @@ fn new_flow(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, svc: &Service, now: u
             );
         };
         rkey.dport = port;
-    } else if CONNS.insert(&rkey, &rev, BPF_ANY as u64).is_err() {
+    } else if CONNS.insert(&rkey, &*rev, BPF_ANY as u64).is_err() {
         return maps::drop_for(svc.id, counter::DROP_CONN_TABLE, service_drop::CONN_TABLE);
     }
-    rev.new_addr = backend.addr;
+    rev.new_addr = backend_addr;
     rev.new_port = backend.port;
     rev.other_addr = rkey.dst;
     rev.other_port = rkey.dport;
     rev.flags = flags;
-    if CONNS.insert(key, &rev, BPF_ANY as u64).is_err() {
+    if CONNS.insert(key, &*rev, BPF_ANY as u64).is_err() {
         let _ = CONNS.remove(&rkey);
         return maps::drop_for(svc.id, counter::DROP_CONN_TABLE, service_drop::CONN_TABLE);
     }
@@ -328,12 +346,31 @@ fn new_flow(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, svc: &Service, now: u
         sport: rkey.dport,
         dport: backend.port,
     };
-    fib::forward(ctx, pkt.proto, &old, &new)
+    fib::forward(ctx, pkt.proto, &old, &new, None, now)
+}
+
+/// Zeroes the route cache of a new entry, word by word (the compiler turns
+/// a run of zero stores into a `memset` call).
+#[inline(always)]
+unsafe fn clear_route(c: *mut Conn) {
+    let w = unsafe { &raw mut (*c).fib_at };
+    let mut i = 0;
+    while i < 4 {
+        // SAFETY: `fib_at` starts the last 32 bytes of the 96-byte `Conn`
+        // (checked by the layout test in splitter-common).
+        unsafe { core::ptr::write_volatile(w.add(i), 0) };
+        i += 1;
+    }
 }
 
 /// Finds a free SNAT port towards this backend and inserts the reverse
 /// entry under it. Probes `SNAT_PORT_TRIES` ports from a hash-chosen start;
 /// a port whose entry is stale is taken over. Returns the port (network order).
+///
+/// Each port is looked up before anything is inserted: an insert into the
+/// LRU table takes a free element first (evicting the oldest flow when the
+/// table is full) and only then finds the key taken, so probing by insert
+/// would evict a flow for every busy port it meets.
 #[inline(always)]
 fn claim_snat_port(rkey: &mut FlowKey, rev: &Conn, h: u32, now: u64) -> Option<u16> {
     let range = (SNAT_PORT_MAX - SNAT_PORT_MIN) as u32 + 1;
@@ -342,25 +379,32 @@ fn claim_snat_port(rkey: &mut FlowKey, rev: &Conn, h: u32, now: u64) -> Option<u
     while i < SNAT_PORT_TRIES {
         let port = (SNAT_PORT_MIN as u32 + (start + i) % range) as u16;
         rkey.dport = port.to_be();
-        if CONNS.insert(&*rkey, rev, BPF_NOEXIST as u64).is_ok() {
-            return Some(rkey.dport);
-        }
-        if let Some(e) = CONNS.get_ptr(&*rkey) {
-            // SAFETY: a valid map value; copied before the entry is replaced.
-            let old = unsafe { *e };
-            if stale(rkey.proto, old.state, old.last_seen, now)
-                && CONNS.insert(&*rkey, rev, BPF_ANY as u64).is_ok()
-            {
-                // The stale flow's forward entry still names this port: a
-                // late packet of it must not leak into the new flow.
-                let fwd = peer_key(&old, rkey.proto);
-                if let Some(f) = CONNS.get_ptr(&fwd) {
-                    let (port, addr) = unsafe { ((*f).other_port, (*f).other_addr) };
-                    if port == rkey.dport && addr == rkey.dst {
-                        let _ = CONNS.remove(&fwd);
+        match CONNS.get_ptr(&*rkey) {
+            None => {
+                // NOEXIST: another CPU may have claimed the port meanwhile.
+                if CONNS.insert(&*rkey, rev, BPF_NOEXIST as u64).is_ok() {
+                    return Some(rkey.dport);
+                }
+            }
+            Some(e) => {
+                // SAFETY: a valid map value; what is needed of it is read
+                // before the entry is replaced.
+                let (state, last_seen) = unsafe { ((*e).state, (*e).last_seen) };
+                if stale(rkey.proto, state, last_seen, now) {
+                    let fwd = unsafe { peer_key(&*e, rkey.proto) };
+                    if CONNS.insert(&*rkey, rev, BPF_ANY as u64).is_ok() {
+                        // The stale flow's forward entry still names this
+                        // port: a late packet of it must not leak into the
+                        // new flow.
+                        if let Some(f) = CONNS.get_ptr(&fwd) {
+                            let (port, addr) = unsafe { ((*f).other_port, (*f).other_addr) };
+                            if port == rkey.dport && addr == rkey.dst {
+                                let _ = CONNS.remove(&fwd);
+                            }
+                        }
+                        return Some(rkey.dport);
                     }
                 }
-                return Some(rkey.dport);
             }
         }
         i += 1;

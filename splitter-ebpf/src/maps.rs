@@ -1,12 +1,14 @@
 //! The maps the program shares with the controller (names and types from
-//! `splitter-common`), and the two counter helpers every path uses.
+//! `splitter-common`), the two counter helpers every path uses, and the
+//! address checks (`is_vip`, `may_be_ours`).
 use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use splitter_common::{
-    Backend, BackendStats, CONN_CAPACITY, Conn, FlowKey, MAX_BACKENDS, MAX_SERVICES, MAX_TABLES,
-    MaglevTable, Service, ServiceKey, VipKey, counter, service_drop,
+    ADDR_FILTER_DST, ADDR_FILTER_SRC, ADDR_FILTER_WORDS, Backend, BackendStats, CONN_CAPACITY,
+    Conn, FlowKey, MAX_BACKENDS, MAX_SERVICES, MAX_TABLES, MaglevTable, Service, ServiceKey,
+    VipKey, addr_filter_bit, counter, service_drop,
 };
 
 #[map(name = "SERVICES")]
@@ -35,6 +37,11 @@ pub static BACKEND_STATS: PerCpuArray<BackendStats> =
 const COUNTER_SLOTS: u32 = counter::SLOTS;
 #[cfg(feature = "foreign-layout")]
 const COUNTER_SLOTS: u32 = counter::SLOTS * 2;
+/// Bit set of the addresses a flow or a service may involve (see
+/// `splitter_common::map::ADDR_FILTER`), so that a packet that cannot be
+/// ours skips the connection-table lookup. Filled by the controller.
+#[map(name = "ADDR_FILTER")]
+pub static ADDR_FILTER: Array<u64> = Array::with_max_entries(2 * ADDR_FILTER_WORDS, 0);
 
 #[map(name = "COUNTERS")]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
@@ -79,4 +86,21 @@ pub fn is_vip(addr: u32) -> bool {
         family: splitter_common::FAMILY_V4 as u32,
     };
     VIPS.get_ptr(&key).is_some()
+}
+
+#[inline(always)]
+fn filter_has(base: u32, addr: u32) -> bool {
+    let bit = addr_filter_bit(&[addr, 0, 0, 0]);
+    match ADDR_FILTER.get(base + bit / 64) {
+        Some(w) => *w & (1u64 << (bit % 64)) != 0,
+        None => true,
+    }
+}
+
+/// Can this packet belong to a flow or start one? Only if it is addressed
+/// to a VIP or a SNAT address, or comes from a DNAT-mode backend (the
+/// filter may answer yes for others; it never answers no for these).
+#[inline(always)]
+pub fn may_be_ours(saddr: u32, daddr: u32) -> bool {
+    filter_has(ADDR_FILTER_DST, daddr) || filter_has(ADDR_FILTER_SRC, saddr)
 }

@@ -738,7 +738,9 @@ impl Controller {
     }
 }
 
-/// The clock `bpf_ktime_get_ns` reads.
+/// The clock `Conn::last_seen` is stamped with: the kernel program reads
+/// CLOCK_MONOTONIC at tick granularity (`bpf_ktime_get_coarse_ns`), so a
+/// stamp is at most a tick behind this reading (the idle time saturates at 0).
 fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,

@@ -8,6 +8,11 @@
 //! depends on is touched (flows carry their backend's address in the
 //! connection table).
 //!
+//! The address filter (`ADDR_FILTER`) only ever gains bits while the maps
+//! live: every VIP, SNAT address and DNAT-mode backend ever published stays
+//! in it, so established flows of a withdrawn service or of an earlier
+//! mode still reach the connection table. Extra bits only cost a lookup.
+//!
 //! ```no_run
 //! # fn main() -> Result<(), splitter::dataplane::DataplaneError> {
 //! use splitter::{config::Config, dataplane::Dataplane};
@@ -34,10 +39,10 @@ use aya::{
     },
 };
 use splitter_common::{
-    BACKEND_F_DISABLED, BACKEND_F_PRESENT, Backend, BackendStats, CONN_CAPACITY, CONN_F_REVERSE,
-    Conn, FAMILY_V4, FlowKey, MAX_BACKENDS, MAX_TABLES, MAX_VERSIONS, MaglevTable, PROTO_TCP,
-    PROTO_UDP, SVC_F_CLIENT_IP, SVC_F_SNAT, Service, ServiceKey, VipKey, counter, map,
-    service_drop,
+    ADDR_FILTER_DST, ADDR_FILTER_SRC, ADDR_FILTER_WORDS, BACKEND_F_DISABLED, BACKEND_F_PRESENT,
+    Backend, BackendStats, CONN_CAPACITY, CONN_F_REVERSE, Conn, FAMILY_V4, FlowKey, MAX_BACKENDS,
+    MAX_TABLES, MAX_VERSIONS, MaglevTable, PROTO_TCP, PROTO_UDP, SVC_F_CLIENT_IP, SVC_F_SNAT,
+    Service, ServiceKey, VipKey, addr_filter_bit, counter, map, service_drop,
 };
 use tracing::{info, warn};
 
@@ -243,6 +248,9 @@ pub struct Dataplane {
     counters: PerCpuArray<MapData, u64>,
     conns: HashMap<MapData, FlowKey, Conn>,
     service_drops: PerCpuArray<MapData, u64>,
+    addr_filter: Array<MapData, u64>,
+    /// What `addr_filter` holds, so that a publish writes only new bits.
+    filter_words: Vec<u64>,
     live: BTreeMap<String, LiveService>,
     /// Backend ids by (service, version, address).
     backend_ids: BTreeMap<(String, String, SocketAddrV4), u32>,
@@ -274,7 +282,7 @@ impl Dataplane {
     pub fn load() -> Result<Self> {
         let source = ProgramSource::Embedded;
         let bytes = program_bytes(&source)?;
-        Self::load_with(EbpfLoader::new(), &bytes, &source, None, false)
+        Self::load_with(EbpfLoader::new(), &bytes, &source, None, false, false)
     }
 
     /// Loads the kernel program with its maps pinned in `pin_dir` (a bpffs
@@ -302,11 +310,21 @@ impl Dataplane {
         let bytes = program_bytes(source)?;
         pins::ensure_bpffs(pin_dir)?;
         let reused = pins::check_layout(pin_dir)?;
+        // A connection table kept from a build without the address filter
+        // holds flows the new filter knows nothing of: open it fully.
+        let open_filter = reused && !pin_dir.join(map::ADDR_FILTER).exists();
         let mut loader = EbpfLoader::new();
         for (name, ..) in pins::expected_maps() {
             loader.map_pin_path(name, pin_dir.join(name));
         }
-        Self::load_with(loader, &bytes, source, Some(pin_dir.to_path_buf()), reused)
+        Self::load_with(
+            loader,
+            &bytes,
+            source,
+            Some(pin_dir.to_path_buf()),
+            reused,
+            open_filter,
+        )
     }
 
     /// Id, tag and origin of the loaded kernel program.
@@ -325,6 +343,7 @@ impl Dataplane {
         source: &ProgramSource,
         pin_dir: Option<PathBuf>,
         reused: bool,
+        open_filter: bool,
     ) -> Result<Self> {
         raise_memlock_limit();
         let mut ebpf = loader
@@ -357,6 +376,19 @@ impl Dataplane {
         let counters = take(&mut ebpf, map::COUNTERS, PerCpuArray::try_from)?;
         let conns = take(&mut ebpf, map::CONNS, HashMap::try_from)?;
         let service_drops = take(&mut ebpf, map::SERVICE_DROPS, PerCpuArray::try_from)?;
+        let mut addr_filter = take(&mut ebpf, map::ADDR_FILTER, Array::try_from)?;
+        if open_filter {
+            warn!("connection table kept from a build without the address filter: filter opened");
+            for i in 0..2 * ADDR_FILTER_WORDS {
+                addr_filter
+                    .set(i, u64::MAX, 0)
+                    .map_err(map_err(map::ADDR_FILTER))?;
+            }
+        }
+        let filter_words = (0..2 * ADDR_FILTER_WORDS)
+            .map(|i| addr_filter.get(&i, 0))
+            .collect::<std::result::Result<Vec<u64>, _>>()
+            .map_err(map_err(map::ADDR_FILTER))?;
         Ok(Self {
             ebpf,
             services,
@@ -367,6 +399,8 @@ impl Dataplane {
             counters,
             conns,
             service_drops,
+            addr_filter,
+            filter_words,
             live: BTreeMap::new(),
             backend_ids: BTreeMap::new(),
             backend_written: BTreeMap::new(),
@@ -800,6 +834,10 @@ impl Dataplane {
             };
             let mut members = Vec::with_capacity(ver.backends.len());
             for b in &ver.backends {
+                if snat.is_none() {
+                    // DNAT: replies come from the backend's own address.
+                    self.filter_add(ADDR_FILTER_SRC, *b.address.ip())?;
+                }
                 let bkey = (svc.name.clone(), ver.name.clone(), b.address);
                 let entry = backend_entry(b.address, vid, b.state);
                 let bid = match self.backend_ids.get(&bkey) {
@@ -880,6 +918,12 @@ impl Dataplane {
             entry.versions[i] = live_ver.id;
             versions.insert(ver.name.clone(), live_ver);
         }
+        // Before the service goes live, so its first packets are not
+        // filtered out: the VIP, and in SNAT mode the address replies come to.
+        self.filter_add(ADDR_FILTER_DST, *svc.vip.ip())?;
+        if let Some(a) = snat {
+            self.filter_add(ADDR_FILTER_DST, a)?;
+        }
         // Publish: one atomic replacement of the service entry.
         self.services
             .insert(key, entry, 0)
@@ -955,6 +999,22 @@ impl Dataplane {
         Ok(())
     }
 
+    /// Sets the bit of `addr` in one half of the address filter (never
+    /// cleared; see the module documentation).
+    fn filter_add(&mut self, half: u32, addr: Ipv4Addr) -> Result<()> {
+        let bit = addr_filter_bit(&[u32::from(addr).to_be(), 0, 0, 0]);
+        let idx = half + bit / 64;
+        let word = self.filter_words[idx as usize];
+        let mask = 1u64 << (bit % 64);
+        if word & mask == 0 {
+            self.addr_filter
+                .set(idx, word | mask, 0)
+                .map_err(map_err(map::ADDR_FILTER))?;
+            self.filter_words[idx as usize] = word | mask;
+        }
+        Ok(())
+    }
+
     /// Drops of one service by reason ([`service_drop::NAMES`]), summed
     /// over CPUs; empty for a service that is not published.
     ///
@@ -973,6 +1033,16 @@ impl Dataplane {
             out.insert(*name, v.iter().sum());
         }
         Ok(out)
+    }
+
+    /// Whether `addr` is in one half of the address filter (its bit is set).
+    pub fn filter_has(&self, half: u32, addr: Ipv4Addr) -> Result<bool> {
+        let bit = addr_filter_bit(&[u32::from(addr).to_be(), 0, 0, 0]);
+        let word = self
+            .addr_filter
+            .get(&(half + bit / 64), 0)
+            .map_err(map_err(map::ADDR_FILTER))?;
+        Ok(word & (1u64 << (bit % 64)) != 0)
     }
 
     fn clear_stats(&mut self, id: u32) -> Result<()> {

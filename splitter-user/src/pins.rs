@@ -12,8 +12,8 @@ use std::{
 };
 
 use splitter_common::{
-    Backend, BackendStats, CONN_CAPACITY, Conn, FlowKey, MAX_BACKENDS, MAX_SERVICES, MAX_TABLES,
-    MaglevTable, Service, ServiceKey, VipKey, counter, map,
+    ADDR_FILTER_WORDS, Backend, BackendStats, CONN_CAPACITY, Conn, FlowKey, MAX_BACKENDS,
+    MAX_SERVICES, MAX_TABLES, MaglevTable, Service, ServiceKey, VipKey, counter, map,
 };
 
 /// `statfs` magic of bpffs.
@@ -72,7 +72,7 @@ pub enum PinError {
 }
 
 /// Every map with the key size, value size and capacity this build uses.
-pub fn expected_maps() -> [(&'static str, u32, u32, u32); 8] {
+pub fn expected_maps() -> [(&'static str, u32, u32, u32); 9] {
     let s = |n: usize| n as u32;
     [
         (
@@ -103,6 +103,7 @@ pub fn expected_maps() -> [(&'static str, u32, u32, u32); 8] {
             8,
             MAX_SERVICES * splitter_common::service_drop::SLOTS,
         ),
+        (map::ADDR_FILTER, 4, 8, 2 * ADDR_FILTER_WORDS),
     ]
 }
 
@@ -150,7 +151,7 @@ pub fn check_object(bytes: &[u8], program: &str) -> Result<(), PinError> {
 /// The kernel map type (`bpf_map_type`) of each map: 1 hash, 2 array,
 /// 6 per-CPU array, 9 LRU hash.
 pub fn expected_map_type(name: &str) -> Option<u32> {
-    const TYPES: [(&str, u32); 8] = [
+    const TYPES: [(&str, u32); 9] = [
         (map::SERVICES, 1),
         (map::VIPS, 1),
         (map::TABLES, 2),
@@ -159,6 +160,7 @@ pub fn expected_map_type(name: &str) -> Option<u32> {
         (map::BACKEND_STATS, 6),
         (map::COUNTERS, 6),
         (map::SERVICE_DROPS, 6),
+        (map::ADDR_FILTER, 2),
     ];
     TYPES.iter().find(|(n, _)| *n == name).map(|(_, t)| *t)
 }

@@ -708,10 +708,11 @@ fn ifindex(name: &str) -> Result<u32> {
     Ok(i)
 }
 
-#[test]
-#[ignore = "needs root: run with -- --include-ignored --test-threads=1"]
-fn forwarding_uses_the_fib_redirect_tx_ttl_and_macs() -> Result<()> {
-    let ns = Netns::new(format!("{}-fwd", run_prefix()))?;
+/// A namespace with the veth pair `sp-in` (10.0.1.1/24, clients) and
+/// `sp-out` (10.0.2.1/24, backends), permanent neighbours for the client
+/// and the blue backend, a blackhole route to 10.0.9.0/24, forwarding on.
+fn forwarding_ns(tag: &str) -> Result<Netns> {
+    let ns = Netns::new(format!("{}-{tag}", run_prefix()))?;
     let (in_mac, out_mac) = (mac_str(IN_MAC), mac_str(OUT_MAC));
     ns.ip(&[
         "link", "add", "sp-in", "address", &in_mac, "type", "veth", "peer", "name", "sp-out",
@@ -745,7 +746,13 @@ fn forwarding_uses_the_fib_redirect_tx_ttl_and_macs() -> Result<()> {
     ])?;
     ns.ip(&["route", "add", "blackhole", "10.0.9.0/24"])?;
     ns.sysctl("net.ipv4.ip_forward", "1")?;
+    Ok(ns)
+}
 
+#[test]
+#[ignore = "needs root: run with -- --include-ignored --test-threads=1"]
+fn forwarding_uses_the_fib_redirect_tx_ttl_and_macs() -> Result<()> {
+    let ns = forwarding_ns("fwd")?;
     ns.enter(|| -> Result<()> {
         let edge = Edge::new("snat", 100, 0)?;
         let (if_in, if_out) = (ifindex("sp-in")?, ifindex("sp-out")?);
@@ -858,4 +865,195 @@ fn forwarding_uses_the_fib_redirect_tx_ttl_and_macs() -> Result<()> {
         )?;
         Ok(())
     })?
+}
+
+#[test]
+#[ignore = "needs root: run with -- --include-ignored --test-threads=1"]
+fn established_flows_cache_the_route_for_a_short_while() -> Result<()> {
+    use splitter_common::FIB_CACHE_NS;
+    use std::time::{Duration, Instant};
+    const MAC2: [u8; 6] = [0x02, 0, 0, 0, 0, 0x22];
+    const MAC3: [u8; 6] = [0x02, 0, 0, 0, 0, 0x33];
+    let ns = forwarding_ns("rtc")?;
+    let set_blue_mac = |mac: [u8; 6]| -> Result<()> {
+        ns.ip(&[
+            "neigh",
+            "replace",
+            "10.0.2.2",
+            "lladdr",
+            &mac_str(mac),
+            "dev",
+            "sp-out",
+            "nud",
+            "permanent",
+        ])?;
+        Ok(())
+    };
+    let validity = Duration::from_nanos(FIB_CACHE_NS);
+    ns.enter(|| -> Result<()> {
+        let edge = Edge::new("snat", 100, 0)?;
+        let if_in = ifindex("sp-in")?;
+        let syn = Packet::tcp(CLIENT, VIP, TCP_SYN).macs(IN_MAC, CLIENT_MAC);
+        let (r, _) = edge.run_on(&syn.build(), Some(if_in))?;
+        let snat = snat_source(&r.data)?;
+        // One ACK of the flow, `len` payload bytes, expected towards `mac`.
+        let ack = |len: usize, mac: [u8; 6], what: &str| -> Result<()> {
+            let p = Packet::tcp(CLIENT, VIP, TCP_ACK)
+                .seq_ack(1001, 5001)
+                .payload(&vec![b'x'; len])
+                .macs(IN_MAC, CLIENT_MAC);
+            let want = p
+                .clone()
+                .endpoints(snat, BLUE)
+                .ttl(63)
+                .macs(mac, OUT_MAC)
+                .build();
+            let (r, deltas) = edge.run_on(&p.build(), Some(if_in))?;
+            check(
+                what,
+                &r,
+                &deltas,
+                xdp_action::REDIRECT,
+                &want,
+                &[("redirect", 1)],
+            )
+        };
+
+        // The first established packet asks the FIB and caches the answer.
+        ack(10, BLUE_MAC, "first ACK")?;
+        let cached_at = Instant::now();
+        set_blue_mac(MAC2)?;
+        // Same size or smaller, within the validity: the cached MAC. (On a
+        // machine so slow that the validity has passed, the new one.)
+        let expect = if cached_at.elapsed() < validity / 2 {
+            BLUE_MAC
+        } else {
+            MAC2
+        };
+        ack(10, expect, "ACK right after the neighbour changed")?;
+        // Longer than any packet the cached route accepted: a fresh lookup,
+        // which sees the new neighbour and replaces the cached answer.
+        ack(200, MAC2, "longer ACK")?;
+        ack(10, MAC2, "short ACK after the longer one")?;
+        // A change is picked up once the validity has passed.
+        set_blue_mac(MAC3)?;
+        std::thread::sleep(validity + Duration::from_millis(200));
+        ack(10, MAC3, "ACK after the validity")?;
+
+        // A packet longer than the egress MTU allows is not sent from the
+        // cache: the FIB answers "fragmentation needed" and the kernel gets it.
+        ns.ip(&["link", "set", "sp-out", "mtu", "1000"])?;
+        let big = Packet::tcp(CLIENT, VIP, TCP_ACK)
+            .seq_ack(1001, 5001)
+            .payload(&[b'y'; 1200])
+            .macs(IN_MAC, CLIENT_MAC);
+        let want = big.clone().endpoints(snat, BLUE).build();
+        let (r, deltas) = edge.run_on(&big.build(), Some(if_in))?;
+        check(
+            "ACK above the MTU",
+            &r,
+            &deltas,
+            xdp_action::PASS,
+            &want,
+            &[("pass_fib_other", 1)],
+        )?;
+        ack(10, MAC3, "short ACK after the big one")?;
+        Ok(())
+    })?
+}
+
+#[test]
+#[ignore = "needs root: run with -- --include-ignored --test-threads=1"]
+fn flows_of_a_withdrawn_service_go_on_past_the_address_filter() -> Result<()> {
+    use splitter_common::{ADDR_FILTER_DST, ADDR_FILTER_SRC};
+    for mode in ["snat", "dnat"] {
+        in_netns(|| {
+            let mut edge = Edge::new(mode, 100, 0)?;
+            let syn = Packet::tcp(CLIENT, VIP, TCP_SYN);
+            let (r, _) = edge.run(&syn.build())?;
+            let via = if mode == "snat" {
+                snat_source(&r.data)?
+            } else {
+                CLIENT
+            };
+            // What the filter must hold for this mode.
+            ensure!(
+                edge.dp.filter_has(ADDR_FILTER_DST, *VIP.ip())?,
+                "{mode}: VIP not in the filter"
+            );
+            if mode == "snat" {
+                ensure!(
+                    edge.dp.filter_has(ADDR_FILTER_DST, SNAT_IP)?,
+                    "SNAT address not in the filter"
+                );
+            } else {
+                ensure!(
+                    edge.dp.filter_has(ADDR_FILTER_SRC, *BLUE.ip())?,
+                    "DNAT backend not in the filter"
+                );
+            }
+
+            // The web service goes away; its flow stays in the table.
+            let mut cfg = config(mode, 100, 0)?;
+            cfg.services.retain(|s| s.name != "web");
+            edge.dp.apply(&cfg)?;
+            let synack = Packet::tcp(BLUE, via, TCP_SYN | TCP_ACK).seq_ack(5000, 1001);
+            edge.expect(
+                &format!("{mode}: SYN-ACK of the withdrawn service's flow"),
+                &synack.build(),
+                xdp_action::PASS,
+                &synack.clone().endpoints(VIP, CLIENT).build(),
+                FORWARDED,
+            )?;
+            let ack = Packet::tcp(CLIENT, VIP, TCP_ACK).seq_ack(1001, 5001);
+            edge.expect(
+                &format!("{mode}: ACK of the withdrawn service's flow"),
+                &ack.build(),
+                xdp_action::PASS,
+                &ack.clone().endpoints(via, BLUE).build(),
+                FORWARDED,
+            )?;
+            // New flows to it are no longer ours.
+            edge.expect_untouched(
+                &format!("{mode}: SYN to the withdrawn VIP"),
+                &Packet::tcp(client(40500), VIP, TCP_SYN).build(),
+            )?;
+            Ok(())
+        })?;
+    }
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs root: run with -- --include-ignored --test-threads=1"]
+fn a_kept_connection_table_without_a_filter_opens_the_filter() -> Result<()> {
+    use splitter::pins;
+    use splitter_common::{ADDR_FILTER_DST, ADDR_FILTER_SRC, map};
+    let dir = std::path::PathBuf::from(format!("/sys/fs/bpf/{}-filter", run_prefix()));
+    let check = || -> Result<()> {
+        {
+            let mut dp = Dataplane::load_pinned(&dir)?;
+            dp.apply(&config("snat", 100, 0)?)?;
+            ensure!(
+                !dp.filter_has(ADDR_FILTER_DST, *OTHER.ip())?,
+                "a non-VIP address is in the filter"
+            );
+        }
+        // As if the table had been kept by a build without the filter.
+        std::fs::remove_file(dir.join(map::ADDR_FILTER))?;
+        let dp = Dataplane::load_pinned(&dir)?;
+        ensure!(
+            dp.reused(),
+            "the pinned connection table was not taken over"
+        );
+        ensure!(
+            dp.filter_has(ADDR_FILTER_DST, *OTHER.ip())?
+                && dp.filter_has(ADDR_FILTER_SRC, *CLIENT.ip())?,
+            "the filter was not opened for the kept table's flows"
+        );
+        Ok(())
+    };
+    let r = check();
+    pins::remove_all(&dir)?;
+    r
 }
