@@ -250,6 +250,14 @@ mod measure {
         if let Some(svg) = report::per_packet_svg(r) {
             write_file(&dir.join("per-packet.svg"), &svg)?;
         }
+        let m = &r.machine;
+        let machine = format!(
+            "{} CPUs, {}, kernel {}, {}",
+            m.nproc, m.cpu_model, m.kernel, m.date
+        );
+        if let Some(svg) = r.traffic.through_edge_svg(&machine) {
+            write_file(&dir.join("through-edge.svg"), &svg)?;
+        }
         let md = docs.join("benchmarks.md");
         match std::fs::read_to_string(&md)
             .ok()

@@ -13,6 +13,14 @@
 //! wrk's requests/s is the connection rate; its latency percentiles come
 //! with it. nginx's `stub_status` counters (read from inside the backend
 //! namespace) give the share of connections that reached green.
+//!
+//! Every path in every round talks to a pair of backend addresses of its
+//! own (both nginx servers listen on all of them): the backends keep each
+//! closed connection in TIME_WAIT for a minute, and a later case whose SYN
+//! reused such a 4-tuple would be slowed by the state an earlier case left
+//! (the backend rejects it by PAWS and the client retransmits after a
+//! second). SYN retransmits (client) and PAWS rejects in TIME_WAIT
+//! (backends) are counted per path.
 use std::{
     io::{Read, Write},
     net::{SocketAddrV4, TcpStream},
@@ -23,8 +31,9 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use splitter_tests::{
+    netns::parse_snmp,
     netns::{Child, Netns, on_path},
-    splitter::{Affinity, Daemon, Mode, blue_green_config},
+    splitter::{Affinity, Daemon, Mode, ServiceSpec, VersionSpec, blue_green_config, config_toml},
     topology::{BACKEND_PORT, EDGE_BACKEND_ADDR, Topology, TopologyOptions, VIP, VIP_PORT},
 };
 
@@ -36,6 +45,17 @@ const CONNECTIONS: u32 = 32;
 const THREADS: u32 = 1;
 const BLUE: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 0, 2, 2);
 const GREEN: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 0, 2, 3);
+/// Backend address pairs of the cases start at 10.0.2.FIRST_PAIR.
+const FIRST_PAIR: u8 = 10;
+
+/// The blue and green addresses of case `k` (round * 4 + path).
+fn pair(k: usize) -> (std::net::Ipv4Addr, std::net::Ipv4Addr) {
+    let b = FIRST_PAIR + 2 * k as u8;
+    (
+        std::net::Ipv4Addr::new(10, 0, 2, b),
+        std::net::Ipv4Addr::new(10, 0, 2, b + 1),
+    )
+}
 const NFT_TABLE: &str = "splitter_connbench";
 /// API weight flips timed.
 pub const API_FLIPS: usize = 100;
@@ -103,8 +123,12 @@ struct Nginx {
     addr: SocketAddrV4,
 }
 
-fn nginx_conf(dir: &Path, name: &str, addr: SocketAddrV4) -> String {
+fn nginx_conf(dir: &Path, name: &str, addr: SocketAddrV4, more: &[std::net::Ipv4Addr]) -> String {
     let d = dir.display();
+    let more: String = more
+        .iter()
+        .map(|a| format!("    listen {a}:{} backlog=4096;\n", addr.port()))
+        .collect();
     format!(
         "worker_processes 1;
 daemon off;
@@ -120,7 +144,7 @@ http {{
   scgi_temp_path {d}/{name}-scgi;
   server {{
     listen {addr} backlog=4096;
-    location = /nginx_status {{ stub_status; }}
+{more}    location = /nginx_status {{ stub_status; }}
     location / {{ return 200 \"{name}\\n\"; }}
   }}
 }}
@@ -129,9 +153,16 @@ http {{
 }
 
 impl Nginx {
-    fn start(back: &Netns, dir: &Path, name: &str, addr: SocketAddrV4) -> Result<Self> {
+    /// Listens on `addr` and on `more` addresses (same port); `stub_status` on `addr`.
+    fn start(
+        back: &Netns,
+        dir: &Path,
+        name: &str,
+        addr: SocketAddrV4,
+        more: &[std::net::Ipv4Addr],
+    ) -> Result<Self> {
         let conf = dir.join(format!("{name}.conf"));
-        std::fs::write(&conf, nginx_conf(dir, name, addr))?;
+        std::fs::write(&conf, nginx_conf(dir, name, addr, more))?;
         let child = back.spawn(&tool("nginx"), &["-c", &conf.to_string_lossy()])?;
         let n = Self {
             _child: child,
@@ -271,7 +302,7 @@ fn wait_listening(cli: &Netns, addr: SocketAddrV4, what: &str) -> Result<()> {
 /// The edge as set up for one path; undone on drop.
 enum Setup<'a> {
     None,
-    Splitter(Daemon),
+    Splitter(Box<Daemon>),
     Haproxy(&'a Netns, Child),
     Nft(&'a Netns),
 }
@@ -296,7 +327,7 @@ impl Drop for Setup<'_> {
     }
 }
 
-fn haproxy_conf(dir: &Path) -> String {
+fn haproxy_conf(dir: &Path, (blue, green): (std::net::Ipv4Addr, std::net::Ipv4Addr)) -> String {
     format!(
         "global
   maxconn 4096
@@ -311,36 +342,55 @@ frontend web
   default_backend web
 backend web
   balance roundrobin
-  server blue {BLUE}:{BACKEND_PORT} weight 90
-  server green {GREEN}:{BACKEND_PORT} weight 10
+  server blue {blue}:{BACKEND_PORT} weight 90
+  server green {green}:{BACKEND_PORT} weight 10
 ",
         dir.display()
     )
 }
 
-fn nft_ruleset() -> String {
+fn nft_ruleset((blue, green): (std::net::Ipv4Addr, std::net::Ipv4Addr)) -> String {
     format!(
         "table ip {NFT_TABLE} {{
   chain pre {{
     type nat hook prerouting priority dstnat; policy accept;
-    ip daddr {VIP} tcp dport {VIP_PORT} dnat to numgen random mod 100 map {{ 0-89 : {BLUE}, 90-99 : {GREEN} }} : {BACKEND_PORT}
+    ip daddr {VIP} tcp dport {VIP_PORT} dnat to numgen random mod 100 map {{ 0-89 : {blue}, 90-99 : {green} }} : {BACKEND_PORT}
   }}
 }}
 "
     )
 }
 
-fn setup<'a>(p: Path4, topo: &'a Topology, dir: &Path) -> Result<Setup<'a>> {
+fn setup<'a>(
+    p: Path4,
+    topo: &'a Topology,
+    dir: &Path,
+    addrs: (std::net::Ipv4Addr, std::net::Ipv4Addr),
+) -> Result<Setup<'a>> {
     let vip = SocketAddrV4::new(VIP, VIP_PORT);
     Ok(match p {
         Path4::Direct => Setup::None,
-        Path4::Splitter => Setup::Splitter(Daemon::start(
-            &topo.edge,
-            &blue_green_config(Mode::Snat, Affinity::Flow, 90, 10),
-        )?),
+        Path4::Splitter => {
+            let version = |name: &str, weight, a| VersionSpec {
+                name: name.into(),
+                weight,
+                backends: vec![SocketAddrV4::new(a, BACKEND_PORT)],
+            };
+            let cfg = config_toml(
+                Mode::Snat,
+                &[ServiceSpec {
+                    name: "web".into(),
+                    vip,
+                    protocol: "tcp",
+                    affinity: Affinity::Flow,
+                    versions: vec![version("blue", 90, addrs.0), version("green", 10, addrs.1)],
+                }],
+            );
+            Setup::Splitter(Box::new(Daemon::start(&topo.edge, &cfg)?))
+        }
         Path4::Haproxy => {
             let conf = dir.join("haproxy.cfg");
-            std::fs::write(&conf, haproxy_conf(dir))?;
+            std::fs::write(&conf, haproxy_conf(dir, addrs))?;
             topo.edge
                 .ip(&["addr", "add", &format!("{VIP}/32"), "dev", "lo"])?;
             let child = match topo
@@ -361,7 +411,7 @@ fn setup<'a>(p: Path4, topo: &'a Topology, dir: &Path) -> Result<Setup<'a>> {
         }
         Path4::Nftables => {
             let file = dir.join("dnat.nft");
-            std::fs::write(&file, nft_ruleset())?;
+            std::fs::write(&file, nft_ruleset(addrs))?;
             topo.edge
                 .exec(&tool("nft"), &["-f", &file.to_string_lossy()])
                 .context("loading the nftables ruleset")?;
@@ -375,11 +425,27 @@ struct Servers {
     green: Nginx,
 }
 
-fn start_topology() -> Result<(Topology, tempfile_dir::Dir)> {
-    let topo = Topology::new(TopologyOptions {
+/// TCP counters of a namespace (`/proc/net/netstat`): SYN retransmits and
+/// SYNs rejected by PAWS in TIME_WAIT.
+fn tcp_counters(ns: &Netns) -> Result<(u64, u64)> {
+    let text = ns.exec("cat", &["/proc/net/netstat"])?;
+    let c = parse_snmp(&text)?;
+    let get = |k: &str| c.iter().find(|(n, _)| n == k).map_or(0, |(_, v)| *v);
+    Ok((get("TcpExt.TCPSynRetrans"), get("TcpExt.PAWSTimewait")))
+}
+
+/// The topology with `pairs` extra backend address pairs from 10.0.2.FIRST_PAIR.
+fn start_topology(pairs: usize) -> Result<(Topology, tempfile_dir::Dir)> {
+    let mut topo = Topology::new(TopologyOptions {
         backend_addrs: 2,
         ..TopologyOptions::default()
     })?;
+    if pairs > 0 {
+        let (_, last) = pair(pairs - 1);
+        while topo.backend_addrs().last().is_some_and(|a| *a < last) {
+            topo.add_backend_addr()?;
+        }
+    }
     topo.back.sysctl("net.core.somaxconn", "4096")?;
     topo.edge.sysctl("net.core.somaxconn", "4096")?;
     let dir = tempfile_dir::Dir::new("splitter-connbench")?;
@@ -424,20 +490,25 @@ mod tempfile_dir {
 /// path that fails in a round is a problem in the results instead.
 pub fn run(rounds: usize) -> Result<ConnResults> {
     check_tools()?;
-    let rounds = rounds.max(1);
-    let (topo, dir) = start_topology()?;
+    // At most 20 address pairs (10.0.2.10 ..= 10.0.2.49).
+    let rounds = rounds.clamp(1, 5);
+    let cases_n = rounds * Path4::ALL.len();
+    let (topo, dir) = start_topology(cases_n)?;
+    let (blues, greens): (Vec<_>, Vec<_>) = (0..cases_n).map(pair).unzip();
     let servers = Servers {
         blue: Nginx::start(
             &topo.back,
             dir.path(),
             "blue",
             SocketAddrV4::new(BLUE, BACKEND_PORT),
+            &blues,
         )?,
         green: Nginx::start(
             &topo.back,
             dir.path(),
             "green",
             SocketAddrV4::new(GREEN, BACKEND_PORT),
+            &greens,
         )?,
     };
     let mut cases: Vec<ConnCase> = Path4::ALL
@@ -450,24 +521,31 @@ pub fn run(rounds: usize) -> Result<ConnResults> {
             p99_ms: Vec::new(),
             green_share: Vec::new(),
             errors: 0,
+            syn_retrans: 0,
+            paws_rejects: 0,
             problems: Vec::new(),
         })
         .collect();
     for round in 0..rounds {
         for k in 0..Path4::ALL.len() {
             let p = Path4::ALL[(k + round) % Path4::ALL.len()];
+            let addrs = pair(round * Path4::ALL.len() + k);
             let url = if p == Path4::Direct {
-                format!("http://{BLUE}:{BACKEND_PORT}/")
+                format!("http://{}:{BACKEND_PORT}/", addrs.0)
             } else {
                 format!("http://{VIP}:{VIP_PORT}/")
             };
-            let r = (|| -> Result<(Wrk, f64)> {
-                let _set = setup(p, &topo, dir.path())?;
+            let r = (|| -> Result<(Wrk, f64, u64, u64)> {
+                let _set = setup(p, &topo, dir.path(), addrs)?;
+                let (syn0, _) = tcp_counters(&topo.cli)?;
+                let (_, paws0) = tcp_counters(&topo.back)?;
                 let (b0, g0) = (
                     servers.blue.requests(&topo.back)?,
                     servers.green.requests(&topo.back)?,
                 );
                 let w = wrk(&topo.cli, &url)?;
+                let (syn1, _) = tcp_counters(&topo.cli)?;
+                let (_, paws1) = tcp_counters(&topo.back)?;
                 let (b1, g1) = (
                     servers.blue.requests(&topo.back)?,
                     servers.green.requests(&topo.back)?,
@@ -482,14 +560,21 @@ pub fn run(rounds: usize) -> Result<ConnResults> {
                 if w.requests == 0 || w.rps <= 0.0 {
                     bail!("wrk completed no request ({} errors)", w.errors);
                 }
-                Ok((w, share))
+                Ok((
+                    w,
+                    share,
+                    syn1.saturating_sub(syn0),
+                    paws1.saturating_sub(paws0),
+                ))
             })();
             let c = cases
                 .iter_mut()
                 .find(|c| c.id == p.id())
                 .context("case list")?;
             match r {
-                Ok((w, share)) => {
+                Ok((w, share, syn_retrans, paws)) => {
+                    c.syn_retrans += syn_retrans;
+                    c.paws_rejects += paws;
                     c.cps.push(w.rps);
                     c.p50_ms.push(w.p50_ms);
                     c.p99_ms.push(w.p99_ms);
@@ -506,11 +591,26 @@ pub fn run(rounds: usize) -> Result<ConnResults> {
         }
     }
     drop(servers);
-    let notes = vec![format!(
+    let mut notes = vec![format!(
         "HAProxy {} with default threads; nginx {} with one worker per server; the edge's SNAT address is {EDGE_BACKEND_ADDR} for splitter and HAProxy, nftables only rewrites the destination.",
         version(&tool("haproxy"), &["-v"]),
         version(&tool("nginx"), &["-v"]),
     )];
+    if let Some(c) = cases.iter().find(|c| c.id == "splitter")
+        && c.paws_rejects > 0
+    {
+        notes.push(format!(
+            "Through splitter the backends rejected {} SYNs by PAWS in TIME_WAIT and the client retransmitted {} SYNs (each waits 1 s): splitter gives a closed flow's SNAT port to a new flow after {} s (`TCP_CLOSED_REUSE_NS`), while the backend keeps that 4-tuple in TIME_WAIT for 60 s, and the new SYN carries another client connection's timestamps. The other paths had {} such rejects.",
+            c.paws_rejects,
+            c.syn_retrans,
+            splitter_common::TCP_CLOSED_REUSE_NS / 1_000_000_000,
+            cases
+                .iter()
+                .filter(|k| k.id != "splitter")
+                .map(|k| k.paws_rejects)
+                .sum::<u64>()
+        ));
+    }
     drop(topo);
     Ok(ConnResults {
         rounds,
@@ -546,18 +646,20 @@ fn version(prog: &str, args: &[&str]) -> String {
 /// The topology, the servers or the daemon could not start.
 pub fn api_flips(flips: usize) -> Result<ApiResults> {
     check_tools()?;
-    let (topo, dir) = start_topology()?;
+    let (topo, dir) = start_topology(0)?;
     let _blue = Nginx::start(
         &topo.back,
         dir.path(),
         "blue",
         SocketAddrV4::new(BLUE, BACKEND_PORT),
+        &[],
     )?;
     let _green = Nginx::start(
         &topo.back,
         dir.path(),
         "green",
         SocketAddrV4::new(GREEN, BACKEND_PORT),
+        &[],
     )?;
     let daemon = Daemon::start(
         &topo.edge,

@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 
 use serde_json::{Value, json};
 
-use super::report::{Stat, Target, percentile};
+use super::report::{Bar, Stat, Target, bar_chart_svg, percentile};
 
 fn round2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
@@ -96,6 +96,10 @@ pub struct ConnCase {
     pub green_share: Vec<f64>,
     /// wrk's socket errors and non-2xx responses, summed over rounds.
     pub errors: u64,
+    /// SYN retransmits by the client during the runs, summed over rounds.
+    pub syn_retrans: u64,
+    /// SYNs the backends rejected by PAWS in TIME_WAIT, summed over rounds.
+    pub paws_rejects: u64,
     pub problems: Vec<String>,
 }
 
@@ -280,19 +284,28 @@ impl Traffic {
                 );
                 let _ = writeln!(
                     o,
-                    "  {:<40} {:>26} {:>9} {:>9} {:>7} {:>7}",
-                    "path", "conn/s min / median / max", "p50 ms", "p99 ms", "green", "errors"
+                    "  {:<40} {:>26} {:>9} {:>9} {:>7} {:>7} {:>8} {:>6}",
+                    "path",
+                    "conn/s min / median / max",
+                    "p50 ms",
+                    "p99 ms",
+                    "green",
+                    "errors",
+                    "SYN rtx",
+                    "PAWS"
                 );
                 for k in &c.cases {
                     let _ = writeln!(
                         o,
-                        "  {:<40} {:>26} {:>9} {:>9} {:>6.1}% {:>7}",
+                        "  {:<40} {:>26} {:>9} {:>9} {:>6.1}% {:>7} {:>8} {:>6}",
                         k.label,
                         fmt_stat(Stat::of(&k.cps), 0),
                         Stat::of(&k.p50_ms).map_or("-".into(), |s| format!("{:.2}", s.median)),
                         Stat::of(&k.p99_ms).map_or("-".into(), |s| format!("{:.2}", s.median)),
                         Stat::of(&k.green_share).map_or(0.0, |s| s.median * 100.0),
-                        k.errors
+                        k.errors,
+                        k.syn_retrans,
+                        k.paws_rejects
                     );
                 }
                 let _ = writeln!(
@@ -395,6 +408,8 @@ impl Traffic {
                             "latency_p99_ms": stat_json(Stat::of(&k.p99_ms), round3),
                             "green_share": stat_json(Stat::of(&k.green_share), round3),
                             "errors": k.errors,
+                            "client_syn_retransmits": k.syn_retrans,
+                            "backend_paws_timewait_rejects": k.paws_rejects,
                             "problems": k.problems,
                         })).collect::<Vec<_>>(),
                         "ratios": {
@@ -467,6 +482,10 @@ impl Traffic {
                         fmt_ratio(e.ratio("splitter", "forward", proto))
                     );
                 }
+                let _ = writeln!(
+                    o,
+                    "\n![through-edge throughput](benchmarks/through-edge.svg)"
+                );
                 o.push('\n');
                 problems_md(
                     &mut o,
@@ -498,19 +517,21 @@ impl Traffic {
                 );
                 let _ = writeln!(
                     o,
-                    "| path | connections/s | p50 ms | p99 ms | to green | errors |\n|---|---|---|---|---|---|"
+                    "| path | connections/s | p50 ms | p99 ms | to green | errors | client SYN retransmits | backend PAWS rejects |\n|---|---|---|---|---|---|---|---|"
                 );
                 for k in &c.cases {
                     let _ = writeln!(
                         o,
-                        "| {} | {} | {} | {} | {} | {} |",
+                        "| {} | {} | {} | {} | {} | {} | {} | {} |",
                         k.label,
                         fmt_stat(Stat::of(&k.cps), 0),
                         Stat::of(&k.p50_ms).map_or("-".into(), |s| format!("{:.2}", s.median)),
                         Stat::of(&k.p99_ms).map_or("-".into(), |s| format!("{:.2}", s.median)),
                         Stat::of(&k.green_share)
                             .map_or("-".into(), |s| format!("{:.1}%", s.median * 100.0)),
-                        k.errors
+                        k.errors,
+                        k.syn_retrans,
+                        k.paws_rejects
                     );
                 }
                 let _ = writeln!(
@@ -562,6 +583,37 @@ impl Traffic {
             None => {}
         }
         o
+    }
+}
+
+impl Traffic {
+    /// The through-edge chart: Mpps at the backends per edge and protocol.
+    pub fn through_edge_svg(&self, machine: &str) -> Option<String> {
+        let e = self.edge.as_ref()?.as_ref().ok()?;
+        let bars: Vec<Bar> = e
+            .cases
+            .iter()
+            .filter_map(|c| {
+                Some(Bar {
+                    label: format!("{} {}", c.proto.to_uppercase(), c.label),
+                    stat: Stat::of(&c.mpps)?,
+                    target: None,
+                })
+            })
+            .collect();
+        if bars.is_empty() {
+            return None;
+        }
+        let note = format!(
+            "median, whiskers min..max over {} rounds; generator, edge and receiver share one CPU. {machine}",
+            e.rounds
+        );
+        Some(bar_chart_svg(
+            "64-byte frames through the edge, counted at the backends",
+            "Mpps",
+            &bars,
+            &note,
+        ))
     }
 }
 

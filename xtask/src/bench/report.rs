@@ -504,6 +504,11 @@ pub fn to_json(r: &Results) -> Value {
     if !measured.contains(&"connrate") {
         not_measured.push("connections per second vs HAProxy mode tcp and nftables (issue item 3)");
     }
+    if measured.contains(&"throughput") {
+        not_measured.push(
+            "the edge's own packet rate apart from the generator and receiver, which share its CPU",
+        );
+    }
     not_measured.push(if measured.contains(&"api") {
         "backend death to removal (item 4)"
     } else {
