@@ -217,7 +217,8 @@ mod measure {
             Instant::now()
         };
         let t = timed(&format!(
-            "through-edge throughput: {rounds} rounds x 4 edges x UDP and TCP, {} ms windows",
+            "through-edge throughput: {rounds} rounds x {} cases x UDP and TCP, {} ms windows",
+            edge::Edge::ALL.len(),
             edge::WINDOW.as_millis()
         ));
         let e = edge::run(edge::EdgeOptions { rounds }).map_err(|e| format!("{e:#}"));

@@ -2,6 +2,8 @@
 //! generator in the client namespace, through the edge namespace, counted at
 //! the backends, for four edges side by side in the same rounds:
 //!
+//! - `gen_only` (a reference): `edge_drop` on `ec` drops every frame on
+//!   arrival, counted there: the generator's and veth's share of each path;
 //! - `forward`: plain kernel forwarding (frames addressed to a backend);
 //! - `nftables`: DNAT + SNAT, a `numgen random` 90/10 split over two backends;
 //! - `xdp_min`: `edge_fwd` (`splitter-ebpf/src/bin/edgebench.rs`), the
@@ -77,6 +79,8 @@ const UDP_PAYLOAD: [u8; 18] = [0x55; 18];
 /// `SINK_COUNT` slots (edgebench.rs).
 const SINK_DATA: u32 = 0;
 const SINK_SYN: u32 = 1;
+/// Slot `edge_drop` counts in.
+const SINK_DROPPED: u32 = 3;
 const SINK_BY_HOST: u32 = 8;
 /// Blue and green backends (last octets) of the split cases.
 const BLUE: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
@@ -86,6 +90,8 @@ const NFT_TABLE: &str = "splitter_edgebench";
 /// The edges compared, in the order shown.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Edge {
+    /// Reference: the edge drops every frame on arrival (`edge_drop` on `ec`).
+    GenOnly,
     Forward,
     Nftables,
     XdpMin,
@@ -93,10 +99,17 @@ pub enum Edge {
 }
 
 impl Edge {
-    pub const ALL: [Edge; 4] = [Edge::Forward, Edge::Nftables, Edge::XdpMin, Edge::Splitter];
+    pub const ALL: [Edge; 5] = [
+        Edge::GenOnly,
+        Edge::Forward,
+        Edge::Nftables,
+        Edge::XdpMin,
+        Edge::Splitter,
+    ];
 
     pub fn id(self) -> &'static str {
         match self {
+            Edge::GenOnly => "gen_only",
             Edge::Forward => "forward",
             Edge::Nftables => "nftables",
             Edge::XdpMin => "xdp_min",
@@ -106,6 +119,7 @@ impl Edge {
 
     fn label(self) -> &'static str {
         match self {
+            Edge::GenOnly => "reference: generator, dropped at the edge",
             Edge::Forward => "kernel forwarding, no NAT",
             Edge::Nftables => "nftables DNAT+SNAT, numgen 90/10",
             Edge::XdpMin => "minimal XDP rewrite + redirect",
@@ -470,6 +484,15 @@ fn splitter_config() -> String {
 fn setup<'a>(edge: Edge, topo: &'a Topology, rig: &mut Rig) -> Result<Setup<'a>> {
     Ok(match edge {
         Edge::Forward => Setup::None,
+        Edge::GenOnly => {
+            let id = attach(&mut rig.ebpf, &topo.edge, "edge_drop", EDGE_CLIENT_IF)?;
+            let p: &mut Xdp = rig
+                .ebpf
+                .program_mut("edge_drop")
+                .context("no edge_drop")?
+                .try_into()?;
+            Setup::Xdp(p.take_link(id)?)
+        }
         Edge::Nftables => {
             let file =
                 std::env::temp_dir().join(format!("splitter-edgebench-{}.nft", std::process::id()));
@@ -526,7 +549,7 @@ struct Sample {
 
 /// Runs the generator for warm-up + window on a pinned thread in the client
 /// namespace; returns the backends' rate over the window.
-fn measure(rig: &Rig, cli: &Netns, frame: &[u8]) -> Result<Sample> {
+fn measure(rig: &Rig, cli: &Netns, frame: &[u8], count_slot: u32) -> Result<Sample> {
     let stop = AtomicBool::new(false);
     let gen_fd = &rig.gen_fd;
     let c0 = rig.c0_index;
@@ -543,7 +566,7 @@ fn measure(rig: &Rig, cli: &Netns, frame: &[u8]) -> Result<Sample> {
             let read = || -> Result<(Instant, u64, u64, u64)> {
                 Ok((
                     Instant::now(),
-                    rig.sink_count(SINK_DATA)?,
+                    rig.sink_count(count_slot)?,
                     rig.sink_count(SINK_BY_HOST + u32::from(GREEN.octets()[3]))?,
                     rig.generated()?,
                 ))
@@ -677,6 +700,12 @@ pub fn run(opts: EdgeOptions) -> Result<EdgeResults> {
                             Packet::udp(src, dst, &UDP_PAYLOAD)
                                 .macs(ec_mac, c0_mac)
                                 .build()
+                        } else if edge == Edge::GenOnly {
+                            Packet::tcp(src, dst, TCP_ACK | TCP_PSH)
+                                .macs(ec_mac, c0_mac)
+                                .seq_ack(1001, 0x1000_0001)
+                                .payload(&TCP_PAYLOAD)
+                                .build()
                         } else {
                             let syn = Packet::tcp(src, dst, TCP_SYN)
                                 .macs(ec_mac, c0_mac)
@@ -694,7 +723,12 @@ pub fn run(opts: EdgeOptions) -> Result<EdgeResults> {
                                 .build()
                         };
                         let frame = rig.template(&frame)?;
-                        let s = measure(&*rig, &topo.cli, &frame)?;
+                        let slot = if edge == Edge::GenOnly {
+                            SINK_DROPPED
+                        } else {
+                            SINK_DATA
+                        };
+                        let s = measure(&*rig, &topo.cli, &frame, slot)?;
                         if s.mpps <= 0.0 {
                             bail!(
                                 "no frames reached the backends ({:.2} Mpps generated)",
