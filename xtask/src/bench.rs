@@ -25,6 +25,9 @@
 //!    `docs/benchmarks/results.json`, `docs/benchmarks/per-packet.svg` and
 //!    the generated part of `docs/benchmarks.md`.
 //!
+//! `SPLITTER_BENCH_TRAFFIC_ONLY=1` in the environment runs only the traffic
+//! sections ([`edge`], [`connrate`]) and prints them, writing nothing.
+//!
 //! Everything it creates (a network namespace, BPF programs and maps) is
 //! owned by guards and removed on return; namespaces left by a killed run
 //! are removed by the next one.

@@ -119,7 +119,7 @@ impl Edge {
 
     fn label(self) -> &'static str {
         match self {
-            Edge::GenOnly => "reference: generator, dropped at the edge",
+            Edge::GenOnly => "generator only (edge drops at ingress)",
             Edge::Forward => "kernel forwarding, no NAT",
             Edge::Nftables => "nftables DNAT+SNAT, numgen 90/10",
             Edge::XdpMin => "minimal XDP rewrite + redirect",

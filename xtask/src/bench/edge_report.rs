@@ -233,13 +233,13 @@ impl Traffic {
                 );
                 let _ = writeln!(
                     o,
-                    "  {:<4} {:<36} {:>22} {:>10} {:>7}",
+                    "  {:<4} {:<40} {:>22} {:>10} {:>7}",
                     "", "edge", "min / median / max", "generated", "green"
                 );
                 for c in &e.cases {
                     let _ = writeln!(
                         o,
-                        "  {:<4} {:<36} {:>22} {:>10} {:>6.1}%{}",
+                        "  {:<4} {:<40} {:>22} {:>10} {:>6.1}%{}",
                         c.proto,
                         c.label,
                         fmt_stat(Stat::of(&c.mpps), 2),
@@ -449,7 +449,7 @@ impl Traffic {
                 let _ = writeln!(o, "### Through-edge throughput\n");
                 let _ = writeln!(
                     o,
-                    "64-byte frames (60 + FCS) over {} flows (source ports), counted at the backends over {} ms; {} rounds, every edge in every round. Mpps min / median / max over rounds; ratios are taken within each round, then median (min..max) over rounds. Generated: the generator's own rate in the same window (it shares one CPU with the edge and the receiver).\n",
+                    "64-byte frames (60 + FCS) over {} flows (source ports), counted at the backends over {} ms; {} rounds, every edge in every round. Mpps min / median / max over rounds; ratios are taken within each round, then median (min..max) over rounds. Generated: the generator's own rate in the same window (it shares one CPU with the edge and the receiver). The generator-only row is counted where the edge drops the frames.\n",
                     e.flows, e.window_ms, e.rounds
                 );
                 let _ = writeln!(
