@@ -50,7 +50,7 @@ use aya::{
 use splitter::bench_support::BASELINE_OBJECT;
 use splitter_tests::{
     netns::Netns,
-    packet::{Packet, TCP_ACK, TCP_PSH, TCP_SYN, verify_checksums},
+    packet::{Packet, TCP_ACK, TCP_PSH, TCP_SYN, parse, verify_checksums},
     splitter::{Affinity, Daemon, Mode, ServiceSpec, VersionSpec, config_toml},
     testrun::{test_run_xdp, xdp_action},
     topology::{
@@ -526,6 +526,34 @@ fn setup<'a>(edge: Edge, topo: &'a Topology, rig: &mut Rig) -> Result<Setup<'a>>
                     .set(0, eb, None, 0)
                     .map_err(|e| anyhow!("FWD_DEV: {e}"))
             })??;
+            // The reference program's output, checked once per set-up.
+            for f in [
+                Packet::udp(
+                    SocketAddrV4::new(CLIENT_ADDR, 5000),
+                    SocketAddrV4::new(VIP, VIP_PORT),
+                    &UDP_PAYLOAD,
+                )
+                .build(),
+                Packet::tcp(
+                    SocketAddrV4::new(CLIENT_ADDR, 5000),
+                    SocketAddrV4::new(VIP, VIP_PORT),
+                    TCP_ACK,
+                )
+                .payload(&TCP_PAYLOAD)
+                .build(),
+            ] {
+                let (a, out) = rig.single("edge_fwd", &f)?;
+                let to = parse(&out).ok().and_then(|v| v.destination());
+                ensure!(
+                    a == xdp_action::REDIRECT
+                        && to == Some(SocketAddrV4::new(BLUE, BACKEND_PORT))
+                        && out[..6] == b0_mac
+                        && verify_checksums(&out).is_ok(),
+                    "edge_fwd's output is wrong: {}, to {to:?}, checksums {:?}",
+                    xdp_action::name(a),
+                    verify_checksums(&out)
+                );
+            }
             let id = attach(&mut rig.ebpf, &topo.edge, "edge_fwd", EDGE_CLIENT_IF)?;
             let p: &mut Xdp = rig
                 .ebpf
