@@ -227,7 +227,7 @@ mod measure {
         let e = edge::run(edge::EdgeOptions { rounds }).map_err(|e| format!("{e:#}"));
         println!("    took {:.0} s", t.elapsed().as_secs_f64());
         let t = timed(&format!(
-            "connection rate: {rounds} rounds x 4 paths, wrk {} s each",
+            "connection rate: {rounds} rounds x 5 paths, wrk {} s each",
             connrate::DURATION_S
         ));
         let c = connrate::run(rounds).map_err(|e| format!("{e:#}"));

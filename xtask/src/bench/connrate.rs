@@ -8,7 +8,11 @@
 //! - `haproxy`: HAProxy `mode tcp` in the edge namespace on the VIP
 //!   (added to the edge's `lo`), weights 90/10;
 //! - `nftables`: DNAT with a `numgen random` 90/10 split (the backends
-//!   route back through the edge).
+//!   route back through the edge);
+//! - `splitter_no_timewait`, a diagnostic: splitter again, with the
+//!   backends keeping no TIME_WAIT (`net.ipv4.tcp_max_tw_buckets=0` in the
+//!   backend namespace for that run), to show how much of splitter's gap is
+//!   its SNAT ports meeting the backends' TIME_WAIT.
 //!
 //! wrk's requests/s is the connection rate; its latency percentiles come
 //! with it. nginx's `stub_status` counters (read from inside the backend
@@ -57,6 +61,8 @@ fn pair(k: usize) -> (std::net::Ipv4Addr, std::net::Ipv4Addr) {
     )
 }
 const NFT_TABLE: &str = "splitter_connbench";
+/// Backend TIME_WAIT capacity, 0 for the diagnostic splitter path.
+const TW_BUCKETS: &str = "net.ipv4.tcp_max_tw_buckets";
 /// API weight flips timed.
 pub const API_FLIPS: usize = 100;
 
@@ -64,14 +70,17 @@ pub const API_FLIPS: usize = 100;
 enum Path4 {
     Direct,
     Splitter,
+    /// Diagnostic: splitter with `tcp_max_tw_buckets=0` on the backends.
+    SplitterNoTw,
     Haproxy,
     Nftables,
 }
 
 impl Path4 {
-    const ALL: [Path4; 4] = [
+    const ALL: [Path4; 5] = [
         Path4::Direct,
         Path4::Splitter,
+        Path4::SplitterNoTw,
         Path4::Haproxy,
         Path4::Nftables,
     ];
@@ -79,6 +88,7 @@ impl Path4 {
         match self {
             Path4::Direct => "direct",
             Path4::Splitter => "splitter",
+            Path4::SplitterNoTw => "splitter_no_timewait",
             Path4::Haproxy => "haproxy",
             Path4::Nftables => "nftables",
         }
@@ -87,6 +97,7 @@ impl Path4 {
         match self {
             Path4::Direct => "direct to a backend (forwarding, no NAT)",
             Path4::Splitter => "splitter, SNAT, 90/10",
+            Path4::SplitterNoTw => "splitter; backends keep no TIME_WAIT",
             Path4::Haproxy => "HAProxy mode tcp, 90/10",
             Path4::Nftables => "nftables DNAT, numgen 90/10",
         }
@@ -117,10 +128,17 @@ fn tool(name: &str) -> String {
     }
 }
 
-/// An nginx server in the backend namespace, stopped on drop.
+/// An nginx server in the backend namespace, stopped on drop. One process
+/// (`master_process off`): a master's workers would outlive a killed master.
 struct Nginx {
-    _child: Child,
+    child: Child,
     addr: SocketAddrV4,
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.terminate(Duration::from_secs(5));
+    }
 }
 
 fn nginx_conf(dir: &Path, name: &str, addr: SocketAddrV4, more: &[std::net::Ipv4Addr]) -> String {
@@ -131,6 +149,7 @@ fn nginx_conf(dir: &Path, name: &str, addr: SocketAddrV4, more: &[std::net::Ipv4
         .collect();
     format!(
         "worker_processes 1;
+master_process off;
 daemon off;
 pid {d}/{name}.pid;
 error_log {d}/{name}.err warn;
@@ -164,10 +183,7 @@ impl Nginx {
         let conf = dir.join(format!("{name}.conf"));
         std::fs::write(&conf, nginx_conf(dir, name, addr, more))?;
         let child = back.spawn(&tool("nginx"), &["-c", &conf.to_string_lossy()])?;
-        let n = Self {
-            _child: child,
-            addr,
-        };
+        let n = Self { child, addr };
         let t = Instant::now();
         loop {
             if n.requests(back).is_ok() {
@@ -302,7 +318,8 @@ fn wait_listening(cli: &Netns, addr: SocketAddrV4, what: &str) -> Result<()> {
 /// The edge as set up for one path; undone on drop.
 enum Setup<'a> {
     None,
-    Splitter(Box<Daemon>),
+    /// The daemon, and the backends' `tcp_max_tw_buckets` to restore.
+    Splitter(Box<Daemon>, Option<(&'a Netns, String)>),
     Haproxy(&'a Netns, Child),
     Nft(&'a Netns),
 }
@@ -311,8 +328,13 @@ impl Drop for Setup<'_> {
     fn drop(&mut self) {
         match self {
             Setup::None => {}
-            Setup::Splitter(d) => {
+            Setup::Splitter(d, restore) => {
                 let _ = d.stop();
+                if let Some((back, v)) = restore.take()
+                    && let Err(e) = back.sysctl(TW_BUCKETS, &v)
+                {
+                    eprintln!("warning: restoring {TW_BUCKETS}: {e:#}");
+                }
             }
             Setup::Haproxy(edge, child) => {
                 let _ = child.terminate(Duration::from_secs(5));
@@ -370,7 +392,7 @@ fn setup<'a>(
     let vip = SocketAddrV4::new(VIP, VIP_PORT);
     Ok(match p {
         Path4::Direct => Setup::None,
-        Path4::Splitter => {
+        Path4::Splitter | Path4::SplitterNoTw => {
             let version = |name: &str, weight, a| VersionSpec {
                 name: name.into(),
                 weight,
@@ -386,7 +408,22 @@ fn setup<'a>(
                     versions: vec![version("blue", 90, addrs.0), version("green", 10, addrs.1)],
                 }],
             );
-            Setup::Splitter(Box::new(Daemon::start(&topo.edge, &cfg)?))
+            let daemon = Box::new(Daemon::start(&topo.edge, &cfg)?);
+            let restore = if p == Path4::SplitterNoTw {
+                let path = format!("/proc/sys/{}", TW_BUCKETS.replace('.', "/"));
+                let old = topo
+                    .back
+                    .exec("cat", &[&path])
+                    .with_context(|| format!("reading {TW_BUCKETS}"))?
+                    .trim()
+                    .to_string();
+                let s = Setup::Splitter(daemon, Some((&topo.back, old)));
+                topo.back.sysctl(TW_BUCKETS, "0")?;
+                return Ok(s);
+            } else {
+                None
+            };
+            Setup::Splitter(daemon, restore)
         }
         Path4::Haproxy => {
             let conf = dir.join("haproxy.cfg");
@@ -599,8 +636,15 @@ pub fn run(rounds: usize) -> Result<ConnResults> {
     if let Some(c) = cases.iter().find(|c| c.id == "splitter")
         && c.paws_rejects > 0
     {
+        let median = |id: &str| {
+            cases
+                .iter()
+                .find(|k| k.id == id)
+                .and_then(|k| super::report::Stat::of(&k.cps))
+                .map_or("-".to_string(), |s| format!("{:.0}", s.median))
+        };
         notes.push(format!(
-            "Through splitter the backends rejected {} SYNs by PAWS in TIME_WAIT and the client retransmitted {} SYNs (each waits 1 s): splitter gives a closed flow's SNAT port to a new flow after {} s (`TCP_CLOSED_REUSE_NS`), while the backend keeps that 4-tuple in TIME_WAIT for 60 s, and the new SYN carries another client connection's timestamps. The other paths had {} such rejects.",
+            "Through splitter the backends rejected {} SYNs by PAWS in TIME_WAIT and the client retransmitted {} SYNs (each waits 1 s): splitter gives a closed flow's SNAT port to a new flow after {} s (`TCP_CLOSED_REUSE_NS`), while the backend keeps that 4-tuple in TIME_WAIT for 60 s, and the new SYN carries another client connection's timestamps. The other paths had {} such rejects. With the backends keeping no TIME_WAIT (diagnostic row), splitter made {} connections/s (median) instead of {}.",
             c.paws_rejects,
             c.syn_retrans,
             splitter_common::TCP_CLOSED_REUSE_NS / 1_000_000_000,
@@ -608,7 +652,9 @@ pub fn run(rounds: usize) -> Result<ConnResults> {
                 .iter()
                 .filter(|k| k.id != "splitter")
                 .map(|k| k.paws_rejects)
-                .sum::<u64>()
+                .sum::<u64>(),
+            median("splitter_no_timewait"),
+            median("splitter"),
         ));
     }
     drop(topo);
