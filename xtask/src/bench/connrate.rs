@@ -629,7 +629,7 @@ pub fn run(rounds: usize) -> Result<ConnResults> {
     }
     drop(servers);
     let mut notes = vec![format!(
-        "HAProxy {} with default threads; nginx {} with one worker per server; the edge's SNAT address is {EDGE_BACKEND_ADDR} for splitter and HAProxy, nftables only rewrites the destination.",
+        "HAProxy {} with default threads; nginx {} as one process per server; the edge's SNAT address is {EDGE_BACKEND_ADDR} for splitter and HAProxy, nftables only rewrites the destination.",
         version(&tool("haproxy"), &["-v"]),
         version(&tool("nginx"), &["-v"]),
     )];
