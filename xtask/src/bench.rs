@@ -14,24 +14,41 @@
 //!      own, and the weight-change latency of `Dataplane::apply`;
 //!    - [`control`]: Maglev table builds for 1,000 services x 100 backends;
 //!    - [`bpf`]: map memory as the kernel accounts it;
+//!    - [`edge`]: packets per second through the edge namespace (an
+//!      in-kernel generator, counted at the backends), splitter beside
+//!      kernel forwarding, nftables and a minimal XDP forwarder;
+//!    - [`connrate`]: connections per second (wrk, nginx) through
+//!      splitter, HAProxy, nftables and direct, and weight changes through
+//!      the daemon's API, end to end;
 //!
 //!    then prints a table ([`report`]) and writes
 //!    `docs/benchmarks/results.json`, `docs/benchmarks/per-packet.svg` and
 //!    the generated part of `docs/benchmarks.md`.
+//!
+//! `SPLITTER_BENCH_TRAFFIC_ONLY=1` in the environment runs only the traffic
+//! sections ([`edge`], [`connrate`]) and prints them, writing nothing.
 //!
 //! Everything it creates (a network namespace, BPF programs and maps) is
 //! owned by guards and removed on return; namespaces left by a killed run
 //! are removed by the next one.
 // Used only by the measuring stage; compiled (and tested) in both.
 #[cfg_attr(not(feature = "bench"), allow(dead_code))]
+mod edge_report;
+#[cfg_attr(not(feature = "bench"), allow(dead_code))]
 mod report;
 
 #[cfg(feature = "bench")]
 mod bpf;
 #[cfg(feature = "bench")]
+mod connrate;
+#[cfg(feature = "bench")]
 mod control;
 #[cfg(feature = "bench")]
+mod edge;
+#[cfg(feature = "bench")]
 mod packet;
+#[cfg(not(feature = "bench"))]
+mod tools;
 
 use anyhow::Result;
 
@@ -71,6 +88,9 @@ fn outer(opts: &BenchOptions) -> Result<bool> {
             "not root: the bench loads XDP programs and builds a network namespace; run `sudo cargo xtask bench`"
         );
     }
+    if let Err(e) = tools::install_missing() {
+        eprintln!("warning: {e:#}; the traffic sections that need them will say so");
+    }
     step("measuring (release build of xtask with the `bench` feature)");
     let mut c = cargo();
     c.args([
@@ -101,19 +121,23 @@ fn outer(opts: &BenchOptions) -> Result<bool> {
 /// Stage 2: the measurements.
 #[cfg(feature = "bench")]
 mod measure {
-    use std::path::Path;
+    use std::{path::Path, time::Instant};
 
     use anyhow::{Context, Result, bail};
     use splitter_tests::netns::{Netns, remove_stale, run_prefix};
 
     use super::{
-        BenchOptions, control, packet,
+        BenchOptions, connrate, control, edge,
+        edge_report::Traffic,
+        packet,
         report::{self, ControlResults, Machine, Results},
     };
     use crate::util::{is_root, probe, step, workspace_root};
 
     /// Rounds of the Maglev build (each builds all 1,000 tables).
     const MAGLEV_ROUNDS: usize = 5;
+    /// Most rounds of the traffic sections (each takes seconds per round).
+    const TRAFFIC_ROUNDS: usize = 5;
 
     pub fn run(opts: &BenchOptions) -> Result<bool> {
         if !is_root() {
@@ -127,6 +151,12 @@ mod measure {
             ));
         }
         let mut machine = machine();
+        if std::env::var_os("SPLITTER_BENCH_TRAFFIC_ONLY").is_some() {
+            // For work on the traffic sections: those only, printed, nothing written.
+            let t = traffic(opts.rounds.min(TRAFFIC_ROUNDS));
+            print!("{}", t.text());
+            return Ok(t.measured().len() == 3);
+        }
         step(&format!(
             "control plane: Maglev tables for {} services x {} backends, {MAGLEV_ROUNDS} rounds",
             control::SERVICES,
@@ -167,10 +197,12 @@ mod measure {
                 c
             })
             .map_err(|e| format!("{e:#}"));
+        let traffic = traffic(opts.rounds.min(TRAFFIC_ROUNDS));
         let results = Results {
             machine,
             packet,
             control,
+            traffic,
         };
         step("results");
         print!("{}", report::text(&results));
@@ -178,6 +210,39 @@ mod measure {
             write(&results)?;
         }
         Ok(results.packet.is_ok() && results.control.is_ok())
+    }
+
+    /// The traffic sections, each in namespaces of its own; a section that
+    /// fails is reported as not measured, with its reason.
+    fn traffic(rounds: usize) -> Traffic {
+        let timed = |what: &str| {
+            step(what);
+            Instant::now()
+        };
+        let t = timed(&format!(
+            "through-edge throughput: {rounds} rounds x {} cases x UDP and TCP, {} ms windows",
+            edge::Edge::ALL.len(),
+            edge::WINDOW.as_millis()
+        ));
+        let e = edge::run(edge::EdgeOptions { rounds }).map_err(|e| format!("{e:#}"));
+        println!("    took {:.0} s", t.elapsed().as_secs_f64());
+        let t = timed(&format!(
+            "connection rate: {rounds} rounds x 5 paths, wrk {} s each",
+            connrate::DURATION_S
+        ));
+        let c = connrate::run(rounds).map_err(|e| format!("{e:#}"));
+        println!("    took {:.0} s", t.elapsed().as_secs_f64());
+        let t = timed(&format!(
+            "weight change through the API: {} flips",
+            connrate::API_FLIPS
+        ));
+        let a = connrate::api_flips(connrate::API_FLIPS).map_err(|e| format!("{e:#}"));
+        println!("    took {:.0} s", t.elapsed().as_secs_f64());
+        Traffic {
+            edge: Some(e),
+            conn: Some(c),
+            api: Some(a),
+        }
     }
 
     fn write(r: &Results) -> Result<()> {
@@ -188,6 +253,14 @@ mod measure {
         write_file(&dir.join("results.json"), &json)?;
         if let Some(svg) = report::per_packet_svg(r) {
             write_file(&dir.join("per-packet.svg"), &svg)?;
+        }
+        let m = &r.machine;
+        let machine = format!(
+            "{} CPUs, {}, kernel {}, {}",
+            m.nproc, m.cpu_model, m.kernel, m.date
+        );
+        if let Some(svg) = r.traffic.through_edge_svg(&machine) {
+            write_file(&dir.join("through-edge.svg"), &svg)?;
         }
         let md = docs.join("benchmarks.md");
         match std::fs::read_to_string(&md)

@@ -6,6 +6,8 @@ use std::fmt::Write as _;
 
 use serde_json::{Value, json};
 
+use super::edge_report::Traffic;
+
 /// Minimum, median and maximum of a set of samples.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Stat {
@@ -214,6 +216,8 @@ pub struct Results {
     pub machine: Machine,
     pub packet: Result<PacketResults, String>,
     pub control: Result<ControlResults, String>,
+    /// Through-edge throughput, connection rate, API weight change.
+    pub traffic: Traffic,
 }
 
 /// One of the issue's targets, checked (never enforced).
@@ -261,6 +265,7 @@ impl Results {
             measured: p99.map_or("-".into(), |v| format!("{v:.0} us p99")),
             met: p99.map(|v| v < 1000.0 && c.is_some_and(|c| c.apply_misses == 0)),
         });
+        t.extend(self.traffic.targets());
         t
     }
 }
@@ -380,6 +385,7 @@ pub fn text(r: &Results) -> String {
             let _ = writeln!(o, "\ncontrol plane: not measured: {e}");
         }
     }
+    o.push_str(&r.traffic.text());
     let _ = writeln!(o, "\ntargets (reported, never enforced)");
     for t in r.targets() {
         let _ = writeln!(
@@ -488,17 +494,37 @@ pub fn to_json(r: &Results) -> Value {
         .iter()
         .map(|t| json!({ "what": t.what, "target": t.limit, "measured": t.measured, "met": t.met }))
         .collect();
-    json!({
+    let measured = r.traffic.measured();
+    let mut not_measured: Vec<&str> = Vec::new();
+    if !measured.contains(&"throughput") {
+        not_measured.push(
+            "through-edge packets per second vs plain forwarding and nftables DNAT (issue item 2)",
+        );
+    }
+    if !measured.contains(&"connrate") {
+        not_measured.push("connections per second vs HAProxy mode tcp and nftables (issue item 3)");
+    }
+    if measured.contains(&"throughput") {
+        not_measured.push(
+            "the edge's own packet rate apart from the generator and receiver, which share its CPU",
+        );
+    }
+    not_measured.push(if measured.contains(&"api") {
+        "backend death to removal (item 4)"
+    } else {
+        "weight change through the HTTP API and CLI end to end; backend death to removal (item 4)"
+    });
+    let mut out = json!({
         "machine": machine,
         "per_packet": packet,
         "control_plane": control,
-        "targets": targets,
-        "not_measured_yet": [
-            "through-edge packets per second vs plain forwarding and nftables DNAT (issue item 2)",
-            "connections per second vs HAProxy mode tcp and nftables (issue item 3)",
-            "weight change through the HTTP API and CLI end to end; backend death to removal (item 4)",
-        ],
-    })
+    });
+    for (k, v) in r.traffic.json() {
+        out[k] = v;
+    }
+    out["targets"] = json!(targets);
+    out["not_measured_yet"] = json!(not_measured);
+    out
 }
 
 /// One bar of a chart: a median with a min..max whisker.
@@ -819,6 +845,7 @@ pub fn markdown(r: &Results) -> String {
             let _ = writeln!(o, "### Control plane\n\nNot measured in this run: {e}\n");
         }
     }
+    o.push_str(&r.traffic.markdown());
     let _ = writeln!(
         o,
         "### Targets\n\n| target | limit | measured | |\n|---|---|---|---|"
@@ -912,6 +939,7 @@ mod tests {
                 ..PacketResults::default()
             }),
             control: Err("skipped".into()),
+            traffic: Traffic::default(),
         }
     }
 
