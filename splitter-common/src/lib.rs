@@ -45,6 +45,12 @@ pub const SNAT_PORT_TRIES: u32 = 16;
 /// A closed TCP flow (RST, or FIN both ways) may give up its SNAT port and
 /// be re-selected after this long.
 pub const TCP_CLOSED_REUSE_NS: u64 = 2_000_000_000;
+/// The backend keeps a closed connection in TIME_WAIT this long (Linux: 60
+/// s). A SNAT port whose TCP flow ended more recently is handed to a new
+/// flow only when none of the other probed ports is free: the backend may
+/// refuse a new SYN on a (source, port) pair it still holds in TIME_WAIT
+/// (PAWS), and the client then waits a second to retry.
+pub const SNAT_TIME_WAIT_NS: u64 = 60_000_000_000;
 /// A TCP flow that never got a SYN-ACK is stale after this long.
 pub const TCP_SYN_TIMEOUT_NS: u64 = 30_000_000_000;
 /// An idle established TCP flow is stale after this long.
@@ -429,6 +435,14 @@ pub mod service_drop {
         "conn_table",
         "backend_disabled",
     ];
+}
+
+/// Where a new flow of 5-tuple hash `h` starts probing for a SNAT port, as
+/// an offset from `SNAT_PORT_MIN` (both sides use it: the data plane to
+/// probe, tests to predict the probe).
+#[inline(always)]
+pub fn snat_port_start(h: u32) -> u32 {
+    mix32(h ^ 0x27d4_eb2d) % ((SNAT_PORT_MAX - SNAT_PORT_MIN) as u32 + 1)
 }
 
 /// The 32-bit mixer both sides use to hash flows (the finalizer of

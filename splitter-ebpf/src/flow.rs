@@ -10,10 +10,10 @@ use aya_ebpf::{
 use splitter_common::{
     BACKEND_F_DISABLED, BACKEND_F_PRESENT, CONN_F_REVERSE, CONN_F_SNAT, Conn, FAMILY_V4, FlowKey,
     LAST_SEEN_GRANULARITY_NS, MAGLEV_SIZE, MAX_VERSIONS, NO_BACKEND, PROTO_TCP, SNAT_PORT_MAX,
-    SNAT_PORT_MIN, SNAT_PORT_TRIES, SVC_F_CLIENT_IP, SVC_F_SNAT, Service, ServiceKey,
-    TCP_CLOSED_REUSE_NS, TCP_ESTABLISHED, TCP_FIN_BACKEND, TCP_FIN_CLIENT, TCP_IDLE_TIMEOUT_NS,
-    TCP_RST, TCP_SYN, TCP_SYN_TIMEOUT_NS, UDP_IDLE_TIMEOUT_NS, counter, flow_hash, mix32,
-    service_drop, version_hash,
+    SNAT_PORT_MIN, SNAT_PORT_TRIES, SNAT_TIME_WAIT_NS, SVC_F_CLIENT_IP, SVC_F_SNAT, Service,
+    ServiceKey, TCP_CLOSED_REUSE_NS, TCP_ESTABLISHED, TCP_FIN_BACKEND, TCP_FIN_CLIENT,
+    TCP_IDLE_TIMEOUT_NS, TCP_RST, TCP_SYN, TCP_SYN_TIMEOUT_NS, UDP_IDLE_TIMEOUT_NS, counter,
+    flow_hash, mix32, service_drop, snat_port_start, version_hash,
 };
 
 use crate::{
@@ -364,7 +364,9 @@ unsafe fn clear_route(c: *mut Conn) {
 }
 
 /// Finds a free SNAT port towards this backend and inserts the reverse
-/// entry under it. Probes `SNAT_PORT_TRIES` ports from a hash-chosen start;
+/// entry under it. Probes `SNAT_PORT_TRIES` ports from a hash-chosen start
+/// (`snat_port_start`); a port whose TCP flow ended within the backend's
+/// TIME_WAIT (`SNAT_TIME_WAIT_NS`) is taken only if no other probed port is;
 /// a port whose entry is stale is taken over. Returns the port (network order).
 ///
 /// Each port is looked up before anything is inserted: an insert into the
@@ -374,7 +376,10 @@ unsafe fn clear_route(c: *mut Conn) {
 #[inline(always)]
 fn claim_snat_port(rkey: &mut FlowKey, rev: &Conn, h: u32, now: u64) -> Option<u16> {
     let range = (SNAT_PORT_MAX - SNAT_PORT_MIN) as u32 + 1;
-    let start = mix32(h ^ 0x27d4_eb2d) % range;
+    let start = snat_port_start(h);
+    // A port whose TCP flow ended within the backend's TIME_WAIT: used only
+    // if no other probed port is free (network order; 0: none).
+    let mut recent = 0u16;
     let mut i = 0;
     while i < SNAT_PORT_TRIES {
         let port = (SNAT_PORT_MIN as u32 + (start + i) % range) as u16;
@@ -387,27 +392,53 @@ fn claim_snat_port(rkey: &mut FlowKey, rev: &Conn, h: u32, now: u64) -> Option<u
                 }
             }
             Some(e) => {
-                // SAFETY: a valid map value; what is needed of it is read
-                // before the entry is replaced.
+                // SAFETY: a valid map value; read before it is replaced.
                 let (state, last_seen) = unsafe { ((*e).state, (*e).last_seen) };
                 if stale(rkey.proto, state, last_seen, now) {
-                    let fwd = unsafe { peer_key(&*e, rkey.proto) };
-                    if CONNS.insert(&*rkey, rev, BPF_ANY as u64).is_ok() {
-                        // The stale flow's forward entry still names this
-                        // port: a late packet of it must not leak into the
-                        // new flow.
-                        if let Some(f) = CONNS.get_ptr(&fwd) {
-                            let (port, addr) = unsafe { ((*f).other_port, (*f).other_addr) };
-                            if port == rkey.dport && addr == rkey.dst {
-                                let _ = CONNS.remove(&fwd);
-                            }
+                    let in_time_wait = rkey.proto == PROTO_TCP
+                        && now.saturating_sub(last_seen) <= SNAT_TIME_WAIT_NS;
+                    if !in_time_wait {
+                        if take_over_port(rkey, rev, now) {
+                            return Some(rkey.dport);
                         }
-                        return Some(rkey.dport);
+                    } else if recent == 0 {
+                        recent = rkey.dport;
                     }
                 }
             }
         }
         i += 1;
     }
+    if recent != 0 {
+        rkey.dport = recent;
+        if take_over_port(rkey, rev, now) {
+            return Some(recent);
+        }
+    }
     None
+}
+
+/// Replaces the stale entry at `rkey` with `rev`, and removes the old
+/// flow's forward entry if it still names this port (a late packet of the
+/// old flow must not leak into the new one). False if the entry is gone or
+/// no longer stale, or the insert failed.
+#[inline(always)]
+fn take_over_port(rkey: &FlowKey, rev: &Conn, now: u64) -> bool {
+    let Some(e) = CONNS.get_ptr(rkey) else {
+        return false;
+    };
+    // SAFETY: a valid map value; read before it is replaced.
+    let (state, last_seen, fwd) =
+        unsafe { ((*e).state, (*e).last_seen, peer_key(&*e, rkey.proto)) };
+    if !stale(rkey.proto, state, last_seen, now) || CONNS.insert(rkey, rev, BPF_ANY as u64).is_err()
+    {
+        return false;
+    }
+    if let Some(f) = CONNS.get_ptr(&fwd) {
+        let (port, addr) = unsafe { ((*f).other_port, (*f).other_addr) };
+        if port == rkey.dport && addr == rkey.dst {
+            let _ = CONNS.remove(&fwd);
+        }
+    }
+    true
 }

@@ -33,7 +33,7 @@ use splitter::{config::Config, dataplane::Dataplane};
 use splitter_tests::{
     netns::{Netns, run_prefix},
     packet::{
-        CLIENT_MAC, EDGE_MAC, Packet, TCP_ACK, TCP_PSH, TCP_SYN, arp_request, diff, parse,
+        CLIENT_MAC, EDGE_MAC, Packet, TCP_ACK, TCP_FIN, TCP_PSH, TCP_SYN, arp_request, diff, parse,
         verify_checksums,
     },
     testrun::{RunResult, test_run_xdp, xdp_action},
@@ -1056,4 +1056,62 @@ fn a_kept_connection_table_without_a_filter_opens_the_filter() -> Result<()> {
     let r = check();
     pins::remove_all(&dir)?;
     r
+}
+
+#[test]
+#[ignore = "needs root: run with -- --include-ignored --test-threads=1"]
+fn a_snat_port_in_the_backends_time_wait_is_not_reused_while_others_are_free() -> Result<()> {
+    use splitter_common::{PROTO_TCP, flow_hash, snat_port_start};
+    in_netns(|| {
+        let edge = Edge::new("snat", 100, 0)?;
+        // A connection that opens and closes (FIN both ways).
+        let a = client(41000);
+        let (r, _) = edge.run(&Packet::tcp(a, VIP, TCP_SYN).build())?;
+        let port = snat_source(&r.data)?;
+        edge.run(
+            &Packet::tcp(BLUE, port, TCP_SYN | TCP_ACK)
+                .seq_ack(5000, 1001)
+                .macs(EDGE_MAC, [2, 0, 0, 0, 0, 2])
+                .build(),
+        )?;
+        edge.run(
+            &Packet::tcp(a, VIP, TCP_FIN | TCP_ACK)
+                .seq_ack(1001, 5001)
+                .build(),
+        )?;
+        edge.run(
+            &Packet::tcp(BLUE, port, TCP_FIN | TCP_ACK)
+                .seq_ack(5001, 1002)
+                .macs(EDGE_MAC, [2, 0, 0, 0, 0, 2])
+                .build(),
+        )?;
+        // Past the 2 s after which a closed flow's port may be reused, but
+        // well inside the backend's 60 s TIME_WAIT.
+        std::thread::sleep(std::time::Duration::from_millis(2300));
+        // A new client connection whose probe starts at that very port.
+        let be32 = |a: SocketAddrV4| [u32::from(*a.ip()).to_be(), 0, 0, 0];
+        let want = u32::from(port.port() - SNAT_PORTS.start());
+        let b = (41001..=u16::MAX)
+            .map(client)
+            .find(|c| {
+                let h = flow_hash(
+                    &be32(*c),
+                    &be32(VIP),
+                    c.port().to_be(),
+                    VIP.port().to_be(),
+                    PROTO_TCP,
+                    false,
+                );
+                snat_port_start(h) == want
+            })
+            .context("no client port probes from that SNAT port")?;
+        let (r, _) = edge.run(&Packet::tcp(b, VIP, TCP_SYN).build())?;
+        let got = snat_source(&r.data)?;
+        ensure!(
+            got.port() != port.port(),
+            "{b} got SNAT port {} although its flow from {a} closed 2.3 s ago (TIME_WAIT at the backend) and the next port was free",
+            got.port()
+        );
+        Ok(())
+    })
 }
