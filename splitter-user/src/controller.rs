@@ -167,8 +167,6 @@ impl Controller {
             )));
         }
         self.config = next;
-        // Flows may have changed backend sets: count afresh next time.
-        self.live_flows.replace(None);
         info!(change = what, "configuration changed");
         if let Err(e) = self.persist() {
             error!(error = %e, "the change is live but could not be saved; a restart would lose it");

@@ -46,6 +46,8 @@ mod control;
 #[cfg(feature = "bench")]
 mod edge;
 #[cfg(feature = "bench")]
+mod health;
+#[cfg(feature = "bench")]
 mod packet;
 #[cfg(not(feature = "bench"))]
 mod tools;
@@ -129,7 +131,7 @@ mod measure {
     use super::{
         BenchOptions, connrate, control, edge,
         edge_report::Traffic,
-        packet,
+        health, packet,
         report::{self, ControlResults, Machine, Results},
     };
     use crate::util::{is_root, probe, step, workspace_root};
@@ -181,16 +183,21 @@ mod measure {
             Err(e) => (Err(format!("{e:#}")), None),
         };
         machine.pinned_cpu = extras.as_ref().and_then(|x| x.pinned_cpu);
+        step("control plane: backend death to removal with default health checks, 3 rounds");
+        let health_removal_ms = health::backend_death(3).map_err(|e| format!("{e:#}"));
         let control = maglev
             .map(|maglev_ms| {
                 let mut c = ControlResults {
                     services: control::SERVICES,
                     backends_per_service: control::BACKENDS,
                     maglev_ms,
+                    health_removal_ms,
                     ..ControlResults::default()
                 };
                 if let Some(x) = extras {
                     c.apply_us = x.apply_us;
+                    c.live_scan_ms = x.live_scan_ms;
+                    c.live_scan_flows = x.live_scan_flows;
                     c.apply_misses = x.apply_misses;
                     c.maps = x.maps;
                 }

@@ -107,6 +107,11 @@ pub struct PacketOptions {
 /// What the per-packet section returns besides its own results.
 pub struct Extras {
     pub apply_us: Vec<f64>,
+    /// Milliseconds to count live flows over the full connection table
+    /// (`Dataplane::live_flows`, what `status` and drains read), per read.
+    pub live_scan_ms: Vec<f64>,
+    /// Live flows that count found.
+    pub live_scan_flows: u64,
     pub apply_misses: usize,
     pub maps: Vec<MapMemory>,
     pub pinned_cpu: Option<usize>,
@@ -925,6 +930,16 @@ pub fn run(opts: PacketOptions) -> Result<(PacketResults, Extras)> {
     }
     res.cases = vec![floor, slot, nonvip, est, reply, syn, syn_full];
 
+    // The full table, read the way `splitter status` counts live flows.
+    let (mut live_scan_ms, mut live_scan_flows) = (Vec::new(), 0);
+    for _ in 0..3 {
+        let now = monotonic_ns();
+        let t = Instant::now();
+        let counts = rig.dp.live_flows(now).context("counting live flows")?;
+        live_scan_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        live_scan_flows = counts.values().sum();
+    }
+
     // 4. Weight changes: each apply, then one fresh SYN must follow it.
     let (mut apply_us, mut misses) = (Vec::new(), 0);
     let configs = [config(0, 100)?, config(100, 0)?];
@@ -950,9 +965,22 @@ pub fn run(opts: PacketOptions) -> Result<(PacketResults, Extras)> {
         res,
         Extras {
             apply_us,
+            live_scan_ms,
+            live_scan_flows,
             apply_misses: misses,
             maps,
             pinned_cpu,
         },
     ))
+}
+
+/// `CLOCK_MONOTONIC` in ns: the clock of the connection table's `last_seen`.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime fills the struct.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
