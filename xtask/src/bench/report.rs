@@ -860,8 +860,7 @@ pub fn markdown(r: &Results) -> String {
             );
             let _ = writeln!(
                 o,
-                "- Counting live flows over the full connection table ({} entries; `Dataplane::live_flows`, what `splitter status`, the metrics and `backend set --state drain --wait` read; `BPF_MAP_LOOKUP_BATCH`): {} ms (min / median / max over {} reads), {} live flows found.",
-                splitter_common::CONN_CAPACITY,
+                "- Counting live flows over the full connection table (`Dataplane::live_flows`, what `splitter status`, the metrics and `backend set --state drain --wait` read; `BPF_MAP_LOOKUP_BATCH`): {} ms (min / median / max over {} reads), {} live flows found.",
                 fmt_stat(Stat::of(&c.live_scan_ms)),
                 c.live_scan_ms.len(),
                 c.live_scan_flows
