@@ -377,12 +377,16 @@ unsafe fn clear_route(c: *mut Conn) {
 fn claim_snat_port(rkey: &mut FlowKey, rev: &Conn, h: u32, now: u64) -> Option<u16> {
     let range = (SNAT_PORT_MAX - SNAT_PORT_MIN) as u32 + 1;
     let start = snat_port_start(h);
+    // Probes step by a hash-chosen odd stride below 1423, so coprime with
+    // the range (22768 = 16 x 1423): unlike consecutive ports, the probes of
+    // one flow do not run into the clusters that other flows' probes left.
+    let stride = 2 * (mix32(h ^ 0x9e37_79b9) % 700) + 1;
     // A port whose TCP flow ended within the backend's TIME_WAIT: used only
     // if no other probed port is free (network order; 0: none).
     let mut recent = 0u16;
     let mut i = 0;
     while i < SNAT_PORT_TRIES {
-        let port = (SNAT_PORT_MIN as u32 + (start + i) % range) as u16;
+        let port = (SNAT_PORT_MIN as u32 + (start + i * stride) % range) as u16;
         rkey.dport = port.to_be();
         match CONNS.get_ptr(&*rkey) {
             None => {

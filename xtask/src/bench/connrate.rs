@@ -644,10 +644,12 @@ pub fn run(rounds: usize) -> Result<ConnResults> {
                 .map_or("-".to_string(), |s| format!("{:.0}", s.median))
         };
         notes.push(format!(
-            "Through splitter the backends rejected {} SYNs by PAWS in TIME_WAIT and the client retransmitted {} SYNs (each waits 1 s): splitter gives a closed flow's SNAT port to a new flow after {} s (`TCP_CLOSED_REUSE_NS`), while the backend keeps that 4-tuple in TIME_WAIT for 60 s, and the new SYN carries another client connection's timestamps. The other paths had {} such rejects. With the backends keeping no TIME_WAIT (diagnostic row), splitter made {} connections/s (median) instead of {}.",
+            "Through splitter the backends rejected {} SYNs by PAWS in TIME_WAIT and the client retransmitted {} SYNs (each waits 1 s). One SNAT address has {} ports per backend, and a port whose flow closed is held back for the backend's TIME_WAIT ({} s) only while one of the {} probed ports is free: at this test's rate of new connections per backend the range fills within seconds, so some new flows get a port the backend still holds in TIME_WAIT, and a SYN whose timestamps are older than that connection's is refused. The other paths had {} such rejects. With the backends keeping no TIME_WAIT (diagnostic row), splitter made {} connections/s (median) instead of {}.",
             c.paws_rejects,
             c.syn_retrans,
-            splitter_common::TCP_CLOSED_REUSE_NS / 1_000_000_000,
+            u32::from(splitter_common::SNAT_PORT_MAX - splitter_common::SNAT_PORT_MIN) + 1,
+            splitter_common::SNAT_TIME_WAIT_NS / 1_000_000_000,
+            splitter_common::SNAT_PORT_TRIES,
             cases
                 .iter()
                 .filter(|k| k.id != "splitter")
