@@ -564,7 +564,8 @@ impl Dataplane {
     /// Live flows per backend id: forward entries of the connection table
     /// whose flow is still going (see [`splitter_common::conn_live`]) at
     /// `now` (`CLOCK_MONOTONIC` ns). Reads the table in batches of 4096
-    /// entries (`BPF_MAP_LOOKUP_BATCH`; about 0.1 s per million entries),
+    /// entries (`BPF_MAP_LOOKUP_BATCH`; about 0.6 s for a full table of a million
+    /// entries on the bench machine),
     /// or one entry at a time on kernels without batch reads. Either walk
     /// is bounded, since the table changes while it is read.
     ///
