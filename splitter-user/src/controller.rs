@@ -1,7 +1,7 @@
 //! The controller's state: the running [`Config`] and the [`Dataplane`] it
 //! is published into. Every change goes through here, validated first and
 //! published second, so a refused change leaves both exactly as they were.
-use std::{cell::RefCell, collections::BTreeMap, net::SocketAddrV4, path::PathBuf, sync::Arc};
+use std::{collections::BTreeMap, net::SocketAddrV4, path::PathBuf, sync::Arc};
 
 use tokio::sync::Notify;
 use tracing::{error, info};
@@ -35,14 +35,20 @@ pub struct Controller {
     /// Live flows per backend id and when they were counted (ns,
     /// `CLOCK_MONOTONIC`): a walk of the connection table is not free, so
     /// reads within [`LIVE_FLOWS_MAX_AGE_NS`] share one.
-    live_flows: RefCell<Option<(u64, BTreeMap<u32, u64>)>>,
+    live_flows: LiveFlows,
     /// Backends the health checks found down, by (service, address). Not
     /// saved: a restarted daemon starts with every backend up.
     down: std::collections::BTreeSet<(String, SocketAddrV4)>,
 }
 
-/// How old a live-flow count may be before it is taken again.
-const LIVE_FLOWS_MAX_AGE_NS: u64 = 1_000_000_000;
+/// How old a live-flow count may be before a reader takes it again itself
+/// (the daemon's counting task renews it every second).
+const LIVE_FLOWS_MAX_AGE_NS: u64 = 2_000_000_000;
+
+/// The latest live-flow count per backend id and when it was taken (ns,
+/// `CLOCK_MONOTONIC`). Shared with the daemon's counting task, which
+/// renews it outside the controller's lock.
+pub type LiveFlows = Arc<std::sync::Mutex<Option<(u64, BTreeMap<u32, u64>)>>>;
 
 impl From<EditError> for ApiError {
     fn from(e: EditError) -> Self {
@@ -63,7 +69,7 @@ impl Controller {
             detach: Arc::new(Notify::new()),
             config_path: None,
             config_digest: String::new(),
-            live_flows: RefCell::new(None),
+            live_flows: LiveFlows::default(),
             down: std::collections::BTreeSet::new(),
         }
     }
@@ -258,16 +264,24 @@ impl Controller {
         addr: SocketAddrV4,
         force: bool,
     ) -> Result<ServiceReport, ApiError> {
-        let live_flows = match self.config.service(service) {
-            Some(svc) => {
-                // Counted afresh: this decides whether flows get cut.
-                self.live_flows.replace(None);
-                svc.versions
-                    .iter()
-                    .find(|v| v.backends.iter().any(|b| b.address == addr))
-                    .map(|v| self.backend_live_flows(service, &v.name, addr))
-                    .transpose()?
-                    .unwrap_or(0)
+        let id = self.config.service(service).and_then(|svc| {
+            svc.versions
+                .iter()
+                .find(|v| v.backends.iter().any(|b| b.address == addr))
+                .and_then(|v| self.dataplane.backend_id(service, &v.name, addr))
+        });
+        let live_flows = match id {
+            Some(id) => {
+                // Counted now, not from the shared count: this decides
+                // whether flows get cut.
+                let now = monotonic_ns();
+                let counts = self
+                    .dataplane
+                    .live_flows(now)
+                    .map_err(|e| ApiError::Internal(e.to_string()))?;
+                let n = counts.get(&id).copied().unwrap_or(0);
+                self.store_live_flows(Some((now, counts)));
+                n
             }
             None => 0,
         };
@@ -397,10 +411,12 @@ impl Controller {
         }
     }
 
-    /// Live flows per backend id, counted at most once a second.
+    /// Live flows per backend id: the shared count if it is fresh, else
+    /// counted now (and shared).
     fn live_flows_by_id(&self) -> Result<BTreeMap<u32, u64>, ApiError> {
         let now = monotonic_ns();
-        if let Some((at, counts)) = &*self.live_flows.borrow()
+        if let Ok(guard) = self.live_flows.lock()
+            && let Some((at, counts)) = &*guard
             && now.saturating_sub(*at) < LIVE_FLOWS_MAX_AGE_NS
         {
             return Ok(counts.clone());
@@ -409,20 +425,23 @@ impl Controller {
             .dataplane
             .live_flows(now)
             .map_err(|e| ApiError::Internal(e.to_string()))?;
-        self.live_flows.replace(Some((now, counts.clone())));
+        self.store_live_flows(Some((now, counts.clone())));
         Ok(counts)
     }
 
-    fn backend_live_flows(
-        &self,
-        service: &str,
-        version: &str,
-        addr: SocketAddrV4,
-    ) -> Result<u64, ApiError> {
-        let Some(id) = self.dataplane.backend_id(service, version, addr) else {
-            return Ok(0);
-        };
-        Ok(self.live_flows_by_id()?.get(&id).copied().unwrap_or(0))
+    fn store_live_flows(&self, v: Option<(u64, BTreeMap<u32, u64>)>) {
+        if let Ok(mut g) = self.live_flows.lock() {
+            *g = v;
+        }
+    }
+
+    /// The shared live-flow count and a descriptor of the connection table,
+    /// for a task that renews the count without the controller's lock.
+    ///
+    /// # Errors
+    /// The descriptor could not be duplicated.
+    pub fn live_flows_feed(&self) -> std::io::Result<(LiveFlows, std::os::fd::OwnedFd)> {
+        Ok((self.live_flows.clone(), self.dataplane.conns_fd()?))
     }
 
     /// Removes the pinned program, links and maps and asks the daemon to

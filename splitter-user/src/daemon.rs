@@ -148,6 +148,9 @@ pub async fn run(
     systemd::notify(&format!("READY=1\n{status_line}"));
     let mut background = spawn_watchdog_and_reload(controller.clone());
     background.push(tokio::spawn(crate::health::run(controller.clone())));
+    if let Some(task) = spawn_live_flow_counter(&controller) {
+        background.push(task);
+    }
     let metrics_server = metrics_listener.map(|l| {
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(metrics::serve(l, controller.clone(), async {
@@ -233,6 +236,48 @@ fn spawn_watchdog_and_reload(
         }
     }));
     tasks
+}
+
+/// Renews the live-flow count once a second on a blocking thread, with a
+/// descriptor of its own, so `status`, metrics and drains read a count
+/// without walking the connection table under the controller's lock.
+/// Stops (readers then count themselves) if batch reads fail.
+fn spawn_live_flow_counter(
+    controller: &Arc<std::sync::Mutex<Controller>>,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let feed = controller.lock().ok()?.live_flows_feed();
+    let (shared, fd) = match feed {
+        Ok(f) => f,
+        Err(e) => {
+            warn!(error = %e, "no descriptor for the live-flow counter; status counts on demand");
+            return None;
+        }
+    };
+    let fd = Arc::new(fd);
+    Some(tokio::spawn(async move {
+        loop {
+            let fd = fd.clone();
+            let counted = tokio::task::spawn_blocking(move || {
+                let now = monotonic_usec() * 1000;
+                crate::dataplane::count_live_flows(std::os::fd::AsFd::as_fd(&*fd), now)
+                    .map(|c| (now, c))
+            })
+            .await;
+            match counted {
+                Ok(Ok(v)) => {
+                    if let Ok(mut g) = shared.lock() {
+                        *g = Some(v);
+                    }
+                }
+                Ok(Err(e)) => {
+                    info!(error = %e, "live flows: no batch reads; status counts on demand");
+                    return;
+                }
+                Err(_) => return,
+            }
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        }
+    }))
 }
 
 fn describe(changes: &[String]) -> String {

@@ -608,6 +608,16 @@ impl Dataplane {
         Ok(out)
     }
 
+    /// A descriptor of its own for the connection table, for
+    /// [`count_live_flows`] outside whatever holds this `Dataplane`.
+    ///
+    /// # Errors
+    /// `dup` failed.
+    pub fn conns_fd(&self) -> std::io::Result<std::os::fd::OwnedFd> {
+        use aya::maps::IterableMap as _;
+        self.conns.map().fd().as_fd().try_clone_to_owned()
+    }
+
     /// The backend id table entries use for a configured backend.
     pub fn backend_id(&self, service: &str, version: &str, addr: SocketAddrV4) -> Option<u32> {
         self.backend_ids
@@ -1125,6 +1135,30 @@ fn program_bytes(source: &ProgramSource) -> Result<std::borrow::Cow<'static, [u8
     };
     pins::check_object(&bytes, &what)?;
     Ok(bytes)
+}
+
+/// Live flows per backend id in the connection table behind `fd` (see
+/// [`Dataplane::live_flows`]), by batch reads only.
+///
+/// # Errors
+/// The batch read failed (`EINVAL`: the kernel has none).
+pub fn count_live_flows(
+    fd: std::os::fd::BorrowedFd<'_>,
+    now: u64,
+) -> std::io::Result<BTreeMap<u32, u64>> {
+    let mut out = BTreeMap::new();
+    lookup_batch(
+        fd.as_raw_fd(),
+        2 * CONN_CAPACITY as usize,
+        &mut |key, conn| {
+            if conn.flags & CONN_F_REVERSE == 0
+                && splitter_common::conn_live(key.proto, conn.state, conn.last_seen, now)
+            {
+                *out.entry(conn.backend).or_insert(0) += 1;
+            }
+        },
+    )?;
+    Ok(out)
 }
 
 /// Reads every entry of the connection table behind `fd` with
