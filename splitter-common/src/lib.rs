@@ -305,24 +305,45 @@ pub struct Conn {
     pub _pad2: u8,
 }
 
+/// Has a TCP flow with these `TCP_*` bits ended: a RST, or a FIN from
+/// both ends?
+#[inline(always)]
+pub fn tcp_closed(state: u32) -> bool {
+    state & TCP_RST != 0
+        || state & (TCP_FIN_CLIENT | TCP_FIN_BACKEND) == (TCP_FIN_CLIENT | TCP_FIN_BACKEND)
+}
+
+/// How long a flow that has not ended may stay idle before it is over.
+#[inline(always)]
+fn idle_timeout(proto: u8, state: u32) -> u64 {
+    if proto != PROTO_TCP {
+        UDP_IDLE_TIMEOUT_NS
+    } else if state & TCP_ESTABLISHED == 0 {
+        TCP_SYN_TIMEOUT_NS
+    } else {
+        TCP_IDLE_TIMEOUT_NS
+    }
+}
+
 /// Is the flow an entry describes still going at `now` (same clock as
-/// `last_seen`)? Not once a TCP flow saw a RST or a FIN from both ends, nor
-/// once it was idle past its timeout. The controller counts live flows with
-/// it; the data plane applies the same timeouts before reusing a tuple.
+/// `last_seen`)? Not once a TCP flow ended ([`tcp_closed`]), nor once it
+/// was idle past its timeout. The controller counts live flows with it.
 #[inline(always)]
 pub fn conn_live(proto: u8, state: u32, last_seen: u64, now: u64) -> bool {
+    !(proto == PROTO_TCP && tcp_closed(state))
+        && now.saturating_sub(last_seen) <= idle_timeout(proto, state)
+}
+
+/// May the entry's tuple (and SNAT port) serve a new flow at `now`? A
+/// TCP flow that ended, after `TCP_CLOSED_REUSE_NS`; any other once idle
+/// past its timeout. The data plane checks it before reusing a tuple.
+#[inline(always)]
+pub fn conn_stale(proto: u8, state: u32, last_seen: u64, now: u64) -> bool {
     let idle = now.saturating_sub(last_seen);
-    if proto != PROTO_TCP {
-        return idle <= UDP_IDLE_TIMEOUT_NS;
-    }
-    let closed = state & TCP_RST != 0
-        || state & (TCP_FIN_CLIENT | TCP_FIN_BACKEND) == (TCP_FIN_CLIENT | TCP_FIN_BACKEND);
-    if closed {
-        false
-    } else if state & TCP_ESTABLISHED == 0 {
-        idle <= TCP_SYN_TIMEOUT_NS
+    if proto == PROTO_TCP && tcp_closed(state) {
+        idle > TCP_CLOSED_REUSE_NS
     } else {
-        idle <= TCP_IDLE_TIMEOUT_NS
+        idle > idle_timeout(proto, state)
     }
 }
 

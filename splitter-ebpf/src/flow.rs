@@ -11,9 +11,8 @@ use splitter_common::{
     BACKEND_F_DISABLED, BACKEND_F_PRESENT, CONN_F_REVERSE, CONN_F_SNAT, Conn, FAMILY_V4, FlowKey,
     LAST_SEEN_GRANULARITY_NS, MAGLEV_SIZE, MAX_VERSIONS, NO_BACKEND, PROTO_TCP, SNAT_PORT_MAX,
     SNAT_PORT_MIN, SNAT_PORT_TRIES, SNAT_TIME_WAIT_NS, SVC_F_CLIENT_IP, SVC_F_SNAT, Service,
-    ServiceKey, TCP_CLOSED_REUSE_NS, TCP_ESTABLISHED, TCP_FIN_BACKEND, TCP_FIN_CLIENT,
-    TCP_IDLE_TIMEOUT_NS, TCP_RST, TCP_SYN, TCP_SYN_TIMEOUT_NS, UDP_IDLE_TIMEOUT_NS, counter,
-    flow_hash, mix32, service_drop, snat_port_start, version_hash,
+    ServiceKey, TCP_ESTABLISHED, TCP_FIN_BACKEND, TCP_FIN_CLIENT, TCP_RST, TCP_SYN, conn_stale,
+    counter, flow_hash, mix32, service_drop, snat_port_start, version_hash,
 };
 
 use crate::{
@@ -70,25 +69,6 @@ pub fn handle(ctx: &XdpContext) -> u32 {
     }
 }
 
-/// Is the flow over, as seen from its entry, so that its tuple and SNAT
-/// port may serve a new flow?
-#[inline(always)]
-fn stale(proto: u8, state: u32, last_seen: u64, now: u64) -> bool {
-    let idle = now.saturating_sub(last_seen);
-    if proto != PROTO_TCP {
-        return idle > UDP_IDLE_TIMEOUT_NS;
-    }
-    let closed = state & TCP_RST != 0
-        || state & (TCP_FIN_CLIENT | TCP_FIN_BACKEND) == (TCP_FIN_CLIENT | TCP_FIN_BACKEND);
-    if closed {
-        idle > TCP_CLOSED_REUSE_NS
-    } else if state & TCP_ESTABLISHED == 0 {
-        idle > TCP_SYN_TIMEOUT_NS
-    } else {
-        idle > TCP_IDLE_TIMEOUT_NS
-    }
-}
-
 /// Does this packet start a new flow on a tuple the table still holds?
 /// Only a client's packet can: a TCP SYN after the old connection closed
 /// (or went stale), or a UDP datagram after the idle timeout.
@@ -98,13 +78,13 @@ fn restarts(conn: &Conn, pkt: &Packet, now: u64) -> bool {
         return false;
     }
     if pkt.proto != PROTO_TCP {
-        return stale(pkt.proto, conn.state, conn.last_seen, now);
+        return conn_stale(pkt.proto, conn.state, conn.last_seen, now);
     }
     if pkt.tcp_flags & (parse::TCP_SYN | parse::TCP_ACK) != parse::TCP_SYN {
         return false;
     }
     let closed = conn.state & TCP_RST != 0 || conn.state & (TCP_FIN_CLIENT | TCP_FIN_BACKEND) != 0;
-    closed || stale(pkt.proto, conn.state, conn.last_seen, now)
+    closed || conn_stale(pkt.proto, conn.state, conn.last_seen, now)
 }
 
 /// The other entry of the same flow.
@@ -398,7 +378,7 @@ fn claim_snat_port(rkey: &mut FlowKey, rev: &Conn, h: u32, now: u64) -> Option<u
             Some(e) => {
                 // SAFETY: a valid map value; read before it is replaced.
                 let (state, last_seen) = unsafe { ((*e).state, (*e).last_seen) };
-                if stale(rkey.proto, state, last_seen, now) {
+                if conn_stale(rkey.proto, state, last_seen, now) {
                     let in_time_wait = rkey.proto == PROTO_TCP
                         && now.saturating_sub(last_seen) <= SNAT_TIME_WAIT_NS;
                     if !in_time_wait {
@@ -434,7 +414,8 @@ fn take_over_port(rkey: &FlowKey, rev: &Conn, now: u64) -> bool {
     // SAFETY: a valid map value; read before it is replaced.
     let (state, last_seen, fwd) =
         unsafe { ((*e).state, (*e).last_seen, peer_key(&*e, rkey.proto)) };
-    if !stale(rkey.proto, state, last_seen, now) || CONNS.insert(rkey, rev, BPF_ANY as u64).is_err()
+    if !conn_stale(rkey.proto, state, last_seen, now)
+        || CONNS.insert(rkey, rev, BPF_ANY as u64).is_err()
     {
         return false;
     }
