@@ -33,7 +33,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     controller::Controller,
-    edit::{BackendPatch, BackendSpec, ServiceSpec, VersionSpec, parse_addr},
+    edit::{self, BackendPatch, BackendSpec, ServiceSpec, VersionSpec, parse_addr},
 };
 
 /// Largest request body the API reads.
@@ -323,39 +323,43 @@ fn route(
                 body,
                 r#"{"name": "web", "vip": "10.0.0.10:80", "versions": [{"name": "blue", "weight": 100, "backends": [{"address": "10.0.2.1:8080"}]}]}"#,
             )?;
-            to_json(&lock()?.add_service(&spec)?)
+            let mut c = lock()?;
+            c.edit(|cfg| edit::add_service(cfg, &spec))?;
+            to_json(&c.report_of(&spec.name)?)
         }
-        (&Method::GET, ["v1", "services", name]) => {
-            let c = lock()?;
-            let report = c.status()?.services.into_iter().find(|s| s.name == *name);
-            to_json(
-                &report.ok_or_else(|| ApiError::NotFound(format!("no service named {name:?}")))?,
-            )
-        }
-        (&Method::DELETE, ["v1", "services", name]) => {
-            to_json(&serde_json::json!({ "removed": lock()?.remove_service(name)? }))
-        }
+        (&Method::GET, ["v1", "services", name]) => to_json(&lock()?.report_of(name)?),
+        (&Method::DELETE, ["v1", "services", name]) => to_json(
+            &serde_json::json!({ "removed": lock()?.edit(|cfg| edit::remove_service(cfg, name))? }),
+        ),
         (&Method::POST, ["v1", "services", name, "versions"]) => {
             let spec: VersionSpec = body_json(
                 body,
                 r#"{"name": "green", "weight": 0, "backends": [{"address": "10.0.2.3:8080"}]}"#,
             )?;
-            to_json(&lock()?.add_version(name, &spec)?)
+            let mut c = lock()?;
+            c.edit(|cfg| edit::add_version(cfg, name, &spec))?;
+            to_json(&c.report_of(name)?)
         }
         (&Method::DELETE, ["v1", "services", name, "versions", version]) => {
-            to_json(&lock()?.remove_version(name, version)?)
+            let mut c = lock()?;
+            c.edit(|cfg| edit::remove_version(cfg, name, version))?;
+            to_json(&c.report_of(name)?)
         }
         (&Method::POST, ["v1", "services", name, "versions", version, "backends"]) => {
             let spec: BackendSpec = body_json(
                 body,
                 r#"{"address": "10.0.2.4:8080", "weight": 1, "state": "active"}"#,
             )?;
-            to_json(&lock()?.add_backend(name, version, &spec)?)
+            let mut c = lock()?;
+            c.edit(|cfg| edit::add_backend(cfg, name, version, &spec))?;
+            to_json(&c.report_of(name)?)
         }
         (&Method::PATCH, ["v1", "services", name, "backends", addr]) => {
             let addr = parse_addr("backend", addr)?;
             let patch: BackendPatch = body_json(body, r#"{"weight": 2, "state": "drain"}"#)?;
-            to_json(&lock()?.set_backend(name, addr, &patch)?)
+            let mut c = lock()?;
+            c.edit(|cfg| edit::set_backend(cfg, name, addr, &patch))?;
+            to_json(&c.report_of(name)?)
         }
         (&Method::DELETE, ["v1", "services", name, "backends", addr]) => {
             let addr = parse_addr("backend", addr)?;

@@ -12,8 +12,8 @@ use crate::{
         ProgramReport, ServiceReport, StatusReport, VersionReport,
     },
     config::{BackendState, Config, HealthConfig, ServiceConfig, parse_weight_args},
-    dataplane::Dataplane,
-    edit::{self, BackendPatch, BackendSpec, EditError, RemoveGuard, ServiceSpec, VersionSpec},
+    dataplane::{Dataplane, monotonic_ns},
+    edit::{self, EditError, RemoveGuard},
     pins,
     state::{self, State},
     table,
@@ -181,77 +181,34 @@ impl Controller {
         Ok(())
     }
 
-    fn report_of(&self, service: &str) -> Result<ServiceReport, ApiError> {
+    /// One service's report (`GET /v1/services/{name}`).
+    ///
+    /// # Errors
+    /// [`ApiError::NotFound`] for an unknown service; [`ApiError::Internal`]
+    /// when a map cannot be read.
+    pub fn report_of(&self, service: &str) -> Result<ServiceReport, ApiError> {
         let svc = self
             .config
             .service(service)
-            .ok_or_else(|| ApiError::Internal(format!("service {service} vanished")))?;
+            .ok_or_else(|| ApiError::NotFound(format!("no service named {service:?}")))?;
         self.service_report(svc)
     }
 
-    /// Adds a service (`POST /v1/services`).
+    /// Applies one runtime edit (a function of [`crate::edit`] on the
+    /// running config): publishes the validated result and saves it.
+    /// Returns the edit's one-line description.
     ///
     /// # Errors
-    /// [`ApiError::BadRequest`] for a bad or conflicting spec,
-    /// [`ApiError::Internal`] when the kernel refuses.
-    pub fn add_service(&mut self, spec: &ServiceSpec) -> Result<ServiceReport, ApiError> {
-        let (next, what) = edit::add_service(&self.config, spec)?;
-        self.publish(next, &what)?;
-        self.report_of(&spec.name)
-    }
-
-    /// Removes a service (`DELETE /v1/services/{name}`). Its established
-    /// flows keep going until they end.
-    ///
-    /// # Errors
-    /// [`ApiError::NotFound`], or [`ApiError::Internal`] when the kernel refuses.
-    pub fn remove_service(&mut self, name: &str) -> Result<String, ApiError> {
-        let (next, what) = edit::remove_service(&self.config, name)?;
+    /// The edit's own refusal ([`ApiError::NotFound`] or
+    /// [`ApiError::BadRequest`]), or [`ApiError::Internal`] when the kernel
+    /// refuses (the running config then stays live).
+    pub fn edit(
+        &mut self,
+        f: impl FnOnce(&Config) -> Result<(Config, String), EditError>,
+    ) -> Result<String, ApiError> {
+        let (next, what) = f(&self.config)?;
         self.publish(next, &what)?;
         Ok(what)
-    }
-
-    /// Adds a version to a service.
-    ///
-    /// # Errors
-    /// As [`edit::add_version`], or the kernel refusing.
-    pub fn add_version(
-        &mut self,
-        service: &str,
-        spec: &VersionSpec,
-    ) -> Result<ServiceReport, ApiError> {
-        let (next, what) = edit::add_version(&self.config, service, spec)?;
-        self.publish(next, &what)?;
-        self.report_of(service)
-    }
-
-    /// Removes a version of weight 0.
-    ///
-    /// # Errors
-    /// As [`edit::remove_version`], or the kernel refusing.
-    pub fn remove_version(
-        &mut self,
-        service: &str,
-        version: &str,
-    ) -> Result<ServiceReport, ApiError> {
-        let (next, what) = edit::remove_version(&self.config, service, version)?;
-        self.publish(next, &what)?;
-        self.report_of(service)
-    }
-
-    /// Adds a backend to a version.
-    ///
-    /// # Errors
-    /// As [`edit::add_backend`], or the kernel refusing.
-    pub fn add_backend(
-        &mut self,
-        service: &str,
-        version: &str,
-        spec: &BackendSpec,
-    ) -> Result<ServiceReport, ApiError> {
-        let (next, what) = edit::add_backend(&self.config, service, version, spec)?;
-        self.publish(next, &what)?;
-        self.report_of(service)
     }
 
     /// Removes a backend: refused while it is active or carries live flows,
@@ -287,23 +244,7 @@ impl Controller {
             None => 0,
         };
         let guard = RemoveGuard { live_flows, force };
-        let (next, what) = edit::remove_backend(&self.config, service, addr, guard)?;
-        self.publish(next, &what)?;
-        self.report_of(service)
-    }
-
-    /// Changes a backend's weight and/or state.
-    ///
-    /// # Errors
-    /// As [`edit::set_backend`], or the kernel refusing.
-    pub fn set_backend(
-        &mut self,
-        service: &str,
-        addr: SocketAddrV4,
-        patch: &BackendPatch,
-    ) -> Result<ServiceReport, ApiError> {
-        let (next, what) = edit::set_backend(&self.config, service, addr, patch)?;
-        self.publish(next, &what)?;
+        self.edit(|c| edit::remove_backend(c, service, addr, guard))?;
         self.report_of(service)
     }
 
@@ -342,16 +283,8 @@ impl Controller {
     /// backend removed and added again, or a service whose checks were
     /// turned off, starts up again).
     fn forget_unchecked(&mut self, next: &Config) {
-        self.down.retain(|(service, addr)| {
-            next.service(service).is_some_and(|s| {
-                s.health.is_some()
-                    && s.versions.iter().any(|v| {
-                        v.backends
-                            .iter()
-                            .any(|b| b.address == *addr && b.state != BackendState::Disabled)
-                    })
-            })
-        });
+        self.down
+            .retain(|(service, addr)| health_checked(next, service, *addr));
     }
 
     /// Backends to health-check now: the active and draining backends of
@@ -384,6 +317,11 @@ impl Controller {
         addr: SocketAddrV4,
         up: bool,
     ) -> Result<(), ApiError> {
+        if !health_checked(&self.config, service, addr) {
+            // A verdict on a backend no longer checked (removed, disabled,
+            // or its service's checks turned off while a check ran).
+            return Ok(());
+        }
         let key = (service.to_string(), addr);
         let before = self.down.clone();
         if up {
@@ -504,14 +442,7 @@ impl Controller {
             .config
             .with_weights(service, &vector)
             .map_err(|e| ApiError::BadRequest(e.to_string()))?;
-        let what = format!(
-            "weights of {service}: {}",
-            weights
-                .iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect::<Vec<_>>()
-                .join(" ")
-        );
+        let what = format!("weights of {service}: {}", args.join(" "));
         self.publish(next, &what)?;
         self.report_of(service)
     }
@@ -756,15 +687,15 @@ impl Controller {
     }
 }
 
-/// The clock `Conn::last_seen` is stamped with: the kernel program reads
-/// CLOCK_MONOTONIC at tick granularity (`bpf_ktime_get_coarse_ns`), so a
-/// stamp is at most a tick behind this reading (the idle time saturates at 0).
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime fills the struct.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+/// Does `config` health-check backend `addr` of `service` (a service with
+/// `[service.health]`, the backend active or draining)?
+fn health_checked(config: &Config, service: &str, addr: SocketAddrV4) -> bool {
+    config.service(service).is_some_and(|s| {
+        s.health.is_some()
+            && s.versions.iter().any(|v| {
+                v.backends
+                    .iter()
+                    .any(|b| b.address == addr && b.state != BackendState::Disabled)
+            })
+    })
 }

@@ -54,7 +54,7 @@ pub enum OnStop {
 /// With [`OnStop::Detach`] a shutdown removes the data plane; with
 /// [`OnStop::Keep`] it stays pinned and forwarding.
 ///
-/// On start it reads the state file (weights set at runtime, live ids),
+/// On start it reads the state file (running services, live ids),
 /// takes over maps and XDP links pinned by an earlier instance (so
 /// established flows keep flowing through restarts and upgrades), publishes
 /// the configuration, attaches, and only then serves the API. On stop the
@@ -215,7 +215,10 @@ fn spawn_watchdog_and_reload(
         };
         while hup.recv().await.is_some() {
             info!("SIGHUP: reloading the configuration");
-            systemd::notify(&format!("RELOADING=1\nMONOTONIC_USEC={}", monotonic_usec()));
+            systemd::notify(&format!(
+                "RELOADING=1\nMONOTONIC_USEC={}",
+                crate::dataplane::monotonic_ns() / 1000
+            ));
             let result = match controller.lock() {
                 Ok(mut c) => c.reload(),
                 Err(_) => Err(crate::api::ApiError::Internal(
@@ -260,7 +263,7 @@ fn spawn_live_flow_counter(
             let fd = fd.clone();
             let started = std::time::Instant::now();
             let counted = tokio::task::spawn_blocking(move || {
-                let now = monotonic_usec() * 1000;
+                let now = crate::dataplane::monotonic_ns();
                 crate::dataplane::count_live_flows(std::os::fd::AsFd::as_fd(&*fd), now)
                     .map(|c| (now, c))
             })
@@ -291,16 +294,6 @@ fn describe(changes: &[String]) -> String {
     } else {
         changes.join(", ")
     }
-}
-
-fn monotonic_usec() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime fills the struct.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000
 }
 
 /// The services to start with: the saved running ones if the file is

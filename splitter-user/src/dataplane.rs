@@ -1230,6 +1230,19 @@ fn lookup_batch(fd: i32, limit: usize, f: &mut impl FnMut(&FlowKey, &Conn)) -> s
     Ok(())
 }
 
+/// The clock `Conn::last_seen` is stamped with: the kernel program reads
+/// CLOCK_MONOTONIC at tick granularity (`bpf_ktime_get_coarse_ns`), so a
+/// stamp is at most a tick behind this reading (the idle time saturates at 0).
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime fills the struct.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 /// A zero value for every possible CPU, to reset a slot of per-CPU `map`.
 fn per_cpu_zeros<T: aya::Pod + Default>(map: &'static str) -> Result<aya::maps::PerCpuValues<T>> {
     let cpus = aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::Map {

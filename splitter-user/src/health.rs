@@ -111,22 +111,17 @@ fn http_status_ok(head: &[u8]) -> Result<(), String> {
 /// restarted daemon does not pull traffic before it knows better).
 pub async fn run(controller: Arc<Mutex<Controller>>) {
     let mut tracks: BTreeMap<(String, SocketAddrV4), Track> = BTreeMap::new();
-    let mut running: JoinSet<((String, SocketAddrV4), Result<(), String>)> = JoinSet::new();
+    type Done = ((String, SocketAddrV4), HealthConfig, Result<(), String>);
+    let mut running: JoinSet<Done> = JoinSet::new();
     let mut ticker = tokio::time::interval(TICK);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
             Some(done) = running.join_next(), if !running.is_empty() => {
-                let Ok((key, result)) = done else { continue };
-                let targets = match controller.lock() {
-                    Ok(c) => c.health_targets(),
-                    Err(_) => return,
-                };
-                let Some(cfg) = targets.iter().find(|(s, a, _, _)| (s, a) == (&key.0, &key.1)).map(|t| t.2.clone()) else {
-                    tracks.remove(&key);
-                    continue;
-                };
+                let Ok((key, cfg, result)) = done else { continue };
+                // Gone from the targets since (the controller ignores
+                // verdicts on backends it no longer checks).
                 let Some(t) = tracks.get_mut(&key) else { continue };
                 t.in_flight = false;
                 if let Err(e) = &result
@@ -159,9 +154,12 @@ pub async fn run(controller: Arc<Mutex<Controller>>) {
             Err(_) => return,
         };
         let now = Instant::now();
-        tracks.retain(|k, _| targets.iter().any(|(s, a, _, _)| (s, a) == (&k.0, &k.1)));
-        for (service, addr, cfg, up) in targets {
-            let key = (service, addr);
+        let targets: BTreeMap<(String, SocketAddrV4), (HealthConfig, bool)> = targets
+            .into_iter()
+            .map(|(s, a, cfg, up)| ((s, a), (cfg, up)))
+            .collect();
+        tracks.retain(|k, _| targets.contains_key(k));
+        for (key, (cfg, up)) in targets {
             let t = tracks.entry(key.clone()).or_insert(Track {
                 next_due: now,
                 streak: 0,
@@ -180,10 +178,9 @@ pub async fn run(controller: Arc<Mutex<Controller>>) {
             t.in_flight = true;
             t.next_due = now + Duration::from_millis(u64::from(cfg.interval_ms));
             let timeout = Duration::from_millis(u64::from(cfg.timeout_ms));
-            let path = cfg.http_path.clone();
             running.spawn(async move {
-                let r = check(key.1, path, timeout).await;
-                (key, r)
+                let r = check(key.1, cfg.http_path.clone(), timeout).await;
+                (key, cfg, r)
             });
         }
     }

@@ -179,23 +179,26 @@ pub fn render(report: &StatusReport) -> String {
         };
         f.sample(&[("service", &s.name), ("version", &v.name)], float(share));
     }
-    let mut f = Family::new(
-        &mut out,
-        "splitter_version_new_flows_total",
-        "counter",
-        "New flows placed on any backend of the version.",
-    );
-    for (s, v, _) in versions() {
-        f.sample(&[("service", &s.name), ("version", &v.name)], v.new_flows);
-    }
-    let mut f = Family::new(
-        &mut out,
-        "splitter_version_live_flows",
-        "gauge",
-        "Established flows on the version's backends now (from the connection table).",
-    );
-    for (s, v, _) in versions() {
-        f.sample(&[("service", &s.name), ("version", &v.name)], v.live_flows);
+    type VersionField = fn(&crate::api::VersionReport) -> u64;
+    let version_families: [(&'static str, &str, &str, VersionField); 2] = [
+        (
+            "splitter_version_new_flows_total",
+            "counter",
+            "New flows placed on any backend of the version.",
+            |v| v.new_flows,
+        ),
+        (
+            "splitter_version_live_flows",
+            "gauge",
+            "Established flows on the version's backends now (from the connection table).",
+            |v| v.live_flows,
+        ),
+    ];
+    for (name, kind, help, field) in version_families {
+        let mut f = Family::new(&mut out, name, kind, help);
+        for (s, v, _) in versions() {
+            f.sample(&[("service", &s.name), ("version", &v.name)], field(v));
+        }
     }
     let mut f = Family::new(
         &mut out,

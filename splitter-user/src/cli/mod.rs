@@ -72,7 +72,8 @@ pub enum Command {
         /// Configuration file (TOML; see docs/config.md).
         #[arg(long, short)]
         config: PathBuf,
-        /// Directory of the state file (weights set at runtime, live ids).
+        /// Directory of the state file (the running services with every
+        /// runtime change, and the live ids).
         #[arg(long, default_value = crate::state::DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
         /// On SIGTERM/SIGINT: `detach` removes the data plane; `keep` leaves
@@ -139,7 +140,7 @@ pub enum Command {
         /// Pin directory (dataplane.pin_dir), used when no daemon runs.
         #[arg(long, default_value = crate::config::DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
-        /// State directory whose saved weights are forgotten too, used when
+        /// State directory whose saved runtime changes are forgotten too, used when
         /// no daemon runs.
         #[arg(long, default_value = crate::state::DEFAULT_STATE_DIR)]
         state_dir: PathBuf,

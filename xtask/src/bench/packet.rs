@@ -933,7 +933,7 @@ pub fn run(opts: PacketOptions) -> Result<(PacketResults, Extras)> {
     // The full table, read the way `splitter status` counts live flows.
     let (mut live_scan_ms, mut live_scan_flows) = (Vec::new(), 0);
     for _ in 0..3 {
-        let now = monotonic_ns();
+        let now = splitter::dataplane::monotonic_ns();
         let t = Instant::now();
         let counts = rig.dp.live_flows(now).context("counting live flows")?;
         live_scan_ms.push(t.elapsed().as_secs_f64() * 1e3);
@@ -972,15 +972,4 @@ pub fn run(opts: PacketOptions) -> Result<(PacketResults, Extras)> {
             pinned_cpu,
         },
     ))
-}
-
-/// `CLOCK_MONOTONIC` in ns: the clock of the connection table's `last_seen`.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime fills the struct.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
