@@ -525,6 +525,56 @@ impl Drop for Daemon {
     }
 }
 
+/// Creates a BPF map of the given type, key and value sizes and capacity
+/// (`BPF_MAP_CREATE`; a plain hash without preallocation) and pins it at
+/// `path`, as a build with another map layout would have left it.
+///
+/// # Errors
+/// The kernel refused the map or the pin.
+pub fn pin_foreign_map(
+    path: &Path,
+    map_type: u32,
+    key: u32,
+    value: u32,
+    entries: u32,
+) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    const BPF_MAP_TYPE_HASH: u32 = 1;
+    const BPF_F_NO_PREALLOC: u32 = 1;
+    let flags = if map_type == BPF_MAP_TYPE_HASH {
+        BPF_F_NO_PREALLOC
+    } else {
+        0
+    };
+    let mut attr = [0u32; 32];
+    attr[..5].copy_from_slice(&[map_type, key, value, entries, flags]);
+    // SAFETY: BPF_MAP_CREATE (0) with a zeroed attr holding the five first fields.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            0,
+            attr.as_ptr(),
+            std::mem::size_of_val(&attr),
+        )
+    };
+    if fd < 0 {
+        bail!("BPF_MAP_CREATE: {}", std::io::Error::last_os_error());
+    }
+    let cpath = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    let mut pin = [0u64; 4];
+    pin[0] = cpath.as_ptr() as u64;
+    pin[1] = fd as u64;
+    // SAFETY: BPF_OBJ_PIN (6): pathname, bpf_fd.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, 6, pin.as_ptr(), std::mem::size_of_val(&pin)) };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: closing the descriptor we created; the pin keeps the map.
+    unsafe { libc::close(fd as i32) };
+    if rc != 0 {
+        bail!("BPF_OBJ_PIN {}: {err}", path.display());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

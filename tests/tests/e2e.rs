@@ -20,7 +20,7 @@ use splitter_tests::{
     servers::{TcpIdentityServer, UdpIdentityServer},
     splitter::{
         Affinity, BpfMount, Daemon, Mode, ServiceSpec, VersionSpec, blue_green_config, config_toml,
-        with_pin_dir,
+        pin_foreign_map, with_pin_dir,
     },
     topology::{self, CLIENT_ADDR, EDGE_BACKEND_ADDR, Topology, TopologyOptions},
 };
@@ -785,45 +785,6 @@ fn malformed_api_requests_get_clear_errors() -> Result<()> {
         daemon.status_json()?["services"] == before,
         "a refused request changed something"
     );
-    Ok(())
-}
-
-/// Creates a BPF map with the given shape and pins it at `path`, as an
-/// older or newer build with another layout would have left it.
-fn pin_foreign_map(
-    path: &std::path::Path,
-    map_type: u32,
-    key: u32,
-    value: u32,
-    entries: u32,
-) -> Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    let mut attr = [0u32; 32];
-    attr[..4].copy_from_slice(&[map_type, key, value, entries]);
-    // SAFETY: BPF_MAP_CREATE (0) with a zeroed attr holding the four first fields.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            0,
-            attr.as_ptr(),
-            std::mem::size_of_val(&attr),
-        )
-    };
-    ensure!(
-        fd >= 0,
-        "BPF_MAP_CREATE: {}",
-        std::io::Error::last_os_error()
-    );
-    let cpath = std::ffi::CString::new(path.as_os_str().as_bytes())?;
-    let mut pin = [0u64; 4];
-    pin[0] = cpath.as_ptr() as u64;
-    pin[1] = fd as u64;
-    // SAFETY: BPF_OBJ_PIN (6): pathname, bpf_fd.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, 6, pin.as_ptr(), std::mem::size_of_val(&pin)) };
-    let err = std::io::Error::last_os_error();
-    // SAFETY: closing the descriptor we created; the pin keeps the map.
-    unsafe { libc::close(fd as i32) };
-    ensure!(rc == 0, "BPF_OBJ_PIN {}: {err}", path.display());
     Ok(())
 }
 

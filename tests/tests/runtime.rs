@@ -322,17 +322,16 @@ fn a_disabled_backend_gets_no_packets_and_guards_refuse_bad_changes() -> Result<
     d.cli_ok(&["backend", "set", "web", &b2, "--state", "disabled"])?;
     let r = clients::tcp_identity_many(&topo.cli, topology::vip(), 50, &[], TIMEOUT)?;
     ensure!(r.errors == 0 && r.count("green") == 50, "{r:?}");
+    // The connection's echoes since the switch went to the disabled backend.
     let report = conn.stop();
-    // The echo loop notices within its timeout.
     let status = d.status_json()?;
     let dropped = status["counters"]["drop_backend_disabled"]
         .as_u64()
         .context("no drop_backend_disabled counter")?;
     ensure!(
-        dropped > 0 || !report.failures.is_empty(),
-        "nothing was dropped for the disabled backend: {report:?} {status}"
+        dropped > 0,
+        "drop_backend_disabled stayed 0: {report:?} {status}"
     );
-    ensure!(dropped > 0, "drop_backend_disabled stayed 0: {status}");
     ensure!(
         status["services"][0]["drops"]["backend_disabled"] == dropped,
         "the service's own drop count differs from the global one: {status}"
@@ -498,6 +497,32 @@ fn the_api_socket_can_be_opened_to_a_group() -> Result<()> {
     Ok(())
 }
 
+/// Service `web` with `blue` (weight 100) on 10.0.2.2 and 10.0.2.4 and
+/// `green` (weight 0) on 10.0.2.3, port 8080, SNAT.
+fn two_blue_backends_config() -> String {
+    config_toml(
+        Mode::Snat,
+        &[ServiceSpec {
+            name: "web".into(),
+            vip: topology::vip(),
+            protocol: "tcp",
+            affinity: Affinity::Flow,
+            versions: vec![
+                VersionSpec {
+                    name: "blue".into(),
+                    weight: 100,
+                    backends: vec![be(2), be(4)],
+                },
+                VersionSpec {
+                    name: "green".into(),
+                    weight: 0,
+                    backends: vec![be(3)],
+                },
+            ],
+        }],
+    )
+}
+
 /// Waits (bounded) until the health of `addr` reads `want`; returns how long.
 fn wait_health(d: &Daemon, addr: SocketAddrV4, want: &str) -> Result<Duration> {
     let start = Instant::now();
@@ -523,27 +548,8 @@ fn health_checks_take_a_dead_backend_out_and_bring_it_back() -> Result<()> {
     let _blue = TcpIdentityServer::start(&topo.back, be(2), "blue")?;
     let _green = TcpIdentityServer::start(&topo.back, be(3), "green")?;
     let blue2 = TcpIdentityServer::start(&topo.back, be(4), "blue2")?;
-    let mut config = config_toml(
-        Mode::Snat,
-        &[ServiceSpec {
-            name: "web".into(),
-            vip: topology::vip(),
-            protocol: "tcp",
-            affinity: Affinity::Flow,
-            versions: vec![
-                VersionSpec {
-                    name: "blue".into(),
-                    weight: 100,
-                    backends: vec![be(2), be(4)],
-                },
-                VersionSpec {
-                    name: "green".into(),
-                    weight: 0,
-                    backends: vec![be(3)],
-                },
-            ],
-        }],
-    );
+    let mut config = two_blue_backends_config();
+
     config
         .push_str("\n[service.health]\ninterval_ms = 200\ntimeout_ms = 200\nfall = 2\nrise = 2\n");
     let d = Daemon::start(&topo.edge, &config)?;
@@ -587,27 +593,8 @@ fn http_health_checks_go_by_the_status_code() -> Result<()> {
     let ok = HttpServer::start(&topo.back, be(2), "ok")?;
     let _green = HttpServer::start(&topo.back, be(3), "green")?;
     let failing = HttpServer::start(&topo.back, be(4), "failing")?;
-    let base = config_toml(
-        Mode::Snat,
-        &[ServiceSpec {
-            name: "web".into(),
-            vip: topology::vip(),
-            protocol: "tcp",
-            affinity: Affinity::Flow,
-            versions: vec![
-                VersionSpec {
-                    name: "blue".into(),
-                    weight: 100,
-                    backends: vec![be(2), be(4)],
-                },
-                VersionSpec {
-                    name: "green".into(),
-                    weight: 0,
-                    backends: vec![be(3)],
-                },
-            ],
-        }],
-    );
+    let base = two_blue_backends_config();
+
     // Every backend answers the TCP connect; the path decides. A path that
     // answers 503 takes both blue backends down (and fails open); 200 keeps
     // them up.

@@ -32,7 +32,8 @@ use splitter_tests::{
     program::{self, Variant},
     servers::{HttpServer, TcpIdentityServer},
     splitter::{
-        Affinity, BpfMount, Daemon, Mode, ServiceSpec, VersionSpec, config_toml, with_pin_dir,
+        Affinity, BpfMount, Daemon, Mode, ServiceSpec, VersionSpec, config_toml, pin_foreign_map,
+        with_pin_dir,
     },
     topology::{self, EDGE_BACKEND_IF, EDGE_CLIENT_IF, Topology, TopologyOptions},
 };
@@ -495,40 +496,6 @@ fn an_object_of_another_layout_is_refused_and_the_running_program_forwards_on() 
     s.topo.no_csum_errors()
 }
 
-/// Creates a BPF map (`BPF_MAP_CREATE`, without preallocation) and pins it
-/// at `path`, as a build with another layout would have left it.
-fn pin_map(path: &Path, map_type: u32, key: u32, value: u32, entries: u32) -> Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    const BPF_F_NO_PREALLOC: u32 = 1;
-    let mut attr = [0u32; 32];
-    attr[..5].copy_from_slice(&[map_type, key, value, entries, BPF_F_NO_PREALLOC]);
-    // SAFETY: BPF_MAP_CREATE (0) with a zeroed attr holding the five first fields.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            0,
-            attr.as_ptr(),
-            std::mem::size_of_val(&attr),
-        )
-    };
-    ensure!(
-        fd >= 0,
-        "BPF_MAP_CREATE: {}",
-        std::io::Error::last_os_error()
-    );
-    let cpath = std::ffi::CString::new(path.as_os_str().as_bytes())?;
-    let mut pin = [0u64; 4];
-    pin[0] = cpath.as_ptr() as u64;
-    pin[1] = fd as u64;
-    // SAFETY: BPF_OBJ_PIN (6): pathname, bpf_fd.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, 6, pin.as_ptr(), std::mem::size_of_val(&pin)) };
-    let err = std::io::Error::last_os_error();
-    // SAFETY: closing the descriptor we created; the pin keeps the map.
-    unsafe { libc::close(fd as i32) };
-    ensure!(rc == 0, "BPF_OBJ_PIN {}: {err}", path.display());
-    Ok(())
-}
-
 #[test]
 #[ignore = "needs root: run with -- --include-ignored --test-threads=1"]
 fn a_pinned_map_of_another_type_is_refused() -> Result<()> {
@@ -539,7 +506,7 @@ fn a_pinned_map_of_another_type_is_refused() -> Result<()> {
     // CONNS with the right sizes and capacity, but a plain hash (type 1)
     // instead of an LRU hash (9): only the type tells them apart.
     let size = |n: usize| n as u32;
-    pin_map(
+    pin_foreign_map(
         &pin_dir.join(splitter_common::map::CONNS),
         1,
         size(std::mem::size_of::<FlowKey>()),
