@@ -23,6 +23,12 @@
 #![no_std]
 #![no_main]
 
+#[path = "../reference.rs"]
+#[allow(dead_code)] // each program uses part of it
+mod reference;
+
+use reference::{ETH_LEN, ETH_P_IP, EthHdr, Ipv4Hdr, L4_OFF, TcpHdr, add16, add32, fold, ptr_at};
+
 use aya_ebpf::{
     bindings::xdp_action::{XDP_ABORTED, XDP_PASS, XDP_TX},
     macros::{map, xdp},
@@ -43,10 +49,6 @@ const CTRL_CURSOR: u32 = 0;
 const CTRL_START: u32 = 1;
 /// `BENCH_CTRL` index of the end (exclusive) of the segment in use.
 const CTRL_END: u32 = 2;
-
-const ETH_P_IP: u16 = 0x0800;
-const ETH_LEN: usize = 14;
-const L4_OFF: usize = ETH_LEN + 20;
 
 /// Prepared frames, 64 bytes each (the first `FRAME_LEN` are used).
 #[map(name = "BENCH_RING")]
@@ -71,72 +73,6 @@ static SLOT_TABLES: Array<MaglevTable> = Array::with_max_entries(4, 0);
 /// `bench_slot`'s backends (the splitter's format).
 #[map(name = "SLOT_BACKENDS")]
 static SLOT_BACKENDS: Array<Backend> = Array::with_max_entries(1024, 0);
-
-#[repr(C)]
-#[allow(dead_code)] // layout: not every field is read
-struct EthHdr {
-    dst: [u8; 6],
-    src: [u8; 6],
-    proto: u16,
-}
-
-#[repr(C)]
-#[allow(dead_code)] // layout: not every field is read
-struct Ipv4Hdr {
-    ver_ihl: u8,
-    tos: u8,
-    tot_len: u16,
-    id: u16,
-    frag_off: u16,
-    ttl: u8,
-    proto: u8,
-    check: u16,
-    saddr: u32,
-    daddr: u32,
-}
-
-#[repr(C)]
-#[allow(dead_code)] // layout: not every field is read
-struct TcpHdr {
-    sport: u16,
-    dport: u16,
-    seq: u32,
-    ack_seq: u32,
-    doff: u8,
-    flags: u8,
-    window: u16,
-    check: u16,
-    urg_ptr: u16,
-}
-
-/// A pointer to a `T` at `offset` if the whole `T` lies inside the packet.
-#[inline(always)]
-fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
-    let start = ctx.data();
-    let end = ctx.data_end();
-    if start + offset + core::mem::size_of::<T>() > end {
-        return None;
-    }
-    Some((start + offset) as *mut T)
-}
-
-/// RFC 1624 eqn. 3 over one 32-bit field, on words as they lie in memory.
-#[inline(always)]
-fn add32(sum: u32, old: u32, new: u32) -> u32 {
-    sum + (!old & 0xffff) + ((!old) >> 16) + (new & 0xffff) + (new >> 16)
-}
-
-#[inline(always)]
-fn add16(sum: u32, old: u16, new: u16) -> u32 {
-    sum + (!old) as u32 + new as u32
-}
-
-#[inline(always)]
-fn fold(mut sum: u32) -> u16 {
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum as u16
-}
 
 /// The Ethernet / IPv4 (no options) / TCP headers, or `None` for anything else.
 #[inline(always)]

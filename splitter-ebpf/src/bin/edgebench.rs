@@ -22,6 +22,12 @@
 #![no_std]
 #![no_main]
 
+#[path = "../reference.rs"]
+#[allow(dead_code)] // each program uses part of it
+mod reference;
+
+use reference::{ETH_LEN, ETH_P_IP, EthHdr, Ipv4Hdr, L4_OFF, TcpHdr, add16, add32, fold, ptr_at};
+
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
     helpers::bpf_redirect,
@@ -30,9 +36,6 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 
-const ETH_P_IP: u16 = 0x0800;
-const ETH_LEN: usize = 14;
-const L4_OFF: usize = ETH_LEN + 20;
 const PROTO_TCP: u8 = 6;
 const PROTO_UDP: u8 = 17;
 const TCP_SYN: u8 = 0x02;
@@ -92,76 +95,11 @@ static FWD_DEV: DevMap = DevMap::with_max_entries(1, 0);
 
 #[repr(C)]
 #[allow(dead_code)] // layout: not every field is read
-struct EthHdr {
-    dst: [u8; 6],
-    src: [u8; 6],
-    proto: u16,
-}
-
-#[repr(C)]
-#[allow(dead_code)] // layout: not every field is read
-struct Ipv4Hdr {
-    ver_ihl: u8,
-    tos: u8,
-    tot_len: u16,
-    id: u16,
-    frag_off: u16,
-    ttl: u8,
-    proto: u8,
-    check: u16,
-    saddr: u32,
-    daddr: u32,
-}
-
-#[repr(C)]
-#[allow(dead_code)] // layout: not every field is read
-struct TcpHdr {
-    sport: u16,
-    dport: u16,
-    seq: u32,
-    ack_seq: u32,
-    doff: u8,
-    flags: u8,
-    window: u16,
-    check: u16,
-    urg_ptr: u16,
-}
-
-#[repr(C)]
-#[allow(dead_code)] // layout: not every field is read
 struct UdpHdr {
     sport: u16,
     dport: u16,
     len: u16,
     check: u16,
-}
-
-#[inline(always)]
-fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
-    let start = ctx.data();
-    let end = ctx.data_end();
-    if start + offset + core::mem::size_of::<T>() > end {
-        return None;
-    }
-    Some((start + offset) as *mut T)
-}
-
-/// RFC 1624 eqn. 3 over one 32-bit field, on words as they lie in memory.
-#[inline(always)]
-fn add32(sum: u32, old: u32, new: u32) -> u32 {
-    sum + (!old & 0xffff) + ((!old) >> 16) + (new & 0xffff) + (new >> 16)
-}
-
-#[inline(always)]
-fn add16(sum: u32, old: u16, new: u16) -> u32 {
-    sum + (!old) as u32 + new as u32
-}
-
-#[inline(always)]
-fn fold(mut sum: u32) -> u16 {
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum as u16
 }
 
 /// A checksum field after the changes summed in `delta`.

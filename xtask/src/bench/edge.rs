@@ -139,77 +139,11 @@ fn object_path() -> std::path::PathBuf {
     std::path::Path::new(BASELINE_OBJECT).with_file_name("edgebench")
 }
 
-/// The `test` member of `union bpf_attr` (as in `splitter_tests::testrun`).
-#[repr(C)]
-#[derive(Default)]
-struct TestRunAttr {
-    prog_fd: u32,
-    retval: u32,
-    data_size_in: u32,
-    data_size_out: u32,
-    data_in: u64,
-    data_out: u64,
-    repeat: u32,
-    duration: u32,
-    ctx_size_in: u32,
-    ctx_size_out: u32,
-    ctx_in: u64,
-    ctx_out: u64,
-    flags: u32,
-    cpu: u32,
-    batch_size: u32,
-    _pad: u32,
-}
-
-/// `struct xdp_md`.
-#[repr(C)]
-#[derive(Default)]
-struct XdpMd {
-    data: u32,
-    data_end: u32,
-    data_meta: u32,
-    ingress_ifindex: u32,
-    rx_queue_index: u32,
-    egress_ifindex: u32,
-}
-
-const BPF_PROG_TEST_RUN: libc::c_long = 10;
-const BPF_F_TEST_XDP_LIVE_FRAMES: u32 = 1 << 1;
-
 /// One live-frames test run: `repeat` copies of `frame`, each through the
 /// program and, on `XDP_TX`, out of interface `ifindex` (calling thread's
 /// namespace).
 fn live_run(prog: &ProgramFd, frame: &[u8], ifindex: u32, repeat: u32) -> io::Result<()> {
-    let ctx = XdpMd {
-        data_end: frame.len() as u32,
-        ingress_ifindex: ifindex,
-        ..XdpMd::default()
-    };
-    let mut attr = TestRunAttr {
-        prog_fd: prog.as_fd().as_raw_fd() as u32,
-        data_size_in: frame.len() as u32,
-        data_in: frame.as_ptr() as u64,
-        repeat,
-        ctx_size_in: size_of::<XdpMd>() as u32,
-        ctx_in: &ctx as *const XdpMd as u64,
-        flags: BPF_F_TEST_XDP_LIVE_FRAMES,
-        ..TestRunAttr::default()
-    };
-    // SAFETY: a fully initialised `bpf_attr.test`; the kernel reads
-    // `data_size_in` bytes of `frame` and `ctx_size_in` bytes of `ctx`,
-    // both alive for the call, and writes nothing back (no output buffers).
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_TEST_RUN,
-            &mut attr as *mut TestRunAttr,
-            size_of::<TestRunAttr>() as libc::c_uint,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    splitter_tests::testrun::test_run_xdp_live(prog.as_fd().as_raw_fd(), frame, ifindex, repeat)
 }
 
 fn ifindex(name: &str) -> Result<u32> {
