@@ -26,7 +26,9 @@
 //!    the generated part of `docs/benchmarks.md`.
 //!
 //! `SPLITTER_BENCH_TRAFFIC_ONLY=1` in the environment runs only the traffic
-//! sections ([`edge`], [`connrate`]) and prints them, writing nothing.
+//! sections ([`edge`], [`connrate`]) and prints them, writing nothing;
+//! `SPLITTER_BENCH_CONN_ONLY=1` only the connection rate ([`connrate::run`]),
+//! printed, nothing written.
 //!
 //! Everything it creates (a network namespace, BPF programs and maps) is
 //! owned by guards and removed on return; namespaces left by a killed run
@@ -153,6 +155,21 @@ mod measure {
             ));
         }
         let mut machine = machine();
+        if std::env::var_os("SPLITTER_BENCH_CONN_ONLY").is_some() {
+            // For work on the connection rate: that section only, printed.
+            let rounds = opts.rounds.min(TRAFFIC_ROUNDS);
+            step(&format!(
+                "connection rate: {rounds} rounds x 5 paths, wrk {} s each",
+                connrate::duration_s()
+            ));
+            let t = Traffic {
+                edge: None,
+                conn: Some(connrate::run(rounds).map_err(|e| format!("{e:#}"))),
+                api: None,
+            };
+            print!("{}", t.text());
+            return Ok(t.measured().len() == 1);
+        }
         if std::env::var_os("SPLITTER_BENCH_TRAFFIC_ONLY").is_some() {
             // For work on the traffic sections: those only, printed, nothing written.
             let t = traffic(opts.rounds.min(TRAFFIC_ROUNDS));
@@ -235,7 +252,7 @@ mod measure {
         println!("    took {:.0} s", t.elapsed().as_secs_f64());
         let t = timed(&format!(
             "connection rate: {rounds} rounds x 5 paths, wrk {} s each",
-            connrate::DURATION_S
+            connrate::duration_s()
         ));
         let c = connrate::run(rounds).map_err(|e| format!("{e:#}"));
         println!("    took {:.0} s", t.elapsed().as_secs_f64());

@@ -22,9 +22,14 @@
 //! own (both nginx servers listen on all of them): the backends keep each
 //! closed connection in TIME_WAIT for a minute, and a later case whose SYN
 //! reused such a 4-tuple would be slowed by the state an earlier case left
-//! (the backend rejects it by PAWS and the client retransmits after a
-//! second). SYN retransmits (client) and PAWS rejects in TIME_WAIT
-//! (backends) are counted per path.
+//! (the backend rejects it by PAWS and the client retransmits). SYN
+//! retransmits (client) and PAWS rejects in TIME_WAIT (backends) are
+//! counted per path.
+//!
+//! Diagnostics (environment): `SPLITTER_BENCH_CONN_SECS=N` runs wrk for N
+//! seconds instead of [`DURATION_S`]; `SPLITTER_BENCH_CONN_PERF=DIR` records
+//! a system-wide profile of every case ([`perf_case`]) and prints each
+//! case's rate beside it.
 use std::{
     io::{Read, Write},
     net::{SocketAddrV4, TcpStream},
@@ -45,6 +50,18 @@ use super::edge_report::{ApiResults, ConnCase, ConnResults};
 
 /// wrk's settings.
 pub const DURATION_S: u64 = 3;
+
+/// wrk's duration: [`DURATION_S`], or `SPLITTER_BENCH_CONN_SECS` (a
+/// diagnostic: runs longer than the backends' 60 s TIME_WAIT divided by the
+/// time one SNAT port range lasts show the steady state, where every SNAT
+/// port a new flow can get is still in TIME_WAIT on its backend).
+pub fn duration_s() -> u64 {
+    std::env::var("SPLITTER_BENCH_CONN_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&s| s > 0)
+        .unwrap_or(DURATION_S)
+}
 const CONNECTIONS: u32 = 32;
 const THREADS: u32 = 1;
 const BLUE: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 0, 2, 2);
@@ -288,7 +305,7 @@ fn wrk(cli: &Netns, url: &str) -> Result<Wrk> {
         &[
             &format!("-t{THREADS}"),
             &format!("-c{CONNECTIONS}"),
-            &format!("-d{DURATION_S}s"),
+            &format!("-d{}s", duration_s()),
             "--latency",
             "-H",
             "Connection: close",
@@ -471,6 +488,35 @@ fn tcp_counters(ns: &Netns) -> Result<(u64, u64)> {
     Ok((get("TcpExt.TCPSynRetrans"), get("TcpExt.PAWSTimewait")))
 }
 
+/// `SPLITTER_BENCH_CONN_PERF=DIR`, a diagnostic: a system-wide profile
+/// (`perf record -a -g -e cpu-clock`) of the first two seconds of every
+/// case's wrk run, written to `DIR/ROUND-PATH.data`. `None` when unset.
+fn perf_case(name: &str) -> Result<Option<std::process::Child>> {
+    let Some(dir) = std::env::var_os("SPLITTER_BENCH_CONN_PERF") else {
+        return Ok(None);
+    };
+    let out = Path::new(&dir).join(format!("{name}.data"));
+    let child = std::process::Command::new("perf")
+        .args([
+            "record",
+            "-a",
+            "-g",
+            "-e",
+            "cpu-clock",
+            "-F",
+            "2000",
+            "-q",
+            "-o",
+        ])
+        .arg(&out)
+        .args(["--", "sleep", "2"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("starting perf record (SPLITTER_BENCH_CONN_PERF)")?;
+    Ok(Some(child))
+}
+
 /// The topology with `pairs` extra backend address pairs from 10.0.2.FIRST_PAIR.
 fn start_topology(pairs: usize) -> Result<(Topology, tempfile_dir::Dir)> {
     let mut topo = Topology::new(TopologyOptions {
@@ -580,7 +626,17 @@ pub fn run(rounds: usize) -> Result<ConnResults> {
                     servers.blue.requests(&topo.back)?,
                     servers.green.requests(&topo.back)?,
                 );
+                let perf = perf_case(&format!("{round}-{}", p.id()))?;
                 let w = wrk(&topo.cli, &url)?;
+                if let Some(mut perf) = perf {
+                    let _ = perf.wait();
+                    eprintln!(
+                        "    perf {round}-{}: {:.0} connections/s, {} requests",
+                        p.id(),
+                        w.rps,
+                        w.requests
+                    );
+                }
                 let (syn1, _) = tcp_counters(&topo.cli)?;
                 let (_, paws1) = tcp_counters(&topo.back)?;
                 let (b1, g1) = (
@@ -644,7 +700,7 @@ pub fn run(rounds: usize) -> Result<ConnResults> {
                 .map_or("-".to_string(), |s| format!("{:.0}", s.median))
         };
         notes.push(format!(
-            "Through splitter the backends rejected {} SYNs by PAWS in TIME_WAIT and the client retransmitted {} SYNs (each waits 1 s). One SNAT address has {} ports per backend, and a port whose flow closed is held back for the backend's TIME_WAIT ({} s) only while one of the {} probed ports is free: at this test's rate of new connections per backend the range fills within seconds, so some new flows get a port the backend still holds in TIME_WAIT, and a SYN whose timestamps are older than that connection's is refused. The other paths had {} such rejects. With the backends keeping no TIME_WAIT (diagnostic row), splitter made {} connections/s (median) instead of {}.",
+            "Through splitter the backends rejected {} SYNs by PAWS in TIME_WAIT and the client retransmitted {} SYNs. One SNAT address has {} ports per backend, and a port whose flow closed is held back for the backend's TIME_WAIT ({} s) only while one of the {} probed ports is free: once the range was used within the TIME_WAIT, a new flow gets a port the backend still holds in TIME_WAIT. The client's TCP timestamp offset is random per 4-tuple (this kernel hashes the ports into it), so the new SYN's TSval is older than the old connection's last one about half the time, and the backend refuses it by PAWS; the client resets and retransmits after about 10 ms the first time, after a second the next. The other paths (which keep the client's ports) had {} such rejects. With the backends keeping no TIME_WAIT (diagnostic row), splitter made {} connections/s (median) instead of {}.",
             c.paws_rejects,
             c.syn_retrans,
             u32::from(splitter_common::SNAT_PORT_MAX - splitter_common::SNAT_PORT_MIN) + 1,
@@ -662,7 +718,7 @@ pub fn run(rounds: usize) -> Result<ConnResults> {
     drop(topo);
     Ok(ConnResults {
         rounds,
-        duration_s: DURATION_S,
+        duration_s: duration_s(),
         connections: CONNECTIONS,
         threads: THREADS,
         cases,
