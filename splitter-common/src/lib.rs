@@ -46,10 +46,13 @@ pub const SNAT_PORT_TRIES: u32 = 16;
 /// be re-selected after this long.
 pub const TCP_CLOSED_REUSE_NS: u64 = 2_000_000_000;
 /// The backend keeps a closed connection in TIME_WAIT this long (Linux: 60
-/// s). A SNAT port whose TCP flow ended more recently is handed to a new
-/// flow only when none of the other probed ports is free: the backend may
-/// refuse a new SYN on a (source, port) pair it still holds in TIME_WAIT
-/// (PAWS), and the client then waits a second to retry.
+/// s). Within it, the backend refuses a new SYN on the same (source, port)
+/// pair unless the SYN's TCP timestamp is newer than the old connection's
+/// last (PAWS; each client connection has a timestamp clock of its own, so
+/// a SNAT port's next client has a random one). A SNAT port whose TCP flow
+/// ended more recently is handed to a new flow only if the SYN's timestamp
+/// is newer than the old flow's last FIN (`Conn::fin_tsval`), or else when
+/// none of the other probed ports is free.
 pub const SNAT_TIME_WAIT_NS: u64 = 60_000_000_000;
 /// A TCP flow that never got a SYN-ACK is stale after this long.
 pub const TCP_SYN_TIMEOUT_NS: u64 = 30_000_000_000;
@@ -238,6 +241,8 @@ pub struct FlowKey {
 pub const CONN_F_REVERSE: u32 = 1;
 /// Conn flag: the flow is source-NATed; rewrite `other` too.
 pub const CONN_F_SNAT: u32 = 2;
+/// Conn flag: `fin_tsval` holds the TCP timestamp of the client's FIN.
+pub const CONN_F_FIN_TS: u32 = 4;
 
 /// TCP state bit: the client's SYN was seen.
 pub const TCP_SYN: u32 = 1;
@@ -277,8 +282,12 @@ pub struct Conn {
     pub state: u32,
     /// Service id, for the controller's flow inspection.
     pub service: u32,
-    /// Explicit padding.
-    pub _pad: u32,
+    /// With `CONN_F_FIN_TS`: the TCP timestamp (TSval, host order) of the
+    /// client's last FIN, kept in both entries. A backend that closed first
+    /// holds the connection in TIME_WAIT and accepts a SYN on the same
+    /// (SNAT address, port) only with a newer timestamp, so a SNAT port is
+    /// safe to reuse within TIME_WAIT for a SYN whose TSval is newer.
+    pub fin_tsval: u32,
     /// `CLOCK_MONOTONIC` ns (the kernel's coarse reading,
     /// `bpf_ktime_get_coarse_ns()`) of the last packet, at
     /// `LAST_SEEN_GRANULARITY_NS`.

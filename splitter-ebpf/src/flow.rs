@@ -8,11 +8,11 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use splitter_common::{
-    BACKEND_F_DISABLED, BACKEND_F_PRESENT, CONN_F_REVERSE, CONN_F_SNAT, Conn, FAMILY_V4, FlowKey,
-    LAST_SEEN_GRANULARITY_NS, MAGLEV_SIZE, MAX_VERSIONS, NO_BACKEND, PROTO_TCP, SNAT_PORT_MAX,
-    SNAT_PORT_MIN, SNAT_PORT_TRIES, SNAT_TIME_WAIT_NS, SVC_F_CLIENT_IP, SVC_F_SNAT, Service,
-    ServiceKey, TCP_ESTABLISHED, TCP_FIN_BACKEND, TCP_FIN_CLIENT, TCP_RST, TCP_SYN, conn_stale,
-    counter, flow_hash, mix32, service_drop, snat_port_start, version_hash,
+    BACKEND_F_DISABLED, BACKEND_F_PRESENT, CONN_F_FIN_TS, CONN_F_REVERSE, CONN_F_SNAT, Conn,
+    FAMILY_V4, FlowKey, LAST_SEEN_GRANULARITY_NS, MAGLEV_SIZE, MAX_VERSIONS, NO_BACKEND, PROTO_TCP,
+    SNAT_PORT_MAX, SNAT_PORT_MIN, SNAT_PORT_TRIES, SNAT_TIME_WAIT_NS, SVC_F_CLIENT_IP, SVC_F_SNAT,
+    Service, ServiceKey, TCP_ESTABLISHED, TCP_FIN_BACKEND, TCP_FIN_CLIENT, TCP_RST, TCP_SYN,
+    conn_stale, counter, flow_hash, mix32, service_drop, snat_port_start, version_hash,
 };
 
 use crate::{
@@ -151,6 +151,16 @@ fn established(ctx: &XdpContext, pkt: &Packet, conn: &mut Conn, now: u64) -> u32
             conn.state |= bits;
             touch_peer = true;
         }
+        if !reverse
+            && f & parse::TCP_FIN != 0
+            && let Some(ts) = parse::tcp_tsval(ctx)
+        {
+            // The backend's TIME_WAIT (if it closed first) ends on this
+            // FIN: remember its timestamp for the SNAT port's next flow.
+            conn.fin_tsval = ts;
+            conn.flags |= CONN_F_FIN_TS;
+            touch_peer = true;
+        }
     }
     if now.saturating_sub(conn.last_seen) > LAST_SEEN_GRANULARITY_NS {
         conn.last_seen = now;
@@ -163,6 +173,10 @@ fn established(ctx: &XdpContext, pkt: &Packet, conn: &mut Conn, now: u64) -> u32
             unsafe {
                 (*peer).state |= conn.state;
                 (*peer).last_seen = now;
+                if conn.flags & CONN_F_FIN_TS != 0 {
+                    (*peer).fin_tsval = conn.fin_tsval;
+                    (*peer).flags |= CONN_F_FIN_TS;
+                }
             }
         }
     }
@@ -270,7 +284,7 @@ fn new_flow(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, svc: &Service, now: u
         (*c).flags = flags | CONN_F_REVERSE;
         (*c).state = state;
         (*c).service = svc.id;
-        (*c)._pad = 0;
+        (*c).fin_tsval = 0;
         (*c).last_seen = now;
         clear_route(c);
         &mut *c
@@ -286,7 +300,12 @@ fn new_flow(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, svc: &Service, now: u
     };
     if snat {
         rkey.dst = [svc.snat_addr[0], 0, 0, 0];
-        let Some(port) = claim_snat_port(&mut rkey, &*rev, full, now) else {
+        let syn_ts = if pkt.proto == PROTO_TCP {
+            parse::tcp_tsval(ctx)
+        } else {
+            None
+        };
+        let Some(port) = claim_snat_port(&mut rkey, &*rev, full, syn_ts, now) else {
             return maps::drop_for(
                 svc.id,
                 counter::DROP_SNAT_EXHAUSTED,
@@ -346,15 +365,23 @@ unsafe fn clear_route(c: *mut Conn) {
 /// Finds a free SNAT port towards this backend and inserts the reverse
 /// entry under it. Probes `SNAT_PORT_TRIES` ports from a hash-chosen start
 /// (`snat_port_start`); a port whose TCP flow ended within the backend's
-/// TIME_WAIT (`SNAT_TIME_WAIT_NS`) is taken only if no other probed port is;
-/// a port whose entry is stale is taken over. Returns the port (network order).
+/// TIME_WAIT (`SNAT_TIME_WAIT_NS`) is taken right away if the SYN's
+/// timestamp (`syn_ts`) is newer than that flow's last FIN (the backend
+/// then accepts it), else only if no other probed port is; a port whose
+/// entry is stale is taken over. Returns the port (network order).
 ///
 /// Each port is looked up before anything is inserted: an insert into the
 /// LRU table takes a free element first (evicting the oldest flow when the
 /// table is full) and only then finds the key taken, so probing by insert
 /// would evict a flow for every busy port it meets.
 #[inline(always)]
-fn claim_snat_port(rkey: &mut FlowKey, rev: &Conn, h: u32, now: u64) -> Option<u16> {
+fn claim_snat_port(
+    rkey: &mut FlowKey,
+    rev: &Conn,
+    h: u32,
+    syn_ts: Option<u32>,
+    now: u64,
+) -> Option<u16> {
     let range = (SNAT_PORT_MAX - SNAT_PORT_MIN) as u32 + 1;
     let start = snat_port_start(h);
     // Probes step by a hash-chosen odd stride below 1423, so coprime with
@@ -377,11 +404,21 @@ fn claim_snat_port(rkey: &mut FlowKey, rev: &Conn, h: u32, now: u64) -> Option<u
             }
             Some(e) => {
                 // SAFETY: a valid map value; read before it is replaced.
-                let (state, last_seen) = unsafe { ((*e).state, (*e).last_seen) };
+                let (state, last_seen, flags, fin_ts) =
+                    unsafe { ((*e).state, (*e).last_seen, (*e).flags, (*e).fin_tsval) };
                 if conn_stale(rkey.proto, state, last_seen, now) {
                     let in_time_wait = rkey.proto == PROTO_TCP
                         && now.saturating_sub(last_seen) <= SNAT_TIME_WAIT_NS;
-                    if !in_time_wait {
+                    // PAWS at the backend: a SYN is accepted in TIME_WAIT
+                    // when its timestamp is newer (serial order) than the
+                    // last one of the old connection.
+                    let newer = match syn_ts {
+                        Some(ts) => {
+                            flags & CONN_F_FIN_TS != 0 && (ts.wrapping_sub(fin_ts) as i32) > 0
+                        }
+                        None => false,
+                    };
+                    if !in_time_wait || newer {
                         if take_over_port(rkey, rev, now) {
                             return Some(rkey.dport);
                         }

@@ -161,3 +161,50 @@ fn drop_if_vip(daddr: u32, reason: u32) -> u32 {
         XDP_PASS
     }
 }
+
+/// Options a TCP header is scanned through for the timestamp, at most.
+const TCP_OPTION_STEPS: u32 = 8;
+
+/// The timestamp value (TSval, host order) of the TCP segment at
+/// `L4_OFF`, if it carries the timestamp option within its first
+/// `TCP_OPTION_STEPS` options (Linux puts it third on a SYN and on every
+/// later segment, macOS sixth on a SYN).
+#[inline(always)]
+pub fn tcp_tsval(ctx: &XdpContext) -> Option<u32> {
+    let tcp = ptr_at::<TcpHdr>(ctx, L4_OFF)?;
+    let opts_end = L4_OFF + ((unsafe { (*tcp).doff } >> 4) as usize) * 4;
+    let mut off = L4_OFF + size_of::<TcpHdr>();
+    let mut i = 0;
+    while i < TCP_OPTION_STEPS {
+        // Bounded for the verifier: options end before L4_OFF + 60 < 128.
+        off &= 0x7f;
+        if off + 2 > opts_end {
+            return None;
+        }
+        // Kind and length read together: a one-byte read's bounds check
+        // compiles to a form the verifier cannot use.
+        let [kind, len] = unsafe { *ptr_at::<[u8; 2]>(ctx, off)? };
+        match kind {
+            // End of options.
+            0 => return None,
+            // No-op.
+            1 => off += 1,
+            _ => {
+                let len = len as usize;
+                if kind == 8 {
+                    if len != 10 || off + 10 > opts_end {
+                        return None;
+                    }
+                    let v = ptr_at::<[u8; 4]>(ctx, off + 2)?;
+                    return Some(u32::from_be_bytes(unsafe { *v }));
+                }
+                if len < 2 {
+                    return None;
+                }
+                off += len;
+            }
+        }
+        i += 1;
+    }
+    None
+}

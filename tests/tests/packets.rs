@@ -1115,3 +1115,100 @@ fn a_snat_port_in_the_backends_time_wait_is_not_reused_while_others_are_free() -
         Ok(())
     })
 }
+
+/// TCP options as Linux sends them on a SYN (MSS, SACK permitted,
+/// timestamps, no-op, window scale) with timestamp value `tsval`.
+fn syn_options(tsval: u32) -> Vec<u8> {
+    let mut o = vec![2, 4, 0x05, 0xb4, 4, 2, 8, 10];
+    o.extend_from_slice(&tsval.to_be_bytes());
+    o.extend_from_slice(&[0, 0, 0, 0, 1, 3, 3, 7]);
+    o
+}
+
+/// TCP options as Linux sends them after the SYN (two no-ops, timestamps).
+fn ts_options(tsval: u32, tsecr: u32) -> Vec<u8> {
+    let mut o = vec![1, 1, 8, 10];
+    o.extend_from_slice(&tsval.to_be_bytes());
+    o.extend_from_slice(&tsecr.to_be_bytes());
+    o
+}
+
+#[test]
+#[ignore = "needs root: run with -- --include-ignored --test-threads=1"]
+fn a_snat_port_in_time_wait_is_reused_only_by_a_syn_with_a_newer_timestamp() -> Result<()> {
+    use splitter_common::{PROTO_TCP, flow_hash, snat_port_start};
+    in_netns(|| {
+        let edge = Edge::new("snat", 100, 0)?;
+        // A connection with timestamps that the backend closes first (so the
+        // backend holds it in TIME_WAIT); the client's FIN has TSval 50000.
+        let a = client(42000);
+        let (r, _) = edge.run(
+            &Packet::tcp(a, VIP, TCP_SYN)
+                .tcp_options(&syn_options(40000))
+                .build(),
+        )?;
+        let port = snat_source(&r.data)?;
+        let from_blue = |flags: u8, seq: u32, ack: u32, tsval: u32, tsecr: u32| {
+            Packet::tcp(BLUE, port, flags)
+                .seq_ack(seq, ack)
+                .tcp_options(&ts_options(tsval, tsecr))
+                .macs(EDGE_MAC, [2, 0, 0, 0, 0, 2])
+                .build()
+        };
+        edge.run(&from_blue(TCP_SYN | TCP_ACK, 5000, 1001, 7000, 40000))?;
+        edge.run(&from_blue(TCP_FIN | TCP_ACK, 5001, 1001, 7100, 40000))?;
+        edge.run(
+            &Packet::tcp(a, VIP, TCP_FIN | TCP_ACK)
+                .seq_ack(1001, 5002)
+                .tcp_options(&ts_options(50000, 7100))
+                .build(),
+        )?;
+        std::thread::sleep(std::time::Duration::from_millis(2300));
+        // Two new clients whose probes start at that port.
+        let be32 = |a: SocketAddrV4| [u32::from(*a.ip()).to_be(), 0, 0, 0];
+        let want = u32::from(port.port() - SNAT_PORTS.start());
+        let mut starting_there = (42001..=u16::MAX).map(client).filter(|c| {
+            let h = flow_hash(
+                &be32(*c),
+                &be32(VIP),
+                c.port().to_be(),
+                VIP.port().to_be(),
+                PROTO_TCP,
+                false,
+            );
+            snat_port_start(h) == want
+        });
+        let older = starting_there
+            .next()
+            .context("no client port probes from that port")?;
+        let newer = starting_there
+            .next()
+            .context("no second client port probes from that port")?;
+        // An older timestamp would be refused by the backend (PAWS): another port.
+        let (r, _) = edge.run(
+            &Packet::tcp(older, VIP, TCP_SYN)
+                .tcp_options(&syn_options(49000))
+                .build(),
+        )?;
+        let got = snat_source(&r.data)?;
+        ensure!(
+            got.port() != port.port(),
+            "{older} (TSval 49000) got SNAT port {} whose last flow's FIN had TSval 50000",
+            got.port()
+        );
+        // A newer one is accepted: the port is taken at once.
+        let (r, _) = edge.run(
+            &Packet::tcp(newer, VIP, TCP_SYN)
+                .tcp_options(&syn_options(51000))
+                .build(),
+        )?;
+        let got = snat_source(&r.data)?;
+        ensure!(
+            got.port() == port.port(),
+            "{newer} (TSval 51000) got SNAT port {} instead of {} (last FIN TSval 50000, so the backend accepts it)",
+            got.port(),
+            port.port()
+        );
+        Ok(())
+    })
+}
