@@ -13,8 +13,10 @@
 //! thread that did `setns(fd, CLONE_NEWNET)` (or `unshare(CLONE_NEWNET)`).
 //!
 //! Needs `CAP_SYS_ADMIN` (or `CAP_BPF` + `CAP_NET_ADMIN`) and a program fd.
-//! `XDP_REDIRECT` is reported as the action, but the frame is not sent
-//! anywhere (the kernel's `BPF_F_TEST_XDP_LIVE_FRAMES` mode is not used).
+//! With [`test_run_xdp`], `XDP_REDIRECT` is reported as the action, but the
+//! frame is not sent anywhere; [`test_run_xdp_live`] (the kernel's
+//! `BPF_F_TEST_XDP_LIVE_FRAMES` mode) really sends the frames and reports
+//! nothing back.
 //!
 //! ```no_run
 //! use splitter_tests::testrun::{test_run_xdp, xdp_action};
@@ -140,10 +142,7 @@ pub fn test_run_xdp(
     ingress_ifindex: Option<u32>,
     repeat: u32,
 ) -> io::Result<RunResult> {
-    let data_size_in = u32::try_from(packet.len())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "packet too long"))?;
-    let prog_fd = u32::try_from(prog_fd)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "negative program fd"))?;
+    let (prog_fd, data_size_in) = fd_and_len(prog_fd, packet)?;
     let mut out = vec![0u8; packet.len() + OUTPUT_SLACK];
     let ctx = XdpMd {
         data: 0,
@@ -164,42 +163,17 @@ pub fn test_run_xdp(
         attr.ctx_size_in = size_of::<XdpMd>() as u32;
         attr.ctx_in = &ctx as *const XdpMd as u64;
     }
-    // SAFETY: `attr` is a valid, fully initialised `bpf_attr.test` whose
-    // pointers refer to live buffers of the sizes given: the kernel reads
-    // `data_size_in` bytes of `packet` and `ctx_size_in` bytes of `ctx`, and
-    // writes at most `data_size_out` bytes into `out`. All outlive the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_TEST_RUN,
-            &mut attr as *mut TestRunAttr,
-            size_of::<TestRunAttr>() as libc::c_uint,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    // SAFETY: the pointers refer to live buffers of the sizes given: the
+    // kernel reads `data_size_in` bytes of `packet` and `ctx_size_in` bytes
+    // of `ctx`, and writes at most `data_size_out` bytes into `out`. All
+    // outlive the call.
+    unsafe { prog_test_run(&mut attr)? };
     out.truncate(attr.data_size_out as usize);
     Ok(RunResult {
         action: attr.retval,
         data: out,
         duration_ns: attr.duration,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn attr_layouts_match_the_kernel() {
-        // `union bpf_attr`'s test member ends at batch_size (offset 72);
-        // `struct xdp_md` is six u32.
-        assert_eq!(size_of::<TestRunAttr>(), 80);
-        assert_eq!(std::mem::offset_of!(TestRunAttr, batch_size), 72);
-        assert_eq!(std::mem::offset_of!(TestRunAttr, ctx_in), 48);
-        assert_eq!(size_of::<XdpMd>(), 24);
-    }
 }
 
 /// `BPF_F_TEST_XDP_LIVE_FRAMES`: test-run frames really leave.
@@ -220,10 +194,7 @@ pub fn test_run_xdp_live(
     ingress_ifindex: u32,
     repeat: u32,
 ) -> io::Result<()> {
-    let data_size_in = u32::try_from(frame.len())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "frame too long"))?;
-    let prog_fd = u32::try_from(prog_fd)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "negative program fd"))?;
+    let (prog_fd, data_size_in) = fd_and_len(prog_fd, frame)?;
     let ctx = XdpMd {
         data_end: data_size_in,
         ingress_ifindex,
@@ -239,14 +210,34 @@ pub fn test_run_xdp_live(
         flags: BPF_F_TEST_XDP_LIVE_FRAMES,
         ..TestRunAttr::default()
     };
-    // SAFETY: a fully initialised `bpf_attr.test`; the kernel reads
-    // `data_size_in` bytes of `frame` and `ctx_size_in` bytes of `ctx`,
-    // both alive for the call, and writes nothing back (no output buffers).
+    // SAFETY: the kernel reads `data_size_in` bytes of `frame` and
+    // `ctx_size_in` bytes of `ctx`, both alive for the call, and writes
+    // nothing back (no output buffers).
+    unsafe { prog_test_run(&mut attr) }
+}
+
+/// The program fd and the frame length as `bpf_attr.test` takes them.
+fn fd_and_len(prog_fd: RawFd, frame: &[u8]) -> io::Result<(u32, u32)> {
+    let len = u32::try_from(frame.len())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "packet too long"))?;
+    let fd = u32::try_from(prog_fd)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "negative program fd"))?;
+    Ok((fd, len))
+}
+
+/// `bpf(BPF_PROG_TEST_RUN, attr)`.
+///
+/// # Safety
+/// `attr` is a fully initialised `bpf_attr.test` whose pointers refer to
+/// buffers of the sizes it gives, alive for the call (the output ones
+/// writable).
+unsafe fn prog_test_run(attr: &mut TestRunAttr) -> io::Result<()> {
+    // SAFETY: as the caller guarantees.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_bpf,
             BPF_PROG_TEST_RUN,
-            &mut attr as *mut TestRunAttr,
+            attr as *mut TestRunAttr,
             size_of::<TestRunAttr>() as libc::c_uint,
         )
     };
@@ -254,4 +245,19 @@ pub fn test_run_xdp_live(
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attr_layouts_match_the_kernel() {
+        // `union bpf_attr`'s test member ends at batch_size (offset 72);
+        // `struct xdp_md` is six u32.
+        assert_eq!(size_of::<TestRunAttr>(), 80);
+        assert_eq!(std::mem::offset_of!(TestRunAttr, batch_size), 72);
+        assert_eq!(std::mem::offset_of!(TestRunAttr, ctx_in), 48);
+        assert_eq!(size_of::<XdpMd>(), 24);
+    }
 }
