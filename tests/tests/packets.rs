@@ -238,6 +238,25 @@ fn client(port: u16) -> SocketAddrV4 {
     SocketAddrV4::new(*CLIENT.ip(), port)
 }
 
+/// Clients (ports from `first` up, in order) whose new TCP flow to `VIP`
+/// starts its SNAT port probe at `snat_port`, as the program computes it.
+fn clients_probing_from(snat_port: u16, first: u16) -> impl Iterator<Item = SocketAddrV4> {
+    use splitter_common::{PROTO_TCP, flow_hash, snat_port_start};
+    let be32 = |a: SocketAddrV4| [u32::from(*a.ip()).to_be(), 0, 0, 0];
+    let want = u32::from(snat_port - SNAT_PORTS.start());
+    (first..=u16::MAX).map(client).filter(move |c| {
+        let h = flow_hash(
+            &be32(*c),
+            &be32(VIP),
+            c.port().to_be(),
+            VIP.port().to_be(),
+            PROTO_TCP,
+            false,
+        );
+        snat_port_start(h) == want
+    })
+}
+
 const FORWARDED_NEW: &[(&str, u64)] = &[("new_flow", 1), ("pass_fib_other", 1)];
 const FORWARDED: &[(&str, u64)] = &[("pass_fib_other", 1)];
 
@@ -1061,7 +1080,6 @@ fn a_kept_connection_table_without_a_filter_opens_the_filter() -> Result<()> {
 #[test]
 #[ignore = "needs root: run with -- --include-ignored --test-threads=1"]
 fn a_snat_port_in_the_backends_time_wait_is_not_reused_while_others_are_free() -> Result<()> {
-    use splitter_common::{PROTO_TCP, flow_hash, snat_port_start};
     in_netns(|| {
         let edge = Edge::new("snat", 100, 0)?;
         // A connection that opens and closes (FIN both ways).
@@ -1089,21 +1107,8 @@ fn a_snat_port_in_the_backends_time_wait_is_not_reused_while_others_are_free() -
         // well inside the backend's 60 s TIME_WAIT.
         std::thread::sleep(std::time::Duration::from_millis(2300));
         // A new client connection whose probe starts at that very port.
-        let be32 = |a: SocketAddrV4| [u32::from(*a.ip()).to_be(), 0, 0, 0];
-        let want = u32::from(port.port() - SNAT_PORTS.start());
-        let b = (41001..=u16::MAX)
-            .map(client)
-            .find(|c| {
-                let h = flow_hash(
-                    &be32(*c),
-                    &be32(VIP),
-                    c.port().to_be(),
-                    VIP.port().to_be(),
-                    PROTO_TCP,
-                    false,
-                );
-                snat_port_start(h) == want
-            })
+        let b = clients_probing_from(port.port(), 41001)
+            .next()
             .context("no client port probes from that SNAT port")?;
         let (r, _) = edge.run(&Packet::tcp(b, VIP, TCP_SYN).build())?;
         let got = snat_source(&r.data)?;
@@ -1136,7 +1141,6 @@ fn ts_options(tsval: u32, tsecr: u32) -> Vec<u8> {
 #[test]
 #[ignore = "needs root: run with -- --include-ignored --test-threads=1"]
 fn a_snat_port_in_time_wait_is_reused_only_by_a_syn_with_a_newer_timestamp() -> Result<()> {
-    use splitter_common::{PROTO_TCP, flow_hash, snat_port_start};
     in_netns(|| {
         let edge = Edge::new("snat", 100, 0)?;
         // A connection with timestamps that the backend closes first (so the
@@ -1165,19 +1169,7 @@ fn a_snat_port_in_time_wait_is_reused_only_by_a_syn_with_a_newer_timestamp() -> 
         )?;
         std::thread::sleep(std::time::Duration::from_millis(2300));
         // Two new clients whose probes start at that port.
-        let be32 = |a: SocketAddrV4| [u32::from(*a.ip()).to_be(), 0, 0, 0];
-        let want = u32::from(port.port() - SNAT_PORTS.start());
-        let mut starting_there = (42001..=u16::MAX).map(client).filter(|c| {
-            let h = flow_hash(
-                &be32(*c),
-                &be32(VIP),
-                c.port().to_be(),
-                VIP.port().to_be(),
-                PROTO_TCP,
-                false,
-            );
-            snat_port_start(h) == want
-        });
+        let mut starting_there = clients_probing_from(port.port(), 42001);
         let older = starting_there
             .next()
             .context("no client port probes from that port")?;
