@@ -17,6 +17,7 @@
 
 mod fib;
 mod flow;
+mod headers;
 mod maps;
 mod nat;
 mod parse;

@@ -1,64 +1,15 @@
-//! Header layouts and the one bounds-checked accessor the program reads
-//! packets through. [`parse`] turns a frame into a [`Packet`] or a verdict.
+//! The header layouts (from `headers`) and the one bounds-checked accessor
+//! the program reads packets through. [`parse`] turns a frame into a
+//! [`Packet`] or a verdict.
 use aya_ebpf::programs::XdpContext;
 use core::mem::size_of;
 use splitter_common::{PROTO_TCP, PROTO_UDP, counter};
 
 use crate::{XDP_PASS, maps};
 
-pub const ETH_LEN: usize = 14;
-pub const IPV4_LEN: usize = 20;
-/// IPv4 without options: the only layout forwarded for a VIP.
-pub const L4_OFF: usize = ETH_LEN + IPV4_LEN;
-const ETH_P_IP: u16 = 0x0800;
-
-#[repr(C)]
-pub struct EthHdr {
-    pub dst: [u8; 6],
-    pub src: [u8; 6],
-    /// Network byte order.
-    pub proto: u16,
-}
-
-#[repr(C)]
-pub struct Ipv4Hdr {
-    pub ver_ihl: u8,
-    pub tos: u8,
-    pub tot_len: u16,
-    pub id: u16,
-    pub frag_off: u16,
-    pub ttl: u8,
-    pub proto: u8,
-    pub check: u16,
-    pub saddr: u32,
-    pub daddr: u32,
-}
-
-#[repr(C)]
-pub struct TcpHdr {
-    pub sport: u16,
-    pub dport: u16,
-    pub seq: u32,
-    pub ack_seq: u32,
-    pub doff: u8,
-    pub flags: u8,
-    pub window: u16,
-    pub check: u16,
-    pub urg_ptr: u16,
-}
-
-#[repr(C)]
-pub struct UdpHdr {
-    pub sport: u16,
-    pub dport: u16,
-    pub len: u16,
-    pub check: u16,
-}
-
-pub const TCP_FIN: u8 = 0x01;
-pub const TCP_SYN: u8 = 0x02;
-pub const TCP_RST: u8 = 0x04;
-pub const TCP_ACK: u8 = 0x10;
+pub use crate::headers::{
+    ETH_LEN, ETH_P_IP, EthHdr, Ipv4Hdr, L4_OFF, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, TcpHdr, UdpHdr,
+};
 
 /// Returns a pointer to a `T` at `offset` if the whole `T` lies inside the
 /// packet. Every packet access goes through here.

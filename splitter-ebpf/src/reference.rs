@@ -1,51 +1,15 @@
 //! What the reference programs of `cargo xtask bench` (`bin/baseline.rs`,
-//! `bin/edgebench.rs`) share: header layouts, bounds-checked access and
-//! RFC 1624 checksum arithmetic. Written apart from the splitter's own
-//! `parse` and `nat` on purpose, so that work on the splitter never moves
-//! the yardsticks it is measured against. Included by `#[path]` into each
-//! program.
+//! `bin/edgebench.rs`) share: header layouts (`headers.rs`, the one file
+//! they share with the splitter: the protocols fix it), bounds-checked
+//! access and RFC 1624 checksum arithmetic. The code is written apart from
+//! the splitter's own `parse` and `nat` on purpose, so that work on the
+//! splitter never moves the yardsticks it is measured against. Included by
+//! `#[path]` into each program.
 use aya_ebpf::programs::XdpContext;
 
-pub const ETH_P_IP: u16 = 0x0800;
-pub const ETH_LEN: usize = 14;
-pub const L4_OFF: usize = ETH_LEN + 20;
-
-#[repr(C)]
-#[allow(dead_code)] // layout: not every field is read
-pub struct EthHdr {
-    pub dst: [u8; 6],
-    pub src: [u8; 6],
-    pub proto: u16,
-}
-
-#[repr(C)]
-#[allow(dead_code)] // layout: not every field is read
-pub struct Ipv4Hdr {
-    pub ver_ihl: u8,
-    pub tos: u8,
-    pub tot_len: u16,
-    pub id: u16,
-    pub frag_off: u16,
-    pub ttl: u8,
-    pub proto: u8,
-    pub check: u16,
-    pub saddr: u32,
-    pub daddr: u32,
-}
-
-#[repr(C)]
-#[allow(dead_code)] // layout: not every field is read
-pub struct TcpHdr {
-    pub sport: u16,
-    pub dport: u16,
-    pub seq: u32,
-    pub ack_seq: u32,
-    pub doff: u8,
-    pub flags: u8,
-    pub window: u16,
-    pub check: u16,
-    pub urg_ptr: u16,
-}
+#[path = "headers.rs"]
+mod headers;
+pub use headers::*;
 
 /// A pointer to a `T` at `offset` if the whole `T` lies inside the packet.
 #[inline(always)]

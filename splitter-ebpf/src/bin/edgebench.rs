@@ -26,7 +26,11 @@
 #[allow(dead_code)] // each program uses part of it
 mod reference;
 
-use reference::{ETH_LEN, ETH_P_IP, EthHdr, Ipv4Hdr, L4_OFF, TcpHdr, add16, add32, fold, ptr_at};
+use reference::{
+    ETH_LEN, ETH_P_IP, EthHdr, Ipv4Hdr, L4_OFF, TCP_ACK, TCP_SYN, TcpHdr, UdpHdr, add16, add32,
+    fold, ptr_at,
+};
+use splitter_common::{PROTO_TCP, PROTO_UDP};
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
@@ -35,11 +39,6 @@ use aya_ebpf::{
     maps::{Array, DevMap, PerCpuArray},
     programs::XdpContext,
 };
-
-const PROTO_TCP: u8 = 6;
-const PROTO_UDP: u8 = 17;
-const TCP_SYN: u8 = 0x02;
-const TCP_ACK: u8 = 0x10;
 
 /// Every generated frame: 64 bytes on the wire without the FCS.
 const FRAME_LEN: usize = 60;
@@ -92,15 +91,6 @@ static FWD_CFG: Array<FwdCfg> = Array::with_max_entries(1, 0);
 
 #[map(name = "FWD_DEV")]
 static FWD_DEV: DevMap = DevMap::with_max_entries(1, 0);
-
-#[repr(C)]
-#[allow(dead_code)] // layout: not every field is read
-struct UdpHdr {
-    sport: u16,
-    dport: u16,
-    len: u16,
-    check: u16,
-}
 
 /// A checksum field after the changes summed in `delta`.
 #[inline(always)]
