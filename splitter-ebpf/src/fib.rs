@@ -64,17 +64,17 @@ pub fn forward(
     }
     let ingress = ctx.ingress_ifindex() as u32;
     let len = u16::from_be(tot_len);
-    let mut cache = cache;
-    if let Some(c) = cache.as_deref_mut() {
+    // The cached answer is fresh and was made for this interface and TOS.
+    let mut fresh = false;
+    if let Some(c) = cache.as_deref() {
         // SAFETY: a map value; `fib_at` is written last (see `store`).
         let at = unsafe { read_volatile(&c.fib_at) };
         compiler_fence(Ordering::Acquire);
-        if at != 0
+        fresh = at != 0
             && now.wrapping_sub(at) < FIB_CACHE_NS
             && c.fib_iif == ingress
-            && c.fib_tos == tos
-            && len <= c.fib_len
-        {
+            && c.fib_tos == tos;
+        if fresh && len <= c.fib_len {
             let hop = Hop {
                 ifindex: c.fib_ifindex,
                 macs: load_macs(&c.fib_dmac),
@@ -119,7 +119,7 @@ pub fn forward(
                 ],
             };
             if let Some(c) = cache {
-                store(c, &hop, ingress, tos, len, now);
+                store(c, &hop, fresh, ingress, tos, len, now);
             }
             send(ctx, proto, old, new, ingress, &hop)
         }
@@ -181,18 +181,13 @@ fn load_macs(dmac: &[u8; 6]) -> [u16; 6] {
 }
 
 /// Records a successful lookup in the flow entry. While the cached answer
-/// is still fresh and the same, a longer packet that the route accepted
-/// only raises `fib_len` (the answer keeps its time, so everything cached
-/// expires `FIB_CACHE_NS` after the lookup that started it).
+/// is still `fresh` (as `forward` found it: unexpired, same interface and
+/// TOS) and the same, a longer packet that the route accepted only raises
+/// `fib_len` (the answer keeps its time, so everything cached expires
+/// `FIB_CACHE_NS` after the lookup that started it).
 #[inline(always)]
-fn store(c: &mut Conn, hop: &Hop, ingress: u32, tos: u8, len: u16, now: u64) {
-    if c.fib_at != 0
-        && now.wrapping_sub(c.fib_at) < FIB_CACHE_NS
-        && c.fib_ifindex == hop.ifindex
-        && c.fib_iif == ingress
-        && c.fib_tos == tos
-        && load_macs(&c.fib_dmac) == hop.macs
-    {
+fn store(c: &mut Conn, hop: &Hop, fresh: bool, ingress: u32, tos: u8, len: u16, now: u64) {
+    if fresh && c.fib_ifindex == hop.ifindex && load_macs(&c.fib_dmac) == hop.macs {
         if len > c.fib_len {
             c.fib_len = len;
         }
