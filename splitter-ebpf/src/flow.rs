@@ -419,7 +419,7 @@ fn claim_snat_port(
                         None => false,
                     };
                     if !in_time_wait || newer {
-                        if take_over_port(rkey, rev, now) {
+                        if take_over_port(rkey, rev, e) {
                             return Some(rkey.dport);
                         }
                     } else if recent == 0 {
@@ -432,28 +432,27 @@ fn claim_snat_port(
     }
     if recent != 0 {
         rkey.dport = recent;
-        if take_over_port(rkey, rev, now) {
+        // Looked up again: another CPU may have taken or refreshed it.
+        if let Some(e) = CONNS.get_ptr(&*rkey)
+            // SAFETY: a valid map value.
+            && unsafe { conn_stale(rkey.proto, (*e).state, (*e).last_seen, now) }
+            && take_over_port(rkey, rev, e)
+        {
             return Some(recent);
         }
     }
     None
 }
 
-/// Replaces the stale entry at `rkey` with `rev`, and removes the old
-/// flow's forward entry if it still names this port (a late packet of the
-/// old flow must not leak into the new one). False if the entry is gone or
-/// no longer stale, or the insert failed.
+/// Replaces the stale entry `e` at `rkey` (the caller checked it is
+/// stale) with `rev`, and removes the old flow's forward entry if it still
+/// names this port (a late packet of the old flow must not leak into the
+/// new one). False if the insert failed.
 #[inline(always)]
-fn take_over_port(rkey: &FlowKey, rev: &Conn, now: u64) -> bool {
-    let Some(e) = CONNS.get_ptr(rkey) else {
-        return false;
-    };
+fn take_over_port(rkey: &FlowKey, rev: &Conn, e: *const Conn) -> bool {
     // SAFETY: a valid map value; read before it is replaced.
-    let (state, last_seen, fwd) =
-        unsafe { ((*e).state, (*e).last_seen, peer_key(&*e, rkey.proto)) };
-    if !conn_stale(rkey.proto, state, last_seen, now)
-        || CONNS.insert(rkey, rev, BPF_ANY as u64).is_err()
-    {
+    let fwd = unsafe { peer_key(&*e, rkey.proto) };
+    if CONNS.insert(rkey, rev, BPF_ANY as u64).is_err() {
         return false;
     }
     if let Some(f) = CONNS.get_ptr(&fwd) {
