@@ -966,13 +966,7 @@ impl Config {
     /// An unreadable file, or as [`Config::parse`]; the error's `source`
     /// (and so its message) names the path.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let with_source = |mut e: ConfigError| {
-            e.source = Some(path.display().to_string());
-            e
-        };
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| with_source(ConfigError::one(format!("cannot read the file: {e}"))))?;
-        Self::parse(&text).map_err(with_source)
+        Self::load_with_digest(path).map(|(config, _)| config)
     }
 
     /// Reads a file, parses it, and returns it with the digest of its text
