@@ -573,13 +573,7 @@ impl Dataplane {
     /// Map read failures.
     pub fn live_flows(&self, now: u64) -> Result<BTreeMap<u32, u64>> {
         let mut out = BTreeMap::new();
-        let mut count = |key: &FlowKey, conn: &Conn| {
-            if conn.flags & CONN_F_REVERSE == 0
-                && splitter_common::conn_live(key.proto, conn.state, conn.last_seen, now)
-            {
-                *out.entry(conn.backend).or_insert(0) += 1;
-            }
-        };
+        let mut count = |key: &FlowKey, conn: &Conn| tally_live(&mut out, key, conn, now);
         use aya::maps::IterableMap as _;
         let fd = self.conns.map().fd().as_fd().as_raw_fd();
         match lookup_batch(fd, 2 * CONN_CAPACITY as usize, &mut count) {
@@ -1150,15 +1144,19 @@ pub fn count_live_flows(
     lookup_batch(
         fd.as_raw_fd(),
         2 * CONN_CAPACITY as usize,
-        &mut |key, conn| {
-            if conn.flags & CONN_F_REVERSE == 0
-                && splitter_common::conn_live(key.proto, conn.state, conn.last_seen, now)
-            {
-                *out.entry(conn.backend).or_insert(0) += 1;
-            }
-        },
+        &mut |key, conn| tally_live(&mut out, key, conn, now),
     )?;
     Ok(out)
+}
+
+/// Counts `conn` for its backend in `out` if it is a forward entry whose
+/// flow is still going at `now` (see [`splitter_common::conn_live`]).
+fn tally_live(out: &mut BTreeMap<u32, u64>, key: &FlowKey, conn: &Conn, now: u64) {
+    if conn.flags & CONN_F_REVERSE == 0
+        && splitter_common::conn_live(key.proto, conn.state, conn.last_seen, now)
+    {
+        *out.entry(conn.backend).or_insert(0) += 1;
+    }
 }
 
 /// Reads every entry of the connection table behind `fd` with
