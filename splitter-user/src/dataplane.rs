@@ -1103,32 +1103,23 @@ impl Dataplane {
     }
 }
 
-/// The object to load from `source`, after checking that its maps have
-/// this build's layout (so a refused object changes nothing).
+/// The object to load from `source`. An object file's maps are checked
+/// against this build's layout first (so a refused object changes
+/// nothing); the embedded one is built from the same sources, which
+/// `pins::tests::the_embedded_program_has_this_builds_layout` checks.
 fn program_bytes(source: &ProgramSource) -> Result<std::borrow::Cow<'static, [u8]>> {
-    let (bytes, what) = match source {
-        ProgramSource::Embedded => {
-            if PROGRAM.is_empty() {
-                return Err(DataplaneError::NoProgram);
-            }
-            (
-                std::borrow::Cow::Borrowed(PROGRAM),
-                "the embedded kernel program".to_string(),
-            )
-        }
+    match source {
+        ProgramSource::Embedded if PROGRAM.is_empty() => Err(DataplaneError::NoProgram),
+        ProgramSource::Embedded => Ok(std::borrow::Cow::Borrowed(PROGRAM)),
         ProgramSource::File(path) => {
-            let b = std::fs::read(path).map_err(|e| DataplaneError::ProgramFile {
+            let bytes = std::fs::read(path).map_err(|e| DataplaneError::ProgramFile {
                 path: path.clone(),
                 source: e,
             })?;
-            (
-                std::borrow::Cow::Owned(b),
-                format!("the kernel program {}", path.display()),
-            )
+            pins::check_object(&bytes, &format!("the kernel program {}", path.display()))?;
+            Ok(std::borrow::Cow::Owned(bytes))
         }
-    };
-    pins::check_object(&bytes, &what)?;
-    Ok(bytes)
+    }
 }
 
 /// Live flows per backend id in the connection table behind `fd` (see
