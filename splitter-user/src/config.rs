@@ -315,7 +315,8 @@ pub struct HealthConfig {
     pub http_path: Option<String>,
     /// Time between checks of one backend, in ms.
     pub interval_ms: u32,
-    /// Longest a connect may take, in ms.
+    /// Longest one check may take (the connect, and with HTTP the status
+    /// line), in ms.
     pub timeout_ms: u32,
     /// Failed checks in a row that take a backend out.
     pub fall: u32,
