@@ -144,7 +144,7 @@ pub struct BackendReport {
     #[serde(default)]
     pub health: String,
     /// Flows bound to it that are still going (counted from the
-    /// connection table, at most a second old).
+    /// connection table, recounted about once a second).
     #[serde(default)]
     pub live_flows: u64,
     /// Packets forwarded to it.

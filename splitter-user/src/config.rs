@@ -315,7 +315,8 @@ pub struct HealthConfig {
     pub http_path: Option<String>,
     /// Time between checks of one backend, in ms.
     pub interval_ms: u32,
-    /// Longest a connect may take, in ms.
+    /// Longest one check may take (the connect, and with HTTP the status
+    /// line), in ms.
     pub timeout_ms: u32,
     /// Failed checks in a row that take a backend out.
     pub fall: u32,
@@ -966,13 +967,7 @@ impl Config {
     /// An unreadable file, or as [`Config::parse`]; the error's `source`
     /// (and so its message) names the path.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let with_source = |mut e: ConfigError| {
-            e.source = Some(path.display().to_string());
-            e
-        };
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| with_source(ConfigError::one(format!("cannot read the file: {e}"))))?;
-        Self::parse(&text).map_err(with_source)
+        Self::load_with_digest(path).map(|(config, _)| config)
     }
 
     /// Reads a file, parses it, and returns it with the digest of its text

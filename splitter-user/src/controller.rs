@@ -1,7 +1,12 @@
 //! The controller's state: the running [`Config`] and the [`Dataplane`] it
 //! is published into. Every change goes through here, validated first and
 //! published second, so a refused change leaves both exactly as they were.
-use std::{collections::BTreeMap, net::SocketAddrV4, path::PathBuf, sync::Arc};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddrV4,
+    path::PathBuf,
+    sync::Arc,
+};
 
 use tokio::sync::Notify;
 use tracing::{error, info};
@@ -12,7 +17,7 @@ use crate::{
         ProgramReport, ServiceReport, StatusReport, VersionReport,
     },
     config::{BackendState, Config, HealthConfig, ServiceConfig, parse_weight_args},
-    dataplane::{Dataplane, monotonic_ns},
+    dataplane::{Dataplane, DataplaneError, monotonic_ns},
     edit::{self, EditError, RemoveGuard},
     pins,
     state::{self, State},
@@ -38,7 +43,7 @@ pub struct Controller {
     live_flows: LiveFlows,
     /// Backends the health checks found down, by (service, address). Not
     /// saved: a restarted daemon starts with every backend up.
-    down: std::collections::BTreeSet<(String, SocketAddrV4)>,
+    down: BTreeSet<(String, SocketAddrV4)>,
 }
 
 /// How old a live-flow count may be before a reader takes it again itself
@@ -71,7 +76,7 @@ impl Controller {
             config_path: None,
             config_digest: String::new(),
             live_flows: LiveFlows::default(),
-            down: std::collections::BTreeSet::new(),
+            down: BTreeSet::new(),
         }
     }
 
@@ -121,11 +126,7 @@ impl Controller {
                 changes.push(format!("removed service {}", s.name));
             }
         }
-        let down_before = self.down.clone();
-        self.forget_unchecked(&next);
-        if let Err(e) = self.dataplane.apply(&self.effective(&next)) {
-            self.down = down_before;
-            let _ = self.dataplane.apply(&self.effective(&self.config));
+        if let Err(e) = self.write_config(&next) {
             return Err(ApiError::Internal(format!(
                 "reload failed, the previous configuration stays live: {e}"
             )));
@@ -163,12 +164,7 @@ impl Controller {
     /// config, then saves it. On a kernel refusal the running config is put
     /// back and stays live.
     fn publish(&mut self, next: Config, what: &str) -> Result<(), ApiError> {
-        let down_before = self.down.clone();
-        self.forget_unchecked(&next);
-        if let Err(e) = self.dataplane.apply(&self.effective(&next)) {
-            // Put back what was live; the maps may hold part of `next`.
-            self.down = down_before;
-            let _ = self.dataplane.apply(&self.effective(&self.config));
+        if let Err(e) = self.write_config(&next) {
             return Err(ApiError::Internal(format!(
                 "{what}: the kernel refused the update, nothing changed: {e}"
             )));
@@ -229,18 +225,13 @@ impl Controller {
                 .and_then(|v| self.dataplane.backend_id(service, &v.name, addr))
         });
         let live_flows = match id {
-            Some(id) => {
-                // Counted now, not from the shared count: this decides
-                // whether flows get cut.
-                let now = monotonic_ns();
-                let counts = self
-                    .dataplane
-                    .live_flows(now)
-                    .map_err(|e| ApiError::Internal(e.to_string()))?;
-                let n = counts.get(&id).copied().unwrap_or(0);
-                self.store_live_flows(Some((now, counts)));
-                n
-            }
+            // Counted now, not from the shared count: this decides
+            // whether flows get cut.
+            Some(id) => self
+                .count_live_flows(monotonic_ns())?
+                .get(&id)
+                .copied()
+                .unwrap_or(0),
             None => 0,
         };
         let guard = RemoveGuard { live_flows, force };
@@ -279,12 +270,35 @@ impl Controller {
         out
     }
 
-    /// Forgets the verdicts on backends that `next` no longer checks (a
-    /// backend removed and added again, or a service whose checks were
-    /// turned off, starts up again).
-    fn forget_unchecked(&mut self, next: &Config) {
+    /// Writes `next` into the data plane in place of the running config,
+    /// forgetting first the verdicts on backends that `next` no longer
+    /// checks (a backend removed and added again, or a service whose
+    /// checks were turned off, starts up again). See
+    /// [`Controller::write_or_restore`] for a refusal.
+    fn write_config(&mut self, next: &Config) -> Result<(), DataplaneError> {
+        let down_before = self.down.clone();
         self.down
             .retain(|(service, addr)| health_checked(next, service, *addr));
+        self.write_or_restore(Some(next), down_before)
+    }
+
+    /// Writes `next` (the running config when `None`) with the current
+    /// health verdicts into the data plane. On a kernel refusal the
+    /// verdicts go back to `down_before` and the running config is written
+    /// again: the maps may hold part of `next`, and what was live stays live.
+    fn write_or_restore(
+        &mut self,
+        next: Option<&Config>,
+        down_before: BTreeSet<(String, SocketAddrV4)>,
+    ) -> Result<(), DataplaneError> {
+        let result = self
+            .dataplane
+            .apply(&self.effective(next.unwrap_or(&self.config)));
+        if result.is_err() {
+            self.down = down_before;
+            let _ = self.dataplane.apply(&self.effective(&self.config));
+        }
+        result
     }
 
     /// Backends to health-check now: the active and draining backends of
@@ -332,12 +346,8 @@ impl Controller {
         if before == self.down {
             return Ok(());
         }
-        if let Err(e) = self.dataplane.apply(&self.effective(&self.config)) {
-            self.down = before;
-            let _ = self.dataplane.apply(&self.effective(&self.config));
-            return Err(ApiError::Internal(e.to_string()));
-        }
-        Ok(())
+        self.write_or_restore(None, before)
+            .map_err(|e| ApiError::Internal(e.to_string()))
     }
 
     fn health_of(&self, svc: &ServiceConfig, addr: SocketAddrV4) -> &'static str {
@@ -360,18 +370,19 @@ impl Controller {
         {
             return Ok(counts.clone());
         }
+        self.count_live_flows(now)
+    }
+
+    /// Live flows per backend id, counted now (at `now`) and shared.
+    fn count_live_flows(&self, now: u64) -> Result<BTreeMap<u32, u64>, ApiError> {
         let counts = self
             .dataplane
             .live_flows(now)
             .map_err(|e| ApiError::Internal(e.to_string()))?;
-        self.store_live_flows(Some((now, counts.clone())));
-        Ok(counts)
-    }
-
-    fn store_live_flows(&self, v: Option<(u64, BTreeMap<u32, u64>)>) {
         if let Ok(mut g) = self.live_flows.lock() {
-            *g = v;
+            *g = Some((now, counts.clone()));
         }
+        Ok(counts)
     }
 
     /// The shared live-flow count and a descriptor of the connection table,

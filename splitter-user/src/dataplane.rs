@@ -573,13 +573,7 @@ impl Dataplane {
     /// Map read failures.
     pub fn live_flows(&self, now: u64) -> Result<BTreeMap<u32, u64>> {
         let mut out = BTreeMap::new();
-        let mut count = |key: &FlowKey, conn: &Conn| {
-            if conn.flags & CONN_F_REVERSE == 0
-                && splitter_common::conn_live(key.proto, conn.state, conn.last_seen, now)
-            {
-                *out.entry(conn.backend).or_insert(0) += 1;
-            }
-        };
+        let mut count = |key: &FlowKey, conn: &Conn| tally_live(&mut out, key, conn, now);
         use aya::maps::IterableMap as _;
         let fd = self.conns.map().fd().as_fd().as_raw_fd();
         match lookup_batch(fd, 2 * CONN_CAPACITY as usize, &mut count) {
@@ -1109,32 +1103,23 @@ impl Dataplane {
     }
 }
 
-/// The object to load from `source`, after checking that its maps have
-/// this build's layout (so a refused object changes nothing).
+/// The object to load from `source`. An object file's maps are checked
+/// against this build's layout first (so a refused object changes
+/// nothing); the embedded one is built from the same sources, which
+/// `pins::tests::the_embedded_program_has_this_builds_layout` checks.
 fn program_bytes(source: &ProgramSource) -> Result<std::borrow::Cow<'static, [u8]>> {
-    let (bytes, what) = match source {
-        ProgramSource::Embedded => {
-            if PROGRAM.is_empty() {
-                return Err(DataplaneError::NoProgram);
-            }
-            (
-                std::borrow::Cow::Borrowed(PROGRAM),
-                "the embedded kernel program".to_string(),
-            )
-        }
+    match source {
+        ProgramSource::Embedded if PROGRAM.is_empty() => Err(DataplaneError::NoProgram),
+        ProgramSource::Embedded => Ok(std::borrow::Cow::Borrowed(PROGRAM)),
         ProgramSource::File(path) => {
-            let b = std::fs::read(path).map_err(|e| DataplaneError::ProgramFile {
+            let bytes = std::fs::read(path).map_err(|e| DataplaneError::ProgramFile {
                 path: path.clone(),
                 source: e,
             })?;
-            (
-                std::borrow::Cow::Owned(b),
-                format!("the kernel program {}", path.display()),
-            )
+            pins::check_object(&bytes, &format!("the kernel program {}", path.display()))?;
+            Ok(std::borrow::Cow::Owned(bytes))
         }
-    };
-    pins::check_object(&bytes, &what)?;
-    Ok(bytes)
+    }
 }
 
 /// Live flows per backend id in the connection table behind `fd` (see
@@ -1150,15 +1135,19 @@ pub fn count_live_flows(
     lookup_batch(
         fd.as_raw_fd(),
         2 * CONN_CAPACITY as usize,
-        &mut |key, conn| {
-            if conn.flags & CONN_F_REVERSE == 0
-                && splitter_common::conn_live(key.proto, conn.state, conn.last_seen, now)
-            {
-                *out.entry(conn.backend).or_insert(0) += 1;
-            }
-        },
+        &mut |key, conn| tally_live(&mut out, key, conn, now),
     )?;
     Ok(out)
+}
+
+/// Counts `conn` for its backend in `out` if it is a forward entry whose
+/// flow is still going at `now` (see [`splitter_common::conn_live`]).
+fn tally_live(out: &mut BTreeMap<u32, u64>, key: &FlowKey, conn: &Conn, now: u64) {
+    if conn.flags & CONN_F_REVERSE == 0
+        && splitter_common::conn_live(key.proto, conn.state, conn.last_seen, now)
+    {
+        *out.entry(conn.backend).or_insert(0) += 1;
+    }
 }
 
 /// Reads every entry of the connection table behind `fd` with

@@ -5,7 +5,7 @@
 //!   name the field (pure, no I/O but reading the file).
 //! - [`edit`]: runtime edits (add/remove services, versions, backends;
 //!   backend weight and state), each validated before it is published.
-//! - [`health`]: active TCP health checks with rise/fall counting.
+//! - [`health`]: active TCP or HTTP health checks with rise/fall counting.
 //! - [`table`]: weight math and the Maglev table builder (pure, property-tested).
 //! - [`dataplane`]: loads and attaches the kernel program and writes its maps.
 //! - [`netif`]: interface look-ups (index, first IPv4 address).

@@ -254,7 +254,7 @@ pub fn render(report: &StatusReport) -> String {
         (
             "splitter_backend_live_flows",
             "gauge",
-            "Established flows bound to the backend now (from the connection table, at most a second old).",
+            "Established flows bound to the backend now (from the connection table, recounted about once a second).",
             |b| b.live_flows,
         ),
         (
@@ -530,7 +530,7 @@ splitter_backend_health_up{service="web",version="green",backend="10.0.2.3:8080"
 # TYPE splitter_backend_weight gauge
 splitter_backend_weight{service="web",version="blue",backend="10.0.2.2:8080"} 1
 splitter_backend_weight{service="web",version="green",backend="10.0.2.3:8080"} 1
-# HELP splitter_backend_live_flows Established flows bound to the backend now (from the connection table, at most a second old).
+# HELP splitter_backend_live_flows Established flows bound to the backend now (from the connection table, recounted about once a second).
 # TYPE splitter_backend_live_flows gauge
 splitter_backend_live_flows{service="web",version="blue",backend="10.0.2.2:8080"} 3
 splitter_backend_live_flows{service="web",version="green",backend="10.0.2.3:8080"} 1

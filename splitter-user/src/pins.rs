@@ -71,40 +71,81 @@ pub enum PinError {
     },
 }
 
-/// Every map with the key size, value size and capacity this build uses.
-pub fn expected_maps() -> [(&'static str, u32, u32, u32); 9] {
+/// What [`expected_maps`] gives for each map, in this order.
+const SHAPE: [&str; 4] = [
+    "key size",
+    "value size",
+    "capacity",
+    "map type (bpf_map_type)",
+];
+
+/// Every map with the key size, value size, capacity and kernel map type
+/// (`bpf_map_type`) this build uses ([`SHAPE`]).
+pub fn expected_maps() -> [(&'static str, [u32; 4]); 9] {
+    use aya_obj::generated::bpf_map_type::{
+        BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_LRU_HASH, BPF_MAP_TYPE_PERCPU_ARRAY,
+    };
     let s = |n: usize| n as u32;
+    let (hash, array, lru_hash, percpu_array) = (
+        BPF_MAP_TYPE_HASH as u32,
+        BPF_MAP_TYPE_ARRAY as u32,
+        BPF_MAP_TYPE_LRU_HASH as u32,
+        BPF_MAP_TYPE_PERCPU_ARRAY as u32,
+    );
     [
         (
             map::SERVICES,
-            s(size_of::<ServiceKey>()),
-            s(size_of::<Service>()),
-            MAX_SERVICES,
+            [
+                s(size_of::<ServiceKey>()),
+                s(size_of::<Service>()),
+                MAX_SERVICES,
+                hash,
+            ],
         ),
-        (map::VIPS, s(size_of::<VipKey>()), 4, MAX_SERVICES),
-        (map::TABLES, 4, s(size_of::<MaglevTable>()), MAX_TABLES),
-        (map::BACKENDS, 4, s(size_of::<Backend>()), MAX_BACKENDS),
+        (map::VIPS, [s(size_of::<VipKey>()), 4, MAX_SERVICES, hash]),
+        (
+            map::TABLES,
+            [4, s(size_of::<MaglevTable>()), MAX_TABLES, array],
+        ),
+        (
+            map::BACKENDS,
+            [4, s(size_of::<Backend>()), MAX_BACKENDS, array],
+        ),
         (
             map::CONNS,
-            s(size_of::<FlowKey>()),
-            s(size_of::<Conn>()),
-            CONN_CAPACITY,
+            [
+                s(size_of::<FlowKey>()),
+                s(size_of::<Conn>()),
+                CONN_CAPACITY,
+                lru_hash,
+            ],
         ),
         (
             map::BACKEND_STATS,
-            4,
-            s(size_of::<BackendStats>()),
-            MAX_BACKENDS,
+            [4, s(size_of::<BackendStats>()), MAX_BACKENDS, percpu_array],
         ),
-        (map::COUNTERS, 4, 8, counter::SLOTS),
+        (map::COUNTERS, [4, 8, counter::SLOTS, percpu_array]),
         (
             map::SERVICE_DROPS,
-            4,
-            8,
-            MAX_SERVICES * splitter_common::service_drop::SLOTS,
+            [
+                4,
+                8,
+                MAX_SERVICES * splitter_common::service_drop::SLOTS,
+                percpu_array,
+            ],
         ),
-        (map::ADDR_FILTER, 4, 8, 2 * ADDR_FILTER_WORDS),
+        (map::ADDR_FILTER, [4, 8, 2 * ADDR_FILTER_WORDS, array]),
     ]
+}
+
+/// The first [`SHAPE`] item in which `found` differs from `expected`:
+/// (what, found, expected).
+fn first_difference(found: [u32; 4], expected: [u32; 4]) -> Option<(&'static str, u32, u32)> {
+    SHAPE
+        .into_iter()
+        .zip(found.into_iter().zip(expected))
+        .find(|(_, (f, e))| f != e)
+        .map(|(what, (f, e))| (what, f, e))
 }
 
 /// Checks the maps an object file defines against [`expected_maps`]
@@ -120,49 +161,25 @@ pub fn check_object(bytes: &[u8], program: &str) -> Result<(), PinError> {
         program: program.to_string(),
         detail: e.to_string(),
     })?;
-    for (name, key, value, entries) in expected_maps() {
+    for (name, expected) in expected_maps() {
         let Some(m) = obj.maps.get(name) else {
             return Err(PinError::Object {
                 program: program.to_string(),
                 detail: format!("it defines no map {name}"),
             });
         };
-        let map_type = expected_map_type(name).unwrap_or(u32::MAX);
-        for (what, found, expected) in [
-            ("key size", m.key_size(), key),
-            ("value size", m.value_size(), value),
-            ("capacity", m.max_entries(), entries),
-            ("map type (bpf_map_type)", m.map_type(), map_type),
-        ] {
-            if found != expected {
-                return Err(PinError::ObjectLayout {
-                    program: program.to_string(),
-                    map: name,
-                    what,
-                    found,
-                    expected,
-                });
-            }
+        let found = [m.key_size(), m.value_size(), m.max_entries(), m.map_type()];
+        if let Some((what, found, expected)) = first_difference(found, expected) {
+            return Err(PinError::ObjectLayout {
+                program: program.to_string(),
+                map: name,
+                what,
+                found,
+                expected,
+            });
         }
     }
     Ok(())
-}
-
-/// The kernel map type (`bpf_map_type`) of each map: 1 hash, 2 array,
-/// 6 per-CPU array, 9 LRU hash.
-pub fn expected_map_type(name: &str) -> Option<u32> {
-    const TYPES: [(&str, u32); 9] = [
-        (map::SERVICES, 1),
-        (map::VIPS, 1),
-        (map::TABLES, 2),
-        (map::BACKENDS, 2),
-        (map::CONNS, 9),
-        (map::BACKEND_STATS, 6),
-        (map::COUNTERS, 6),
-        (map::SERVICE_DROPS, 6),
-        (map::ADDR_FILTER, 2),
-    ];
-    TYPES.iter().find(|(n, _)| *n == name).map(|(_, t)| *t)
 }
 
 /// Makes sure `dir` exists on a bpffs, mounting bpffs at `/sys/fs/bpf`
@@ -223,14 +240,14 @@ fn mount_bpffs(at: &Path) -> std::io::Result<()> {
     }
 }
 
-/// Checks every pinned map against [`expected_maps`] and [`expected_map_type`]. Returns whether the
+/// Checks every pinned map against [`expected_maps`]. Returns whether the
 /// connection table is pinned already (a restart or an upgrade).
 ///
 /// # Errors
 /// [`PinError::LayoutChanged`] naming the first map that differs.
 pub fn check_layout(dir: &Path) -> Result<bool, PinError> {
     let mut conns_pinned = false;
-    for (name, key, value, entries) in expected_maps() {
+    for (name, expected) in expected_maps() {
         let path = dir.join(name);
         if !path.exists() {
             continue;
@@ -239,25 +256,19 @@ pub fn check_layout(dir: &Path) -> Result<bool, PinError> {
             path: path.clone(),
             detail: e.to_string(),
         })?;
-        let found_type = info.map_type().map(|t| t as u32).unwrap_or(u32::MAX);
-        for (what, found, expected) in [
-            ("key size", info.key_size(), key),
-            ("value size", info.value_size(), value),
-            ("capacity", info.max_entries(), entries),
-            (
-                "map type (bpf_map_type)",
-                found_type,
-                expected_map_type(name).unwrap_or(u32::MAX),
-            ),
-        ] {
-            if found != expected {
-                return Err(PinError::LayoutChanged {
-                    path,
-                    what,
-                    found,
-                    expected,
-                });
-            }
+        let found = [
+            info.key_size(),
+            info.value_size(),
+            info.max_entries(),
+            info.map_type().map(|t| t as u32).unwrap_or(u32::MAX),
+        ];
+        if let Some((what, found, expected)) = first_difference(found, expected) {
+            return Err(PinError::LayoutChanged {
+                path,
+                what,
+                found,
+                expected,
+            });
         }
         if name == map::CONNS {
             conns_pinned = true;
@@ -335,13 +346,6 @@ mod tests {
         }
         let r = check_object(EMBEDDED, "the embedded kernel program");
         assert!(r.is_ok(), "{r:?}");
-    }
-
-    #[test]
-    fn every_map_has_a_type() {
-        for (name, ..) in expected_maps() {
-            assert!(expected_map_type(name).is_some(), "{name} has no type");
-        }
     }
 
     #[test]

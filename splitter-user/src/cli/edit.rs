@@ -11,11 +11,14 @@ use super::{CliError, Output, status};
 use crate::{
     api::ServiceReport,
     client,
+    config::{Affinity, BackendState, Protocol},
     edit::{BackendPatch, BackendSpec, ServiceSpec, VersionSpec},
 };
 
-/// Backend states, as the CLI accepts them.
-const STATES: [&str; 3] = ["active", "drain", "disabled"];
+/// The keywords of a config enum, as clap's possible values.
+fn keywords(names: &'static [&'static str]) -> clap::builder::PossibleValuesParser {
+    clap::builder::PossibleValuesParser::new(names.iter().copied())
+}
 
 /// `splitter service ...`
 #[derive(Debug, Subcommand)]
@@ -31,11 +34,11 @@ pub enum ServiceCommand {
         #[arg(long, value_name = "IPv4:PORT")]
         vip: SocketAddrV4,
         /// Transport protocol.
-        #[arg(long, value_parser = ["tcp", "udp"], default_value = "tcp")]
+        #[arg(long, value_parser = keywords(Protocol::NAMES), default_value = "tcp")]
         protocol: String,
         /// What a new flow is placed by: its 5-tuple, or the client address
         /// (one client, one version, one backend).
-        #[arg(long, value_parser = ["flow", "client-ip"], default_value = "flow")]
+        #[arg(long, value_parser = keywords(Affinity::NAMES), default_value = "flow")]
         affinity: String,
         /// Name of the first version.
         #[arg(long)]
@@ -126,7 +129,7 @@ pub enum BackendCommand {
         #[arg(long, default_value_t = 1)]
         weight: u32,
         /// Initial state.
-        #[arg(long, value_parser = STATES, default_value = "active")]
+        #[arg(long, value_parser = keywords(BackendState::NAMES), default_value = "active")]
         state: String,
         /// Output format of the resulting service.
         #[arg(long, short, value_enum, default_value_t = Output::Table)]
@@ -149,7 +152,7 @@ pub enum BackendCommand {
         #[arg(long)]
         weight: Option<u32>,
         /// New state.
-        #[arg(long, value_parser = STATES)]
+        #[arg(long, value_parser = keywords(BackendState::NAMES))]
         state: Option<String>,
         /// With --state drain: then wait up to SECONDS for the backend's
         /// live flows to reach 0, printing the count as it falls; exit 1 if

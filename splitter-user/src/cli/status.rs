@@ -1,5 +1,5 @@
 //! `splitter status`: the daemon's report as a table or as JSON.
-use std::{fmt::Write as _, path::Path};
+use std::{collections::BTreeMap, fmt::Write as _, path::Path};
 
 use hyper::Method;
 
@@ -57,32 +57,32 @@ pub fn render(r: &StatusReport) -> String {
     out.push('\n');
     out.push_str(&render_services(&r.services));
     for s in &r.services {
-        let drops: Vec<String> = s
-            .drops
-            .iter()
-            .filter(|(_, v)| **v > 0)
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect();
+        let drops = nonzero(&s.drops);
         if !drops.is_empty() {
-            let _ = writeln!(out, "drops of {}: {}", s.name, drops.join(" "));
+            let _ = writeln!(out, "drops of {}: {drops}", s.name);
         }
     }
-    let nonzero: Vec<String> = r
-        .counters
-        .iter()
-        .filter(|(_, v)| **v > 0)
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect();
+    let counters = nonzero(&r.counters);
     let _ = writeln!(
         out,
         "\ncounters: {}",
-        if nonzero.is_empty() {
-            "all zero".into()
+        if counters.is_empty() {
+            "all zero"
         } else {
-            nonzero.join(" ")
+            &counters
         }
     );
     out
+}
+
+/// The non-zero counts as `name=count`, separated by spaces.
+fn nonzero(counts: &BTreeMap<String, u64>) -> String {
+    counts
+        .iter()
+        .filter(|(_, v)| **v > 0)
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Services, versions and backends as aligned rows.
