@@ -39,5 +39,27 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+/// Where `cargo install` puts binaries (`bpf-linker`) and rustup its
+/// proxies: `$CARGO_HOME/bin`, else `~/.cargo/bin`.
+pub fn cargo_bin_dir() -> Option<std::path::PathBuf> {
+    if let Some(h) = std::env::var_os("CARGO_HOME") {
+        return Some(std::path::PathBuf::from(h).join("bin"));
+    }
+    std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cargo").join("bin"))
+}
+
+/// `PATH` with [`cargo_bin_dir`] appended if it is missing, so a freshly
+/// installed `bpf-linker` (and `rustup`) is found by a build.
+pub fn path_with_cargo_bin() -> std::ffi::OsString {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let mut dirs: Vec<std::path::PathBuf> = std::env::split_paths(&path).collect();
+    if let Some(bin) = cargo_bin_dir()
+        && !dirs.contains(&bin)
+    {
+        dirs.push(bin);
+    }
+    std::env::join_paths(dirs).unwrap_or(path)
+}
+
 pub mod packet;
 pub mod testrun;

@@ -58,22 +58,6 @@ pub fn variants_dir() -> PathBuf {
         .join("program-variants")
 }
 
-/// `PATH` with `$CARGO_HOME/bin` (or `~/.cargo/bin`) added, where
-/// `bpf-linker` and `rustup` live.
-fn path_with_cargo_bin() -> std::ffi::OsString {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let mut dirs: Vec<PathBuf> = std::env::split_paths(&path).collect();
-    let bin = std::env::var_os("CARGO_HOME")
-        .map(|h| PathBuf::from(h).join("bin"))
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo/bin")));
-    if let Some(bin) = bin
-        && !dirs.contains(&bin)
-    {
-        dirs.push(bin);
-    }
-    std::env::join_paths(dirs).unwrap_or(path)
-}
-
 /// The `--cfg bpf_target_arch` value aya-ebpf needs (the host's, as
 /// aya-build does).
 fn bpf_target_arch() -> &'static str {
@@ -118,7 +102,7 @@ pub fn build(variant: Variant) -> Result<PathBuf> {
         .args(["--features", variant.feature()])
         .arg("--target-dir")
         .arg(&target_dir)
-        .env("PATH", path_with_cargo_bin())
+        .env("PATH", crate::path_with_cargo_bin())
         .env("CARGO_ENCODED_RUSTFLAGS", rustflags);
     // As aya-build: whatever toolchain runs the tests must not leak in.
     for key in [

@@ -390,6 +390,32 @@ impl Daemon {
         serde_json::from_str(&out).with_context(|| format!("status output is not JSON: {out}"))
     }
 
+    /// Waits (at most `within`, polling every 10 ms) until the status
+    /// reports the health of backend `addr` of `service` as `want`
+    /// (`"up"`, `"down"`); returns how long that took.
+    ///
+    /// # Errors
+    /// The status failed, lacks the backend, or the wait ran out.
+    pub fn wait_health(
+        &self,
+        service: &str,
+        addr: SocketAddrV4,
+        want: &str,
+        within: Duration,
+    ) -> Result<Duration> {
+        let start = Instant::now();
+        loop {
+            let status = self.status_json()?;
+            if status_backend(&status, service, addr)?["health"] == want {
+                return Ok(start.elapsed());
+            }
+            if start.elapsed() > within {
+                bail!("{addr} is not {want} after {within:?}: {status}");
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// `splitter weights set SERVICE V=W ...`; returns its stdout.
     ///
     /// # Errors
@@ -523,6 +549,31 @@ impl Drop for Daemon {
             );
         }
     }
+}
+
+/// The backend `addr` of service `service` in a [`Daemon::status_json`]
+/// report.
+///
+/// # Errors
+/// No such service, or no such backend in it.
+pub fn status_backend<'a>(
+    status: &'a serde_json::Value,
+    service: &str,
+    addr: SocketAddrV4,
+) -> Result<&'a serde_json::Value> {
+    let svc = status["services"]
+        .as_array()
+        .context("no services")?
+        .iter()
+        .find(|s| s["name"] == service)
+        .with_context(|| format!("no service {service} in {status}"))?;
+    svc["versions"]
+        .as_array()
+        .context("no versions")?
+        .iter()
+        .flat_map(|v| v["backends"].as_array().into_iter().flatten())
+        .find(|b| b["address"] == addr.to_string())
+        .with_context(|| format!("no backend {addr} in {svc}"))
 }
 
 /// Creates a BPF map of the given type, key and value sizes and capacity

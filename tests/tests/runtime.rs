@@ -20,7 +20,7 @@ use splitter_tests::{
     servers::{HttpServer, TcpIdentityServer},
     splitter::{
         Affinity, BpfMount, Daemon, Mode, ServiceSpec, VersionSpec, blue_green_config, config_toml,
-        with_pin_dir,
+        status_backend, with_pin_dir,
     },
     topology::{self, BACKEND_PORT, Topology, TopologyOptions},
 };
@@ -31,29 +31,12 @@ fn be(last: u8) -> SocketAddrV4 {
     SocketAddrV4::new(Ipv4Addr::new(10, 0, 2, last), BACKEND_PORT)
 }
 
-/// The backend `addr` of service `svc` in a status report.
-fn backend<'a>(status: &'a Value, svc: &str, addr: SocketAddrV4) -> Result<&'a Value> {
-    let service = status["services"]
-        .as_array()
-        .context("no services")?
-        .iter()
-        .find(|s| s["name"] == svc)
-        .with_context(|| format!("no service {svc} in {status}"))?;
-    service["versions"]
-        .as_array()
-        .context("no versions")?
-        .iter()
-        .flat_map(|v| v["backends"].as_array().into_iter().flatten())
-        .find(|b| b["address"] == addr.to_string())
-        .with_context(|| format!("no backend {addr} in {service}"))
-}
-
 /// Waits (bounded) until the daemon counts `want` live flows on `addr`.
 fn wait_live_flows(d: &Daemon, addr: SocketAddrV4, want: u64) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(6);
     loop {
         let status = d.status_json()?;
-        let got = backend(&status, "web", addr)?["live_flows"]
+        let got = status_backend(&status, "web", addr)?["live_flows"]
             .as_u64()
             .context("no live_flows")?;
         if got == want {
@@ -211,7 +194,7 @@ fn rolling_add_drain_and_remove_a_backend_without_dropping_a_connection() -> Res
     d.cli_ok(&["backend", "remove", "web", &b2])?;
     let status = d.status_json()?;
     ensure!(
-        backend(&status, "web", be(2)).is_err(),
+        status_backend(&status, "web", be(2)).is_err(),
         "removed backend still listed: {status}"
     );
     let r = clients::tcp_identity_many(&topo.cli, topology::vip(), 100, &[], TIMEOUT)?;
@@ -337,7 +320,7 @@ fn a_disabled_backend_gets_no_packets_and_guards_refuse_bad_changes() -> Result<
         "the service's own drop count differs from the global one: {status}"
     );
     ensure!(
-        backend(&status, "web", be(2))?["state"] == "disabled",
+        status_backend(&status, "web", be(2))?["state"] == "disabled",
         "{status}"
     );
     topo.no_csum_errors()
@@ -523,20 +506,8 @@ fn two_blue_backends_config() -> String {
     )
 }
 
-/// Waits (bounded) until the health of `addr` reads `want`; returns how long.
-fn wait_health(d: &Daemon, addr: SocketAddrV4, want: &str) -> Result<Duration> {
-    let start = Instant::now();
-    loop {
-        let status = d.status_json()?;
-        if backend(&status, "web", addr)?["health"] == want {
-            return Ok(start.elapsed());
-        }
-        if start.elapsed() > Duration::from_secs(8) {
-            bail!("{addr} is not {want} after 8 s: {status}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
+/// Longest a backend may take to be reported up or down in these tests.
+const HEALTH_WAIT: Duration = Duration::from_secs(8);
 
 #[test]
 #[ignore = "needs root: run with -- --include-ignored --test-threads=1"]
@@ -553,7 +524,7 @@ fn health_checks_take_a_dead_backend_out_and_bring_it_back() -> Result<()> {
     config
         .push_str("\n[service.health]\ninterval_ms = 200\ntimeout_ms = 200\nfall = 2\nrise = 2\n");
     let d = Daemon::start(&topo.edge, &config)?;
-    wait_health(&d, be(4), "up")?;
+    d.wait_health("web", be(4), "up", HEALTH_WAIT)?;
     let r = clients::tcp_identity_many(&topo.cli, topology::vip(), 200, &[], TIMEOUT)?;
     ensure!(
         r.errors == 0 && r.count("blue") > 0 && r.count("blue2") > 0,
@@ -562,7 +533,7 @@ fn health_checks_take_a_dead_backend_out_and_bring_it_back() -> Result<()> {
 
     // blue2 dies: after two failed checks it gets no new flows.
     blue2.stop();
-    let took = wait_health(&d, be(4), "down")?;
+    let took = d.wait_health("web", be(4), "down", HEALTH_WAIT)?;
     let r = clients::tcp_identity_many(&topo.cli, topology::vip(), 200, &[], TIMEOUT)?;
     ensure!(
         r.errors == 0 && r.count("blue") == 200,
@@ -576,7 +547,7 @@ fn health_checks_take_a_dead_backend_out_and_bring_it_back() -> Result<()> {
 
     // It comes back: after two passed checks it takes new flows again.
     let _blue2 = TcpIdentityServer::start(&topo.back, be(4), "blue2")?;
-    wait_health(&d, be(4), "up")?;
+    d.wait_health("web", be(4), "up", HEALTH_WAIT)?;
     let r = clients::tcp_identity_many(&topo.cli, topology::vip(), 200, &[], TIMEOUT)?;
     ensure!(r.errors == 0 && r.count("blue2") > 0, "blue2 back: {r:?}");
     eprintln!("blue2 was marked down {took:?} after it stopped");
@@ -604,8 +575,8 @@ fn http_health_checks_go_by_the_status_code() -> Result<()> {
         )
     };
     let d = Daemon::start(&topo.edge, &health("/status/503"))?;
-    wait_health(&d, be(2), "down")?;
-    wait_health(&d, be(4), "down")?;
+    d.wait_health("web", be(2), "down", HEALTH_WAIT)?;
+    d.wait_health("web", be(4), "down", HEALTH_WAIT)?;
     // Both of blue's backends are down: blue fails open and still serves.
     let r = clients::http_get_many(&topo.cli, topology::vip(), "/", 40, TIMEOUT)?;
     ensure!(r.errors == 0 && r.ok() == 40, "fail open: {r:?}");
@@ -616,7 +587,7 @@ fn http_health_checks_go_by_the_status_code() -> Result<()> {
 
     std::fs::write(d.dir().join("splitter.toml"), health("/status/204"))?;
     d.cli_ok(&["reload"])?;
-    wait_health(&d, be(2), "up")?;
-    wait_health(&d, be(4), "up")?;
+    d.wait_health("web", be(2), "up", HEALTH_WAIT)?;
+    d.wait_health("web", be(4), "up", HEALTH_WAIT)?;
     topo.no_csum_errors()
 }

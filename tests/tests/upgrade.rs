@@ -229,6 +229,19 @@ fn long_lived_intact(s: &Setup, conns: &[LongLivedConn], when: &str) -> Result<(
     Ok(())
 }
 
+/// Closes the long-lived connections; none may have recorded a failure.
+fn stop_long_lived(conns: Vec<LongLivedConn>) -> Result<()> {
+    for (i, c) in conns.into_iter().enumerate() {
+        let report = c.stop();
+        ensure!(
+            report.failures.is_empty(),
+            "long-lived connection {i}: {:?}",
+            report.failures
+        );
+    }
+    Ok(())
+}
+
 /// Short HTTP requests through the VIP, [`clients::PARALLELISM`] at a time,
 /// until `stop` (at most 400 rounds of 8, and 120 s).
 struct Load {
@@ -410,14 +423,7 @@ fn another_build_replaces_the_running_program_under_load_and_rolls_back() -> Res
         resets_after == resets_before,
         "the client's kernel counted resets or failed connects (EstabResets, AttemptFails): {resets_before:?} -> {resets_after:?}"
     );
-    for (i, c) in conns.into_iter().enumerate() {
-        let report = c.stop();
-        ensure!(
-            report.failures.is_empty(),
-            "long-lived connection {i}: {:?}",
-            report.failures
-        );
-    }
+    stop_long_lived(conns)?;
     s.topo.no_csum_errors()
 }
 
@@ -485,14 +491,7 @@ fn an_object_of_another_layout_is_refused_and_the_running_program_forwards_on() 
     );
     kernel_runs(&s.topo.edge, id1)?;
     long_lived_intact(&s, &conns, "after the restart")?;
-    for (i, c) in conns.into_iter().enumerate() {
-        let report = c.stop();
-        ensure!(
-            report.failures.is_empty(),
-            "long-lived connection {i}: {:?}",
-            report.failures
-        );
-    }
+    stop_long_lived(conns)?;
     s.topo.no_csum_errors()
 }
 

@@ -26,26 +26,8 @@ pub fn is_root() -> bool {
     splitter_tests::is_root()
 }
 
-/// Where `cargo install` puts binaries: `$CARGO_HOME/bin`, else `~/.cargo/bin`.
-pub fn cargo_bin_dir() -> Option<PathBuf> {
-    if let Some(h) = std::env::var_os("CARGO_HOME") {
-        return Some(PathBuf::from(h).join("bin"));
-    }
-    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo").join("bin"))
-}
-
-/// `PATH` with the cargo bin directory appended if it is missing, so a
-/// freshly installed `bpf-linker` is found by the build.
-pub fn path_with_cargo_bin() -> std::ffi::OsString {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let mut dirs: Vec<PathBuf> = std::env::split_paths(&path).collect();
-    if let Some(bin) = cargo_bin_dir()
-        && !dirs.contains(&bin)
-    {
-        dirs.push(bin);
-    }
-    std::env::join_paths(dirs).unwrap_or(path)
-}
+pub use splitter_tests::cargo_bin_dir;
+use splitter_tests::path_with_cargo_bin;
 
 /// A `cargo` command run from the workspace root, with the cargo bin
 /// directory on `PATH`.

@@ -202,12 +202,16 @@ struct Rig {
     c0_index: u32,
 }
 
-fn load_prog<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
-    let p: &mut Xdp = ebpf
-        .program_mut(name)
+/// The XDP program `name` of the edgebench object.
+fn xdp<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
+    ebpf.program_mut(name)
         .with_context(|| format!("edgebench object has no program {name}"))?
         .try_into()
-        .with_context(|| format!("{name} is not an XDP program"))?;
+        .with_context(|| format!("{name} is not an XDP program"))
+}
+
+fn load_prog<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
+    let p = xdp(ebpf, name)?;
     p.load()
         .with_context(|| format!("loading {name} (verifier)"))?;
     Ok(p)
@@ -220,12 +224,15 @@ fn take_map(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map> {
 
 /// Attaches program `name` (loaded) to `dev` in `ns`, native mode.
 fn attach(ebpf: &mut Ebpf, ns: &Netns, name: &str, dev: &str) -> Result<XdpLinkId> {
-    let p: &mut Xdp = ebpf
-        .program_mut(name)
-        .with_context(|| format!("no program {name}"))?
-        .try_into()?;
+    let p = xdp(ebpf, name)?;
     ns.enter(|| p.attach(dev, XdpMode::Driver))?
         .with_context(|| format!("attaching {name} to {dev} in {} (native XDP)", ns.name()))
+}
+
+/// [`attach`], the link then owned by the caller (detached on drop).
+fn attach_link(ebpf: &mut Ebpf, ns: &Netns, name: &str, dev: &str) -> Result<XdpLink> {
+    let id = attach(ebpf, ns, name, dev)?;
+    Ok(xdp(ebpf, name)?.take_link(id)?)
 }
 
 impl Rig {
@@ -418,15 +425,12 @@ fn splitter_config() -> String {
 fn setup<'a>(edge: Edge, topo: &'a Topology, rig: &mut Rig) -> Result<Setup<'a>> {
     Ok(match edge {
         Edge::Forward => Setup::None,
-        Edge::GenOnly => {
-            let id = attach(&mut rig.ebpf, &topo.edge, "edge_drop", EDGE_CLIENT_IF)?;
-            let p: &mut Xdp = rig
-                .ebpf
-                .program_mut("edge_drop")
-                .context("no edge_drop")?
-                .try_into()?;
-            Setup::Xdp(p.take_link(id)?)
-        }
+        Edge::GenOnly => Setup::Xdp(attach_link(
+            &mut rig.ebpf,
+            &topo.edge,
+            "edge_drop",
+            EDGE_CLIENT_IF,
+        )?),
         Edge::Nftables => {
             let file =
                 std::env::temp_dir().join(format!("splitter-edgebench-{}.nft", std::process::id()));
@@ -488,13 +492,12 @@ fn setup<'a>(edge: Edge, topo: &'a Topology, rig: &mut Rig) -> Result<Setup<'a>>
                     verify_checksums(&out)
                 );
             }
-            let id = attach(&mut rig.ebpf, &topo.edge, "edge_fwd", EDGE_CLIENT_IF)?;
-            let p: &mut Xdp = rig
-                .ebpf
-                .program_mut("edge_fwd")
-                .context("no edge_fwd")?
-                .try_into()?;
-            Setup::Xdp(p.take_link(id)?)
+            Setup::Xdp(attach_link(
+                &mut rig.ebpf,
+                &topo.edge,
+                "edge_fwd",
+                EDGE_CLIENT_IF,
+            )?)
         }
         Edge::Splitter => Setup::Splitter(Box::new(
             Daemon::start(&topo.edge, &splitter_config()).context("starting splitter daemon")?,

@@ -6,11 +6,7 @@ use std::fmt::Write as _;
 
 use serde_json::{Value, json};
 
-use super::report::{Bar, Stat, Target, bar_chart_svg, percentile};
-
-fn round2(x: f64) -> f64 {
-    (x * 100.0).round() / 100.0
-}
+use super::report::{Bar, Stat, Target, bar_chart_svg, fmt_stat, percentile, round2};
 
 fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
@@ -21,12 +17,6 @@ fn stat_json(s: Option<Stat>, round: fn(f64) -> f64) -> Value {
         Value::Null,
         |s| json!({ "min": round(s.min), "median": round(s.median), "max": round(s.max) }),
     )
-}
-
-fn fmt_stat(s: Option<Stat>, prec: usize) -> String {
-    s.map_or("-".into(), |s| {
-        format!("{:.p$} / {:.p$} / {:.p$}", s.min, s.median, s.max, p = prec)
-    })
 }
 
 fn fmt_ratio(s: Option<Stat>) -> String {

@@ -10,10 +10,10 @@
 //! back and the round waits until it is up again. Every wait is bounded.
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Result, ensure};
 use splitter_tests::{
     clients,
     servers::TcpIdentityServer,
@@ -26,30 +26,6 @@ const WAIT: Duration = Duration::from_secs(15);
 
 fn be(last: u8) -> SocketAddrV4 {
     SocketAddrV4::new(Ipv4Addr::new(10, 0, 2, last), BACKEND_PORT)
-}
-
-fn health_of(d: &Daemon, addr: SocketAddrV4) -> Result<String> {
-    let status = d.status_json()?;
-    status["services"][0]["versions"][0]["backends"]
-        .as_array()
-        .context("no backends in status")?
-        .iter()
-        .find(|b| b["address"] == addr.to_string())
-        .and_then(|b| b["health"].as_str().map(str::to_string))
-        .with_context(|| format!("no health for {addr} in {status}"))
-}
-
-fn wait_for(d: &Daemon, addr: SocketAddrV4, want: &str) -> Result<Duration> {
-    let start = Instant::now();
-    loop {
-        if health_of(d, addr)? == want {
-            return Ok(start.elapsed());
-        }
-        if start.elapsed() > WAIT {
-            bail!("{addr} was not reported {want} within {WAIT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 /// Milliseconds from stopping a backend to its removal, once per round.
@@ -82,11 +58,11 @@ pub fn backend_death(rounds: usize) -> Result<Vec<f64>> {
     let d = Daemon::start(&topo.edge, &config)?;
     let mut out = Vec::with_capacity(rounds);
     for _ in 0..rounds.max(1) {
-        wait_for(&d, be(4), "up")?;
+        d.wait_health("web", be(4), "up", WAIT)?;
         if let Some(v) = victim.take() {
             v.stop();
         }
-        let took = wait_for(&d, be(4), "down")?;
+        let took = d.wait_health("web", be(4), "down", WAIT)?;
         out.push(took.as_secs_f64() * 1e3);
         let r = clients::tcp_identity_many(
             &topo.cli,

@@ -56,7 +56,7 @@ pub fn percentile(samples: &[f64], p: f64) -> Option<f64> {
     Some(s[rank.clamp(1, s.len()) - 1])
 }
 
-fn round2(x: f64) -> f64 {
+pub(super) fn round2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
 
@@ -293,9 +293,10 @@ impl Results {
     }
 }
 
-fn fmt_stat(s: Option<Stat>) -> String {
+/// `min / median / max` with `prec` decimals, or `-`.
+pub(super) fn fmt_stat(s: Option<Stat>, prec: usize) -> String {
     s.map_or("-".into(), |s| {
-        format!("{:.1} / {:.1} / {:.1}", s.min, s.median, s.max)
+        format!("{:.p$} / {:.p$} / {:.p$}", s.min, s.median, s.max, p = prec)
     })
 }
 
@@ -331,8 +332,8 @@ pub fn text(r: &Results) -> String {
             let _ = writeln!(
                 o,
                 "  test loop alone {}   harness gross {}",
-                fmt_stat(Stat::of(&p.test_loop)),
-                fmt_stat(Stat::of(&p.harness))
+                fmt_stat(Stat::of(&p.test_loop), 1),
+                fmt_stat(Stat::of(&p.harness), 1)
             );
             let _ = writeln!(
                 o,
@@ -344,7 +345,7 @@ pub fn text(r: &Results) -> String {
                     o,
                     "  {:<38} {:>24} {:>8} {:>8} {:>9}{}",
                     c.label,
-                    fmt_stat(c.net_stat()),
+                    fmt_stat(c.net_stat(), 1),
                     fmt_ratio(p.ratio(c.id, "floor")),
                     fmt_ratio(p.ratio(c.id, "slot")),
                     fmt_ratio(p.ratio_median(c.id, "slot")),
@@ -380,7 +381,7 @@ pub fn text(r: &Results) -> String {
                 "  Maglev tables {} x {} backends: {} ms",
                 c.services,
                 c.backends_per_service,
-                fmt_stat(Stat::of(&c.maglev_ms))
+                fmt_stat(Stat::of(&c.maglev_ms), 1)
             );
             let _ = writeln!(
                 o,
@@ -394,14 +395,14 @@ pub fn text(r: &Results) -> String {
             let _ = writeln!(
                 o,
                 "  live-flow count over the full table: {} ms ({} live flows)",
-                fmt_stat(Stat::of(&c.live_scan_ms)),
+                fmt_stat(Stat::of(&c.live_scan_ms), 1),
                 c.live_scan_flows
             );
             let _ = writeln!(
                 o,
                 "  backend death to removal (default health checks): {}",
                 match &c.health_removal_ms {
-                    Ok(v) => format!("{} ms", fmt_stat(Stat::of(v))),
+                    Ok(v) => format!("{} ms", fmt_stat(Stat::of(v), 1)),
                     Err(e) => format!("not measured: {e}"),
                 }
             );
@@ -772,7 +773,7 @@ pub fn markdown(r: &Results) -> String {
                     c.program,
                     c.frames,
                     c.repeat / c.frames.max(1),
-                    fmt_stat(c.net_stat()),
+                    fmt_stat(c.net_stat(), 1),
                     fmt_ratio(p.ratio(c.id, "floor")),
                     fmt_ratio(p.ratio(c.id, "slot")),
                     fmt_ratio(p.ratio_median(c.id, "slot"))
@@ -781,8 +782,8 @@ pub fn markdown(r: &Results) -> String {
             let _ = writeln!(
                 o,
                 "\nThe test loop alone (empty program, run directly): {} ns per iteration; the harness (ring copy + tail call into the empty program): {} ns gross.\n",
-                fmt_stat(Stat::of(&p.test_loop)),
-                fmt_stat(Stat::of(&p.harness))
+                fmt_stat(Stat::of(&p.test_loop), 1),
+                fmt_stat(Stat::of(&p.harness), 1)
             );
             let _ = writeln!(o, "![per-packet cost](benchmarks/per-packet.svg)\n");
             if !p.single_runs.is_empty() {
@@ -846,7 +847,7 @@ pub fn markdown(r: &Results) -> String {
                 "- Maglev tables for {} services x {} backends (`splitter::table::maglev_table`, one thread): {} ms (min / median / max over {} rounds).",
                 c.services,
                 c.backends_per_service,
-                fmt_stat(Stat::of(&c.maglev_ms)),
+                fmt_stat(Stat::of(&c.maglev_ms), 1),
                 c.maglev_ms.len()
             );
             let _ = writeln!(
@@ -861,7 +862,7 @@ pub fn markdown(r: &Results) -> String {
             let _ = writeln!(
                 o,
                 "- Counting live flows over the full connection table (`Dataplane::live_flows`, what `splitter status`, the metrics and `backend set --state drain --wait` read; `BPF_MAP_LOOKUP_BATCH`): {} ms (min / median / max over {} reads), {} live flows found.",
-                fmt_stat(Stat::of(&c.live_scan_ms)),
+                fmt_stat(Stat::of(&c.live_scan_ms), 1),
                 c.live_scan_ms.len(),
                 c.live_scan_flows
             );
@@ -871,7 +872,7 @@ pub fn markdown(r: &Results) -> String {
                 match &c.health_removal_ms {
                     Ok(v) => format!(
                         "{} ms (min / median / max over {} rounds)",
-                        fmt_stat(Stat::of(v)),
+                        fmt_stat(Stat::of(v), 1),
                         v.len()
                     ),
                     Err(e) => format!("not measured: {e}"),
