@@ -43,8 +43,13 @@ pub const SNAT_PORT_MAX: u16 = 32767;
 pub const SNAT_PORT_TRIES: u32 = 16;
 
 /// A closed TCP flow (RST, or FIN both ways) may give up its SNAT port and
-/// be re-selected after this long.
-pub const TCP_CLOSED_REUSE_NS: u64 = 2_000_000_000;
+/// be re-selected after this long: time for the closing handshake's last
+/// ACK and a first retransmitted FIN to pass. Both entries record the time
+/// of the packet that closed the flow exactly (not at
+/// `LAST_SEEN_GRANULARITY_NS`). Every closed flow holds its port this long,
+/// so at R new flows per second to one backend about R x this many of its
+/// ports are held.
+pub const TCP_CLOSED_REUSE_NS: u64 = 1_000_000_000;
 /// The backend keeps a closed connection in TIME_WAIT this long (Linux: 60
 /// s). Within it, the backend refuses a new SYN on the same (source, port)
 /// pair unless the SYN's TCP timestamp is newer than the old connection's

@@ -149,6 +149,9 @@ fn established(ctx: &XdpContext, pkt: &Packet, conn: &mut Conn, now: u64) -> u32
         }
         if bits & !conn.state != 0 {
             conn.state |= bits;
+            // The exact time of a state change: a closed flow's SNAT port
+            // is reused `TCP_CLOSED_REUSE_NS` after it.
+            conn.last_seen = now;
             touch_peer = true;
         }
         if !reverse

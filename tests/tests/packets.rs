@@ -1103,9 +1103,9 @@ fn a_snat_port_in_the_backends_time_wait_is_not_reused_while_others_are_free() -
                 .macs(EDGE_MAC, [2, 0, 0, 0, 0, 2])
                 .build(),
         )?;
-        // Past the 2 s after which a closed flow's port may be reused, but
+        // Past the 1 s after which a closed flow's port may be reused, but
         // well inside the backend's 60 s TIME_WAIT.
-        std::thread::sleep(std::time::Duration::from_millis(2300));
+        std::thread::sleep(std::time::Duration::from_millis(1300));
         // A new client connection whose probe starts at that very port.
         let b = clients_probing_from(port.port(), 41001)
             .next()
@@ -1114,7 +1114,7 @@ fn a_snat_port_in_the_backends_time_wait_is_not_reused_while_others_are_free() -
         let got = snat_source(&r.data)?;
         ensure!(
             got.port() != port.port(),
-            "{b} got SNAT port {} although its flow from {a} closed 2.3 s ago (TIME_WAIT at the backend) and the next port was free",
+            "{b} got SNAT port {} although its flow from {a} closed 1.3 s ago (TIME_WAIT at the backend) and the next port was free",
             got.port()
         );
         Ok(())
@@ -1167,7 +1167,7 @@ fn a_snat_port_in_time_wait_is_reused_only_by_a_syn_with_a_newer_timestamp() -> 
                 .tcp_options(&ts_options(50000, 7100))
                 .build(),
         )?;
-        std::thread::sleep(std::time::Duration::from_millis(2300));
+        std::thread::sleep(std::time::Duration::from_millis(1300));
         // Two new clients whose probes start at that port.
         let mut starting_there = clients_probing_from(port.port(), 42001);
         let older = starting_there

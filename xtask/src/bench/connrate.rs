@@ -488,6 +488,39 @@ fn tcp_counters(ns: &Netns) -> Result<(u64, u64)> {
     Ok((get("TcpExt.TCPSynRetrans"), get("TcpExt.PAWSTimewait")))
 }
 
+/// Every counter of a namespace: `/proc/net/netstat` and `/proc/net/snmp`,
+/// then each interface's `ethtool -S` statistics (named `IFACE.stat`).
+fn all_counters(ns: &Netns) -> Result<Vec<(String, u64)>> {
+    let mut c = parse_snmp(&ns.exec("cat", &["/proc/net/netstat"])?)?;
+    c.extend(parse_snmp(&ns.exec("cat", &["/proc/net/snmp"])?)?);
+    let links = ns.exec("ls", &["/sys/class/net"])?;
+    for dev in links.split_whitespace().filter(|d| *d != "lo") {
+        if let Ok(text) = ns.exec("ethtool", &["-S", dev]) {
+            for line in text.lines().skip(1) {
+                if let Some((k, v)) = line.split_once(':')
+                    && let Ok(v) = v.trim().parse::<u64>()
+                {
+                    c.push((format!("{dev}.{}", k.trim()), v));
+                }
+            }
+        }
+    }
+    Ok(c)
+}
+
+/// `SPLITTER_BENCH_CONN_DIAG=1`, a diagnostic: prints every counter of
+/// [`all_counters`] that moved during a case, per namespace.
+fn diag_print(case: &str, ns: &str, before: &[(String, u64)], after: &[(String, u64)]) {
+    let moved: Vec<String> = after
+        .iter()
+        .filter_map(|(k, v)| {
+            let b = before.iter().find(|(n, _)| n == k).map_or(0, |(_, b)| *b);
+            (*v != b).then(|| format!("{k}={}", v.wrapping_sub(b) as i64))
+        })
+        .collect();
+    eprintln!("    diag {case} {ns}: {}", moved.join(" "));
+}
+
 /// `SPLITTER_BENCH_CONN_PERF=DIR`, a diagnostic: a system-wide profile
 /// (`perf record -a -g -e cpu-clock`) of the first two seconds of every
 /// case's wrk run, written to `DIR/ROUND-PATH.data`. `None` when unset.
@@ -626,8 +659,23 @@ pub fn run(rounds: usize) -> Result<ConnResults> {
                     servers.blue.requests(&topo.back)?,
                     servers.green.requests(&topo.back)?,
                 );
+                let diag = std::env::var_os("SPLITTER_BENCH_CONN_DIAG").is_some();
+                let nss = [("cli", &topo.cli), ("edge", &topo.edge), ("back", &topo.back)];
+                let before = if diag {
+                    nss.iter().map(|(_, n)| all_counters(n)).collect::<Result<Vec<_>>>()?
+                } else {
+                    Vec::new()
+                };
                 let perf = perf_case(&format!("{round}-{}", p.id()))?;
                 let w = wrk(&topo.cli, &url)?;
+                if diag {
+                    for ((name, n), b) in nss.iter().zip(&before) {
+                        diag_print(&format!("{round}-{}", p.id()), name, b, &all_counters(n)?);
+                    }
+                    if let Setup::Splitter(d, _) = &_set {
+                        eprintln!("    diag splitter status: {}", d.cli_ok(&["status"]).unwrap_or_default());
+                    }
+                }
                 if let Some(mut perf) = perf {
                     let _ = perf.wait();
                     eprintln!(
