@@ -40,7 +40,7 @@ pub const SNAT_PORT_MIN: u16 = 10000;
 pub const SNAT_PORT_MAX: u16 = 32767;
 /// How many ports a new flow probes before it is dropped as
 /// `DROP_SNAT_EXHAUSTED`.
-pub const SNAT_PORT_TRIES: u32 = 16;
+pub const SNAT_PORT_TRIES: u32 = 32;
 
 /// A closed TCP flow (RST, or FIN both ways) may give up its SNAT port and
 /// be re-selected after this long: time for the closing handshake's last
