@@ -29,7 +29,8 @@
 //! Diagnostics (environment): `SPLITTER_BENCH_CONN_SECS=N` runs wrk for N
 //! seconds instead of [`DURATION_S`]; `SPLITTER_BENCH_CONN_PERF=DIR` records
 //! a system-wide profile of every case ([`perf_case`]) and prints each
-//! case's rate beside it.
+//! case's rate beside it; `SPLITTER_BENCH_CONN_DIAG=1` prints every counter
+//! that moved during each case ([`all_counters`]) and `splitter status`.
 use std::{
     io::{Read, Write},
     net::{SocketAddrV4, TcpStream},
@@ -660,9 +661,15 @@ pub fn run(rounds: usize) -> Result<ConnResults> {
                     servers.green.requests(&topo.back)?,
                 );
                 let diag = std::env::var_os("SPLITTER_BENCH_CONN_DIAG").is_some();
-                let nss = [("cli", &topo.cli), ("edge", &topo.edge), ("back", &topo.back)];
+                let nss = [
+                    ("cli", &topo.cli),
+                    ("edge", &topo.edge),
+                    ("back", &topo.back),
+                ];
                 let before = if diag {
-                    nss.iter().map(|(_, n)| all_counters(n)).collect::<Result<Vec<_>>>()?
+                    nss.iter()
+                        .map(|(_, n)| all_counters(n))
+                        .collect::<Result<Vec<_>>>()?
                 } else {
                     Vec::new()
                 };
@@ -673,7 +680,10 @@ pub fn run(rounds: usize) -> Result<ConnResults> {
                         diag_print(&format!("{round}-{}", p.id()), name, b, &all_counters(n)?);
                     }
                     if let Setup::Splitter(d, _) = &_set {
-                        eprintln!("    diag splitter status: {}", d.cli_ok(&["status"]).unwrap_or_default());
+                        eprintln!(
+                            "    diag splitter status: {}",
+                            d.cli_ok(&["status"]).unwrap_or_default()
+                        );
                     }
                 }
                 if let Some(mut perf) = perf {
