@@ -30,8 +30,15 @@ pub const MAGLEV_SIZE: u32 = 16381;
 /// writes the idle one and then publishes it by flipping the generation in
 /// the service entry, so no packet ever reads a half-written table.
 pub const MAX_TABLES: u32 = 1024;
-/// Connection-table entries (one forward and one reverse entry per flow).
+/// Connection-table entries (one forward and one reverse entry per flow):
+/// the default, and what the object file declares. `dataplane.conn_capacity`
+/// sets another, within [`MIN_CONN_CAPACITY`]..=[`MAX_CONN_CAPACITY`], when
+/// the program is loaded.
 pub const CONN_CAPACITY: u32 = 1 << 20;
+/// Smallest `dataplane.conn_capacity`.
+pub const MIN_CONN_CAPACITY: u32 = 1 << 10;
+/// Largest `dataplane.conn_capacity` (about 3 GiB of kernel memory).
+pub const MAX_CONN_CAPACITY: u32 = 1 << 24;
 
 /// SNAT source ports the edge hands out, per (backend, SNAT address).
 /// Keep local listeners of the edge that talk to backends out of this range.

@@ -66,6 +66,9 @@ pub struct DataplaneReport {
     /// The running kernel program (id, tag, origin).
     #[serde(default)]
     pub program: Option<ProgramReport>,
+    /// Connection-table entries (two per flow), as the kernel holds the map.
+    #[serde(default)]
+    pub conn_capacity: Option<u32>,
 }
 
 /// The running kernel program.

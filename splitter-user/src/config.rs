@@ -28,6 +28,7 @@
 //! mode = "snat"                 # "snat" (default) | "dnat"
 //! snat_address = "10.0.2.1"     # default: first IPv4 address of backend_interface
 //! xdp_mode = "auto"             # "auto" (default) | "native" | "generic"
+//! conn_capacity = 1048576       # connection-table entries, two per flow (default)
 //!
 //! [[service]]
 //! name = "web"
@@ -80,7 +81,10 @@ use std::{
 };
 
 use serde::{Deserialize, Serialize};
-use splitter_common::{MAX_BACKENDS, MAX_SERVICES, MAX_TABLES, MAX_VERSIONS};
+use splitter_common::{
+    CONN_CAPACITY, MAX_BACKENDS, MAX_CONN_CAPACITY, MAX_SERVICES, MAX_TABLES, MAX_VERSIONS,
+    MIN_CONN_CAPACITY,
+};
 
 /// Highest version weight.
 pub const MAX_VERSION_WEIGHT: u32 = 1_000_000;
@@ -277,6 +281,9 @@ pub struct DataplaneConfig {
     /// bpffs directory where maps and XDP links are pinned, so the data
     /// plane keeps forwarding while the daemon is stopped or upgraded.
     pub pin_dir: PathBuf,
+    /// Connection-table entries, two per flow (default
+    /// [`splitter_common::CONN_CAPACITY`]).
+    pub conn_capacity: u32,
 }
 
 /// Default of `dataplane.pin_dir`.
@@ -399,6 +406,7 @@ struct RawDataplane {
     mode: Option<String>,
     snat_address: Option<String>,
     xdp_mode: Option<String>,
+    conn_capacity: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -629,6 +637,20 @@ fn convert(raw: RawConfig, p: &mut Problems, bad: &mut Unparsed) -> Config {
                     "dataplane.pin_dir: {dir:?} must be an absolute path below a bpffs mount"
                 ));
                 PathBuf::from(DEFAULT_PIN_DIR)
+            }
+        },
+        conn_capacity: match d.conn_capacity {
+            None => CONN_CAPACITY,
+            Some(n)
+                if (i64::from(MIN_CONN_CAPACITY)..=i64::from(MAX_CONN_CAPACITY)).contains(&n) =>
+            {
+                n as u32
+            }
+            Some(n) => {
+                p.push(format!(
+                    "dataplane.conn_capacity: {n} is outside {MIN_CONN_CAPACITY}..={MAX_CONN_CAPACITY} (connection-table entries, two per flow)"
+                ));
+                CONN_CAPACITY
             }
         },
     };
@@ -1192,7 +1214,7 @@ backends = ["10.0.3.1:8443"]
         let text = BASE
             .replace(
                 "backend_interface = \"eb\"",
-                "backend_interface = \"eb\"\nmode = \"dnat\"\nsnat_address = \"10.0.2.1\"\nxdp_mode = \"native\"",
+                "backend_interface = \"eb\"\nmode = \"dnat\"\nsnat_address = \"10.0.2.1\"\nxdp_mode = \"native\"\nconn_capacity = 65536",
             )
             .replace(
                 "vip = \"10.0.0.10:80\"",
@@ -1206,6 +1228,7 @@ backends = ["10.0.3.1:8443"]
                 snat_address: Some(Ipv4Addr::new(10, 0, 2, 1)),
                 xdp_mode: XdpModeConfig::Native,
                 pin_dir: PathBuf::from(DEFAULT_PIN_DIR),
+                conn_capacity: 65536,
             },
             services: vec![ServiceConfig {
                 name: "web".into(),
@@ -1253,6 +1276,7 @@ backends = ["10.0.3.1:8443"]
         assert_eq!(c.dataplane.mode, Mode::Snat);
         assert_eq!(c.dataplane.xdp_mode, XdpModeConfig::Auto);
         assert_eq!(c.dataplane.snat_address, None);
+        assert_eq!(c.dataplane.conn_capacity, CONN_CAPACITY);
         let s = &c.services[0];
         assert_eq!((s.protocol, s.affinity), (Protocol::Tcp, Affinity::Flow));
         assert_eq!(s.versions[0].backends[0].weight, 1);
@@ -1386,6 +1410,18 @@ backends = ["10.0.3.1:8443"]
             (
                 dp("xdp_mode = \"fast\""),
                 r#"dataplane.xdp_mode: "fast" is not one of auto, native, generic"#,
+            ),
+            (
+                dp("conn_capacity = 100"),
+                "dataplane.conn_capacity: 100 is outside 1024..=16777216 (connection-table entries, two per flow)",
+            ),
+            (
+                dp("conn_capacity = -1"),
+                "dataplane.conn_capacity: -1 is outside 1024..=16777216",
+            ),
+            (
+                dp("conn_capacity = 99999999999"),
+                "dataplane.conn_capacity: 99999999999 is outside 1024..=16777216",
             ),
             (
                 dp("snat_address = \"10.0.2\""),

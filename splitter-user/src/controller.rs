@@ -105,7 +105,7 @@ impl Controller {
             .map_err(|e| ApiError::BadRequest(format!("reload refused, nothing changed: {e}")))?;
         if next.dataplane != self.config.dataplane {
             return Err(ApiError::BadRequest(
-                "reload refused, nothing changed: the [dataplane] section differs from the running one; restart the daemon to change interfaces, mode, SNAT address, XDP mode or pin_dir".into(),
+                "reload refused, nothing changed: the [dataplane] section differs from the running one; restart the daemon to change interfaces, mode, SNAT address, XDP mode, pin_dir or conn_capacity".into(),
             ));
         }
         if next.metrics != self.config.metrics {
@@ -613,6 +613,7 @@ impl Controller {
                     .unwrap_or_else(|| dp.interface.clone()),
                 mode: dp.mode.to_string(),
                 snat_address: self.dataplane.snat_address().map(|a| a.to_string()),
+                conn_capacity: self.dataplane.conn_capacity(),
                 attachments: self
                     .dataplane
                     .attachments()

@@ -101,7 +101,8 @@ pub async fn run(
         Some(p) => ProgramSource::File(p.clone()),
         None => ProgramSource::Embedded,
     };
-    let mut dataplane = Dataplane::load_pinned_from(&pin_dir, &source)?;
+    let mut dataplane =
+        Dataplane::load_pinned_from(&pin_dir, &source, config.dataplane.conn_capacity)?;
     if dataplane.reused() {
         match &saved {
             Some(s) => dataplane.restore_layout(&s.layout),

@@ -41,8 +41,9 @@ use aya::{
 use splitter_common::{
     ADDR_FILTER_DST, ADDR_FILTER_SRC, ADDR_FILTER_WORDS, BACKEND_F_DISABLED, BACKEND_F_PRESENT,
     Backend, BackendStats, CONN_CAPACITY, CONN_F_REVERSE, Conn, FAMILY_V4, FlowKey, MAX_BACKENDS,
-    MAX_TABLES, MAX_VERSIONS, MaglevTable, PROTO_TCP, PROTO_UDP, SVC_F_CLIENT_IP, SVC_F_SNAT,
-    Service, ServiceKey, VipKey, addr_filter_bit, counter, map, service_drop,
+    MAX_CONN_CAPACITY, MAX_TABLES, MAX_VERSIONS, MaglevTable, PROTO_TCP, PROTO_UDP,
+    SVC_F_CLIENT_IP, SVC_F_SNAT, Service, ServiceKey, VipKey, addr_filter_bit, counter, map,
+    service_drop,
 };
 use tracing::{info, warn};
 
@@ -280,9 +281,20 @@ impl Dataplane {
     /// root, no BPF, verifier), [`DataplaneError::NoProgram`] for a build
     /// without the kernel program.
     pub fn load() -> Result<Self> {
+        Self::load_sized(CONN_CAPACITY)
+    }
+
+    /// [`Dataplane::load`] with a connection table of `conn_capacity`
+    /// entries (two per flow) instead of [`CONN_CAPACITY`].
+    ///
+    /// # Errors
+    /// As [`Dataplane::load`].
+    pub fn load_sized(conn_capacity: u32) -> Result<Self> {
         let source = ProgramSource::Embedded;
         let bytes = program_bytes(&source)?;
-        Self::load_with(EbpfLoader::new(), &bytes, &source, None, false, false)
+        let mut loader = EbpfLoader::new();
+        loader.map_max_entries(map::CONNS, conn_capacity);
+        Self::load_with(loader, &bytes, &source, None, false, false)
     }
 
     /// Loads the kernel program with its maps pinned in `pin_dir` (a bpffs
@@ -294,26 +306,34 @@ impl Dataplane {
     /// As [`Dataplane::load`], plus [`DataplaneError::Pins`] when `pin_dir`
     /// is unusable or holds maps of another layout.
     pub fn load_pinned(pin_dir: &Path) -> Result<Self> {
-        Self::load_pinned_from(pin_dir, &ProgramSource::Embedded)
+        Self::load_pinned_from(pin_dir, &ProgramSource::Embedded, CONN_CAPACITY)
     }
 
-    /// [`Dataplane::load_pinned`] with the kernel program from `source`.
-    /// The object's maps are checked against this build's layout before
-    /// anything is loaded, then the pinned maps as usual; a refused object
-    /// changes nothing (the pinned program keeps forwarding).
+    /// [`Dataplane::load_pinned`] with the kernel program from `source` and
+    /// a connection table of `conn_capacity` entries. The object's maps are
+    /// checked against this build's layout before anything is loaded, then
+    /// the pinned maps as usual (a pinned connection table must have
+    /// `conn_capacity` entries); a refused object or table changes nothing
+    /// (the pinned program keeps forwarding).
     ///
     /// # Errors
     /// As [`Dataplane::load_pinned`], plus [`DataplaneError::ProgramFile`]
     /// for an unreadable file and [`DataplaneError::Pins`] for an object
-    /// whose maps are of another layout.
-    pub fn load_pinned_from(pin_dir: &Path, source: &ProgramSource) -> Result<Self> {
+    /// whose maps are of another layout or a pinned connection table of
+    /// another capacity.
+    pub fn load_pinned_from(
+        pin_dir: &Path,
+        source: &ProgramSource,
+        conn_capacity: u32,
+    ) -> Result<Self> {
         let bytes = program_bytes(source)?;
         pins::ensure_bpffs(pin_dir)?;
-        let reused = pins::check_layout(pin_dir)?;
+        let reused = pins::check_layout(pin_dir, conn_capacity)?;
         // A connection table kept from a build without the address filter
         // holds flows the new filter knows nothing of: open it fully.
         let open_filter = reused && !pin_dir.join(map::ADDR_FILTER).exists();
         let mut loader = EbpfLoader::new();
+        loader.map_max_entries(map::CONNS, conn_capacity);
         for (name, ..) in pins::expected_maps() {
             loader.map_pin_path(name, pin_dir.join(name));
         }
@@ -335,6 +355,13 @@ impl Dataplane {
     /// Whether the maps were taken over from an earlier instance.
     pub fn reused(&self) -> bool {
         self.reused
+    }
+
+    /// Entries of the connection table as the kernel holds it (two per
+    /// flow); `None` if the kernel does not say.
+    pub fn conn_capacity(&self) -> Option<u32> {
+        use aya::maps::IterableMap as _;
+        self.conns.map().info().ok().map(|i| i.max_entries())
     }
 
     fn load_with(
@@ -576,11 +603,11 @@ impl Dataplane {
         let mut count = |key: &FlowKey, conn: &Conn| tally_live(&mut out, key, conn, now);
         use aya::maps::IterableMap as _;
         let fd = self.conns.map().fd().as_fd().as_raw_fd();
-        match lookup_batch(fd, 2 * CONN_CAPACITY as usize, &mut count) {
+        match lookup_batch(fd, 2 * MAX_CONN_CAPACITY as usize, &mut count) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                 tracing::debug!("no batch map reads on this kernel: walking CONNS entry by entry");
-                for item in self.conns.iter().take(2 * CONN_CAPACITY as usize) {
+                for item in self.conns.iter().take(2 * MAX_CONN_CAPACITY as usize) {
                     match item {
                         Ok((key, conn)) => count(&key, &conn),
                         // An entry evicted between the key walk and its read.
@@ -1134,7 +1161,7 @@ pub fn count_live_flows(
     let mut out = BTreeMap::new();
     lookup_batch(
         fd.as_raw_fd(),
-        2 * CONN_CAPACITY as usize,
+        2 * MAX_CONN_CAPACITY as usize,
         &mut |key, conn| tally_live(&mut out, key, conn, now),
     )?;
     Ok(out)

@@ -477,6 +477,7 @@ mod tests {
                 snat_address: Some("10.0.2.1".into()),
                 attachments: vec![],
                 program: None,
+                conn_capacity: None,
             },
             services: vec![ServiceReport {
                 name: "web".into(),

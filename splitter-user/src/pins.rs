@@ -41,6 +41,18 @@ pub enum PinError {
         found: u32,
         expected: u32,
     },
+    /// The pinned connection table has another capacity than configured.
+    #[error(
+        "the pinned connection table {path} holds {found} entries, but dataplane.conn_capacity asks for {wanted}: \
+         a table cannot be resized while it carries flows. Set conn_capacity = {found} to keep the established \
+         connections, or run `splitter detach` (drops every established flow through the edge) and start again; \
+         nothing was changed and the pinned program keeps forwarding"
+    )]
+    CapacityChanged {
+        path: PathBuf,
+        found: u32,
+        wanted: u32,
+    },
     /// A kernel program object whose maps differ from this build's layout.
     #[error(
         "{program} defines map {map} with {what} {found}, but this daemon (and the maps it pins) uses {expected}: \
@@ -80,8 +92,14 @@ const SHAPE: [&str; 4] = [
 ];
 
 /// Every map with the key size, value size, capacity and kernel map type
-/// (`bpf_map_type`) this build uses ([`SHAPE`]).
+/// (`bpf_map_type`) this build uses ([`SHAPE`]), with the default
+/// connection-table capacity (what the object file declares).
 pub fn expected_maps() -> [(&'static str, [u32; 4]); 9] {
+    expected_maps_for(CONN_CAPACITY)
+}
+
+/// [`expected_maps`] with a connection table of `conn_capacity` entries.
+pub fn expected_maps_for(conn_capacity: u32) -> [(&'static str, [u32; 4]); 9] {
     use aya_obj::generated::bpf_map_type::{
         BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_LRU_HASH, BPF_MAP_TYPE_PERCPU_ARRAY,
     };
@@ -116,7 +134,7 @@ pub fn expected_maps() -> [(&'static str, [u32; 4]); 9] {
             [
                 s(size_of::<FlowKey>()),
                 s(size_of::<Conn>()),
-                CONN_CAPACITY,
+                conn_capacity,
                 lru_hash,
             ],
         ),
@@ -240,14 +258,17 @@ fn mount_bpffs(at: &Path) -> std::io::Result<()> {
     }
 }
 
-/// Checks every pinned map against [`expected_maps`]. Returns whether the
-/// connection table is pinned already (a restart or an upgrade).
+/// Checks every pinned map against [`expected_maps_for`] `conn_capacity`.
+/// Returns whether the connection table is pinned already (a restart or an
+/// upgrade).
 ///
 /// # Errors
-/// [`PinError::LayoutChanged`] naming the first map that differs.
-pub fn check_layout(dir: &Path) -> Result<bool, PinError> {
+/// [`PinError::LayoutChanged`] naming the first map that differs,
+/// [`PinError::CapacityChanged`] for a connection table of another
+/// capacity (and the same layout otherwise).
+pub fn check_layout(dir: &Path, conn_capacity: u32) -> Result<bool, PinError> {
     let mut conns_pinned = false;
-    for (name, expected) in expected_maps() {
+    for (name, expected) in expected_maps_for(conn_capacity) {
         let path = dir.join(name);
         if !path.exists() {
             continue;
@@ -263,6 +284,13 @@ pub fn check_layout(dir: &Path) -> Result<bool, PinError> {
             info.map_type().map(|t| t as u32).unwrap_or(u32::MAX),
         ];
         if let Some((what, found, expected)) = first_difference(found, expected) {
+            if name == map::CONNS && what == SHAPE[2] {
+                return Err(PinError::CapacityChanged {
+                    path,
+                    found,
+                    wanted: expected,
+                });
+            }
             return Err(PinError::LayoutChanged {
                 path,
                 what,

@@ -4,7 +4,8 @@
 //! replaces the running one through `splitter daemon --program PATH`, while
 //! short HTTP requests and long-lived connections go through the VIP. And
 //! an object built against another map layout is refused before anything
-//! changes, the running program forwarding on.
+//! changes, the running program forwarding on; so is a restart that asks a
+//! pinned connection table for another `dataplane.conn_capacity`.
 //!
 //! The variants are built by the test itself ([`program::build`]: nightly,
 //! bpfel, the flags aya-build uses) into `target/program-variants`, cached
@@ -531,4 +532,75 @@ fn a_pinned_map_of_another_type_is_refused() -> Result<()> {
         "something was attached despite the refusal"
     );
     Ok(())
+}
+
+#[test]
+#[ignore = "needs root: run with -- --include-ignored --test-threads=1"]
+fn a_sized_connection_table_is_kept_and_another_size_is_refused_while_it_forwards() -> Result<()> {
+    let s = setup()?;
+    let sized = |n: u32| {
+        s.config.replacen(
+            "[dataplane]\n",
+            &format!("[dataplane]\nconn_capacity = {n}\n"),
+            1,
+        )
+    };
+    let mut daemon = Daemon::start_with_args(&s.topo.edge, &sized(4096), &KEEP)?;
+    let pinned = s.bpffs.pin_dir().join(splitter_common::map::CONNS);
+    let kernel_capacity = || -> Result<u32> {
+        Ok(aya::maps::MapInfo::from_pin(&pinned)
+            .context("reading the pinned connection table")?
+            .max_entries())
+    };
+    ensure!(
+        kernel_capacity()? == 4096,
+        "the kernel's CONNS has {} entries, configured 4096",
+        kernel_capacity()?
+    );
+    let status = daemon.status_json()?;
+    ensure!(
+        status["dataplane"]["conn_capacity"] == 4096,
+        "status reports {} entries",
+        status["dataplane"]["conn_capacity"]
+    );
+    let text = daemon.cli_ok(&["status"])?;
+    ensure!(
+        text.contains("connection table: 4096 entries (up to 2048 flows)"),
+        "status text: {text}"
+    );
+    let (id0, ..) = program_of(&status)?;
+    let conns = long_lived(&s)?;
+    let stopped = daemon.stop()?;
+    ensure!(stopped.success(), "daemon exited with {stopped}");
+
+    // Another size with the table pinned: refused, nothing changed.
+    std::fs::write(daemon.dir().join("splitter.toml"), sized(8192))?;
+    let err = match daemon.restart(&s.topo.edge) {
+        Ok(()) => bail!("the daemon resized a pinned connection table"),
+        Err(e) => format!("{e:#}"),
+    };
+    for want in [
+        "holds 4096 entries",
+        "conn_capacity asks for 8192",
+        "Set conn_capacity = 4096",
+        "splitter detach",
+    ] {
+        ensure!(err.contains(want), "refusal lacks {want:?}: {err}");
+    }
+    kernel_runs(&s.topo.edge, id0)?;
+    ensure!(kernel_capacity()? == 4096, "the pinned table changed");
+    let r = clients::http_get_many(&s.topo.cli, http_vip(), "/", 40, TIMEOUT)?;
+    ensure!(
+        r.errors == 0 && r.ok() == 40,
+        "no forwarding after the refusal: {:?}",
+        r.error_samples
+    );
+    long_lived_intact(&s, &conns, "after the refused resize")?;
+
+    // The configured size again: taken over, flows intact.
+    std::fs::write(daemon.dir().join("splitter.toml"), sized(4096))?;
+    daemon.restart(&s.topo.edge)?;
+    long_lived_intact(&s, &conns, "after the restart")?;
+    stop_long_lived(conns)?;
+    s.topo.no_csum_errors()
 }

@@ -54,6 +54,9 @@ pub fn render(r: &StatusReport) -> String {
             p.id, p.tag, p.source
         );
     }
+    if let Some(n) = r.dataplane.conn_capacity {
+        let _ = writeln!(out, "connection table: {n} entries (up to {} flows)", n / 2);
+    }
     out.push('\n');
     out.push_str(&render_services(&r.services));
     for s in &r.services {
