@@ -28,7 +28,9 @@
 //! `SPLITTER_BENCH_TRAFFIC_ONLY=1` in the environment runs only the traffic
 //! sections ([`edge`], [`connrate`]) and prints them, writing nothing;
 //! `SPLITTER_BENCH_CONN_ONLY=1` only the connection rate ([`connrate::run`]),
-//! printed, nothing written.
+//! printed, nothing written. `SPLITTER_BENCH_CONN_CAPACITY=N` (with
+//! `--no-write`) measures the per-packet section with an N-entry connection
+//! table instead of the default.
 //!
 //! Everything it creates (a network namespace, BPF programs and maps) is
 //! owned by guards and removed on return; namespaces left by a killed run
@@ -146,6 +148,11 @@ mod measure {
     pub fn run(opts: &BenchOptions) -> Result<bool> {
         if !is_root() {
             bail!("not root: run `sudo cargo xtask bench`");
+        }
+        if std::env::var_os("SPLITTER_BENCH_CONN_CAPACITY").is_some() && !opts.no_write {
+            bail!(
+                "SPLITTER_BENCH_CONN_CAPACITY is a diagnostic: add --no-write (the published results are of the default connection table)"
+            );
         }
         let stale = remove_stale();
         if !stale.is_empty() {

@@ -44,7 +44,8 @@ use splitter::{
     table::{MaglevBackend, maglev_table},
 };
 use splitter_common::{
-    BACKEND_F_PRESENT, Backend, CONN_CAPACITY, FAMILY_V4, MaglevTable, PROTO_TCP, ServiceKey,
+    BACKEND_F_PRESENT, Backend, CONN_CAPACITY, FAMILY_V4, MAX_CONN_CAPACITY, MIN_CONN_CAPACITY,
+    MaglevTable, PROTO_TCP, ServiceKey,
 };
 use splitter_tests::{
     netns::Netns,
@@ -317,9 +318,26 @@ fn take<T>(
     conv(m).with_context(|| format!("map {name}"))
 }
 
+/// Connection-table entries of the measured program: `CONN_CAPACITY`, or
+/// `SPLITTER_BENCH_CONN_CAPACITY` (a diagnostic: the same program with a
+/// table of another size, as `dataplane.conn_capacity` sets it).
+fn conn_capacity() -> Result<u32> {
+    let Some(v) = std::env::var_os("SPLITTER_BENCH_CONN_CAPACITY") else {
+        return Ok(CONN_CAPACITY);
+    };
+    let v = v.to_string_lossy();
+    match v.parse::<u32>() {
+        Ok(n) if (MIN_CONN_CAPACITY..=MAX_CONN_CAPACITY).contains(&n) => Ok(n),
+        _ => bail!(
+            "SPLITTER_BENCH_CONN_CAPACITY={v}: expected connection-table entries in {MIN_CONN_CAPACITY}..={MAX_CONN_CAPACITY}"
+        ),
+    }
+}
+
 impl Rig {
-    fn load() -> Result<Self> {
-        let mut dp = Dataplane::load().context("loading the splitter XDP program")?;
+    fn load(conn_capacity: u32) -> Result<Self> {
+        let mut dp =
+            Dataplane::load_sized(conn_capacity).context("loading the splitter XDP program")?;
         dp.apply(&config(90, 10)?)
             .context("publishing the bench config")?;
         let raw = dp.program_fd()?;
@@ -594,7 +612,13 @@ pub fn run(opts: PacketOptions) -> Result<(PacketResults, Extras)> {
     let pinned_cpu = pin_to_last_cpu();
     let flows = opts.flows.clamp(1, SEGMENT);
     let rounds = opts.rounds.max(1);
-    let mut rig = Rig::load()?;
+    let capacity = conn_capacity()?;
+    ensure!(
+        u64::from(flows) * 2 <= u64::from(capacity),
+        "{flows} live flows need {} connection-table entries; SPLITTER_BENCH_CONN_CAPACITY is {capacity}",
+        u64::from(flows) * 2
+    );
+    let mut rig = Rig::load(capacity)?;
     let (if_in, if_out) = (rig.if_in, rig.if_out);
     let mut res = PacketResults {
         rounds,
@@ -849,7 +873,7 @@ pub fn run(opts: PacketOptions) -> Result<(PacketResults, Extras)> {
 
     // 3. Fill the connection table past capacity (the LRU then evicts on
     //    every insert), then fresh SYNs again.
-    let cap_flows = CONN_CAPACITY / 2;
+    let cap_flows = capacity / 2;
     let mut live = flows + rounds as u32 * SYN_BATCH;
     let goal = cap_flows + cap_flows / 8;
     let mut chunk = 0u16;
@@ -880,8 +904,8 @@ pub fn run(opts: PacketOptions) -> Result<(PacketResults, Extras)> {
         chunk += 1;
     }
     res.notes.push(format!(
-        "Before the full-table rounds, {live} SYNs had made flows (two entries each) in the {CONN_CAPACITY}-entry connection table, {}% of its capacity; counters moved by the last {} of them: {fill_moves:?}.",
-        u64::from(live) * 200 / u64::from(CONN_CAPACITY),
+        "Before the full-table rounds, {live} SYNs had made flows (two entries each) in the {capacity}-entry connection table, {}% of its capacity; counters moved by the last {} of them: {fill_moves:?}.",
+        u64::from(live) * 200 / u64::from(capacity),
         live - flows - rounds as u32 * SYN_BATCH
     ));
     let mut syn_full = new_case(
@@ -891,7 +915,12 @@ pub fn run(opts: PacketOptions) -> Result<(PacketResults, Extras)> {
         SYN_BATCH,
         SYN_BATCH,
     );
-    syn_full.conn_entries = Some(u64::from(CONN_CAPACITY));
+    syn_full.conn_entries = Some(u64::from(capacity));
+    if capacity != CONN_CAPACITY {
+        res.notes.push(format!(
+            "Diagnostic run: the connection table has {capacity} entries (SPLITTER_BENCH_CONN_CAPACITY), not the default {CONN_CAPACITY}."
+        ));
+    }
     let mut exhausted = 0u64;
     for r in 0..rounds {
         let batch: Vec<[u8; 64]> = (0..SYN_BATCH)
