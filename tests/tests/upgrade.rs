@@ -552,10 +552,10 @@ fn a_sized_connection_table_is_kept_and_another_size_is_refused_while_it_forward
             .context("reading the pinned connection table")?
             .max_entries())
     };
+    let entries = kernel_capacity()?;
     ensure!(
-        kernel_capacity()? == 4096,
-        "the kernel's CONNS has {} entries, configured 4096",
-        kernel_capacity()?
+        entries == 4096,
+        "the kernel's CONNS has {entries} entries, configured 4096"
     );
     let status = daemon.status_json()?;
     ensure!(

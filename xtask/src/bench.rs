@@ -74,6 +74,12 @@ pub struct BenchOptions {
 /// # Errors
 /// Setup, the build or the measuring process failed to run.
 pub fn bench(opts: &BenchOptions) -> Result<bool> {
+    // Checked before the set-up and the build, in either stage.
+    if std::env::var_os("SPLITTER_BENCH_CONN_CAPACITY").is_some() && !opts.no_write {
+        anyhow::bail!(
+            "SPLITTER_BENCH_CONN_CAPACITY is a diagnostic: add --no-write (the published results are of the default connection table)"
+        );
+    }
     #[cfg(feature = "bench")]
     {
         measure::run(opts)
@@ -148,11 +154,6 @@ mod measure {
     pub fn run(opts: &BenchOptions) -> Result<bool> {
         if !is_root() {
             bail!("not root: run `sudo cargo xtask bench`");
-        }
-        if std::env::var_os("SPLITTER_BENCH_CONN_CAPACITY").is_some() && !opts.no_write {
-            bail!(
-                "SPLITTER_BENCH_CONN_CAPACITY is a diagnostic: add --no-write (the published results are of the default connection table)"
-            );
         }
         let stale = remove_stale();
         if !stale.is_empty() {

@@ -653,7 +653,7 @@ pub fn run(rounds: usize) -> Result<ConnResults> {
                 format!("http://{VIP}:{VIP_PORT}/")
             };
             let r = (|| -> Result<(Wrk, f64, u64, u64)> {
-                let _set = setup(p, &topo, dir.path(), addrs)?;
+                let set = setup(p, &topo, dir.path(), addrs)?;
                 let (syn0, _) = tcp_counters(&topo.cli)?;
                 let (_, paws0) = tcp_counters(&topo.back)?;
                 let (b0, g0) = (
@@ -679,7 +679,7 @@ pub fn run(rounds: usize) -> Result<ConnResults> {
                     for ((name, n), b) in nss.iter().zip(&before) {
                         diag_print(&format!("{round}-{}", p.id()), name, b, &all_counters(n)?);
                     }
-                    if let Setup::Splitter(d, _) = &_set {
+                    if let Setup::Splitter(d, _) = &set {
                         eprintln!(
                             "    diag splitter status: {}",
                             d.cli_ok(&["status"]).unwrap_or_default()
