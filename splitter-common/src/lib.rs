@@ -115,6 +115,11 @@ pub mod map {
     pub const CONNS: &str = "CONNS";
     /// `PerCpuArray<BackendStats>`, indexed by backend id.
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
+    /// `PerCpuArray<BackendSignals>`, indexed by backend id: how the
+    /// backend's connections open and end. Touched only by handshake
+    /// packets, resets and missed deadlines, never by the data packets of
+    /// an established flow.
+    pub const BACKEND_SIGNALS: &str = "BACKEND_SIGNALS";
     /// `PerCpuArray<u64>`, indexed by `counter::*`.
     pub const COUNTERS: &str = "COUNTERS";
     /// `PerCpuArray<u64>`: drops by reason per service, index
@@ -217,9 +222,18 @@ pub struct Backend {
     pub family: u8,
     /// `BACKEND_F_*`.
     pub flags: u8,
-    /// Global version id this backend belongs to.
-    pub version: u32,
+    /// Global version id this backend belongs to (below `MAX_TABLES / 2`).
+    pub version: u16,
+    /// The service's `connect_timeout_ms`: a new flow that has no answer
+    /// from the backend (TCP: SYN-ACK; UDP: a reply datagram) this long
+    /// after its first packet counts as a timeout. 0 (a table written by a
+    /// build that did not know the field) means
+    /// [`DEFAULT_CONNECT_TIMEOUT_MS`].
+    pub connect_timeout_ms: u16,
 }
+
+/// Connect timeout of a backend whose entry says 0.
+pub const DEFAULT_CONNECT_TIMEOUT_MS: u16 = 1000;
 
 /// Backend flag: the slot holds a configured backend.
 pub const BACKEND_F_PRESENT: u8 = 1;
@@ -266,6 +280,14 @@ pub const TCP_FIN_CLIENT: u32 = 4;
 pub const TCP_FIN_BACKEND: u32 = 8;
 /// TCP state bit: either side sent RST.
 pub const TCP_RST: u32 = 16;
+/// State bit (TCP and UDP): the flow had no answer from its backend within
+/// the backend's `connect_timeout_ms`, and that timeout was counted (in
+/// `BackendSignals::timeouts`, or by the controller's sweep). Set once, so
+/// an attempt is counted as a timeout once.
+pub const STATE_TIMED_OUT: u32 = 32;
+/// UDP flows use [`TCP_ESTABLISHED`] for "the backend answered" (its first
+/// reply datagram was seen); no other `TCP_*` bit applies to them.
+pub const UDP_ANSWERED: u32 = TCP_ESTABLISHED;
 
 /// Value of `CONNS`. A flow has two entries, keyed by the forward tuple
 /// (client -> VIP) and the reverse tuple (backend -> edge or client).
@@ -294,6 +316,9 @@ pub struct Conn {
     pub state: u32,
     /// Service id, for the controller's flow inspection.
     pub service: u32,
+    /// Without `CONN_F_FIN_TS`: when the flow's first packet was forwarded,
+    /// in [`start_units`] (`bpf_ktime_get_ns() >> 10`, truncated to 32
+    /// bits), for the connect latency and the connect deadline.
     /// With `CONN_F_FIN_TS`: the TCP timestamp (TSval, host order) of the
     /// client's last FIN, kept in both entries. A backend that closed first
     /// holds the connection in TIME_WAIT and accepts a SYN on the same
@@ -382,6 +407,94 @@ pub struct BackendStats {
     pub reply_packets: u64,
     /// Reply bytes from the backend translated back.
     pub reply_bytes: u64,
+}
+
+/// Buckets of the connect-latency histogram: one per bound of
+/// [`LATENCY_BOUNDS_US`] and one above the last.
+pub const LATENCY_BUCKETS: usize = 15;
+/// Upper bounds (inclusive, microseconds) of the connect-latency buckets:
+/// 0.1 ms to 2.5 s in 1-2.5-5 steps, as Prometheus reads them.
+pub const LATENCY_BOUNDS_US: [u64; LATENCY_BUCKETS - 1] = [
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
+    1_000_000, 2_500_000,
+];
+
+/// Value of `BACKEND_SIGNALS` (per CPU; the controller sums the CPUs): how
+/// a backend's flows open and end. New flows ("attempts") are
+/// `BackendStats::new_flows`. An attempt has at most one of `refused` and
+/// `timeouts`; a connection that opens after its deadline counts in
+/// `timeouts` and in `established`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendSignals {
+    /// TCP: SYN-ACKs seen (connections the backend accepted). UDP: flows
+    /// that got a first reply datagram.
+    pub established: u64,
+    /// TCP: the backend answered a SYN with RST (before any SYN-ACK and
+    /// before the deadline).
+    pub refused: u64,
+    /// Flows with no answer from the backend within `connect_timeout_ms`.
+    pub timeouts: u64,
+    /// RST from the backend on an established TCP flow (the flow's first RST).
+    pub reset_by_backend: u64,
+    /// RST from the client (the flow's first RST), in any TCP state.
+    pub reset_by_client: u64,
+    /// Sum of the connect latencies sampled, in microseconds.
+    pub latency_sum_us: u64,
+    /// Connect latency (first packet forwarded to the backend's first
+    /// answer), one count per established flow, in the buckets of
+    /// [`LATENCY_BOUNDS_US`] (not cumulative).
+    pub latency: [u64; LATENCY_BUCKETS],
+    /// Room for later signals without a layout change.
+    pub _spare: [u64; 3],
+}
+
+/// The 32-bit time stamp of [`Conn::fin_tsval`] for a `CLOCK_MONOTONIC`
+/// reading in ns: units of 1.024 us, wrapping every 73 minutes.
+#[inline(always)]
+pub const fn start_units(mono_ns: u64) -> u32 {
+    (mono_ns >> 10) as u32
+}
+
+/// Microseconds from a [`start_units`] stamp to a later reading (0 if the
+/// reading is earlier: the coarse clock may lag the fine one by a tick).
+#[inline(always)]
+pub const fn elapsed_us(start: u32, mono_ns: u64) -> u64 {
+    let d = start_units(mono_ns).wrapping_sub(start) as i32;
+    if d <= 0 { 0 } else { (d as u64 * 1024) / 1000 }
+}
+
+/// Index into [`BackendSignals::latency`] of a latency in microseconds.
+#[inline(always)]
+pub fn latency_bucket(us: u64) -> usize {
+    let mut i = 0;
+    while i < LATENCY_BOUNDS_US.len() {
+        if us <= LATENCY_BOUNDS_US[i] {
+            return i;
+        }
+        i += 1;
+    }
+    LATENCY_BUCKETS - 1
+}
+
+/// A backend's connect deadline in microseconds (`connect_timeout_ms`, 0
+/// read as [`DEFAULT_CONNECT_TIMEOUT_MS`]).
+#[inline(always)]
+pub const fn connect_deadline_us(connect_timeout_ms: u16) -> u64 {
+    let ms = if connect_timeout_ms == 0 {
+        DEFAULT_CONNECT_TIMEOUT_MS
+    } else {
+        connect_timeout_ms
+    };
+    ms as u64 * 1000
+}
+
+/// Has a flow had no answer from its backend yet, with no outcome
+/// counted (no answer, reset or timeout), and does its `fin_tsval` hold its
+/// start stamp? Only such a flow can still time out.
+#[inline(always)]
+pub const fn awaiting_answer(state: u32, flags: u32) -> bool {
+    state & (TCP_ESTABLISHED | TCP_RST | STATE_TIMED_OUT) == 0 && flags & CONN_F_FIN_TS == 0
 }
 
 /// Indexes of `COUNTERS`: drops by reason and forwarding outcomes.
@@ -555,6 +668,7 @@ mod pod {
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for Conn {}
     unsafe impl aya::Pod for BackendStats {}
+    unsafe impl aya::Pod for BackendSignals {}
 }
 
 #[cfg(test)]
@@ -580,6 +694,31 @@ mod tests {
         assert_eq!(core::mem::offset_of!(Conn, fib_dmac), 80);
         assert_eq!(core::mem::offset_of!(Conn, fib_smac), 86);
         assert_eq!(size_of::<BackendStats>(), 40);
+        assert_eq!(size_of::<BackendSignals>(), 8 * (6 + LATENCY_BUCKETS + 3));
+    }
+
+    #[test]
+    fn latency_buckets_take_their_upper_bound_and_overflow_into_the_last() {
+        assert_eq!(latency_bucket(0), 0);
+        assert_eq!(latency_bucket(100), 0);
+        assert_eq!(latency_bucket(101), 1);
+        assert_eq!(latency_bucket(1_000_000), 12);
+        assert_eq!(latency_bucket(2_500_000), 13);
+        assert_eq!(latency_bucket(2_500_001), LATENCY_BUCKETS - 1);
+        assert_eq!(latency_bucket(u64::MAX), LATENCY_BUCKETS - 1);
+    }
+
+    #[test]
+    fn elapsed_time_survives_the_stamp_wrapping_and_a_lagging_clock() {
+        let t0 = (1u64 << 42) - 500_000; // the 32-bit stamp wraps 0.5 ms later
+        let s = start_units(t0);
+        assert_eq!(elapsed_us(s, t0), 0);
+        let d = elapsed_us(s, t0 + 1_000_000_000);
+        assert!((999_000..=1_001_000).contains(&d), "{d}");
+        // A reading before the stamp (the coarse clock lags): 0, not huge.
+        assert_eq!(elapsed_us(s, t0 - 4_000_000), 0);
+        assert_eq!(connect_deadline_us(0), 1_000_000);
+        assert_eq!(connect_deadline_us(250), 250_000);
     }
 
     #[test]

@@ -1,23 +1,26 @@
 //! Flow handling: established flows in both directions (connection-table
-//! hit), new flows (service hit), and the TCP state both entries share.
+//! hit), new flows (service hit), the TCP state both entries share, and
+//! the per-backend signals of how flows open and end (`signal`).
 use core::mem::MaybeUninit;
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
-    helpers::bpf_ktime_get_coarse_ns,
+    helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
     programs::XdpContext,
 };
 use splitter_common::{
     BACKEND_F_DISABLED, BACKEND_F_PRESENT, CONN_F_FIN_TS, CONN_F_REVERSE, CONN_F_SNAT, Conn,
     FAMILY_V4, FlowKey, LAST_SEEN_GRANULARITY_NS, MAGLEV_SIZE, MAX_VERSIONS, NO_BACKEND, PROTO_TCP,
-    SNAT_PORT_MAX, SNAT_PORT_MIN, SNAT_PORT_TRIES, SNAT_TIME_WAIT_NS, SVC_F_CLIENT_IP, SVC_F_SNAT,
-    Service, ServiceKey, TCP_ESTABLISHED, TCP_FIN_BACKEND, TCP_FIN_CLIENT, TCP_RST, TCP_SYN,
-    conn_stale, counter, flow_hash, mix32, service_drop, snat_port_start, version_hash,
+    SNAT_PORT_MAX, SNAT_PORT_MIN, SNAT_PORT_TRIES, SNAT_TIME_WAIT_NS, STATE_TIMED_OUT,
+    SVC_F_CLIENT_IP, SVC_F_SNAT, Service, ServiceKey, TCP_ESTABLISHED, TCP_FIN_BACKEND,
+    TCP_FIN_CLIENT, TCP_RST, TCP_SYN, UDP_ANSWERED, awaiting_answer, conn_stale,
+    connect_deadline_us, counter, elapsed_us, flow_hash, latency_bucket, mix32, service_drop,
+    snat_port_start, start_units, version_hash,
 };
 
 use crate::{
     XDP_PASS, fib,
-    maps::{self, BACKEND_STATS, BACKENDS, CONNS, SERVICES, TABLES},
+    maps::{self, BACKEND_SIGNALS, BACKEND_STATS, BACKENDS, CONNS, SERVICES, TABLES},
     nat::Tuple,
     parse::{self, Packet},
 };
@@ -120,8 +123,13 @@ fn peer_key(conn: &Conn, proto: u8) -> FlowKey {
 #[inline(always)]
 fn established(ctx: &XdpContext, pkt: &Packet, conn: &mut Conn, now: u64) -> u32 {
     let reverse = conn.flags & CONN_F_REVERSE != 0;
-    if !reverse
-        && let Some(b) = BACKENDS.get(conn.backend)
+    // Client packets read their backend anyway (is it disabled?).
+    let backend = if reverse {
+        None
+    } else {
+        BACKENDS.get(conn.backend)
+    };
+    if let Some(b) = backend
         && b.flags & BACKEND_F_DISABLED != 0
     {
         return maps::drop_for(
@@ -132,7 +140,24 @@ fn established(ctx: &XdpContext, pkt: &Packet, conn: &mut Conn, now: u64) -> u32
     }
     let mut bits = 0;
     let mut touch_peer = false;
-    if pkt.proto == PROTO_TCP {
+    if awaiting_answer(conn.state, conn.flags) {
+        // Rare: only until the backend's first answer. Has the deadline
+        // passed? A reply reads its backend's deadline here.
+        let b = match backend {
+            Some(b) => Some(b),
+            None => BACKENDS.get(conn.backend),
+        };
+        if let Some(b) = b
+            && elapsed_us(conn.fin_tsval, now) > connect_deadline_us(b.connect_timeout_ms)
+        {
+            bits |= STATE_TIMED_OUT;
+        }
+    }
+    if pkt.proto != PROTO_TCP {
+        if reverse {
+            bits |= UDP_ANSWERED;
+        }
+    } else {
         let f = pkt.tcp_flags;
         if f & parse::TCP_RST != 0 {
             bits |= TCP_RST;
@@ -147,13 +172,18 @@ fn established(ctx: &XdpContext, pkt: &Packet, conn: &mut Conn, now: u64) -> u32
         if reverse && f & (parse::TCP_SYN | parse::TCP_ACK) == (parse::TCP_SYN | parse::TCP_ACK) {
             bits |= TCP_ESTABLISHED;
         }
-        if bits & !conn.state != 0 {
-            conn.state |= bits;
-            // The exact time of a state change: a closed flow's SNAT port
-            // is reused `TCP_CLOSED_REUSE_NS` after it.
-            conn.last_seen = now;
-            touch_peer = true;
-        }
+    }
+    let new_bits = bits & !conn.state;
+    if new_bits != 0 {
+        signal(conn, new_bits, reverse);
+        conn.state |= new_bits;
+        // The exact time of a state change: a closed flow's SNAT port
+        // is reused `TCP_CLOSED_REUSE_NS` after it.
+        conn.last_seen = now;
+        touch_peer = true;
+    }
+    if pkt.proto == PROTO_TCP {
+        let f = pkt.tcp_flags;
         if !reverse
             && f & parse::TCP_FIN != 0
             && let Some(ts) = parse::tcp_tsval(ctx)
@@ -218,6 +248,43 @@ fn established(ctx: &XdpContext, pkt: &Packet, conn: &mut Conn, now: u64) -> u32
         }
     }
     fib::forward(ctx, pkt.proto, &old, &new, Some(conn), now)
+}
+
+/// Counts what the state bits `new` (not set before) say about the flow's
+/// backend in `BACKEND_SIGNALS`: its first answer (with the connect
+/// latency), a refusal, a missed deadline, a reset. Called only when a
+/// flow's state changes, so an outcome is counted once per flow (two CPUs
+/// changing the same flow at the same instant could both count it).
+#[inline(always)]
+fn signal(conn: &Conn, new: u32, reverse: bool) {
+    let Some(s) = BACKEND_SIGNALS.get_ptr_mut(conn.backend) else {
+        return;
+    };
+    // SAFETY: this CPU's slot of a per-CPU array: no other writer.
+    let s = unsafe { &mut *s };
+    let old = conn.state;
+    if new & STATE_TIMED_OUT != 0 {
+        s.timeouts += 1;
+    }
+    if new & TCP_ESTABLISHED != 0 {
+        s.established += 1;
+        if conn.flags & CONN_F_FIN_TS == 0 {
+            let us = elapsed_us(conn.fin_tsval, unsafe { bpf_ktime_get_ns() });
+            s.latency_sum_us += us;
+            if let Some(b) = s.latency.get_mut(latency_bucket(us)) {
+                *b += 1;
+            }
+        }
+    }
+    if new & TCP_RST != 0 {
+        if !reverse {
+            s.reset_by_client += 1;
+        } else if old & TCP_ESTABLISHED != 0 {
+            s.reset_by_backend += 1;
+        } else if (old | new) & STATE_TIMED_OUT == 0 {
+            s.refused += 1;
+        }
+    }
 }
 
 /// Picks the version by hash threshold, then the backend by Maglev slot.
@@ -287,7 +354,9 @@ fn new_flow(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, svc: &Service, now: u
         (*c).flags = flags | CONN_F_REVERSE;
         (*c).state = state;
         (*c).service = svc.id;
-        (*c).fin_tsval = 0;
+        // The fine clock, once per new flow: the connect latency is
+        // measured from here.
+        (*c).fin_tsval = start_units(bpf_ktime_get_ns());
         (*c).last_seen = now;
         clear_route(c);
         &mut *c

@@ -6,7 +6,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use splitter_common::{
-    ADDR_FILTER_DST, ADDR_FILTER_SRC, ADDR_FILTER_WORDS, Backend, BackendStats, CONN_CAPACITY,
+    ADDR_FILTER_DST, ADDR_FILTER_SRC, ADDR_FILTER_WORDS, Backend, BackendSignals, BackendStats, CONN_CAPACITY,
     Conn, FlowKey, MAX_BACKENDS, MAX_SERVICES, MAX_TABLES, MaglevTable, Service, ServiceKey,
     VipKey, addr_filter_bit, counter, service_drop,
 };
@@ -29,6 +29,11 @@ pub static CONNS: LruHashMap<FlowKey, Conn> = LruHashMap::with_max_entries(CONN_
 
 #[map(name = "BACKEND_STATS")]
 pub static BACKEND_STATS: PerCpuArray<BackendStats> =
+    PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+/// Touched only on handshakes, resets and missed deadlines (`flow::signal`).
+#[map(name = "BACKEND_SIGNALS")]
+pub static BACKEND_SIGNALS: PerCpuArray<BackendSignals> =
     PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
 
 /// Entries of `COUNTERS`. The `foreign-layout` test build doubles them, so

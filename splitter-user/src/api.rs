@@ -34,6 +34,7 @@ use tracing::{debug, info, warn};
 use crate::{
     controller::Controller,
     edit::{self, BackendPatch, BackendSpec, ServiceSpec, VersionSpec, parse_addr},
+    signals::{Counters, MetricReading, Window},
 };
 
 /// Largest request body the API reads.
@@ -131,6 +132,15 @@ pub struct VersionReport {
     pub bytes: u64,
     /// Its backends.
     pub backends: Vec<BackendReport>,
+    /// Signal counters summed over its backends (cumulative).
+    #[serde(default)]
+    pub signals: Counters,
+    /// Its signals over the status window (`None`: no history yet).
+    #[serde(default)]
+    pub window: Option<Window>,
+    /// The external metric of `[service.analysis]`, if configured.
+    #[serde(default)]
+    pub metric: Option<MetricReading>,
 }
 
 /// One backend and its counters.
@@ -160,6 +170,12 @@ pub struct BackendReport {
     pub reply_packets: u64,
     /// Reply bytes translated back.
     pub reply_bytes: u64,
+    /// How its connections open and end (cumulative counters).
+    #[serde(default)]
+    pub signals: Counters,
+    /// Its signals over the status window (`None`: no history yet).
+    #[serde(default)]
+    pub window: Option<Window>,
 }
 
 /// `GET /v1/flow?service=NAME&client=ADDR:PORT`: where a client's flow goes and why.

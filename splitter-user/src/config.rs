@@ -306,6 +306,21 @@ pub struct ServiceConfig {
     /// not checked, every active backend takes new flows.
     #[serde(default)]
     pub health: Option<HealthConfig>,
+    /// A new flow with no answer from its backend (TCP: SYN-ACK; UDP: a
+    /// reply datagram) this long after its first packet counts as a
+    /// connect timeout in the backend's signals, in ms
+    /// ([`DEFAULT_CONNECT_TIMEOUT_MS`], 1..=60000).
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u32,
+}
+
+/// Default of `connect_timeout_ms`.
+pub const DEFAULT_CONNECT_TIMEOUT_MS: u32 = splitter_common::DEFAULT_CONNECT_TIMEOUT_MS as u32;
+/// Largest `connect_timeout_ms` (the data plane keeps it in 16 bits).
+pub const MAX_CONNECT_TIMEOUT_MS: u32 = 60_000;
+
+fn default_connect_timeout_ms() -> u32 {
+    DEFAULT_CONNECT_TIMEOUT_MS
 }
 
 /// `[service.health]`: a TCP connect (or an HTTP `GET`) to each backend
@@ -419,6 +434,7 @@ struct RawService {
     #[serde(default, rename = "version")]
     versions: Vec<RawVersion>,
     health: Option<RawHealth>,
+    connect_timeout_ms: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -705,6 +721,16 @@ fn convert(raw: RawConfig, p: &mut Problems, bad: &mut Unparsed) -> Config {
         let health = s
             .health
             .and_then(|h| health(p, &format!("{at}: health"), h));
+        let connect_timeout_ms = match s.connect_timeout_ms {
+            None => DEFAULT_CONNECT_TIMEOUT_MS,
+            Some(v) if (1..=i64::from(MAX_CONNECT_TIMEOUT_MS)).contains(&v) => v as u32,
+            Some(v) => {
+                p.push(format!(
+                    "{at}: connect_timeout_ms: {v} is out of range 1..={MAX_CONNECT_TIMEOUT_MS}"
+                ));
+                DEFAULT_CONNECT_TIMEOUT_MS
+            }
+        };
         services.push(ServiceConfig {
             name: s.name,
             vip: vip.unwrap_or(placeholder),
@@ -712,6 +738,7 @@ fn convert(raw: RawConfig, p: &mut Problems, bad: &mut Unparsed) -> Config {
             affinity: affinity.unwrap_or_default(),
             versions,
             health,
+            connect_timeout_ms,
         });
     }
     p.section = 0;
@@ -878,6 +905,12 @@ fn check(c: &Config, bad: &Unparsed, out: &mut Problems) {
             out.push(format!(
                 "{at}: health: TCP and HTTP checks need a tcp service (set check = \"none\" for {})",
                 s.protocol
+            ));
+        }
+        if !(1..=MAX_CONNECT_TIMEOUT_MS).contains(&s.connect_timeout_ms) {
+            out.push(format!(
+                "{at}: connect_timeout_ms: {} is out of range 1..={MAX_CONNECT_TIMEOUT_MS}",
+                s.connect_timeout_ms
             ));
         }
         if s.versions.len() > MAX_VERSIONS {
@@ -1236,6 +1269,7 @@ backends = ["10.0.3.1:8443"]
                 protocol: Protocol::Udp,
                 affinity: Affinity::ClientIp,
                 health: None,
+                connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT_MS,
                 versions: vec![
                     VersionConfig {
                         name: "blue".into(),

@@ -20,6 +20,7 @@ use crate::{
     dataplane::{Dataplane, DataplaneError, monotonic_ns},
     edit::{self, EditError, RemoveGuard},
     pins,
+    signals::Counters,
     state::{self, State},
     table,
 };
@@ -664,6 +665,11 @@ impl Controller {
                     new_flows: s.new_flows,
                     reply_packets: s.reply_packets,
                     reply_bytes: s.reply_bytes,
+                    signals: self
+                        .dataplane
+                        .backend_counters(&svc.name, &v.name, b.address)
+                        .map_err(|e| ApiError::Internal(e.to_string()))?,
+                    window: None,
                 });
             }
             versions.push(VersionReport {
@@ -678,6 +684,9 @@ impl Controller {
                 live_flows: backends.iter().map(|b| b.live_flows).sum(),
                 packets: backends.iter().map(|b| b.packets).sum(),
                 bytes: backends.iter().map(|b| b.bytes).sum(),
+                signals: sum_counters(backends.iter().map(|b| &b.signals)),
+                window: None,
+                metric: None,
                 backends,
             });
         }
@@ -697,6 +706,14 @@ impl Controller {
             drops,
         })
     }
+}
+
+/// The sum of several backends' counters (a version's).
+fn sum_counters<'a>(all: impl Iterator<Item = &'a Counters>) -> Counters {
+    all.fold(Counters::default(), |mut acc, c| {
+        acc.add(c);
+        acc
+    })
 }
 
 /// Does `config` health-check backend `addr` of `service` (a service with

@@ -40,7 +40,7 @@ use aya::{
 };
 use splitter_common::{
     ADDR_FILTER_DST, ADDR_FILTER_SRC, ADDR_FILTER_WORDS, BACKEND_F_DISABLED, BACKEND_F_PRESENT,
-    Backend, BackendStats, CONN_CAPACITY, CONN_F_REVERSE, Conn, FAMILY_V4, FlowKey, MAX_BACKENDS,
+    Backend, BackendSignals, BackendStats, CONN_CAPACITY, CONN_F_REVERSE, Conn, FAMILY_V4, FlowKey, MAX_BACKENDS,
     MAX_CONN_CAPACITY, MAX_TABLES, MAX_VERSIONS, MaglevTable, PROTO_TCP, PROTO_UDP,
     SVC_F_CLIENT_IP, SVC_F_SNAT, Service, ServiceKey, VipKey, addr_filter_bit, counter, map,
     service_drop,
@@ -53,9 +53,14 @@ use crate::{
         XdpModeConfig,
     },
     netif, pins,
+    signals::Counters,
     state::{Layout, LayoutBackend, LayoutService},
     table::{self, MaglevBackend},
 };
+
+/// Timeouts counted by the sweep per backend id (see
+/// [`Dataplane::swept_timeouts`]).
+pub type SweptTimeouts = std::sync::Arc<std::sync::Mutex<BTreeMap<u32, u64>>>;
 
 /// The compiled kernel program, built by `build.rs`.
 static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/splitter"));
@@ -246,6 +251,12 @@ pub struct Dataplane {
     tables: Array<MapData, MaglevTable>,
     backends: Array<MapData, Backend>,
     backend_stats: PerCpuArray<MapData, BackendStats>,
+    backend_signals: PerCpuArray<MapData, BackendSignals>,
+    /// Timeouts the controller's sweep counted per backend id (flows that
+    /// sent nothing after their deadline, so the program never saw it
+    /// pass); shared with the task that sweeps. Cleared with the id's
+    /// kernel counters.
+    swept: SweptTimeouts,
     counters: PerCpuArray<MapData, u64>,
     conns: HashMap<MapData, FlowKey, Conn>,
     service_drops: PerCpuArray<MapData, u64>,
@@ -255,9 +266,9 @@ pub struct Dataplane {
     live: BTreeMap<String, LiveService>,
     /// Backend ids by (service, version, address).
     backend_ids: BTreeMap<(String, String, SocketAddrV4), u32>,
-    /// Flags last written to `BACKENDS` per id (a change of state rewrites
-    /// the entry; an unchanged one is not written again).
-    backend_written: BTreeMap<u32, u8>,
+    /// Entry last written to `BACKENDS` per id (a change of state or
+    /// connect timeout rewrites it; an unchanged one is not written again).
+    backend_written: BTreeMap<u32, Backend>,
     service_ids: Ids,
     version_ids: Ids,
     backend_id_pool: Ids,
@@ -400,6 +411,7 @@ impl Dataplane {
         let tables = take(&mut ebpf, map::TABLES, Array::try_from)?;
         let backends = take(&mut ebpf, map::BACKENDS, Array::try_from)?;
         let backend_stats = take(&mut ebpf, map::BACKEND_STATS, PerCpuArray::try_from)?;
+        let backend_signals = take(&mut ebpf, map::BACKEND_SIGNALS, PerCpuArray::try_from)?;
         let counters = take(&mut ebpf, map::COUNTERS, PerCpuArray::try_from)?;
         let conns = take(&mut ebpf, map::CONNS, HashMap::try_from)?;
         let service_drops = take(&mut ebpf, map::SERVICE_DROPS, PerCpuArray::try_from)?;
@@ -423,6 +435,8 @@ impl Dataplane {
             tables,
             backends,
             backend_stats,
+            backend_signals,
+            swept: SweptTimeouts::default(),
             counters,
             conns,
             service_drops,
@@ -871,7 +885,7 @@ impl Dataplane {
                     self.filter_add(ADDR_FILTER_SRC, *b.address.ip())?;
                 }
                 let bkey = (svc.name.clone(), ver.name.clone(), b.address);
-                let entry = backend_entry(b.address, vid, b.state);
+                let entry = backend_entry(b.address, vid, b.state, svc.connect_timeout_ms);
                 let bid = match self.backend_ids.get(&bkey) {
                     Some(id) => *id,
                     None => {
@@ -882,11 +896,11 @@ impl Dataplane {
                         bid
                     }
                 };
-                if self.backend_written.get(&bid) != Some(&entry.flags) {
+                if self.backend_written.get(&bid) != Some(&entry) {
                     self.backends
                         .set(bid, entry, 0)
                         .map_err(map_err(map::BACKENDS))?;
-                    self.backend_written.insert(bid, entry.flags);
+                    self.backend_written.insert(bid, entry);
                 }
                 used_backends.insert(bid);
                 // Only active backends take new flows; draining and
@@ -1080,7 +1094,75 @@ impl Dataplane {
     fn clear_stats(&mut self, id: u32) -> Result<()> {
         self.backend_stats
             .set(id, per_cpu_zeros(map::BACKEND_STATS)?, 0)
-            .map_err(map_err(map::BACKEND_STATS))
+            .map_err(map_err(map::BACKEND_STATS))?;
+        self.backend_signals
+            .set(id, per_cpu_zeros(map::BACKEND_SIGNALS)?, 0)
+            .map_err(map_err(map::BACKEND_SIGNALS))?;
+        if let Ok(mut g) = self.swept.lock() {
+            g.remove(&id);
+        }
+        Ok(())
+    }
+
+    /// The timeouts the sweep counted, shared with the task that sweeps
+    /// (see [`sweep_timeouts`]).
+    pub fn swept_timeouts(&self) -> SweptTimeouts {
+        self.swept.clone()
+    }
+
+    /// A descriptor of its own for `BACKENDS`, for [`sweep_timeouts`]
+    /// outside whatever holds this `Dataplane`.
+    ///
+    /// # Errors
+    /// `dup` failed.
+    pub fn backends_fd(&self) -> std::io::Result<std::os::fd::OwnedFd> {
+        use aya::maps::IterableMap as _;
+        self.backends.map().fd().as_fd().try_clone_to_owned()
+    }
+
+    /// Signal counters of one backend (kernel counters summed over CPUs,
+    /// plus the sweep's timeouts); zero for a backend that is not published.
+    ///
+    /// # Errors
+    /// Map read failures.
+    pub fn backend_counters(
+        &self,
+        service: &str,
+        version: &str,
+        addr: SocketAddrV4,
+    ) -> Result<Counters> {
+        let Some(&id) = self
+            .backend_ids
+            .get(&(service.to_string(), version.to_string(), addr))
+        else {
+            return Ok(Counters::default());
+        };
+        let stats = self.backend_stats(service, version, addr)?;
+        let per_cpu = self
+            .backend_signals
+            .get(&id, 0)
+            .map_err(map_err(map::BACKEND_SIGNALS))?;
+        let sig = per_cpu
+            .iter()
+            .fold(BackendSignals::default(), |mut acc, s| {
+                acc.established += s.established;
+                acc.refused += s.refused;
+                acc.timeouts += s.timeouts;
+                acc.reset_by_backend += s.reset_by_backend;
+                acc.reset_by_client += s.reset_by_client;
+                acc.latency_sum_us += s.latency_sum_us;
+                for (a, b) in acc.latency.iter_mut().zip(s.latency) {
+                    *a += b;
+                }
+                acc
+            });
+        let swept = self
+            .swept
+            .lock()
+            .ok()
+            .and_then(|g| g.get(&id).copied())
+            .unwrap_or(0);
+        Ok(Counters::from_kernel(&stats, &sig, swept))
     }
 
     /// Counters of one backend, summed over CPUs.
@@ -1335,7 +1417,12 @@ fn vip_key(key: &ServiceKey) -> VipKey {
     }
 }
 
-fn backend_entry(addr: SocketAddrV4, version: u32, state: BackendState) -> Backend {
+fn backend_entry(
+    addr: SocketAddrV4,
+    version: u32,
+    state: BackendState,
+    connect_timeout_ms: u32,
+) -> Backend {
     let flags = match state {
         BackendState::Disabled => BACKEND_F_PRESENT | BACKEND_F_DISABLED,
         BackendState::Active | BackendState::Drain => BACKEND_F_PRESENT,
@@ -1345,7 +1432,10 @@ fn backend_entry(addr: SocketAddrV4, version: u32, state: BackendState) -> Backe
         port: addr.port().to_be(),
         family: FAMILY_V4,
         flags,
-        version,
+        // Version ids are below MAX_TABLES / 2 and the timeout is
+        // validated to 60000 ms: both fit.
+        version: version as u16,
+        connect_timeout_ms: connect_timeout_ms.min(u32::from(u16::MAX)) as u16,
     }
 }
 

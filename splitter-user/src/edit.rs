@@ -229,6 +229,7 @@ pub fn add_service(c: &Config, spec: &ServiceSpec) -> Result<(Config, String), E
         affinity,
         versions,
         health: None,
+        connect_timeout_ms: crate::config::DEFAULT_CONNECT_TIMEOUT_MS,
     });
     let what = format!("added service {} on {vip}/{protocol}", spec.name);
     Ok((validated(next)?, what))

@@ -6,6 +6,8 @@
 //! - [`edit`]: runtime edits (add/remove services, versions, backends;
 //!   backend weight and state), each validated before it is published.
 //! - [`health`]: active TCP or HTTP health checks with rise/fall counting.
+//! - [`signals`]: per-backend connection signals from the kernel, their
+//!   history and windows, the external metric, and the pure analysis.
 //! - [`table`]: weight math and the Maglev table builder (pure, property-tested).
 //! - [`dataplane`]: loads and attaches the kernel program and writes its maps.
 //! - [`netif`]: interface look-ups (index, first IPv4 address).
@@ -32,6 +34,7 @@ pub mod health;
 pub mod metrics;
 pub mod netif;
 pub mod pins;
+pub mod signals;
 pub mod state;
 pub mod systemd;
 pub mod table;

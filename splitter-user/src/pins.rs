@@ -12,7 +12,7 @@ use std::{
 };
 
 use splitter_common::{
-    ADDR_FILTER_WORDS, Backend, BackendStats, CONN_CAPACITY, Conn, FlowKey, MAX_BACKENDS,
+    ADDR_FILTER_WORDS, Backend, BackendSignals, BackendStats, CONN_CAPACITY, Conn, FlowKey, MAX_BACKENDS,
     MAX_SERVICES, MAX_TABLES, MaglevTable, Service, ServiceKey, VipKey, counter, map,
 };
 
@@ -94,12 +94,12 @@ const SHAPE: [&str; 4] = [
 /// Every map with the key size, value size, capacity and kernel map type
 /// (`bpf_map_type`) this build uses ([`SHAPE`]), with the default
 /// connection-table capacity (what the object file declares).
-pub fn expected_maps() -> [(&'static str, [u32; 4]); 9] {
+pub fn expected_maps() -> [(&'static str, [u32; 4]); 10] {
     expected_maps_for(CONN_CAPACITY)
 }
 
 /// [`expected_maps`] with a connection table of `conn_capacity` entries.
-pub fn expected_maps_for(conn_capacity: u32) -> [(&'static str, [u32; 4]); 9] {
+pub fn expected_maps_for(conn_capacity: u32) -> [(&'static str, [u32; 4]); 10] {
     use aya_obj::generated::bpf_map_type::{
         BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_LRU_HASH, BPF_MAP_TYPE_PERCPU_ARRAY,
     };
@@ -141,6 +141,10 @@ pub fn expected_maps_for(conn_capacity: u32) -> [(&'static str, [u32; 4]); 9] {
         (
             map::BACKEND_STATS,
             [4, s(size_of::<BackendStats>()), MAX_BACKENDS, percpu_array],
+        ),
+        (
+            map::BACKEND_SIGNALS,
+            [4, s(size_of::<BackendSignals>()), MAX_BACKENDS, percpu_array],
         ),
         (map::COUNTERS, [4, 8, counter::SLOTS, percpu_array]),
         (
