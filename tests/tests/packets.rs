@@ -33,8 +33,8 @@ use splitter::{config::Config, dataplane::Dataplane};
 use splitter_tests::{
     netns::{Netns, run_prefix},
     packet::{
-        CLIENT_MAC, EDGE_MAC, Packet, TCP_ACK, TCP_FIN, TCP_PSH, TCP_SYN, arp_request, diff, parse,
-        verify_checksums,
+        CLIENT_MAC, EDGE_MAC, Packet, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN, arp_request,
+        diff, parse, verify_checksums,
     },
     testrun::{RunResult, test_run_xdp, xdp_action},
 };
@@ -117,10 +117,29 @@ type Deltas = BTreeMap<&'static str, u64>;
 
 impl Edge {
     fn new(mode: &str, blue: u32, green: u32) -> Result<Self> {
+        Self::with_config(&config(mode, blue, green)?)
+    }
+
+    fn with_config(config: &Config) -> Result<Self> {
         let mut dp = Dataplane::load().context("loading the XDP program (root needed)")?;
-        dp.apply(&config(mode, blue, green)?)?;
+        dp.apply(config)?;
         let fd = dp.program_fd()?;
         Ok(Self { dp, fd })
+    }
+
+    /// The signal counters of one backend:
+    /// `[attempts, established, refused, timeouts, reset_by_backend, reset_by_client, latency samples]`.
+    fn signals(&self, service: &str, version: &str, backend: SocketAddrV4) -> Result<[u64; 7]> {
+        let c = self.dp.backend_counters(service, version, backend)?;
+        Ok([
+            c.attempts,
+            c.established,
+            c.refused,
+            c.timeouts,
+            c.reset_by_backend,
+            c.reset_by_client,
+            c.latency_count(),
+        ])
     }
 
     fn reweight(&mut self, mode: &str, blue: u32, green: u32) -> Result<()> {
@@ -1217,6 +1236,174 @@ fn a_snat_port_in_time_wait_is_reused_only_by_a_syn_with_a_newer_timestamp() -> 
             "{newer} (TSval 51000) got SNAT port {} instead of {} (last FIN TSval 50000, so the backend accepts it)",
             got.port(),
             port.port()
+        );
+        Ok(())
+    })
+}
+
+/// The config with `connect_timeout_ms` set on both services.
+fn config_with_timeout(mode: &str, connect_timeout_ms: u32) -> Result<Config> {
+    let mut c = config(mode, 100, 0)?;
+    for s in &mut c.services {
+        s.connect_timeout_ms = connect_timeout_ms;
+    }
+    c.validate()?;
+    Ok(c)
+}
+
+#[test]
+#[ignore = "needs root: run with -- --include-ignored --test-threads=1"]
+fn handshake_outcomes_are_counted_once_per_flow() -> Result<()> {
+    in_netns(|| {
+        let edge = Edge::new("snat", 100, 0)?;
+        let sig = || edge.signals("web", "blue", BLUE);
+
+        // SYN: one attempt, nothing else yet; a retransmit is no new attempt.
+        let c1 = client(41000);
+        let syn = Packet::tcp(c1, VIP, TCP_SYN);
+        let (r, _) = edge.run(&syn.build())?;
+        let snat1 = snat_source(&r.data)?;
+        edge.run(&syn.build())?;
+        assert_eq!(
+            sig()?,
+            [1, 0, 0, 0, 0, 0, 0],
+            "after SYN and its retransmit"
+        );
+
+        // SYN-ACK: established, one latency sample; a repeated SYN-ACK adds nothing.
+        let synack = Packet::tcp(BLUE, snat1, TCP_SYN | TCP_ACK).seq_ack(5000, 1001);
+        edge.run(&synack.build())?;
+        edge.run(&synack.build())?;
+        assert_eq!(sig()?, [1, 1, 0, 0, 0, 0, 1], "after the SYN-ACK");
+        let lat = edge.dp.backend_counters("web", "blue", BLUE)?;
+        ensure!(
+            lat.latency_sum_us < 1_000_000,
+            "a BPF_PROG_TEST_RUN handshake took {} us",
+            lat.latency_sum_us
+        );
+
+        // The backend resets the established flow: reset_by_backend, once.
+        let rst = Packet::tcp(BLUE, snat1, TCP_RST | TCP_ACK).seq_ack(5001, 1001);
+        edge.run(&rst.build())?;
+        edge.run(&rst.build())?;
+        assert_eq!(sig()?, [1, 1, 0, 0, 1, 0, 1], "after the backend's RST");
+
+        // A second flow refused: RST to the SYN.
+        let c2 = client(41001);
+        let (r, _) = edge.run(&Packet::tcp(c2, VIP, TCP_SYN).build())?;
+        let snat2 = snat_source(&r.data)?;
+        edge.run(
+            &Packet::tcp(BLUE, snat2, TCP_RST | TCP_ACK)
+                .seq_ack(0, 1001)
+                .build(),
+        )?;
+        assert_eq!(sig()?, [2, 1, 1, 0, 1, 0, 1], "after a refused SYN");
+
+        // A third flow established, then reset by the client: counted apart.
+        let c3 = client(41002);
+        let (r, _) = edge.run(&Packet::tcp(c3, VIP, TCP_SYN).build())?;
+        let snat3 = snat_source(&r.data)?;
+        edge.run(
+            &Packet::tcp(BLUE, snat3, TCP_SYN | TCP_ACK)
+                .seq_ack(7000, 1001)
+                .build(),
+        )?;
+        edge.run(
+            &Packet::tcp(c3, VIP, TCP_RST | TCP_ACK)
+                .seq_ack(1001, 7001)
+                .build(),
+        )?;
+        // The backend's answering RST is not the backend's doing.
+        edge.run(&Packet::tcp(BLUE, snat3, TCP_RST).seq_ack(7001, 0).build())?;
+        assert_eq!(sig()?, [3, 2, 1, 0, 1, 1, 2], "after a client's RST");
+
+        // Nothing was counted for the other version's backend.
+        assert_eq!(edge.signals("web", "green", GREEN)?, [0; 7]);
+        Ok(())
+    })
+}
+
+#[test]
+#[ignore = "needs root: run with -- --include-ignored --test-threads=1"]
+fn a_missed_connect_deadline_is_one_timeout_however_it_is_noticed() -> Result<()> {
+    in_netns(|| {
+        let edge = Edge::with_config(&config_with_timeout("snat", 100)?)?;
+        let sig = || edge.signals("web", "blue", BLUE);
+        let pause = || std::thread::sleep(std::time::Duration::from_millis(180));
+
+        // Noticed on the client's SYN retransmit after the deadline: one
+        // timeout, and a second retransmit adds none. The SYN-ACK that
+        // finally comes is an established connection too (a slow one).
+        let c1 = client(42000);
+        let syn = Packet::tcp(c1, VIP, TCP_SYN);
+        let (r, _) = edge.run(&syn.build())?;
+        let snat1 = snat_source(&r.data)?;
+        edge.run(&syn.build())?;
+        assert_eq!(
+            sig()?,
+            [1, 0, 0, 0, 0, 0, 0],
+            "a retransmit within the deadline"
+        );
+        pause();
+        edge.run(&syn.build())?;
+        assert_eq!(
+            sig()?,
+            [1, 0, 0, 1, 0, 0, 0],
+            "a retransmit past the deadline"
+        );
+        pause();
+        edge.run(&syn.build())?;
+        assert_eq!(sig()?, [1, 0, 0, 1, 0, 0, 0], "another retransmit");
+        edge.run(
+            &Packet::tcp(BLUE, snat1, TCP_SYN | TCP_ACK)
+                .seq_ack(9000, 1001)
+                .build(),
+        )?;
+        let [.., latency] = sig()?;
+        assert_eq!(sig()?, [1, 1, 0, 1, 0, 0, 1], "the late SYN-ACK");
+        assert_eq!(latency, 1);
+        let c = edge.dp.backend_counters("web", "blue", BLUE)?;
+        ensure!(
+            c.latency_sum_us >= 300_000,
+            "the late SYN-ACK came {} us after the SYN, expected >= 300 ms",
+            c.latency_sum_us
+        );
+
+        // Noticed on the backend's late RST: a timeout, not a refusal.
+        let c2 = client(42001);
+        let (r, _) = edge.run(&Packet::tcp(c2, VIP, TCP_SYN).build())?;
+        let snat2 = snat_source(&r.data)?;
+        pause();
+        edge.run(
+            &Packet::tcp(BLUE, snat2, TCP_RST | TCP_ACK)
+                .seq_ack(0, 1001)
+                .build(),
+        )?;
+        assert_eq!(sig()?, [2, 1, 0, 2, 0, 0, 1], "a RST past the deadline");
+
+        // UDP: a flow answered in time, and one never answered, noticed on
+        // the client's next datagram past the deadline.
+        let usig = || edge.signals("dns", "blue", UDP_BLUE);
+        let (r, _) = edge.run(&Packet::udp(client(5300), UDP_VIP, b"q1").build())?;
+        let usnat = snat_source(&r.data)?;
+        edge.run(&Packet::udp(UDP_BLUE, usnat, b"a1").build())?;
+        edge.run(&Packet::udp(UDP_BLUE, usnat, b"a1 again").build())?;
+        assert_eq!(usig()?, [1, 1, 0, 0, 0, 0, 1], "an answered UDP flow");
+        let q2 = Packet::udp(client(5301), UDP_VIP, b"q2");
+        edge.run(&q2.build())?;
+        edge.run(&q2.build())?;
+        assert_eq!(
+            usig()?,
+            [2, 1, 0, 0, 0, 0, 1],
+            "an unanswered flow within the deadline"
+        );
+        pause();
+        edge.run(&q2.build())?;
+        edge.run(&q2.build())?;
+        assert_eq!(
+            usig()?,
+            [2, 1, 0, 1, 0, 0, 1],
+            "an unanswered flow past the deadline"
         );
         Ok(())
     })
