@@ -17,7 +17,7 @@ use crate::{
         ProgramReport, ServiceReport, StatusReport, VersionReport,
     },
     config::{BackendState, Config, HealthConfig, ServiceConfig, parse_weight_args},
-    dataplane::{Dataplane, DataplaneError, monotonic_ns},
+    dataplane::{Dataplane, DataplaneError, TableWalker, monotonic_ns},
     edit::{self, EditError, RemoveGuard},
     pins,
     signals::Counters,
@@ -386,13 +386,14 @@ impl Controller {
         Ok(counts)
     }
 
-    /// The shared live-flow count and a descriptor of the connection table,
-    /// for a task that renews the count without the controller's lock.
+    /// The shared live-flow count and a walker of the connection table of
+    /// its own, for a task that renews the count (and sweeps missed connect
+    /// deadlines) without the controller's lock.
     ///
     /// # Errors
-    /// The descriptor could not be duplicated.
-    pub fn live_flows_feed(&self) -> std::io::Result<(LiveFlows, std::os::fd::OwnedFd)> {
-        Ok((self.live_flows.clone(), self.dataplane.conns_fd()?))
+    /// A map descriptor could not be duplicated.
+    pub fn live_flows_feed(&self) -> std::io::Result<(LiveFlows, TableWalker)> {
+        Ok((self.live_flows.clone(), TableWalker::new(&self.dataplane)?))
     }
 
     /// Removes the pinned program, links and maps and asks the daemon to

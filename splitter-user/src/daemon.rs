@@ -243,32 +243,36 @@ fn spawn_watchdog_and_reload(
 }
 
 /// Renews the live-flow count about once a second (less often for a huge
-/// connection table) on a blocking thread, with a
-/// descriptor of its own, so `status`, metrics and drains read a count
-/// without walking the connection table under the controller's lock.
+/// connection table) on a blocking thread, with descriptors of its own, so
+/// `status`, metrics and drains read a count without walking the
+/// connection table under the controller's lock. The same walk sweeps
+/// missed connect deadlines ([`crate::dataplane::TableWalker::walk`]).
 /// Stops (readers then count themselves) if batch reads fail.
 fn spawn_live_flow_counter(
     controller: &Arc<std::sync::Mutex<Controller>>,
 ) -> Option<tokio::task::JoinHandle<()>> {
     let feed = controller.lock().ok()?.live_flows_feed();
-    let (shared, fd) = match feed {
+    let (shared, walker) = match feed {
         Ok(f) => f,
         Err(e) => {
             warn!(error = %e, "no descriptor for the live-flow counter; status counts on demand");
             return None;
         }
     };
-    let fd = Arc::new(fd);
+    let mut walker = Some(walker);
     Some(tokio::spawn(async move {
-        loop {
-            let fd = fd.clone();
+        while let Some(mut w) = walker.take() {
             let started = std::time::Instant::now();
             let counted = tokio::task::spawn_blocking(move || {
                 let now = crate::dataplane::monotonic_ns();
-                crate::dataplane::count_live_flows(std::os::fd::AsFd::as_fd(&*fd), now)
-                    .map(|c| (now, c))
+                let counted = w.walk(now).map(|c| (now, c));
+                (w, counted)
             })
             .await;
+            let counted = counted.map(|(w, c)| {
+                walker = Some(w);
+                c
+            });
             match counted {
                 Ok(Ok(v)) => {
                     if let Ok(mut g) = shared.lock() {

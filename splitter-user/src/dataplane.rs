@@ -1231,22 +1231,125 @@ fn program_bytes(source: &ProgramSource) -> Result<std::borrow::Cow<'static, [u8
     }
 }
 
-/// Live flows per backend id in the connection table behind `fd` (see
-/// [`Dataplane::live_flows`]), by batch reads only.
-///
-/// # Errors
-/// The batch read failed (`EINVAL`: the kernel has none).
-pub fn count_live_flows(
-    fd: std::os::fd::BorrowedFd<'_>,
-    now: u64,
-) -> std::io::Result<BTreeMap<u32, u64>> {
-    let mut out = BTreeMap::new();
-    lookup_batch(
-        fd.as_raw_fd(),
-        2 * MAX_CONN_CAPACITY as usize,
-        &mut |key, conn| tally_live(&mut out, key, conn, now),
-    )?;
-    Ok(out)
+/// The connection table and the backend entries opened through
+/// descriptors of their own, for the daemon's once-a-second walk outside
+/// the controller's lock: it counts live flows per backend and sweeps
+/// missed connect deadlines (see [`TableWalker::walk`]).
+pub struct TableWalker {
+    conns: HashMap<MapData, FlowKey, Conn>,
+    backends: Array<MapData, Backend>,
+    swept: SweptTimeouts,
+}
+
+/// Most missed deadlines one walk marks; the rest wait for the next walk.
+const SWEEP_BATCH: usize = 65536;
+
+impl TableWalker {
+    /// Opens the maps of `dp` again for a walker.
+    ///
+    /// # Errors
+    /// A descriptor could not be duplicated or opened as a map.
+    pub fn new(dp: &Dataplane) -> std::io::Result<Self> {
+        let open = |fd| MapData::from_fd(fd).map_err(std::io::Error::other);
+        let conns = HashMap::try_from(aya::maps::Map::LruHashMap(open(dp.conns_fd()?)?))
+            .map_err(std::io::Error::other)?;
+        let backends = Array::try_from(aya::maps::Map::Array(open(dp.backends_fd()?)?))
+            .map_err(std::io::Error::other)?;
+        Ok(Self {
+            conns,
+            backends,
+            swept: dp.swept_timeouts(),
+        })
+    }
+
+    /// One walk of the connection table at `now` (`CLOCK_MONOTONIC` ns):
+    /// the live flows per backend id (see [`Dataplane::live_flows`]), and
+    /// the sweep: a flow still waiting for its backend's first answer past
+    /// the backend's connect deadline, whose client sent nothing since
+    /// (so the program never saw the deadline pass), is marked
+    /// `STATE_TIMED_OUT` in both of its entries and counted as a timeout
+    /// of its backend here ([`Dataplane::swept_timeouts`]). The mark makes
+    /// the program count no second timeout for it. A packet of the same
+    /// flow in the microseconds between the sweep's read and write of an
+    /// entry could see the timeout counted twice.
+    ///
+    /// # Errors
+    /// The batch read failed (`EINVAL`: the kernel has none).
+    pub fn walk(&mut self, now: u64) -> std::io::Result<BTreeMap<u32, u64>> {
+        let mut live = BTreeMap::new();
+        let mut expired = Vec::new();
+        let mut deadlines: BTreeMap<u32, u64> = BTreeMap::new();
+        let fd = {
+            use aya::maps::IterableMap as _;
+            self.conns.map().fd().as_fd().as_raw_fd()
+        };
+        lookup_batch(fd, 2 * MAX_CONN_CAPACITY as usize, &mut |key, conn| {
+            tally_live(&mut live, key, conn, now);
+            if expired.len() < SWEEP_BATCH
+                && conn.flags & CONN_F_REVERSE == 0
+                && splitter_common::awaiting_answer(conn.state, conn.flags)
+                && splitter_common::conn_live(key.proto, conn.state, conn.last_seen, now)
+            {
+                let deadline = *deadlines.entry(conn.backend).or_insert_with(|| {
+                    let ms = self
+                        .backends
+                        .get(&conn.backend, 0)
+                        .map(|b| b.connect_timeout_ms)
+                        .unwrap_or(0);
+                    splitter_common::connect_deadline_us(ms)
+                });
+                if splitter_common::elapsed_us(conn.fin_tsval, now) > deadline {
+                    expired.push((*key, *conn));
+                }
+            }
+        })?;
+        for (key, seen) in expired {
+            if self.mark_timed_out(&key, &seen) {
+                if let Ok(mut g) = self.swept.lock() {
+                    *g.entry(seen.backend).or_insert(0) += 1;
+                }
+            }
+        }
+        Ok(live)
+    }
+
+    /// Marks the flow of forward entry `key` (as `seen` in the walk) timed
+    /// out in both entries, if it still waits for the same attempt's
+    /// answer. True if it did.
+    fn mark_timed_out(&mut self, key: &FlowKey, seen: &Conn) -> bool {
+        use splitter_common::{STATE_TIMED_OUT, awaiting_answer};
+        let Ok(mut fwd) = self.conns.get(key, 0) else {
+            return false;
+        };
+        if !awaiting_answer(fwd.state, fwd.flags)
+            || fwd.fin_tsval != seen.fin_tsval
+            || fwd.backend != seen.backend
+        {
+            return false;
+        }
+        fwd.state |= STATE_TIMED_OUT;
+        // BPF_EXIST (2): only if the entry is still there.
+        if self.conns.insert(key, fwd, 2).is_err() {
+            return false;
+        }
+        let rkey = FlowKey {
+            src: fwd.new_addr,
+            dst: fwd.other_addr,
+            sport: fwd.new_port,
+            dport: fwd.other_port,
+            proto: key.proto,
+            family: key.family,
+            _pad: [0; 2],
+        };
+        if let Ok(mut rev) = self.conns.get(&rkey, 0)
+            && rev.backend == fwd.backend
+            && rev.state & STATE_TIMED_OUT == 0
+        {
+            rev.state |= STATE_TIMED_OUT;
+            let _ = self.conns.insert(&rkey, rev, 2);
+        }
+        true
+    }
 }
 
 /// Counts `conn` for its backend in `out` if it is a forward entry whose

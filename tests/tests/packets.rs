@@ -1408,3 +1408,53 @@ fn a_missed_connect_deadline_is_one_timeout_however_it_is_noticed() -> Result<()
         Ok(())
     })
 }
+
+#[test]
+#[ignore = "needs root: run with -- --include-ignored --test-threads=1"]
+fn the_sweep_counts_silent_missed_deadlines_once_and_the_program_agrees() -> Result<()> {
+    in_netns(|| {
+        let edge = Edge::with_config(&config_with_timeout("snat", 100)?)?;
+        let mut walker = splitter::dataplane::TableWalker::new(&edge.dp)?;
+        let sig = || edge.signals("web", "blue", BLUE);
+        let usig = || edge.signals("dns", "blue", UDP_BLUE);
+        let now = splitter::dataplane::monotonic_ns;
+
+        // A TCP attempt and a one-datagram UDP flow that never hear back,
+        // and a TCP flow that is answered in time.
+        let syn = Packet::tcp(client(43000), VIP, TCP_SYN);
+        edge.run(&syn.build())?;
+        edge.run(&Packet::udp(client(5400), UDP_VIP, b"one shot").build())?;
+        let (r, _) = edge.run(&Packet::tcp(client(43001), VIP, TCP_SYN).build())?;
+        let snat = snat_source(&r.data)?;
+        edge.run(
+            &Packet::tcp(BLUE, snat, TCP_SYN | TCP_ACK)
+                .seq_ack(1, 1001)
+                .build(),
+        )?;
+
+        // Within the deadline the sweep counts nothing.
+        let live = walker.walk(now())?;
+        ensure!(
+            live.values().sum::<u64>() == 3,
+            "live flows {live:?}, expected 3"
+        );
+        assert_eq!(sig()?, [2, 1, 0, 0, 0, 0, 1], "before the deadline");
+        assert_eq!(usig()?, [1, 0, 0, 0, 0, 0, 0], "before the deadline");
+
+        // Past it, one walk counts each silent flow once; a second walk
+        // and the client's late retransmit add nothing.
+        std::thread::sleep(std::time::Duration::from_millis(180));
+        walker.walk(now())?;
+        assert_eq!(sig()?, [2, 1, 0, 1, 0, 0, 1], "after the sweep");
+        assert_eq!(usig()?, [1, 0, 0, 1, 0, 0, 0], "after the sweep");
+        walker.walk(now())?;
+        edge.run(&syn.build())?;
+        assert_eq!(
+            sig()?,
+            [2, 1, 0, 1, 0, 0, 1],
+            "after a second sweep and a retransmit"
+        );
+        assert_eq!(usig()?, [1, 0, 0, 1, 0, 0, 0], "after a second sweep");
+        Ok(())
+    })
+}
