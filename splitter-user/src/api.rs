@@ -2,7 +2,8 @@
 //!
 //! | method | path | body | answer |
 //! |---|---|---|---|
-//! | GET | `/v1/status` | | [`StatusReport`] |
+//! | GET | `/v1/status[?window=60s]` | | [`StatusReport`], signal windows over `window` |
+//! | GET | `/v1/services/{name}/signals[?window=60s]` | | [`SignalsReport`] |
 //! | GET | `/v1/config` | | the running [`Config`] |
 //! | PUT | `/v1/services/{name}/weights` | [`WeightsRequest`] | [`ServiceReport`] |
 //! | POST | `/v1/services` | [`ServiceSpec`] | [`ServiceReport`] of the new service |
@@ -178,6 +179,48 @@ pub struct BackendReport {
     pub window: Option<Window>,
 }
 
+/// `GET /v1/services/{name}/signals?window=60s`: how a service's
+/// connections open and end, per version and per backend.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SignalsReport {
+    /// Service name.
+    pub service: String,
+    /// The window asked for, in seconds (each `window` says what it covers).
+    pub window_secs: f64,
+    /// The service's connect deadline.
+    pub connect_timeout_ms: u32,
+    /// Versions in configuration order.
+    pub versions: Vec<VersionSignals>,
+}
+
+/// One version's signals.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct VersionSignals {
+    /// Version name.
+    pub name: String,
+    /// Configured weight.
+    pub weight: u32,
+    /// Cumulative counters over its backends.
+    pub signals: Counters,
+    /// Over the window (`None`: no history yet).
+    pub window: Option<Window>,
+    /// The external metric, if configured.
+    pub metric: Option<MetricReading>,
+    /// Its backends.
+    pub backends: Vec<BackendSignalsReport>,
+}
+
+/// One backend's signals.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BackendSignalsReport {
+    /// `addr:port`.
+    pub address: String,
+    /// Cumulative counters.
+    pub signals: Counters,
+    /// Over the window (`None`: no history yet).
+    pub window: Option<Window>,
+}
+
 /// `GET /v1/flow?service=NAME&client=ADDR:PORT`: where a client's flow goes and why.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct FlowReport {
@@ -327,7 +370,14 @@ fn route(
     };
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (method, segments.as_slice()) {
-        (&Method::GET, ["v1", "status"]) => to_json(&lock()?.status()?),
+        (&Method::GET, ["v1", "status"]) => {
+            let window = window_param(query)?;
+            to_json(&lock()?.status_over(window)?)
+        }
+        (&Method::GET, ["v1", "services", name, "signals"]) => {
+            let window = window_param(query)?;
+            to_json(&lock()?.signals_of(name, window)?)
+        }
         (&Method::GET, ["v1", "config"]) => to_json(lock()?.config()),
         (&Method::PUT, ["v1", "services", name, "weights"]) => {
             let req: WeightsRequest = serde_json::from_slice(body).map_err(|e| {
@@ -423,6 +473,7 @@ fn route(
             | ["v1", "detach"]
             | ["v1", "reload"]
             | ["v1", "services", _, "weights"]
+            | ["v1", "services", _, "signals"]
             | ["v1", "services"]
             | ["v1", "services", _]
             | ["v1", "services", _, "versions"]
@@ -440,6 +491,15 @@ fn route(
 fn body_json<T: serde::de::DeserializeOwned>(body: &[u8], example: &str) -> Result<T, ApiError> {
     serde_json::from_slice(body)
         .map_err(|e| ApiError::BadRequest(format!("body must be JSON like {example}: {e}")))
+}
+
+/// `?window=DURATION` (`60s`, `5m`, `90s`...) in ms; the default
+/// ([`crate::signals::DEFAULT_WINDOW_SECS`]) without one.
+fn window_param(query: Option<&str>) -> Result<u64, ApiError> {
+    match query_param(query, "window") {
+        None => Ok(crate::signals::DEFAULT_WINDOW_SECS * 1000),
+        Some(w) => crate::signals::parse_window(&w).map_err(ApiError::BadRequest),
+    }
 }
 
 /// The value of `key` in a query string.

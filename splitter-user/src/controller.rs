@@ -13,14 +13,15 @@ use tracing::{error, info};
 
 use crate::{
     api::{
-        ApiError, AttachmentReport, BackendReport, ConnectionReport, DataplaneReport, FlowReport,
-        ProgramReport, ServiceReport, StatusReport, VersionReport,
+        ApiError, AttachmentReport, BackendReport, BackendSignalsReport, ConnectionReport,
+        DataplaneReport, FlowReport, ProgramReport, ServiceReport, SignalsReport, StatusReport,
+        VersionReport, VersionSignals,
     },
     config::{BackendState, Config, HealthConfig, ServiceConfig, parse_weight_args},
     dataplane::{Dataplane, DataplaneError, TableWalker, monotonic_ns},
     edit::{self, EditError, RemoveGuard},
     pins,
-    signals::Counters,
+    signals::{self, Counters, MetricReading, Window, history::History},
     state::{self, State},
     table,
 };
@@ -45,7 +46,16 @@ pub struct Controller {
     /// Backends the health checks found down, by (service, address). Not
     /// saved: a restarted daemon starts with every backend up.
     down: BTreeSet<(String, SocketAddrV4)>,
+    /// Once-a-second samples of every backend's signal counters (see
+    /// [`Controller::sample_signals`]). Not saved.
+    history: History<BackendKey>,
+    /// The external metric's last reading per (service, version), and when
+    /// it was taken (ms, `CLOCK_MONOTONIC`).
+    metric_readings: BTreeMap<(String, String), (u64, MetricReading)>,
 }
+
+/// A backend in the signal history: (service, version, address).
+pub type BackendKey = (String, String, SocketAddrV4);
 
 /// How old a live-flow count may be before a reader takes it again itself
 /// (the daemon's counting task renews it every second, or every few
@@ -78,6 +88,8 @@ impl Controller {
             config_digest: String::new(),
             live_flows: LiveFlows::default(),
             down: BTreeSet::new(),
+            history: History::new(signals::HISTORY_SECS),
+            metric_readings: BTreeMap::new(),
         }
     }
 
@@ -188,7 +200,104 @@ impl Controller {
             .config
             .service(service)
             .ok_or_else(|| ApiError::NotFound(format!("no service named {service:?}")))?;
-        self.service_report(svc)
+        self.service_report(svc, signals::DEFAULT_WINDOW_SECS * 1000)
+    }
+
+    /// Records every configured backend's signal counters at `at_ms`
+    /// (`CLOCK_MONOTONIC` ms) in the history; backends no longer configured
+    /// leave it. The daemon calls it once a second.
+    ///
+    /// # Errors
+    /// [`ApiError::Internal`] when a map cannot be read (nothing recorded).
+    pub fn sample_signals(&mut self, at_ms: u64) -> Result<(), ApiError> {
+        let mut samples = Vec::new();
+        for s in &self.config.services {
+            for v in &s.versions {
+                for b in &v.backends {
+                    let c = self
+                        .dataplane
+                        .backend_counters(&s.name, &v.name, b.address)
+                        .map_err(|e| ApiError::Internal(e.to_string()))?;
+                    samples.push(((s.name.clone(), v.name.clone(), b.address), c));
+                }
+            }
+        }
+        self.history.record(at_ms, samples);
+        Ok(())
+    }
+
+    /// Keeps `reading`, taken at `at_ms`, as the external metric of
+    /// `service`'s `version`.
+    pub fn store_metric(&mut self, service: &str, version: &str, at_ms: u64, reading: MetricReading) {
+        self.metric_readings
+            .insert((service.to_string(), version.to_string()), (at_ms, reading));
+    }
+
+    /// The window of one version's signals (its backends summed) ending
+    /// now, `None` while the history holds too little.
+    pub fn version_window(&self, service: &str, version: &str, window_ms: u64) -> Option<Window> {
+        let svc = self.config.service(service)?;
+        let ver = svc.versions.iter().find(|v| v.name == version)?;
+        let keys: Vec<BackendKey> = ver
+            .backends
+            .iter()
+            .map(|b| (svc.name.clone(), ver.name.clone(), b.address))
+            .collect();
+        self.history
+            .window_sum(keys.iter(), monotonic_ns() / 1_000_000, window_ms)
+    }
+
+    /// The external metric's last reading of a version, aged to now.
+    pub fn metric_of(&self, service: &str, version: &str) -> Option<MetricReading> {
+        let (at, r) = self
+            .metric_readings
+            .get(&(service.to_string(), version.to_string()))?;
+        let now = monotonic_ns() / 1_000_000;
+        Some(MetricReading {
+            age_secs: now.saturating_sub(*at) as f64 / 1000.0,
+            ..r.clone()
+        })
+    }
+
+    /// `GET /v1/services/{name}/signals`: a service's signals over the
+    /// last `window_ms`, per version and per backend.
+    ///
+    /// # Errors
+    /// [`ApiError::NotFound`] for an unknown service, [`ApiError::BadRequest`]
+    /// for a window out of range, [`ApiError::Internal`] when a map cannot
+    /// be read.
+    pub fn signals_of(&self, service: &str, window_ms: u64) -> Result<SignalsReport, ApiError> {
+        check_window(window_ms)?;
+        let svc = self
+            .config
+            .service(service)
+            .ok_or_else(|| ApiError::NotFound(format!("no service named {service:?}")))?;
+        let r = self.service_report(svc, window_ms)?;
+        Ok(SignalsReport {
+            service: r.name,
+            window_secs: window_ms as f64 / 1000.0,
+            connect_timeout_ms: svc.connect_timeout_ms,
+            versions: r
+                .versions
+                .into_iter()
+                .map(|v| VersionSignals {
+                    name: v.name,
+                    weight: v.weight,
+                    signals: v.signals,
+                    window: v.window,
+                    metric: v.metric,
+                    backends: v
+                        .backends
+                        .into_iter()
+                        .map(|b| BackendSignalsReport {
+                            address: b.address,
+                            signals: b.signals,
+                            window: b.window,
+                        })
+                        .collect(),
+                })
+                .collect(),
+        })
     }
 
     /// Applies one runtime edit (a function of [`crate::edit`] on the
@@ -592,12 +701,22 @@ impl Controller {
     /// # Errors
     /// [`ApiError::Internal`] when a map cannot be read.
     pub fn status(&self) -> Result<StatusReport, ApiError> {
+        self.status_over(signals::DEFAULT_WINDOW_SECS * 1000)
+    }
+
+    /// Status with the signal windows over the last `window_ms`.
+    ///
+    /// # Errors
+    /// [`ApiError::BadRequest`] for a window out of range,
+    /// [`ApiError::Internal`] when a map cannot be read.
+    pub fn status_over(&self, window_ms: u64) -> Result<StatusReport, ApiError> {
+        check_window(window_ms)?;
         let dp = &self.config.dataplane;
         let services = self
             .config
             .services
             .iter()
-            .map(|s| self.service_report(s))
+            .map(|s| self.service_report(s, window_ms))
             .collect::<Result<Vec<_>, _>>()?;
         let counters = self
             .dataplane
@@ -639,8 +758,9 @@ impl Controller {
         })
     }
 
-    fn service_report(&self, svc: &ServiceConfig) -> Result<ServiceReport, ApiError> {
+    fn service_report(&self, svc: &ServiceConfig, window_ms: u64) -> Result<ServiceReport, ApiError> {
         let total: u64 = svc.versions.iter().map(|v| u64::from(v.weight)).sum();
+        let now_ms = monotonic_ns() / 1_000_000;
         let live = self.live_flows_by_id()?;
         let mut versions = Vec::with_capacity(svc.versions.len());
         for v in &svc.versions {
@@ -670,7 +790,11 @@ impl Controller {
                         .dataplane
                         .backend_counters(&svc.name, &v.name, b.address)
                         .map_err(|e| ApiError::Internal(e.to_string()))?,
-                    window: None,
+                    window: self.history.window(
+                        &(svc.name.clone(), v.name.clone(), b.address),
+                        now_ms,
+                        window_ms,
+                    ),
                 });
             }
             versions.push(VersionReport {
@@ -686,8 +810,16 @@ impl Controller {
                 packets: backends.iter().map(|b| b.packets).sum(),
                 bytes: backends.iter().map(|b| b.bytes).sum(),
                 signals: sum_counters(backends.iter().map(|b| &b.signals)),
-                window: None,
-                metric: None,
+                window: self.history.window_sum(
+                    v.backends
+                        .iter()
+                        .map(|b| (svc.name.clone(), v.name.clone(), b.address))
+                        .collect::<Vec<_>>()
+                        .iter(),
+                    now_ms,
+                    window_ms,
+                ),
+                metric: self.metric_of(&svc.name, &v.name),
                 backends,
             });
         }
@@ -706,6 +838,19 @@ impl Controller {
             versions,
             drops,
         })
+    }
+}
+
+/// Refuses a signal window outside 1 s ..= the history's length.
+fn check_window(window_ms: u64) -> Result<(), ApiError> {
+    let max = signals::HISTORY_SECS * 1000;
+    if (1000..=max).contains(&window_ms) {
+        Ok(())
+    } else {
+        Err(ApiError::BadRequest(format!(
+            "window {window_ms} ms is outside 1s..={}s (the signal history's length)",
+            signals::HISTORY_SECS
+        )))
     }
 }
 

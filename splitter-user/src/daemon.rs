@@ -152,6 +152,8 @@ pub async fn run(
     if let Some(task) = spawn_live_flow_counter(&controller) {
         background.push(task);
     }
+    background.push(tokio::spawn(sample_signals(controller.clone())));
+    background.push(tokio::spawn(poll_external_metrics(controller.clone())));
     let metrics_server = metrics_listener.map(|l| {
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(metrics::serve(l, controller.clone(), async {
@@ -291,6 +293,70 @@ fn spawn_live_flow_counter(
             tokio::time::sleep(pause).await;
         }
     }))
+}
+
+/// Records every backend's signal counters in the controller's history
+/// once a second (a few map reads per backend under the lock; no table
+/// walk).
+async fn sample_signals(controller: Arc<std::sync::Mutex<Controller>>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tick.tick().await;
+        let now_ms = crate::dataplane::monotonic_ns() / 1_000_000;
+        let Ok(mut c) = controller.lock() else { return };
+        match c.sample_signals(now_ms) {
+            Ok(()) => failing = false,
+            Err(e) if !failing => {
+                warn!(error = %e, "could not sample the signal counters");
+                failing = true;
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// Reads the external metric of every version of every service with
+/// `[service.analysis]`, each service every `interval_ms`, outside the
+/// controller's lock; a failed query is kept as its error, never as a
+/// number.
+async fn poll_external_metrics(controller: Arc<std::sync::Mutex<Controller>>) {
+    let mut due: BTreeMap<String, u64> = BTreeMap::new();
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let now_ms = crate::dataplane::monotonic_ns() / 1_000_000;
+        let work: Vec<(String, Vec<String>, crate::config::AnalysisConfig)> = {
+            let Ok(c) = controller.lock() else { return };
+            c.config()
+                .services
+                .iter()
+                .filter_map(|s| {
+                    let a = s.analysis.clone()?;
+                    Some((
+                        s.name.clone(),
+                        s.versions.iter().map(|v| v.name.clone()).collect(),
+                        a,
+                    ))
+                })
+                .collect()
+        };
+        due.retain(|name, _| work.iter().any(|(n, ..)| n == name));
+        for (service, versions, cfg) in work {
+            if due.get(&service).is_some_and(|at| *at > now_ms) {
+                continue;
+            }
+            due.insert(service.clone(), now_ms + u64::from(cfg.interval_ms));
+            for version in versions {
+                let reading = crate::signals::external::read(&cfg, &service, &version).await;
+                let at = crate::dataplane::monotonic_ns() / 1_000_000;
+                let Ok(mut c) = controller.lock() else { return };
+                c.store_metric(&service, &version, at, reading);
+            }
+        }
+    }
 }
 
 fn describe(changes: &[String]) -> String {

@@ -20,6 +20,7 @@ Examples:
   splitter daemon --config /etc/splitter/splitter.toml
   splitter status
   splitter status --output json
+  splitter status --window 5m --backends          # signals over 5 minutes, per backend too
   splitter weights set web blue=90 green=10
   splitter weights set web blue=0 green=100      # blue-green switch
   splitter backend set web 10.0.2.2:8080 --state drain   # no new flows; established go on
@@ -59,6 +60,11 @@ pub enum Output {
     Table,
     /// JSON for scripts (the API's own format).
     Json,
+}
+
+/// `--window`: a duration within the signal history, in ms.
+fn parse_window_arg(s: &str) -> Result<u64, String> {
+    crate::signals::parse_window(s)
 }
 
 /// Subcommands.
@@ -145,13 +151,29 @@ pub enum Command {
         #[arg(long, default_value = crate::state::DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
     },
-    /// Show services, versions, weights, backends and counters.
+    /// Show services, versions, weights, backends, counters, and how each
+    /// version's connections open and end (new flows/s, error rate with its
+    /// parts, connect latency) over a recent window.
     ///
-    /// Example: splitter status --output json
+    /// The signals are measured by the kernel program on every handshake:
+    /// refused = the backend answered a SYN with RST; timeouts = no answer
+    /// within the service's connect_timeout_ms; resets = RST from the
+    /// backend on an established connection; error rate = (refused +
+    /// timeouts + resets) / new flows. An error inside a healthy connection
+    /// (an HTTP 500) is invisible here: see [service.analysis] for an
+    /// external metric.
+    ///
+    /// Examples: splitter status --window 5m --backends; splitter status --output json
     Status {
         /// Output format.
         #[arg(long, short, value_enum, default_value_t = Output::Table)]
         output: Output,
+        /// Length of the signal window (`30s`, `5m`; at most 10m).
+        #[arg(long, short, default_value = "60s", value_parser = parse_window_arg)]
+        window: u64,
+        /// Show the signals of every backend too, not only per version.
+        #[arg(long, short)]
+        backends: bool,
     },
     /// Change version weights live (new flows follow at once; established
     /// flows keep their backend).
@@ -227,7 +249,11 @@ pub async fn run(cli: Cli) -> ExitCode {
                 .await
                 .map_err(CliError::Other)
         }
-        Command::Status { output } => status::run(&cli.socket, output).await,
+        Command::Status {
+            output,
+            window,
+            backends,
+        } => status::run(&cli.socket, output, window, backends).await,
         Command::Detach { pin_dir, state_dir } => {
             detach::run(&cli.socket, &pin_dir, &state_dir).await
         }

@@ -6,25 +6,33 @@ use hyper::Method;
 use super::{CliError, Output};
 use crate::{
     api::{ServiceReport, StatusReport},
+    signals::Window,
     client,
 };
 
-/// Fetches and prints the status.
-pub async fn run(socket: &Path, output: Output) -> Result<(), CliError> {
-    let bytes = client::request(socket, Method::GET, "/v1/status", None).await?;
+/// Fetches and prints the status, with signal windows of `window_ms`.
+pub async fn run(
+    socket: &Path,
+    output: Output,
+    window_ms: u64,
+    backends: bool,
+) -> Result<(), CliError> {
+    let path = format!("/v1/status?window={}ms", window_ms);
+    let bytes = client::request(socket, Method::GET, &path, None).await?;
     match output {
         Output::Json => print!("{}", String::from_utf8_lossy(&bytes)),
         Output::Table => {
             let report: StatusReport =
                 serde_json::from_slice(&bytes).map_err(|e| CliError::Other(e.into()))?;
-            print!("{}", render(&report));
+            print!("{}", render(&report, window_ms, backends));
         }
     }
     Ok(())
 }
 
-/// The whole report for people.
-pub fn render(r: &StatusReport) -> String {
+/// The whole report for people; the signals over `window_ms`, per backend
+/// too with `backends`.
+pub fn render(r: &StatusReport, window_ms: u64, backends: bool) -> String {
     let mut out = String::new();
     let attached: Vec<String> = r
         .dataplane
@@ -59,6 +67,14 @@ pub fn render(r: &StatusReport) -> String {
     }
     out.push('\n');
     out.push_str(&render_services(&r.services));
+    if !r.services.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nsignals over the last {}:",
+            humantime::format_duration(std::time::Duration::from_millis(window_ms))
+        );
+        out.push_str(&render_signals(&r.services, backends));
+    }
     for s in &r.services {
         let drops = nonzero(&s.drops);
         if !drops.is_empty() {
@@ -86,6 +102,83 @@ fn nonzero(counts: &BTreeMap<String, u64>) -> String {
         .map(|(k, v)| format!("{k}={v}"))
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// Per version (and per backend with `backends`): new flows/s, error
+/// rate with its parts, connect latency, the external metric.
+pub fn render_signals(services: &[ServiceReport], backends: bool) -> String {
+    let mut rows = vec![
+        [
+            "SERVICE", "VERSION", "BACKEND", "NEW/S", "ERRORS", "REFUSED", "TIMEOUTS", "RESETS",
+            "CONNECT P50", "P99", "METRIC",
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
+    let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}ms"));
+    let cells = |w: Option<&Window>| -> Vec<String> {
+        match w {
+            None => vec!["(no history yet)".into()],
+            Some(w) => vec![
+                format!("{:.1}", w.attempts_per_sec),
+                w.error_rate
+                    .map_or("-".to_string(), |r| format!("{:.1}%", 100.0 * r)),
+                w.refused.to_string(),
+                w.timeouts.to_string(),
+                w.reset_by_backend.to_string(),
+                ms(w.latency_p50_ms),
+                ms(w.latency_p99_ms),
+            ],
+        }
+    };
+    for s in services {
+        for v in &s.versions {
+            let mut row = vec![s.name.clone(), v.name.clone(), String::new()];
+            row.extend(cells(v.window.as_ref()));
+            row.resize(10, String::new());
+            row.push(match &v.metric {
+                None => "-".into(),
+                Some(m) => match (m.value, &m.error) {
+                    (Some(x), _) => format!("{x:.4}"),
+                    (None, Some(e)) => format!("error: {e}"),
+                    (None, None) => "-".into(),
+                },
+            });
+            rows.push(row);
+            if backends {
+                for b in &v.backends {
+                    let mut row = vec![String::new(), String::new(), b.address.clone()];
+                    row.extend(cells(b.window.as_ref()));
+                    row.resize(11, String::new());
+                    rows.push(row);
+                }
+            }
+        }
+    }
+    align(rows)
+}
+
+/// Rows as columns padded to their widest cell.
+fn align(rows: Vec<Vec<String>>) -> String {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| {
+            rows.iter()
+                .map(|r| r.get(c).map_or(0, String::len))
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for r in rows {
+        let line: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        let _ = writeln!(out, "{}", line.join("  ").trim_end());
+    }
+    out
 }
 
 /// Services, versions and backends as aligned rows.
@@ -143,17 +236,5 @@ pub fn render_services(services: &[ServiceReport]) -> String {
     if services.is_empty() {
         return "no services configured\n".into();
     }
-    let widths: Vec<usize> = (0..rows[0].len())
-        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
-        .collect();
-    let mut out = String::new();
-    for r in rows {
-        let line: Vec<String> = r
-            .iter()
-            .zip(&widths)
-            .map(|(cell, w)| format!("{cell:<w$}"))
-            .collect();
-        let _ = writeln!(out, "{}", line.join("  ").trim_end());
-    }
-    out
+    align(rows)
 }

@@ -19,6 +19,35 @@ pub mod analysis;
 pub mod external;
 pub mod history;
 
+/// How far back the signal history reaches: the longest window a status,
+/// the API or an analysis can ask for.
+pub const HISTORY_SECS: u64 = 600;
+/// The window `splitter status` and the API use without `--window`.
+pub const DEFAULT_WINDOW_SECS: u64 = 60;
+
+/// Parses a window length (`60s`, `5m`, `1m30s`, `500ms`; a bare number is
+/// seconds) into ms, within 1 s ..= [`HISTORY_SECS`].
+///
+/// # Errors
+/// A message naming the value and the accepted forms.
+pub fn parse_window(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let d = match t.parse::<u64>() {
+        Ok(secs) => std::time::Duration::from_secs(secs),
+        Err(_) => humantime::parse_duration(t).map_err(|e| {
+            format!("window {text:?} is not a duration like 60s, 5m or 1m30s ({e})")
+        })?,
+    };
+    let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    if (1000..=HISTORY_SECS * 1000).contains(&ms) {
+        Ok(ms)
+    } else {
+        Err(format!(
+            "window {text:?} is outside 1s..={HISTORY_SECS}s (the signal history's length)"
+        ))
+    }
+}
+
 /// One backend's cumulative signal counters at one instant. Every field
 /// only grows while the backend's id lives; a smaller value than before
 /// means the counters restarted (a new data plane, a recycled id, a

@@ -1,0 +1,441 @@
+//! The connection signals of the real `splitter daemon` against real
+//! servers that misbehave in every way the edge can see, under real client
+//! load: what `splitter status` and `GET /v1/services/{name}/signals` report
+//! per version must agree with what the clients saw.
+//!
+//! Service `web` (connect deadline 500 ms) has one version per behaviour:
+//! - `healthy`: a server that answers (error rate 0);
+//! - `closed`: nothing listens on the port (refused, about 100%);
+//! - `blackhole`: nftables in the backend namespace drops its SYNs
+//!   (timeouts, about 100%);
+//! - `resetting`: a server that accepts and then resets (RST on an
+//!   established connection).
+//!
+//! Service `slow` (connect deadline 5 s) has one backend whose SYNs are
+//! dropped half of the time: about half of its connect latencies are above
+//! a second (the client's SYN retransmit), none is a timeout.
+//!
+//! Privileged, so `#[ignore]`d for a plain `cargo test`:
+//!
+//! ```text
+//! cargo test -p splitter-tests --test signals -- --include-ignored --test-threads=1
+//! ```
+use std::{
+    io::{ErrorKind, Read, Write},
+    net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use serde_json::Value;
+use splitter_tests::{
+    netns::Netns,
+    servers::TcpIdentityServer,
+    splitter::{Affinity, Daemon, Mode, ServiceSpec, VersionSpec, config_toml},
+    topology::{self, Topology, TopologyOptions},
+};
+
+/// What one client connection saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// Connected and read the server's greeting.
+    Ok,
+    /// `ECONNREFUSED`.
+    Refused,
+    /// No connection within the client's connect timeout.
+    TimedOut,
+    /// Connected, then reset by the far end.
+    Reset,
+}
+
+/// Tallies of client outcomes, and of connect times of a second or more.
+#[derive(Debug, Default)]
+struct Tally {
+    ok: u64,
+    refused: u64,
+    timed_out: u64,
+    reset: u64,
+    slow_connects: u64,
+    connects: u64,
+}
+
+/// One connection to `vip`: connect (giving up after `connect_timeout`),
+/// then read until the server's first line or the connection's end.
+fn connect_once(vip: SocketAddrV4, connect_timeout: Duration) -> Result<(Outcome, Duration)> {
+    let started = Instant::now();
+    let mut s = match TcpStream::connect_timeout(&SocketAddr::V4(vip), connect_timeout) {
+        Ok(s) => s,
+        Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
+            return Ok((Outcome::Refused, started.elapsed()));
+        }
+        Err(e) if e.kind() == ErrorKind::TimedOut || e.kind() == ErrorKind::WouldBlock => {
+            return Ok((Outcome::TimedOut, started.elapsed()));
+        }
+        Err(e) => bail!("connect to {vip}: {e}"),
+    };
+    let took = started.elapsed();
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let _ = s.write_all(b"hello\n");
+    let mut buf = [0u8; 256];
+    match s.read(&mut buf) {
+        Ok(n) if n > 0 => Ok((Outcome::Ok, took)),
+        Ok(_) => bail!("{vip}: connection closed without a greeting or a reset"),
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => Ok((Outcome::Reset, took)),
+        Err(e) => bail!("{vip}: read: {e}"),
+    }
+}
+
+/// `n` connections to `vip` from the client namespace, `threads` at a time.
+fn load(
+    cli: &Netns,
+    vip: SocketAddrV4,
+    n: u64,
+    threads: u64,
+    connect_timeout: Duration,
+) -> Result<Tally> {
+    cli.enter(|| -> Result<Tally> {
+        let per = n.div_ceil(threads);
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                std::thread::spawn(move || -> Result<Vec<(Outcome, Duration)>> {
+                    let count = per.min(n.saturating_sub(t * per));
+                    (0..count)
+                        .map(|_| connect_once(vip, connect_timeout))
+                        .collect()
+                })
+            })
+            .collect();
+        let mut tally = Tally::default();
+        for h in handles {
+            let results = h
+                .join()
+                .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
+            for (outcome, took) in results {
+                tally.connects += 1;
+                match outcome {
+                    Outcome::Ok => tally.ok += 1,
+                    Outcome::Refused => tally.refused += 1,
+                    Outcome::TimedOut => tally.timed_out += 1,
+                    Outcome::Reset => tally.reset += 1,
+                }
+                if outcome != Outcome::Refused
+                    && outcome != Outcome::TimedOut
+                    && took >= Duration::from_millis(900)
+                {
+                    tally.slow_connects += 1;
+                }
+            }
+        }
+        Ok(tally)
+    })?
+}
+
+/// A server that accepts every connection, reads a little, and closes it
+/// with `SO_LINGER` 0: the kernel sends RST on an established connection.
+struct ResettingServer {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ResettingServer {
+    fn start(ns: &Netns, addr: SocketAddrV4) -> Result<Self> {
+        let listener = ns.enter(|| TcpListener::bind(addr))??;
+        listener.set_nonblocking(true)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((s, _)) => {
+                        let sock = socket2::Socket::from(s);
+                        let _ = sock.set_read_timeout(Some(Duration::from_millis(200)));
+                        let mut buf = [0u8; 64];
+                        let _ = std::io::Read::read(&mut &sock, &mut buf);
+                        let _ = sock.set_linger(Some(Duration::ZERO));
+                        drop(sock);
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                    Err(_) => break,
+                }
+            }
+        });
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for ResettingServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The per-version signals of `service` over the last `window`, from the
+/// API through the CLI's socket (`curl --unix-socket` works the same).
+fn signals(daemon: &Daemon, service: &str, window: &str) -> Result<Value> {
+    let out = daemon.cli_ok(&["status", "--output", "json", "--window", window])?;
+    let status: Value = serde_json::from_str(&out).context("status JSON")?;
+    status["services"]
+        .as_array()
+        .context("no services")?
+        .iter()
+        .find(|s| s["name"] == service)
+        .cloned()
+        .with_context(|| format!("no service {service} in {status}"))
+}
+
+/// A cumulative signal counter of one version.
+fn counter(service: &Value, version: &str, field: &str) -> Result<u64> {
+    service["versions"]
+        .as_array()
+        .context("no versions")?
+        .iter()
+        .find(|v| v["name"] == version)
+        .and_then(|v| v["signals"][field].as_u64())
+        .with_context(|| format!("no signals.{field} of version {version} in {service}"))
+}
+
+/// `a` and `b` agree within 1% of `of` (and at least one).
+fn agree(what: &str, edge: u64, clients: u64, of: u64) -> Result<()> {
+    let slack = (of / 100).max(1);
+    ensure!(
+        edge.abs_diff(clients) <= slack,
+        "{what}: the edge counted {edge}, the clients saw {clients} (allowed difference {slack})"
+    );
+    Ok(())
+}
+
+/// Polls (every 100 ms, at most `within`) until `check` passes.
+fn eventually(within: Duration, mut check: impl FnMut() -> Result<()>) -> Result<Duration> {
+    let started = Instant::now();
+    loop {
+        match check() {
+            Ok(()) => return Ok(started.elapsed()),
+            Err(e) if started.elapsed() >= within => {
+                return Err(e.context(format!("still not so after {within:?}")));
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
+/// The nftables rules of the backend namespace: drop every SYN to the
+/// blackhole backend, and a random half of the SYNs to the slow one.
+fn drop_syns(back: &Netns, blackhole: SocketAddrV4, slow: SocketAddrV4) -> Result<()> {
+    let rules = format!(
+        "table inet spl_signals {{\n\
+         chain input {{\n\
+         type filter hook input priority 0; policy accept;\n\
+         ip daddr {} tcp dport {} tcp flags & (syn | ack) == syn drop\n\
+         ip daddr {} tcp dport {} tcp flags & (syn | ack) == syn numgen random mod 2 == 0 drop\n\
+         }}\n}}\n",
+        blackhole.ip(),
+        blackhole.port(),
+        slow.ip(),
+        slow.port()
+    );
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("rules.nft");
+    std::fs::write(&path, rules)?;
+    back.exec(
+        "nft",
+        &["-f", path.to_str().context("temp path is not UTF-8")?],
+    )?;
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs root: run with -- --include-ignored --test-threads=1"]
+fn signals_agree_with_what_clients_saw_for_every_kind_of_failure() -> Result<()> {
+    let topo = Topology::new(TopologyOptions {
+        backend_addrs: 5,
+        ..Default::default()
+    })?;
+    let [healthy, closed, blackhole, resetting, slow] = [0, 1, 2, 3, 4].map(|i| topo.backend(i));
+    let (healthy, closed, blackhole, resetting, slow) =
+        (healthy?, closed?, blackhole?, resetting?, slow?);
+    let _healthy_server = TcpIdentityServer::start(&topo.back, healthy, "healthy")?;
+    let _slow_server = TcpIdentityServer::start(&topo.back, slow, "slow")?;
+    let _resetting_server = ResettingServer::start(&topo.back, resetting)?;
+    drop_syns(&topo.back, blackhole, slow)?;
+
+    let web_vip = topology::vip();
+    let slow_vip = SocketAddrV4::new(topology::VIP, 81);
+    let version = |name: &str, backend| VersionSpec {
+        name: name.into(),
+        weight: 1,
+        backends: vec![backend],
+    };
+    let mut config = config_toml(
+        Mode::Snat,
+        &[
+            ServiceSpec {
+                name: "web".into(),
+                vip: web_vip,
+                protocol: "tcp",
+                affinity: Affinity::Flow,
+                versions: vec![
+                    version("healthy", healthy),
+                    version("closed", closed),
+                    version("blackhole", blackhole),
+                    version("resetting", resetting),
+                ],
+            },
+            ServiceSpec {
+                name: "slow".into(),
+                vip: slow_vip,
+                protocol: "tcp",
+                affinity: Affinity::Flow,
+                versions: vec![version("halfdrop", slow)],
+            },
+        ],
+    );
+    // Deadlines per service, right after each `vip = ...` line.
+    config = config.replace(
+        &format!("vip = \"{web_vip}\"\n"),
+        &format!("vip = \"{web_vip}\"\nconnect_timeout_ms = 500\n"),
+    );
+    config = config.replace(
+        &format!("vip = \"{slow_vip}\"\n"),
+        &format!("vip = \"{slow_vip}\"\nconnect_timeout_ms = 5000\n"),
+    );
+    let daemon = Daemon::start(&topo.edge, &config)?;
+
+    // 400 connections over the four versions of `web`, 40 at a time; the
+    // clients give up connecting after 2.5 s (after one SYN retransmit).
+    let n = 400;
+    let web = load(&topo.cli, web_vip, n, 40, Duration::from_millis(2500))?;
+    let finished = Instant::now();
+    ensure!(web.connects == n, "{web:?}");
+    for (what, count) in [
+        ("succeeded", web.ok),
+        ("were refused", web.refused),
+        ("timed out", web.timed_out),
+        ("were reset", web.reset),
+    ] {
+        ensure!(
+            count >= n / 10,
+            "only {count} of {n} connections {what}: the four versions should share them ({web:?})"
+        );
+    }
+    let took = eventually(Duration::from_secs(2), || {
+        let s = signals(&daemon, "web", "60s")?;
+        agree(
+            "healthy: established",
+            counter(&s, "healthy", "established")?,
+            web.ok,
+            n,
+        )?;
+        agree("closed: refused", counter(&s, "closed", "refused")?, web.refused, n)?;
+        agree(
+            "blackhole: timeouts",
+            counter(&s, "blackhole", "timeouts")?,
+            web.timed_out,
+            n,
+        )?;
+        agree(
+            "resetting: reset_by_backend",
+            counter(&s, "resetting", "reset_by_backend")?,
+            web.reset,
+            n,
+        )?;
+        let attempts: u64 = ["healthy", "closed", "blackhole", "resetting"]
+            .iter()
+            .map(|v| counter(&s, v, "attempts"))
+            .sum::<Result<u64>>()?;
+        ensure!(attempts == n, "{attempts} attempts counted for {n} connections");
+        Ok(())
+    })?;
+    eprintln!(
+        "web: the edge agreed with the clients {:?} after they finished ({took:?} of polling)",
+        finished.elapsed()
+    );
+
+    // Each failure is its version's only kind, and the windowed error rate
+    // says so: about 100% for closed, blackhole and resetting, 0 for healthy.
+    let s = signals(&daemon, "web", "60s")?;
+    let rate = |v: &str| -> Result<f64> {
+        s["versions"]
+            .as_array()
+            .context("no versions")?
+            .iter()
+            .find(|x| x["name"] == v)
+            .and_then(|x| x["window"]["error_rate"].as_f64())
+            .with_context(|| format!("no window.error_rate of {v} in {s}"))
+    };
+    ensure!(rate("healthy")? == 0.0, "healthy error rate {}", rate("healthy")?);
+    for v in ["closed", "blackhole", "resetting"] {
+        ensure!(rate(v)? >= 0.99, "{v}: error rate {} (expected about 1)", rate(v)?);
+    }
+    for (v, field) in [
+        ("healthy", "refused"),
+        ("healthy", "timeouts"),
+        ("healthy", "reset_by_backend"),
+        ("closed", "established"),
+        ("blackhole", "established"),
+        ("blackhole", "refused"),
+    ] {
+        ensure!(counter(&s, v, field)? == 0, "{v}: {field} is not 0: {s}");
+    }
+    // The resetting server did accept every connection.
+    agree(
+        "resetting: established",
+        counter(&s, "resetting", "established")?,
+        web.reset,
+        n,
+    )?;
+
+    // Half of the SYNs to `slow` dropped: its connections open, about half
+    // of them after the client's retransmit a second later. The edge's
+    // latency histogram has exactly those above one second.
+    let m = 120;
+    let sl = load(&topo.cli, slow_vip, m, 40, Duration::from_secs(10))?;
+    ensure!(sl.ok == m, "every connection to `slow` should open: {sl:?}");
+    ensure!(
+        (m / 4..=3 * m / 4).contains(&sl.slow_connects),
+        "{} of {m} connects took a second or more; expected about half",
+        sl.slow_connects
+    );
+    eventually(Duration::from_secs(2), || {
+        let s = signals(&daemon, "slow", "60s")?;
+        let v = &s["versions"][0];
+        let buckets: Vec<u64> = v["signals"]["latency"]
+            .as_array()
+            .context("no latency buckets")?
+            .iter()
+            .map(|b| b.as_u64().unwrap_or(0))
+            .collect();
+        // Bucket 12 ends at 1 s: the ones after it are the slow connects.
+        let above_1s: u64 = buckets.iter().skip(13).sum();
+        let total: u64 = buckets.iter().sum();
+        ensure!(total == m, "{total} latency samples for {m} connections: {v}");
+        agree("slow connects", above_1s, sl.slow_connects, m)?;
+        ensure!(
+            v["signals"]["timeouts"] == 0,
+            "a 5 s deadline saw a timeout: {v}"
+        );
+        let p99 = v["window"]["latency_p99_ms"].as_f64().context("no p99")?;
+        ensure!(p99 >= 1000.0, "p99 connect latency {p99} ms, expected >= 1 s");
+        Ok(())
+    })?;
+
+    // The table view shows the signals section.
+    let table = daemon.cli_ok(&["status", "--backends"])?;
+    ensure!(
+        table.contains("signals over the last 1m") && table.contains("blackhole"),
+        "status table lacks the signals section:\n{table}"
+    );
+    topo.no_csum_errors()?;
+    Ok(())
+}
