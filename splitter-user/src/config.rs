@@ -312,6 +312,10 @@ pub struct ServiceConfig {
     /// ([`DEFAULT_CONNECT_TIMEOUT_MS`], 1..=60000).
     #[serde(default = "default_connect_timeout_ms")]
     pub connect_timeout_ms: u32,
+    /// The external metric judged per version (`[service.analysis]`);
+    /// `None`: only the kernel-measured signals.
+    #[serde(default)]
+    pub analysis: Option<AnalysisConfig>,
 }
 
 /// Default of `connect_timeout_ms`.
@@ -354,6 +358,228 @@ impl Default for HealthConfig {
             timeout_ms: 1000,
             fall: 3,
             rise: 2,
+        }
+    }
+}
+
+/// `[service.analysis]`: one external metric per version, read from a
+/// Prometheus-compatible HTTP API every `interval_ms` (typically the
+/// application's own HTTP 5xx ratio). The query is a PromQL template whose
+/// `{service}` and `{version}` are filled in per version
+/// ([`crate::signals::external::render_query`]); it must give exactly one
+/// number. `min` and `max` bound the metric for the analysis.
+///
+/// `Eq` holds because validation rejects NaN bounds (see [`Config::validate`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AnalysisConfig {
+    /// Base URL of the Prometheus HTTP API, `http://HOST[:PORT][/PREFIX]`
+    /// (see [`PrometheusUrl`]); the query goes to `PREFIX/api/v1/query`.
+    pub prometheus: String,
+    /// PromQL template with the placeholders [`QUERY_PLACEHOLDERS`].
+    pub query: String,
+    /// Lowest acceptable value of the metric; `None`: no lower bound.
+    #[serde(default)]
+    pub min: Option<f64>,
+    /// Highest acceptable value of the metric; `None`: no upper bound.
+    #[serde(default)]
+    pub max: Option<f64>,
+    /// Time between two queries of one version, in ms
+    /// ([`DEFAULT_ANALYSIS_INTERVAL_MS`], `MIN_..=MAX_ANALYSIS_INTERVAL_MS`).
+    #[serde(default = "default_analysis_interval_ms")]
+    pub interval_ms: u32,
+    /// Longest one query may take (connect, request and answer), in ms
+    /// (default [`DEFAULT_ANALYSIS_TIMEOUT_MS`] or `interval_ms` if shorter;
+    /// `MIN_..=MAX_ANALYSIS_TIMEOUT_MS`, at most `interval_ms`).
+    #[serde(default = "default_analysis_timeout_ms")]
+    pub timeout_ms: u32,
+}
+
+impl Eq for AnalysisConfig {}
+
+/// Default of `analysis.interval_ms`.
+pub const DEFAULT_ANALYSIS_INTERVAL_MS: u32 = 5000;
+/// Shortest `analysis.interval_ms`.
+pub const MIN_ANALYSIS_INTERVAL_MS: u32 = 1000;
+/// Longest `analysis.interval_ms`.
+pub const MAX_ANALYSIS_INTERVAL_MS: u32 = 600_000;
+/// Default of `analysis.timeout_ms` (or `interval_ms` if shorter).
+pub const DEFAULT_ANALYSIS_TIMEOUT_MS: u32 = 2000;
+/// Shortest `analysis.timeout_ms`.
+pub const MIN_ANALYSIS_TIMEOUT_MS: u32 = 100;
+/// Longest `analysis.timeout_ms`.
+pub const MAX_ANALYSIS_TIMEOUT_MS: u32 = 60_000;
+/// The placeholders an `analysis.query` may hold, each written `{name}`.
+pub const QUERY_PLACEHOLDERS: &[&str] = &["service", "version"];
+
+fn default_analysis_interval_ms() -> u32 {
+    DEFAULT_ANALYSIS_INTERVAL_MS
+}
+
+fn default_analysis_timeout_ms() -> u32 {
+    DEFAULT_ANALYSIS_TIMEOUT_MS
+}
+
+/// The next `{name}` in `text` (an identifier in braces: `[A-Za-z_]
+/// [A-Za-z0-9_]*`), as (start, end, name) with `end` past the `}`.
+/// PromQL's own braces (`{code=~"5.."}`, `{}`, `{3}`) are not placeholders.
+pub(crate) fn next_placeholder(text: &str) -> Option<(usize, usize, &str)> {
+    let mut from = 0;
+    while let Some(open) = text[from..].find('{').map(|i| from + i) {
+        let rest = &text[open + 1..];
+        let len = rest
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(rest.len());
+        let name = &rest[..len];
+        let is_ident = name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
+        if is_ident && rest[len..].starts_with('}') {
+            return Some((open, open + 1 + len + 1, name));
+        }
+        from = open + 1;
+    }
+    None
+}
+
+/// Problem with an `analysis.query` template, if any: empty, or a
+/// `{placeholder}` other than [`QUERY_PLACEHOLDERS`].
+fn query_problem(query: &str) -> Option<String> {
+    if query.trim().is_empty() {
+        return Some("must not be empty".into());
+    }
+    let mut rest = query;
+    let mut unknown = Vec::new();
+    while let Some((_, end, name)) = next_placeholder(rest) {
+        if !QUERY_PLACEHOLDERS.contains(&name) && !unknown.contains(&name) {
+            unknown.push(name);
+        }
+        rest = &rest[end..];
+    }
+    if unknown.is_empty() {
+        return None;
+    }
+    let unknown: Vec<String> = unknown.iter().map(|n| format!("{{{n}}}")).collect();
+    let known: Vec<String> = QUERY_PLACEHOLDERS
+        .iter()
+        .map(|n| format!("{{{n}}}"))
+        .collect();
+    Some(format!(
+        "unknown placeholder {}; the placeholders are {}",
+        unknown.join(", "),
+        known.join(" and ")
+    ))
+}
+
+/// `analysis.prometheus` taken apart: `http://HOST[:PORT][/PREFIX]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrometheusUrl {
+    /// A DNS name, an IPv4 address, or an IPv6 address (without brackets).
+    pub host: String,
+    /// The port; 80 when the URL has none.
+    pub port: u16,
+    /// The path before `/api/v1/...`: empty, or starting with `/` and
+    /// without a trailing `/` (`/prometheus`).
+    pub prefix: String,
+}
+
+impl PrometheusUrl {
+    /// Parses a base URL. Only plain `http` is supported; user names,
+    /// queries and fragments are refused.
+    ///
+    /// # Errors
+    /// What is wrong with it, in words.
+    pub fn parse(url: &str) -> Result<Self, String> {
+        const EXAMPLE: &str = "like \"http://127.0.0.1:9090\"";
+        if url.is_empty() {
+            return Err(format!("must not be empty ({EXAMPLE})"));
+        }
+        let Some(rest) = url
+            .get(..7)
+            .filter(|s| s.eq_ignore_ascii_case("http://"))
+            .map(|_| &url[7..])
+        else {
+            return Err(if url.to_ascii_lowercase().starts_with("https://") {
+                format!("{url:?}: https is not supported, only http ({EXAMPLE})")
+            } else {
+                format!("{url:?} is not an http:// URL ({EXAMPLE})")
+            });
+        };
+        let (authority, path) = match rest.find('/') {
+            Some(i) => rest.split_at(i),
+            None => (rest, ""),
+        };
+        if authority.contains('@') {
+            return Err(format!(
+                "{url:?}: user names and passwords are not supported"
+            ));
+        }
+        if let Some(c) = path.chars().find(|c| matches!(c, '?' | '#')) {
+            return Err(format!(
+                "{url:?}: a base URL has no {} part",
+                if c == '?' {
+                    "query (?)"
+                } else {
+                    "fragment (#)"
+                }
+            ));
+        }
+        if path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(format!(
+                "{url:?}: the path holds spaces or control characters"
+            ));
+        }
+        let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+            let Some((host, after)) = v6.split_once(']') else {
+                return Err(format!("{url:?}: no ']' after the IPv6 address"));
+            };
+            if host.parse::<Ipv6Addr>().is_err() {
+                return Err(format!("{url:?}: {host:?} is not an IPv6 address"));
+            }
+            match after {
+                "" => (host, None),
+                p => match p.strip_prefix(':') {
+                    Some(p) => (host, Some(p)),
+                    None => return Err(format!("{url:?}: unexpected {p:?} after the host")),
+                },
+            }
+        } else {
+            match authority.split_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (authority, None),
+            }
+        };
+        if host.is_empty() {
+            return Err(format!("{url:?} has no host ({EXAMPLE})"));
+        }
+        if !authority.starts_with('[')
+            && !host
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+        {
+            return Err(format!("{url:?}: {host:?} is not a host name or address"));
+        }
+        let port = match port {
+            None => 80,
+            Some(p) => match p.parse::<u16>() {
+                Ok(p) if p > 0 => p,
+                _ => return Err(format!("{url:?}: {p:?} is not a port (1..=65535)")),
+            },
+        };
+        Ok(Self {
+            host: host.to_string(),
+            port,
+            prefix: path.trim_end_matches('/').to_string(),
+        })
+    }
+
+    /// `HOST:PORT`, with brackets around an IPv6 address (the `Host`
+    /// header and messages).
+    pub fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
         }
     }
 }
@@ -435,6 +661,18 @@ struct RawService {
     versions: Vec<RawVersion>,
     health: Option<RawHealth>,
     connect_timeout_ms: Option<i64>,
+    analysis: Option<RawAnalysis>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAnalysis {
+    prometheus: Option<String>,
+    query: Option<String>,
+    min: Option<f64>,
+    max: Option<f64>,
+    interval_ms: Option<i64>,
+    timeout_ms: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -619,6 +857,97 @@ fn health(p: &mut Problems, at: &str, h: RawHealth) -> Option<HealthConfig> {
     Some(c)
 }
 
+/// Converts `[service.analysis]`: the integer ranges and defaults (the
+/// URL, the query and the bounds are checked in [`check`], so that configs
+/// built in code get the same checks; a missing `prometheus` or `query`
+/// stays empty and is reported there).
+fn analysis(p: &mut Problems, at: &str, a: RawAnalysis) -> AnalysisConfig {
+    let mut ms = |name: &str, v: Option<i64>, lo: u32, hi: u32| -> Option<u32> {
+        match v {
+            None => None,
+            Some(v) if (i64::from(lo)..=i64::from(hi)).contains(&v) => Some(v as u32),
+            Some(v) => {
+                p.push(format!("{at}.{name}: {v} is out of range {lo}..={hi}"));
+                None
+            }
+        }
+    };
+    let interval_ms = ms(
+        "interval_ms",
+        a.interval_ms,
+        MIN_ANALYSIS_INTERVAL_MS,
+        MAX_ANALYSIS_INTERVAL_MS,
+    )
+    .unwrap_or(DEFAULT_ANALYSIS_INTERVAL_MS);
+    // Also the stand-in for a bad value, which must then pass `check`.
+    let default_timeout = DEFAULT_ANALYSIS_TIMEOUT_MS.min(interval_ms);
+    let timeout_ms = ms(
+        "timeout_ms",
+        a.timeout_ms,
+        MIN_ANALYSIS_TIMEOUT_MS,
+        MAX_ANALYSIS_TIMEOUT_MS,
+    )
+    .unwrap_or(default_timeout);
+    AnalysisConfig {
+        prometheus: a.prometheus.unwrap_or_default(),
+        query: a.query.unwrap_or_default(),
+        min: a.min,
+        max: a.max,
+        interval_ms,
+        timeout_ms,
+    }
+}
+
+/// Every problem of a typed `[service.analysis]`, each naming its field
+/// after `at` (`service[0] "web": analysis`).
+fn analysis_problems(a: &AnalysisConfig, at: &str, out: &mut Problems) {
+    if a.prometheus.is_empty() {
+        out.push(format!(
+            "{at}.prometheus: required: the base URL of the Prometheus HTTP API, like \"http://127.0.0.1:9090\""
+        ));
+    } else if let Err(e) = PrometheusUrl::parse(&a.prometheus) {
+        out.push(format!("{at}.prometheus: {e}"));
+    }
+    if a.query.trim().is_empty() {
+        out.push(format!(
+            "{at}.query: required: PromQL giving one number, with {{service}} and {{version}} filled in per version"
+        ));
+    } else if let Some(e) = query_problem(&a.query) {
+        out.push(format!("{at}.query: {e}"));
+    }
+    for (name, v) in [("min", a.min), ("max", a.max)] {
+        if let Some(v) = v.filter(|v| !v.is_finite()) {
+            out.push(format!("{at}.{name}: {v} is not a finite number"));
+        }
+    }
+    if let (Some(min), Some(max)) = (a.min, a.max)
+        && min.is_finite()
+        && max.is_finite()
+        && max < min
+    {
+        out.push(format!("{at}.max: {max} is below min {min}"));
+    }
+    let interval_ok =
+        (MIN_ANALYSIS_INTERVAL_MS..=MAX_ANALYSIS_INTERVAL_MS).contains(&a.interval_ms);
+    if !interval_ok {
+        out.push(format!(
+            "{at}.interval_ms: {} is out of range {MIN_ANALYSIS_INTERVAL_MS}..={MAX_ANALYSIS_INTERVAL_MS}",
+            a.interval_ms
+        ));
+    }
+    if !(MIN_ANALYSIS_TIMEOUT_MS..=MAX_ANALYSIS_TIMEOUT_MS).contains(&a.timeout_ms) {
+        out.push(format!(
+            "{at}.timeout_ms: {} is out of range {MIN_ANALYSIS_TIMEOUT_MS}..={MAX_ANALYSIS_TIMEOUT_MS}",
+            a.timeout_ms
+        ));
+    } else if interval_ok && a.timeout_ms > a.interval_ms {
+        out.push(format!(
+            "{at}.timeout_ms: {} is longer than interval_ms {}: a query must end before the next one starts",
+            a.timeout_ms, a.interval_ms
+        ));
+    }
+}
+
 /// Converts the raw file into typed values, reporting every value that
 /// does not convert. Placeholders stand in for those (see [`Unparsed`]).
 fn convert(raw: RawConfig, p: &mut Problems, bad: &mut Unparsed) -> Config {
@@ -731,6 +1060,9 @@ fn convert(raw: RawConfig, p: &mut Problems, bad: &mut Unparsed) -> Config {
                 DEFAULT_CONNECT_TIMEOUT_MS
             }
         };
+        let analysis = s
+            .analysis
+            .map(|a| analysis(p, &format!("{at}: analysis"), a));
         services.push(ServiceConfig {
             name: s.name,
             vip: vip.unwrap_or(placeholder),
@@ -739,6 +1071,7 @@ fn convert(raw: RawConfig, p: &mut Problems, bad: &mut Unparsed) -> Config {
             versions,
             health,
             connect_timeout_ms,
+            analysis,
         });
     }
     p.section = 0;
@@ -912,6 +1245,9 @@ fn check(c: &Config, bad: &Unparsed, out: &mut Problems) {
                 "{at}: connect_timeout_ms: {} is out of range 1..={MAX_CONNECT_TIMEOUT_MS}",
                 s.connect_timeout_ms
             ));
+        }
+        if let Some(a) = &s.analysis {
+            analysis_problems(a, &format!("{at}: analysis"), out);
         }
         if s.versions.len() > MAX_VERSIONS {
             out.push(format!(
@@ -1270,6 +1606,7 @@ backends = ["10.0.3.1:8443"]
                 affinity: Affinity::ClientIp,
                 health: None,
                 connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT_MS,
+                analysis: None,
                 versions: vec![
                     VersionConfig {
                         name: "blue".into(),
@@ -1430,6 +1767,260 @@ backends = ["10.0.3.1:8443"]
         );
         let e = err(&format!("{udp}\n[service.health]\n")).to_string();
         assert!(e.contains("TCP and HTTP checks need a tcp service"), "{e}");
+    }
+
+    const ANALYSIS: &str = r#"
+[service.analysis]
+prometheus = "http://127.0.0.1:9090"
+query = 'sum(rate(http_requests_total{service="{service}",version="{version}",code=~"5.."}[30s])) / sum(rate(http_requests_total{service="{service}",version="{version}"}[30s]))'
+"#;
+
+    fn with_analysis(extra: &str) -> String {
+        format!("{BASE}{ANALYSIS}{extra}")
+    }
+
+    #[test]
+    fn analysis_tables_parse_with_defaults() {
+        let c = Config::parse(&with_analysis("")).unwrap();
+        let a = c.services[0].analysis.clone().unwrap();
+        assert_eq!(a.prometheus, "http://127.0.0.1:9090");
+        assert!(
+            a.query
+                .starts_with("sum(rate(http_requests_total{service=\"{service}\"")
+        );
+        assert_eq!((a.min, a.max), (None, None));
+        assert_eq!(
+            (a.interval_ms, a.timeout_ms),
+            (DEFAULT_ANALYSIS_INTERVAL_MS, DEFAULT_ANALYSIS_TIMEOUT_MS)
+        );
+        assert_eq!((a.interval_ms, a.timeout_ms), (5000, 2000));
+        assert_eq!(c.validate(), Ok(()));
+        // Without the table: no analysis.
+        assert_eq!(Config::parse(BASE).unwrap().services[0].analysis, None);
+        // Every field; integers are accepted as bounds.
+        let c = Config::parse(&with_analysis(
+            "min = 0\nmax = 0.05\ninterval_ms = 1000\ntimeout_ms = 900\n",
+        ))
+        .unwrap();
+        let a = c.services[0].analysis.clone().unwrap();
+        assert_eq!((a.min, a.max), (Some(0.0), Some(0.05)));
+        assert_eq!((a.interval_ms, a.timeout_ms), (1000, 900));
+        // The default timeout is never longer than the interval.
+        let c = Config::parse(&with_analysis("interval_ms = 1000\n")).unwrap();
+        assert_eq!(c.services[0].analysis.as_ref().unwrap().timeout_ms, 1000);
+        // min = max is a point, allowed; a query without placeholders too.
+        let c = Config::parse(
+            &with_analysis("min = 1\nmax = 1\n")
+                .replace("query = 'sum(", "query = 'scalar(sum(up)) + 0 * sum("),
+        )
+        .unwrap();
+        assert!(c.services[0].analysis.is_some());
+        let c = Config::parse(&format!(
+            "{BASE}\n[service.analysis]\nprometheus = \"http://prom.example:80/prometheus/\"\nquery = \"up\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.services[0].analysis.as_ref().unwrap().query, "up");
+    }
+
+    #[test]
+    fn analysis_survives_the_state_files_round_trip() {
+        let c = Config::parse(&with_analysis("min = 0\nmax = 0.05\n")).unwrap();
+        let s = &c.services[0];
+        let json = serde_json::to_string(s).unwrap();
+        let back: ServiceConfig = serde_json::from_str(&json).unwrap();
+        assert_eq!(&back, s);
+        // A state file from before `analysis` existed still reads.
+        let mut v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        v.as_object_mut().unwrap().remove("analysis");
+        let old: ServiceConfig = serde_json::from_value(v).unwrap();
+        assert_eq!(old.analysis, None);
+        // And with only the required fields.
+        let a: AnalysisConfig =
+            serde_json::from_str(r#"{"prometheus":"http://p:9090","query":"up"}"#).unwrap();
+        assert_eq!((a.interval_ms, a.timeout_ms, a.min), (5000, 2000, None));
+    }
+
+    #[test]
+    fn analysis_errors_name_their_field() {
+        let cases: Vec<(String, &str)> = vec![
+            (
+                format!("{BASE}\n[service.analysis]\nquery = \"up\"\n"),
+                r#"service[0] "web": analysis.prometheus: required: the base URL of the Prometheus HTTP API, like "http://127.0.0.1:9090""#,
+            ),
+            (
+                format!("{BASE}\n[service.analysis]\nprometheus = \"http://p:9090\"\n"),
+                r#"service[0] "web": analysis.query: required: PromQL giving one number, with {service} and {version} filled in per version"#,
+            ),
+            (
+                with_analysis("").replace("query = 'sum", "query = '  '\nx = 'sum"),
+                "unknown field `x`, expected one of `prometheus`, `query`, `min`, `max`, `interval_ms`, `timeout_ms`",
+            ),
+            (
+                format!(
+                    "{BASE}\n[service.analysis]\nprometheus = \"http://p:9090\"\nquery = \" \"\n"
+                ),
+                r#"service[0] "web": analysis.query: required"#,
+            ),
+            (
+                with_analysis("").replace("{version}\",code", "{versoin}\",code"),
+                r#"service[0] "web": analysis.query: unknown placeholder {versoin}; the placeholders are {service} and {version}"#,
+            ),
+            (
+                format!(
+                    "{BASE}\n[service.analysis]\nprometheus = \"http://p:9090\"\nquery = \"a{{x}} + b{{y}} + c{{x}}\"\n"
+                ),
+                "analysis.query: unknown placeholder {x}, {y}; the placeholders",
+            ),
+            (
+                with_analysis("").replace("http://127.0.0.1:9090", "https://127.0.0.1:9090"),
+                r#"service[0] "web": analysis.prometheus: "https://127.0.0.1:9090": https is not supported, only http (like "http://127.0.0.1:9090")"#,
+            ),
+            (
+                with_analysis("").replace("http://127.0.0.1:9090", "127.0.0.1:9090"),
+                r#"analysis.prometheus: "127.0.0.1:9090" is not an http:// URL"#,
+            ),
+            (
+                with_analysis("").replace("http://127.0.0.1:9090", "http://127.0.0.1:0"),
+                r#"analysis.prometheus: "http://127.0.0.1:0": "0" is not a port (1..=65535)"#,
+            ),
+            (
+                with_analysis("").replace("http://127.0.0.1:9090", "http://127.0.0.1:99999"),
+                r#""99999" is not a port"#,
+            ),
+            (
+                with_analysis("").replace("http://127.0.0.1:9090", "http://:9090"),
+                r#"analysis.prometheus: "http://:9090" has no host"#,
+            ),
+            (
+                with_analysis("").replace("http://127.0.0.1:9090", "http://u:pw@p:9090"),
+                "user names and passwords are not supported",
+            ),
+            (
+                with_analysis("").replace("http://127.0.0.1:9090", "http://p:9090/?x=1"),
+                "a base URL has no query (?) part",
+            ),
+            (
+                with_analysis("").replace("http://127.0.0.1:9090", "http://p q:9090"),
+                r#""p q" is not a host name or address"#,
+            ),
+            (
+                with_analysis("").replace("http://127.0.0.1:9090", "http://[::1:9090"),
+                "no ']' after the IPv6 address",
+            ),
+            (
+                with_analysis("min = 0.5\nmax = 0.1\n"),
+                r#"service[0] "web": analysis.max: 0.1 is below min 0.5"#,
+            ),
+            (
+                with_analysis("min = nan\n"),
+                r#"service[0] "web": analysis.min: NaN is not a finite number"#,
+            ),
+            (
+                with_analysis("max = inf\n"),
+                r#"service[0] "web": analysis.max: inf is not a finite number"#,
+            ),
+            (
+                with_analysis("interval_ms = 999\n"),
+                r#"service[0] "web": analysis.interval_ms: 999 is out of range 1000..=600000"#,
+            ),
+            (
+                with_analysis("interval_ms = 600001\n"),
+                "analysis.interval_ms: 600001 is out of range 1000..=600000",
+            ),
+            (
+                with_analysis("interval_ms = -1\n"),
+                "analysis.interval_ms: -1 is out of range 1000..=600000",
+            ),
+            (
+                with_analysis("timeout_ms = 99\n"),
+                r#"service[0] "web": analysis.timeout_ms: 99 is out of range 100..=60000"#,
+            ),
+            (
+                with_analysis("timeout_ms = 99999999999\n"),
+                "analysis.timeout_ms: 99999999999 is out of range 100..=60000",
+            ),
+            (
+                with_analysis("interval_ms = 1000\ntimeout_ms = 3000\n"),
+                r#"service[0] "web": analysis.timeout_ms: 3000 is longer than interval_ms 1000: a query must end before the next one starts"#,
+            ),
+            (
+                with_analysis("min = \"0\"\n"),
+                "invalid type: string \"0\", expected f64",
+            ),
+        ];
+        for (text, want) in cases {
+            let e = err(&text).to_string();
+            assert!(e.contains(want), "want {want:?} in:\n{e}\n--- for:\n{text}");
+        }
+        // One message per problem: a bad value is not also reported by the
+        // checks of what stands in for it.
+        let e = err(&with_analysis("interval_ms = 5\ntimeout_ms = 1\n"));
+        assert_eq!(e.problems.len(), 2, "{e}");
+        let e = err(&format!("{BASE}\n[service.analysis]\n"));
+        assert_eq!(e.problems.len(), 2, "{e}");
+    }
+
+    #[test]
+    fn validate_checks_analysis_built_in_code() {
+        let mut c = Config::parse(&with_analysis("")).unwrap();
+        let a = c.services[0].analysis.as_mut().unwrap();
+        a.query = "up{x=\"{nope}\"}".into();
+        a.prometheus = "ftp://p".into();
+        a.min = Some(f64::NAN);
+        a.interval_ms = 0;
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.problems.len(), 4, "{e}");
+        assert!(
+            e.problems[0].starts_with(r#"service[0] "web": analysis.prometheus:"#),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn prometheus_urls_are_taken_apart() {
+        let u = |s: &str| PrometheusUrl::parse(s).unwrap();
+        let want = |host: &str, port: u16, prefix: &str| PrometheusUrl {
+            host: host.into(),
+            port,
+            prefix: prefix.into(),
+        };
+        assert_eq!(u("http://127.0.0.1:9090"), want("127.0.0.1", 9090, ""));
+        assert_eq!(u("http://127.0.0.1:9090/"), want("127.0.0.1", 9090, ""));
+        assert_eq!(u("HTTP://prom.example"), want("prom.example", 80, ""));
+        assert_eq!(
+            u("http://prom-1.example:9090/prometheus/"),
+            want("prom-1.example", 9090, "/prometheus")
+        );
+        assert_eq!(u("http://[::1]:9090/a/b"), want("::1", 9090, "/a/b"));
+        assert_eq!(u("http://[::1]"), want("::1", 80, ""));
+        assert_eq!(u("http://[::1]:9090").authority(), "[::1]:9090");
+        assert_eq!(u("http://p").authority(), "p:80");
+        for bad in [
+            "",
+            "http://",
+            "http://[zz]:1",
+            "http://[::1]x",
+            "http://p:",
+            "http://p:x",
+            "http://p:1:2",
+            "http://p/a b",
+            "http://p/#x",
+            "unix:///run/p.sock",
+        ] {
+            assert!(PrometheusUrl::parse(bad).is_err(), "{bad:?} parsed");
+        }
+    }
+
+    #[test]
+    fn placeholders_are_identifiers_in_braces() {
+        assert_eq!(next_placeholder("a{service}b"), Some((1, 10, "service")));
+        assert_eq!(
+            next_placeholder(r#"x{a="b"} {3} {} {_x1}"#),
+            Some((16, 21, "_x1"))
+        );
+        assert_eq!(next_placeholder(r#"x{a="b"} {3} {} {x"#), None);
+        assert_eq!(query_problem("up"), None);
+        assert_eq!(query_problem(r#"up{a=~"x{2}"} + {version}"#), None);
     }
 
     #[test]

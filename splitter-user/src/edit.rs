@@ -230,6 +230,7 @@ pub fn add_service(c: &Config, spec: &ServiceSpec) -> Result<(Config, String), E
         versions,
         health: None,
         connect_timeout_ms: crate::config::DEFAULT_CONNECT_TIMEOUT_MS,
+        analysis: None,
     });
     let what = format!("added service {} on {vip}/{protocol}", spec.name);
     Ok((validated(next)?, what))
