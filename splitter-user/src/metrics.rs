@@ -452,6 +452,8 @@ mod tests {
             new_flows: n,
             reply_packets: n * 8,
             reply_bytes: n * 4000,
+            signals: Default::default(),
+            window: None,
         }
     }
 
@@ -465,6 +467,9 @@ mod tests {
             packets: backends.iter().map(|b| b.packets).sum(),
             bytes: backends.iter().map(|b| b.bytes).sum(),
             backends,
+            signals: Default::default(),
+            window: None,
+            metric: None,
         }
     }
 

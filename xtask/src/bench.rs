@@ -28,7 +28,8 @@
 //! `SPLITTER_BENCH_TRAFFIC_ONLY=1` in the environment runs only the traffic
 //! sections ([`edge`], [`connrate`]) and prints them, writing nothing;
 //! `SPLITTER_BENCH_CONN_ONLY=1` only the connection rate ([`connrate::run`]),
-//! printed, nothing written. `SPLITTER_BENCH_CONN_CAPACITY=N` (with
+//! printed, nothing written; `SPLITTER_BENCH_PACKET_ONLY=1` only the
+//! per-packet section (and the Maglev builds), printed, nothing written. `SPLITTER_BENCH_CONN_CAPACITY=N` (with
 //! `--no-write`) measures the per-packet section with an N-entry connection
 //! table instead of the default.
 //!
@@ -184,6 +185,10 @@ mod measure {
             print!("{}", t.text());
             return Ok(t.measured().len() == 3);
         }
+        let packet_only = std::env::var_os("SPLITTER_BENCH_PACKET_ONLY").is_some();
+        if packet_only {
+            step("SPLITTER_BENCH_PACKET_ONLY: the per-packet section only, printed, nothing written");
+        }
         step(&format!(
             "control plane: Maglev tables for {} services x {} backends, {MAGLEV_ROUNDS} rounds",
             control::SERVICES,
@@ -208,6 +213,20 @@ mod measure {
             Err(e) => (Err(format!("{e:#}")), None),
         };
         machine.pinned_cpu = extras.as_ref().and_then(|x| x.pinned_cpu);
+        if packet_only {
+            let results = Results {
+                machine,
+                packet,
+                control: Err("not measured (SPLITTER_BENCH_PACKET_ONLY)".into()),
+                traffic: Traffic {
+                    edge: None,
+                    conn: None,
+                    api: None,
+                },
+            };
+            print!("{}", report::text(&results));
+            return Ok(results.packet.is_ok());
+        }
         step("control plane: backend death to removal with default health checks, 3 rounds");
         let health_removal_ms = health::backend_death(3).map_err(|e| format!("{e:#}"));
         let control = maglev
