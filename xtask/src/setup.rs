@@ -5,7 +5,9 @@
 //!
 //! What it checks, in install order:
 //! 1. apt packages `llvm-22-dev` (bpf-linker links against LLVM 22),
-//!    `ethtool` (the test topology turns veth offloads off) and `iproute2`;
+//!    `ethtool` (the test topology turns veth offloads off), `iproute2`,
+//!    and the others of [`APT_PACKAGES`] (`prometheus` for
+//!    tests/prometheus.rs, which starts its own server in a namespace);
 //! 2. the `rust-src` component of the `nightly` toolchain (the kernel
 //!    program is built with `-Z build-std=core`);
 //! 3. `bpf-linker` (built with `cargo install`, LLVM 22 on `PATH`);
@@ -24,6 +26,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "`ip` builds the test namespaces"),
     ("systemd", "systemd-analyze verifies the shipped unit"),
     ("man-db", "the package test renders the installed man page"),
+    (
+        "prometheus",
+        "tests/prometheus.rs starts its own Prometheus server in a namespace",
+    ),
 ];
 /// The bpf-linker release known to work with LLVM 22 here.
 const BPF_LINKER_VERSION: &str = "0.13.0";
