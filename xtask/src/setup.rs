@@ -6,7 +6,9 @@
 //! What it checks, in install order:
 //! 1. apt packages `llvm-22-dev` (bpf-linker links against LLVM 22),
 //!    `ethtool` (the test topology turns veth offloads off), `iproute2`,
-//!    and what tests run (`nftables`: see `APT_PACKAGES`);
+//!    and the others of [`APT_PACKAGES`] (`nftables` for tests/signals.rs,
+//!    `prometheus` for tests/prometheus.rs, which starts its own server in
+//!    a namespace);
 //! 2. the `rust-src` component of the `nightly` toolchain (the kernel
 //!    program is built with `-Z build-std=core`);
 //! 3. `bpf-linker` (built with `cargo install`, LLVM 22 on `PATH`);
@@ -28,6 +30,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     (
         "nftables",
         "the signals test drops a backend's SYNs with nft in its namespace",
+    ),
+    (
+        "prometheus",
+        "tests/prometheus.rs starts its own Prometheus server in a namespace",
     ),
 ];
 /// The bpf-linker release known to work with LLVM 22 here.

@@ -351,7 +351,9 @@ fn truncated(s: &str) -> String {
 pub async fn read(cfg: &AnalysisConfig, service: &str, version: &str) -> MetricReading {
     let promql = render_query(&cfg.query, service, version);
     let (value, error) = match query_rendered(cfg, &promql).await {
-        Ok(v) => (Some(v), None),
+        Ok(v) if v.is_finite() => (Some(v), None),
+        // JSON has no infinities: say it rather than show nothing.
+        Ok(v) => (None, Some(format!("the query gave {v} (a division by zero?)"))),
         Err(e) => (None, Some(e.to_string())),
     };
     MetricReading {
