@@ -6,9 +6,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use splitter_common::{
-    ADDR_FILTER_DST, ADDR_FILTER_SRC, ADDR_FILTER_WORDS, Backend, BackendSignals, BackendStats, CONN_CAPACITY,
-    Conn, FlowKey, MAX_BACKENDS, MAX_SERVICES, MAX_TABLES, MaglevTable, Service, ServiceKey,
-    VipKey, addr_filter_bit, counter, service_drop,
+    ADDR_FILTER_DST, ADDR_FILTER_SRC, ADDR_FILTER_WORDS, Backend, BackendSignals, BackendStats,
+    CONN_CAPACITY, Conn, FlowKey, MAX_BACKENDS, MAX_SERVICES, MAX_TABLES, MaglevTable, Service,
+    ServiceKey, VipKey, addr_filter_bit, counter, service_drop,
 };
 
 #[map(name = "SERVICES")]

@@ -228,7 +228,13 @@ impl Controller {
 
     /// Keeps `reading`, taken at `at_ms`, as the external metric of
     /// `service`'s `version`.
-    pub fn store_metric(&mut self, service: &str, version: &str, at_ms: u64, reading: MetricReading) {
+    pub fn store_metric(
+        &mut self,
+        service: &str,
+        version: &str,
+        at_ms: u64,
+        reading: MetricReading,
+    ) {
         self.metric_readings
             .insert((service.to_string(), version.to_string()), (at_ms, reading));
     }
@@ -758,7 +764,11 @@ impl Controller {
         })
     }
 
-    fn service_report(&self, svc: &ServiceConfig, window_ms: u64) -> Result<ServiceReport, ApiError> {
+    fn service_report(
+        &self,
+        svc: &ServiceConfig,
+        window_ms: u64,
+    ) -> Result<ServiceReport, ApiError> {
         let total: u64 = svc.versions.iter().map(|v| u64::from(v.weight)).sum();
         let now_ms = monotonic_ns() / 1_000_000;
         let live = self.live_flows_by_id()?;

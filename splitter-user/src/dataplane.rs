@@ -40,8 +40,8 @@ use aya::{
 };
 use splitter_common::{
     ADDR_FILTER_DST, ADDR_FILTER_SRC, ADDR_FILTER_WORDS, BACKEND_F_DISABLED, BACKEND_F_PRESENT,
-    Backend, BackendSignals, BackendStats, CONN_CAPACITY, CONN_F_REVERSE, Conn, FAMILY_V4, FlowKey, MAX_BACKENDS,
-    MAX_CONN_CAPACITY, MAX_TABLES, MAX_VERSIONS, MaglevTable, PROTO_TCP, PROTO_UDP,
+    Backend, BackendSignals, BackendStats, CONN_CAPACITY, CONN_F_REVERSE, Conn, FAMILY_V4, FlowKey,
+    MAX_BACKENDS, MAX_CONN_CAPACITY, MAX_TABLES, MAX_VERSIONS, MaglevTable, PROTO_TCP, PROTO_UDP,
     SVC_F_CLIENT_IP, SVC_F_SNAT, Service, ServiceKey, VipKey, addr_filter_bit, counter, map,
     service_drop,
 };

@@ -12,8 +12,8 @@ use std::{
 };
 
 use splitter_common::{
-    ADDR_FILTER_WORDS, Backend, BackendSignals, BackendStats, CONN_CAPACITY, Conn, FlowKey, MAX_BACKENDS,
-    MAX_SERVICES, MAX_TABLES, MaglevTable, Service, ServiceKey, VipKey, counter, map,
+    ADDR_FILTER_WORDS, Backend, BackendSignals, BackendStats, CONN_CAPACITY, Conn, FlowKey,
+    MAX_BACKENDS, MAX_SERVICES, MAX_TABLES, MaglevTable, Service, ServiceKey, VipKey, counter, map,
 };
 
 /// `statfs` magic of bpffs.
@@ -144,7 +144,12 @@ pub fn expected_maps_for(conn_capacity: u32) -> [(&'static str, [u32; 4]); 10] {
         ),
         (
             map::BACKEND_SIGNALS,
-            [4, s(size_of::<BackendSignals>()), MAX_BACKENDS, percpu_array],
+            [
+                4,
+                s(size_of::<BackendSignals>()),
+                MAX_BACKENDS,
+                percpu_array,
+            ],
         ),
         (map::COUNTERS, [4, 8, counter::SLOTS, percpu_array]),
         (

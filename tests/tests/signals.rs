@@ -11,9 +11,10 @@
 //! - `resetting`: a server that accepts and then resets (RST on an
 //!   established connection).
 //!
-//! Service `slow` (connect deadline 5 s) has one backend whose SYNs are
+//! Service `slow` (connect deadline 60 s) has one backend whose SYNs are
 //! dropped half of the time: about half of its connect latencies are above
-//! a second (the client's SYN retransmit), none is a timeout.
+//! a second (the client's SYN retransmit), exactly as many as the clients
+//! saw connect that slowly.
 //!
 //! Privileged, so `#[ignore]`d for a plain `cargo test`:
 //!
@@ -308,7 +309,7 @@ fn signals_agree_with_what_clients_saw_for_every_kind_of_failure() -> Result<()>
     );
     config = config.replace(
         &format!("vip = \"{slow_vip}\"\n"),
-        &format!("vip = \"{slow_vip}\"\nconnect_timeout_ms = 5000\n"),
+        &format!("vip = \"{slow_vip}\"\nconnect_timeout_ms = 60000\n"),
     );
     let daemon = Daemon::start(&topo.edge, &config)?;
 
@@ -337,7 +338,12 @@ fn signals_agree_with_what_clients_saw_for_every_kind_of_failure() -> Result<()>
             web.ok,
             n,
         )?;
-        agree("closed: refused", counter(&s, "closed", "refused")?, web.refused, n)?;
+        agree(
+            "closed: refused",
+            counter(&s, "closed", "refused")?,
+            web.refused,
+            n,
+        )?;
         agree(
             "blackhole: timeouts",
             counter(&s, "blackhole", "timeouts")?,
@@ -354,7 +360,10 @@ fn signals_agree_with_what_clients_saw_for_every_kind_of_failure() -> Result<()>
             .iter()
             .map(|v| counter(&s, v, "attempts"))
             .sum::<Result<u64>>()?;
-        ensure!(attempts == n, "{attempts} attempts counted for {n} connections");
+        ensure!(
+            attempts == n,
+            "{attempts} attempts counted for {n} connections"
+        );
         Ok(())
     })?;
     eprintln!(
@@ -374,9 +383,17 @@ fn signals_agree_with_what_clients_saw_for_every_kind_of_failure() -> Result<()>
             .and_then(|x| x["window"]["error_rate"].as_f64())
             .with_context(|| format!("no window.error_rate of {v} in {s}"))
     };
-    ensure!(rate("healthy")? == 0.0, "healthy error rate {}", rate("healthy")?);
+    ensure!(
+        rate("healthy")? == 0.0,
+        "healthy error rate {}",
+        rate("healthy")?
+    );
     for v in ["closed", "blackhole", "resetting"] {
-        ensure!(rate(v)? >= 0.99, "{v}: error rate {} (expected about 1)", rate(v)?);
+        ensure!(
+            rate(v)? >= 0.99,
+            "{v}: error rate {} (expected about 1)",
+            rate(v)?
+        );
     }
     for (v, field) in [
         ("healthy", "refused"),
@@ -401,7 +418,12 @@ fn signals_agree_with_what_clients_saw_for_every_kind_of_failure() -> Result<()>
     // latency histogram has exactly those above one second.
     let m = 120;
     let sl = load(&topo.cli, slow_vip, m, 40, Duration::from_secs(10))?;
-    ensure!(sl.ok == m, "every connection to `slow` should open: {sl:?}");
+    // A connection whose SYN was dropped four times in a row (1 in 16)
+    // gives up after 10 s: the edge saw no answer either.
+    ensure!(
+        sl.ok + sl.timed_out == m && sl.timed_out <= m / 8,
+        "connections to `slow` should open: {sl:?}"
+    );
     ensure!(
         (m / 4..=3 * m / 4).contains(&sl.slow_connects),
         "{} of {m} connects took a second or more; expected about half",
@@ -419,14 +441,22 @@ fn signals_agree_with_what_clients_saw_for_every_kind_of_failure() -> Result<()>
         // Bucket 12 ends at 1 s: the ones after it are the slow connects.
         let above_1s: u64 = buckets.iter().skip(13).sum();
         let total: u64 = buckets.iter().sum();
-        ensure!(total == m, "{total} latency samples for {m} connections: {v}");
-        agree("slow connects", above_1s, sl.slow_connects, m)?;
         ensure!(
-            v["signals"]["timeouts"] == 0,
-            "a 5 s deadline saw a timeout: {v}"
+            total == sl.ok,
+            "{total} latency samples for {} connections: {v}",
+            sl.ok
         );
+        ensure!(
+            v["signals"]["established"] == sl.ok,
+            "established differs from {} connections: {v}",
+            sl.ok
+        );
+        agree("slow connects", above_1s, sl.slow_connects, m)?;
         let p99 = v["window"]["latency_p99_ms"].as_f64().context("no p99")?;
-        ensure!(p99 >= 1000.0, "p99 connect latency {p99} ms, expected >= 1 s");
+        ensure!(
+            p99 >= 1000.0,
+            "p99 connect latency {p99} ms, expected >= 1 s"
+        );
         Ok(())
     })?;
 

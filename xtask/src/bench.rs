@@ -187,7 +187,9 @@ mod measure {
         }
         let packet_only = std::env::var_os("SPLITTER_BENCH_PACKET_ONLY").is_some();
         if packet_only {
-            step("SPLITTER_BENCH_PACKET_ONLY: the per-packet section only, printed, nothing written");
+            step(
+                "SPLITTER_BENCH_PACKET_ONLY: the per-packet section only, printed, nothing written",
+            );
         }
         step(&format!(
             "control plane: Maglev tables for {} services x {} backends, {MAGLEV_ROUNDS} rounds",

@@ -6,8 +6,8 @@ use hyper::Method;
 use super::{CliError, Output};
 use crate::{
     api::{ServiceReport, StatusReport},
-    signals::Window,
     client,
+    signals::Window,
 };
 
 /// Fetches and prints the status, with signal windows of `window_ms`.
@@ -109,8 +109,17 @@ fn nonzero(counts: &BTreeMap<String, u64>) -> String {
 pub fn render_signals(services: &[ServiceReport], backends: bool) -> String {
     let mut rows = vec![
         [
-            "SERVICE", "VERSION", "BACKEND", "NEW/S", "ERRORS", "REFUSED", "TIMEOUTS", "RESETS",
-            "CONNECT P50", "P99", "METRIC",
+            "SERVICE",
+            "VERSION",
+            "BACKEND",
+            "NEW/S",
+            "ERRORS",
+            "REFUSED",
+            "TIMEOUTS",
+            "RESETS",
+            "CONNECT P50",
+            "P99",
+            "METRIC",
         ]
         .map(String::from)
         .to_vec(),

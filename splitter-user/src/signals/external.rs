@@ -353,7 +353,10 @@ pub async fn read(cfg: &AnalysisConfig, service: &str, version: &str) -> MetricR
     let (value, error) = match query_rendered(cfg, &promql).await {
         Ok(v) if v.is_finite() => (Some(v), None),
         // JSON has no infinities: say it rather than show nothing.
-        Ok(v) => (None, Some(format!("the query gave {v} (a division by zero?)"))),
+        Ok(v) => (
+            None,
+            Some(format!("the query gave {v} (a division by zero?)")),
+        ),
         Err(e) => (None, Some(e.to_string())),
     };
     MetricReading {
