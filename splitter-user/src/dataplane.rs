@@ -1304,10 +1304,10 @@ impl TableWalker {
             }
         })?;
         for (key, seen) in expired {
-            if self.mark_timed_out(&key, &seen) {
-                if let Ok(mut g) = self.swept.lock() {
-                    *g.entry(seen.backend).or_insert(0) += 1;
-                }
+            if self.mark_timed_out(&key, &seen)
+                && let Ok(mut g) = self.swept.lock()
+            {
+                *g.entry(seen.backend).or_insert(0) += 1;
             }
         }
         Ok(live)
@@ -1346,7 +1346,7 @@ impl TableWalker {
             && rev.state & STATE_TIMED_OUT == 0
         {
             rev.state |= STATE_TIMED_OUT;
-            let _ = self.conns.insert(&rkey, rev, 2);
+            let _ = self.conns.insert(rkey, rev, 2);
         }
         true
     }
