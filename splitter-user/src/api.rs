@@ -33,232 +33,18 @@ use tokio::net::UnixListener;
 use tracing::{debug, info, warn};
 
 use crate::{
-    controller::Controller,
+    controller::{Controller, ControllerError},
     edit::{self, BackendPatch, BackendSpec, ServiceSpec, VersionSpec, parse_addr},
-    signals::{Counters, MetricReading, Window},
+};
+
+pub use crate::report::{
+    AttachmentReport, BackendReport, BackendSignalsReport, ConnectionReport, DataplaneReport,
+    FlowReport, ProgramReport, ServiceReport, SignalsReport, StatusReport, VersionReport,
+    VersionSignals,
 };
 
 /// Largest request body the API reads.
 const MAX_BODY: usize = 64 * 1024;
-
-/// `GET /v1/status`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct StatusReport {
-    /// Interfaces, mode, SNAT address.
-    pub dataplane: DataplaneReport,
-    /// Every service with its versions and backends.
-    pub services: Vec<ServiceReport>,
-    /// Data-plane counters by name (drops by reason, TX, redirects, new flows).
-    pub counters: BTreeMap<String, u64>,
-}
-
-/// How the data plane is set up.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct DataplaneReport {
-    /// Client-facing interface.
-    pub interface: String,
-    /// Backend-facing interface.
-    pub backend_interface: String,
-    /// `snat` or `dnat`.
-    pub mode: String,
-    /// Source address of SNAT mode.
-    pub snat_address: Option<String>,
-    /// Where the program is attached and in which XDP mode.
-    pub attachments: Vec<AttachmentReport>,
-    /// The running kernel program (id, tag, origin).
-    #[serde(default)]
-    pub program: Option<ProgramReport>,
-    /// Connection-table entries (two per flow), as the kernel holds the map.
-    #[serde(default)]
-    pub conn_capacity: Option<u32>,
-}
-
-/// The running kernel program.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct ProgramReport {
-    /// Kernel program id (changes at every load).
-    pub id: u32,
-    /// Kernel program tag, 16 hex digits: a hash of the instructions, so
-    /// another build has another tag.
-    pub tag: String,
-    /// `embedded`, or the object file given to `splitter daemon --program`.
-    pub source: String,
-}
-
-/// One XDP attachment.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct AttachmentReport {
-    /// Interface name.
-    pub interface: String,
-    /// `native` or `generic`.
-    pub mode: String,
-}
-
-/// One service.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct ServiceReport {
-    /// Service name.
-    pub name: String,
-    /// `addr:port`.
-    pub vip: String,
-    /// `tcp` or `udp`.
-    pub protocol: String,
-    /// `flow` or `client-ip`.
-    pub affinity: String,
-    /// Versions in configuration order.
-    pub versions: Vec<VersionReport>,
-    /// Drops of this service's packets by reason (`no_flow`, `no_backend`,
-    /// `snat_exhausted`, `conn_table`, `backend_disabled`).
-    #[serde(default)]
-    pub drops: BTreeMap<String, u64>,
-}
-
-/// One version of a service.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct VersionReport {
-    /// Version name.
-    pub name: String,
-    /// Configured weight.
-    pub weight: u32,
-    /// Share of new flows this weight gives, in percent.
-    pub share_percent: f64,
-    /// New flows over all its backends.
-    pub new_flows: u64,
-    /// Established flows over all its backends now.
-    #[serde(default)]
-    pub live_flows: u64,
-    /// Packets to its backends.
-    pub packets: u64,
-    /// Bytes to its backends.
-    pub bytes: u64,
-    /// Its backends.
-    pub backends: Vec<BackendReport>,
-    /// Signal counters summed over its backends (cumulative).
-    #[serde(default)]
-    pub signals: Counters,
-    /// Its signals over the status window (`None`: no history yet).
-    #[serde(default)]
-    pub window: Option<Window>,
-    /// The external metric of `[service.analysis]`, if configured.
-    #[serde(default)]
-    pub metric: Option<MetricReading>,
-}
-
-/// One backend and its counters.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct BackendReport {
-    /// `addr:port`.
-    pub address: String,
-    /// Weight inside its version.
-    pub weight: u32,
-    /// `active`, `drain` or `disabled`.
-    #[serde(default)]
-    pub state: String,
-    /// `up` or `down` by the service's health checks, `unchecked` without.
-    #[serde(default)]
-    pub health: String,
-    /// Flows bound to it that are still going (counted from the
-    /// connection table, recounted about once a second).
-    #[serde(default)]
-    pub live_flows: u64,
-    /// Packets forwarded to it.
-    pub packets: u64,
-    /// Bytes forwarded to it.
-    pub bytes: u64,
-    /// Flows bound to it.
-    pub new_flows: u64,
-    /// Reply packets translated back.
-    pub reply_packets: u64,
-    /// Reply bytes translated back.
-    pub reply_bytes: u64,
-    /// How its connections open and end (cumulative counters).
-    #[serde(default)]
-    pub signals: Counters,
-    /// Its signals over the status window (`None`: no history yet).
-    #[serde(default)]
-    pub window: Option<Window>,
-}
-
-/// `GET /v1/services/{name}/signals?window=60s`: how a service's
-/// connections open and end, per version and per backend.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct SignalsReport {
-    /// Service name.
-    pub service: String,
-    /// The window asked for, in seconds (each `window` says what it covers).
-    pub window_secs: f64,
-    /// The service's connect deadline.
-    pub connect_timeout_ms: u32,
-    /// Versions in configuration order.
-    pub versions: Vec<VersionSignals>,
-}
-
-/// One version's signals.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct VersionSignals {
-    /// Version name.
-    pub name: String,
-    /// Configured weight.
-    pub weight: u32,
-    /// Cumulative counters over its backends.
-    pub signals: Counters,
-    /// Over the window (`None`: no history yet).
-    pub window: Option<Window>,
-    /// The external metric, if configured.
-    pub metric: Option<MetricReading>,
-    /// Its backends.
-    pub backends: Vec<BackendSignalsReport>,
-}
-
-/// One backend's signals.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct BackendSignalsReport {
-    /// `addr:port`.
-    pub address: String,
-    /// Cumulative counters.
-    pub signals: Counters,
-    /// Over the window (`None`: no history yet).
-    pub window: Option<Window>,
-}
-
-/// `GET /v1/flow?service=NAME&client=ADDR:PORT`: where a client's flow goes and why.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct FlowReport {
-    /// Service name.
-    pub service: String,
-    /// `addr:port` of the VIP.
-    pub vip: String,
-    /// `tcp` or `udp`.
-    pub protocol: String,
-    /// `flow` or `client-ip`.
-    pub affinity: String,
-    /// The client `addr:port` asked about.
-    pub client: String,
-    /// Flow hash (of the client address only with `client-ip` affinity).
-    pub hash: u32,
-    /// Version a new flow from this client would get now, and why.
-    pub new_flow_version: String,
-    /// Backend a new flow would get now.
-    pub new_flow_backend: String,
-    /// How the version and backend were chosen.
-    pub why: String,
-    /// The connection-table entry, if the flow is known to the edge: it
-    /// decides, whatever the weights say now.
-    pub connection: Option<ConnectionReport>,
-}
-
-/// A connection-table entry.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct ConnectionReport {
-    /// Backend the flow is bound to.
-    pub backend: String,
-    /// Source the backend sees in SNAT mode.
-    pub snat_source: Option<String>,
-    /// TCP state seen so far (`syn`, `established`, `fin-client`, `fin-backend`, `rst`).
-    pub tcp_state: Vec<String>,
-    /// Milliseconds since the last packet (at one-second granularity).
-    pub idle_ms: u64,
-}
 
 /// `PUT /v1/services/{name}/weights`: every version of the service, by name.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -287,6 +73,22 @@ pub enum ApiError {
     /// 500.
     #[error("{0}")]
     Internal(String),
+}
+
+impl From<crate::edit::EditError> for ApiError {
+    fn from(e: crate::edit::EditError) -> Self {
+        ControllerError::from(e).into()
+    }
+}
+
+impl From<ControllerError> for ApiError {
+    fn from(e: ControllerError) -> Self {
+        match e {
+            ControllerError::Invalid(m) => Self::BadRequest(m),
+            ControllerError::NotFound(m) => Self::NotFound(m),
+            ControllerError::Internal(m) => Self::Internal(m),
+        }
+    }
 }
 
 impl ApiError {

@@ -12,10 +12,10 @@ use tokio::sync::Notify;
 use tracing::{error, info};
 
 use crate::{
-    api::{
-        ApiError, AttachmentReport, BackendReport, BackendSignalsReport, ConnectionReport,
-        DataplaneReport, FlowReport, ProgramReport, ServiceReport, SignalsReport, StatusReport,
-        VersionReport, VersionSignals,
+    report::{
+        AttachmentReport, BackendReport, BackendSignalsReport, ConnectionReport, DataplaneReport,
+        FlowReport, ProgramReport, ServiceReport, SignalsReport, StatusReport, VersionReport,
+        VersionSignals,
     },
     config::{BackendState, Config, HealthConfig, ServiceConfig, parse_weight_args},
     dataplane::{Dataplane, DataplaneError, TableWalker, monotonic_ns},
@@ -67,11 +67,27 @@ const LIVE_FLOWS_MAX_AGE_NS: u64 = 10_000_000_000;
 /// renews it outside the controller's lock.
 pub type LiveFlows = Arc<std::sync::Mutex<Option<(u64, BTreeMap<u32, u64>)>>>;
 
-impl From<EditError> for ApiError {
+/// Why the controller refused or failed a request. Nothing changed unless
+/// the variant says otherwise; the API maps each to its HTTP status.
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    /// The request is not valid (bad value, refused guard, conflict).
+    #[error("{0}")]
+    Invalid(String),
+    /// An unknown service, version, backend or flow.
+    #[error("{0}")]
+    NotFound(String),
+    /// The kernel or the system refused (a map update, a read); what was
+    /// live stays live.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<EditError> for ControllerError {
     fn from(e: EditError) -> Self {
         match e {
             EditError::NotFound(m) => Self::NotFound(m),
-            EditError::Invalid(m) => Self::BadRequest(m),
+            EditError::Invalid(m) => Self::Invalid(m),
         }
     }
 }
@@ -107,22 +123,22 @@ impl Controller {
     /// invalid file is refused as a whole and nothing changes.
     ///
     /// # Errors
-    /// [`ApiError::BadRequest`] with every problem of the file, or when the
+    /// [`ControllerError::Invalid`] with every problem of the file, or when the
     /// `[dataplane]` section changed (that needs a restart);
-    /// [`ApiError::Internal`] when the kernel refused (the old config stays live).
-    pub fn reload(&mut self) -> Result<Vec<String>, ApiError> {
+    /// [`ControllerError::Internal`] when the kernel refused (the old config stays live).
+    pub fn reload(&mut self) -> Result<Vec<String>, ControllerError> {
         let path = self.config_path.clone().ok_or_else(|| {
-            ApiError::BadRequest("this daemon has no configuration file to reload".into())
+            ControllerError::Invalid("this daemon has no configuration file to reload".into())
         })?;
         let (next, digest) = Config::load_with_digest(&path)
-            .map_err(|e| ApiError::BadRequest(format!("reload refused, nothing changed: {e}")))?;
+            .map_err(|e| ControllerError::Invalid(format!("reload refused, nothing changed: {e}")))?;
         if next.dataplane != self.config.dataplane {
-            return Err(ApiError::BadRequest(
+            return Err(ControllerError::Invalid(
                 "reload refused, nothing changed: the [dataplane] section differs from the running one; restart the daemon to change interfaces, mode, SNAT address, XDP mode, pin_dir or conn_capacity".into(),
             ));
         }
         if next.metrics != self.config.metrics {
-            return Err(ApiError::BadRequest(
+            return Err(ControllerError::Invalid(
                 "reload refused, nothing changed: the [metrics] section differs from the running one; restart the daemon to move or turn off the metrics endpoint".into(),
             ));
         }
@@ -140,7 +156,7 @@ impl Controller {
             }
         }
         if let Err(e) = self.write_config(&next) {
-            return Err(ApiError::Internal(format!(
+            return Err(ControllerError::Internal(format!(
                 "reload failed, the previous configuration stays live: {e}"
             )));
         }
@@ -176,9 +192,9 @@ impl Controller {
     /// Publishes `next` (already validated) in place of the running
     /// config, then saves it. On a kernel refusal the running config is put
     /// back and stays live.
-    fn publish(&mut self, next: Config, what: &str) -> Result<(), ApiError> {
+    fn publish(&mut self, next: Config, what: &str) -> Result<(), ControllerError> {
         if let Err(e) = self.write_config(&next) {
-            return Err(ApiError::Internal(format!(
+            return Err(ControllerError::Internal(format!(
                 "{what}: the kernel refused the update, nothing changed: {e}"
             )));
         }
@@ -193,13 +209,13 @@ impl Controller {
     /// One service's report (`GET /v1/services/{name}`).
     ///
     /// # Errors
-    /// [`ApiError::NotFound`] for an unknown service; [`ApiError::Internal`]
+    /// [`ControllerError::NotFound`] for an unknown service; [`ControllerError::Internal`]
     /// when a map cannot be read.
-    pub fn report_of(&self, service: &str) -> Result<ServiceReport, ApiError> {
+    pub fn report_of(&self, service: &str) -> Result<ServiceReport, ControllerError> {
         let svc = self
             .config
             .service(service)
-            .ok_or_else(|| ApiError::NotFound(format!("no service named {service:?}")))?;
+            .ok_or_else(|| ControllerError::NotFound(format!("no service named {service:?}")))?;
         self.service_report(svc, signals::DEFAULT_WINDOW_SECS * 1000)
     }
 
@@ -208,8 +224,8 @@ impl Controller {
     /// leave it. The daemon calls it once a second.
     ///
     /// # Errors
-    /// [`ApiError::Internal`] when a map cannot be read (nothing recorded).
-    pub fn sample_signals(&mut self, at_ms: u64) -> Result<(), ApiError> {
+    /// [`ControllerError::Internal`] when a map cannot be read (nothing recorded).
+    pub fn sample_signals(&mut self, at_ms: u64) -> Result<(), ControllerError> {
         let mut samples = Vec::new();
         for s in &self.config.services {
             for v in &s.versions {
@@ -217,7 +233,7 @@ impl Controller {
                     let c = self
                         .dataplane
                         .backend_counters(&s.name, &v.name, b.address)
-                        .map_err(|e| ApiError::Internal(e.to_string()))?;
+                        .map_err(|e| ControllerError::Internal(e.to_string()))?;
                     samples.push(((s.name.clone(), v.name.clone(), b.address), c));
                 }
             }
@@ -269,15 +285,15 @@ impl Controller {
     /// last `window_ms`, per version and per backend.
     ///
     /// # Errors
-    /// [`ApiError::NotFound`] for an unknown service, [`ApiError::BadRequest`]
-    /// for a window out of range, [`ApiError::Internal`] when a map cannot
+    /// [`ControllerError::NotFound`] for an unknown service, [`ControllerError::Invalid`]
+    /// for a window out of range, [`ControllerError::Internal`] when a map cannot
     /// be read.
-    pub fn signals_of(&self, service: &str, window_ms: u64) -> Result<SignalsReport, ApiError> {
+    pub fn signals_of(&self, service: &str, window_ms: u64) -> Result<SignalsReport, ControllerError> {
         check_window(window_ms)?;
         let svc = self
             .config
             .service(service)
-            .ok_or_else(|| ApiError::NotFound(format!("no service named {service:?}")))?;
+            .ok_or_else(|| ControllerError::NotFound(format!("no service named {service:?}")))?;
         let r = self.service_report(svc, window_ms)?;
         Ok(SignalsReport {
             service: r.name,
@@ -311,13 +327,13 @@ impl Controller {
     /// Returns the edit's one-line description.
     ///
     /// # Errors
-    /// The edit's own refusal ([`ApiError::NotFound`] or
-    /// [`ApiError::BadRequest`]), or [`ApiError::Internal`] when the kernel
+    /// The edit's own refusal ([`ControllerError::NotFound`] or
+    /// [`ControllerError::Invalid`]), or [`ControllerError::Internal`] when the kernel
     /// refuses (the running config then stays live).
     pub fn edit(
         &mut self,
         f: impl FnOnce(&Config) -> Result<(Config, String), EditError>,
-    ) -> Result<String, ApiError> {
+    ) -> Result<String, ControllerError> {
         let (next, what) = f(&self.config)?;
         self.publish(next, &what)?;
         Ok(what)
@@ -333,7 +349,7 @@ impl Controller {
         service: &str,
         addr: SocketAddrV4,
         force: bool,
-    ) -> Result<ServiceReport, ApiError> {
+    ) -> Result<ServiceReport, ControllerError> {
         let id = self.config.service(service).and_then(|svc| {
             svc.versions
                 .iter()
@@ -439,14 +455,14 @@ impl Controller {
     /// Records a health verdict and publishes its effect.
     ///
     /// # Errors
-    /// [`ApiError::Internal`] when the kernel refuses the update (the
+    /// [`ControllerError::Internal`] when the kernel refuses the update (the
     /// verdict is then not recorded).
     pub fn set_health(
         &mut self,
         service: &str,
         addr: SocketAddrV4,
         up: bool,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), ControllerError> {
         if !health_checked(&self.config, service, addr) {
             // A verdict on a backend no longer checked (removed, disabled,
             // or its service's checks turned off while a check ran).
@@ -463,7 +479,7 @@ impl Controller {
             return Ok(());
         }
         self.write_or_restore(None, before)
-            .map_err(|e| ApiError::Internal(e.to_string()))
+            .map_err(|e| ControllerError::Internal(e.to_string()))
     }
 
     fn health_of(&self, svc: &ServiceConfig, addr: SocketAddrV4) -> &'static str {
@@ -478,7 +494,7 @@ impl Controller {
 
     /// Live flows per backend id: the shared count if it is fresh, else
     /// counted now (and shared).
-    fn live_flows_by_id(&self) -> Result<BTreeMap<u32, u64>, ApiError> {
+    fn live_flows_by_id(&self) -> Result<BTreeMap<u32, u64>, ControllerError> {
         let now = monotonic_ns();
         if let Ok(guard) = self.live_flows.lock()
             && let Some((at, counts)) = &*guard
@@ -490,11 +506,11 @@ impl Controller {
     }
 
     /// Live flows per backend id, counted now (at `now`) and shared.
-    fn count_live_flows(&self, now: u64) -> Result<BTreeMap<u32, u64>, ApiError> {
+    fn count_live_flows(&self, now: u64) -> Result<BTreeMap<u32, u64>, ControllerError> {
         let counts = self
             .dataplane
             .live_flows(now)
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
+            .map_err(|e| ControllerError::Internal(e.to_string()))?;
         if let Ok(mut g) = self.live_flows.lock() {
             *g = Some((now, counts.clone()));
         }
@@ -516,9 +532,9 @@ impl Controller {
     ///
     /// # Errors
     /// A pin that cannot be removed.
-    pub fn detach(&mut self) -> Result<Vec<String>, ApiError> {
+    pub fn detach(&mut self) -> Result<Vec<String>, ControllerError> {
         let removed = pins::remove_all(&self.config.dataplane.pin_dir)
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
+            .map_err(|e| ControllerError::Internal(e.to_string()))?;
         if let Some(dir) = &self.state_dir
             && let Err(e) = state::remove(dir)
         {
@@ -543,14 +559,14 @@ impl Controller {
     /// Sets every version weight of `service` at once.
     ///
     /// # Errors
-    /// [`ApiError::NotFound`] for an unknown service, [`ApiError::BadRequest`]
-    /// for unknown or missing versions and invalid weights, [`ApiError::Internal`]
+    /// [`ControllerError::NotFound`] for an unknown service, [`ControllerError::Invalid`]
+    /// for unknown or missing versions and invalid weights, [`ControllerError::Internal`]
     /// when the kernel refuses the update (the old weights then stay live).
     pub fn set_weights(
         &mut self,
         service: &str,
         weights: &BTreeMap<String, u32>,
-    ) -> Result<ServiceReport, ApiError> {
+    ) -> Result<ServiceReport, ControllerError> {
         let svc = self.config.service(service).ok_or_else(|| {
             let known: Vec<&str> = self
                 .config
@@ -558,18 +574,18 @@ impl Controller {
                 .iter()
                 .map(|s| s.name.as_str())
                 .collect();
-            ApiError::NotFound(format!(
+            ControllerError::NotFound(format!(
                 "no service named {service:?}; services: {}",
                 known.join(", ")
             ))
         })?;
         let args: Vec<String> = weights.iter().map(|(k, v)| format!("{k}={v}")).collect();
         let vector =
-            parse_weight_args(svc, &args).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+            parse_weight_args(svc, &args).map_err(|e| ControllerError::Invalid(e.to_string()))?;
         let next = self
             .config
             .with_weights(service, &vector)
-            .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+            .map_err(|e| ControllerError::Invalid(e.to_string()))?;
         let what = format!("weights of {service}: {}", args.join(" "));
         self.publish(next, &what)?;
         self.report_of(service)
@@ -579,13 +595,13 @@ impl Controller {
     /// entry if the edge knows the flow, and what a new flow would get now.
     ///
     /// # Errors
-    /// [`ApiError::NotFound`] for an unknown service; [`ApiError::Internal`]
+    /// [`ControllerError::NotFound`] for an unknown service; [`ControllerError::Internal`]
     /// for map failures.
     pub fn flow(
         &self,
         service: &str,
         client: std::net::SocketAddrV4,
-    ) -> Result<FlowReport, ApiError> {
+    ) -> Result<FlowReport, ControllerError> {
         use splitter_common::{
             CONN_F_SNAT, TCP_ESTABLISHED, TCP_FIN_BACKEND, TCP_FIN_CLIENT, TCP_RST, TCP_SYN,
             flow_hash, version_hash,
@@ -593,7 +609,7 @@ impl Controller {
         let svc = self
             .config
             .service(service)
-            .ok_or_else(|| ApiError::NotFound(format!("no service named {service:?}")))?;
+            .ok_or_else(|| ControllerError::NotFound(format!("no service named {service:?}")))?;
         let key = crate::dataplane::service_key(svc);
         let src = [u32::from(*client.ip()).to_be(), 0, 0, 0];
         let by_ip = svc.affinity == crate::config::Affinity::ClientIp;
@@ -606,7 +622,7 @@ impl Controller {
             by_ip,
         );
         let weights: Vec<u32> = svc.versions.iter().map(|v| v.weight).collect();
-        let internal = |e: String| ApiError::Internal(e);
+        let internal = |e: String| ControllerError::Internal(e);
         let thresholds =
             table::version_thresholds(&weights).map_err(|e| internal(e.to_string()))?;
         let vi = table::pick_version(&thresholds, weights.len(), version_hash(h));
@@ -705,17 +721,17 @@ impl Controller {
     /// Status of everything, with live counters.
     ///
     /// # Errors
-    /// [`ApiError::Internal`] when a map cannot be read.
-    pub fn status(&self) -> Result<StatusReport, ApiError> {
+    /// [`ControllerError::Internal`] when a map cannot be read.
+    pub fn status(&self) -> Result<StatusReport, ControllerError> {
         self.status_over(signals::DEFAULT_WINDOW_SECS * 1000)
     }
 
     /// Status with the signal windows over the last `window_ms`.
     ///
     /// # Errors
-    /// [`ApiError::BadRequest`] for a window out of range,
-    /// [`ApiError::Internal`] when a map cannot be read.
-    pub fn status_over(&self, window_ms: u64) -> Result<StatusReport, ApiError> {
+    /// [`ControllerError::Invalid`] for a window out of range,
+    /// [`ControllerError::Internal`] when a map cannot be read.
+    pub fn status_over(&self, window_ms: u64) -> Result<StatusReport, ControllerError> {
         check_window(window_ms)?;
         let dp = &self.config.dataplane;
         let services = self
@@ -727,7 +743,7 @@ impl Controller {
         let counters = self
             .dataplane
             .counters()
-            .map_err(|e| ApiError::Internal(e.to_string()))?
+            .map_err(|e| ControllerError::Internal(e.to_string()))?
             .into_iter()
             .map(|(k, v)| (k.to_string(), v))
             .collect();
@@ -768,7 +784,7 @@ impl Controller {
         &self,
         svc: &ServiceConfig,
         window_ms: u64,
-    ) -> Result<ServiceReport, ApiError> {
+    ) -> Result<ServiceReport, ControllerError> {
         let total: u64 = svc.versions.iter().map(|v| u64::from(v.weight)).sum();
         let now_ms = monotonic_ns() / 1_000_000;
         let live = self.live_flows_by_id()?;
@@ -784,7 +800,7 @@ impl Controller {
                 let s = self
                     .dataplane
                     .backend_stats(&svc.name, &v.name, b.address)
-                    .map_err(|e| ApiError::Internal(e.to_string()))?;
+                    .map_err(|e| ControllerError::Internal(e.to_string()))?;
                 backends.push(BackendReport {
                     address: b.address.to_string(),
                     weight: b.weight,
@@ -799,7 +815,7 @@ impl Controller {
                     signals: self
                         .dataplane
                         .backend_counters(&svc.name, &v.name, b.address)
-                        .map_err(|e| ApiError::Internal(e.to_string()))?,
+                        .map_err(|e| ControllerError::Internal(e.to_string()))?,
                     window: self.history.window(
                         &(svc.name.clone(), v.name.clone(), b.address),
                         now_ms,
@@ -836,7 +852,7 @@ impl Controller {
         let drops = self
             .dataplane
             .service_drops(&svc.name)
-            .map_err(|e| ApiError::Internal(e.to_string()))?
+            .map_err(|e| ControllerError::Internal(e.to_string()))?
             .into_iter()
             .map(|(k, v)| (k.to_string(), v))
             .collect();
@@ -852,12 +868,12 @@ impl Controller {
 }
 
 /// Refuses a signal window outside 1 s ..= the history's length.
-fn check_window(window_ms: u64) -> Result<(), ApiError> {
+fn check_window(window_ms: u64) -> Result<(), ControllerError> {
     let max = signals::HISTORY_SECS * 1000;
     if (1000..=max).contains(&window_ms) {
         Ok(())
     } else {
-        Err(ApiError::BadRequest(format!(
+        Err(ControllerError::Invalid(format!(
             "window {window_ms} ms is outside 1s..={}s (the signal history's length)",
             signals::HISTORY_SECS
         )))

@@ -224,7 +224,7 @@ fn spawn_watchdog_and_reload(
             ));
             let result = match controller.lock() {
                 Ok(mut c) => c.reload(),
-                Err(_) => Err(crate::api::ApiError::Internal(
+                Err(_) => Err(crate::controller::ControllerError::Internal(
                     "controller state is poisoned".into(),
                 )),
             };

@@ -15,7 +15,9 @@
 //! - [`state`]: the state file (running services, live ids), written atomically.
 //! - [`systemd`]: readiness, status and watchdog notifications.
 //! - [`controller`]: the running config and the data plane, changed together.
-//! - [`api`]: the daemon's HTTP API on a Unix socket, and its JSON types.
+//! - [`report`]: the JSON documents the daemon reports (status, services,
+//!   signals, flows): plain data the controller builds.
+//! - [`api`]: the daemon's HTTP API on a Unix socket, and its request types.
 //! - [`client`]: the CLI's side of that API.
 //! - [`metrics`]: the Prometheus endpoint (`GET /metrics` on TCP, loopback by default).
 //! - [`daemon`]: `splitter daemon`: ties the above together until SIGTERM
@@ -34,6 +36,7 @@ pub mod health;
 pub mod metrics;
 pub mod netif;
 pub mod pins;
+pub mod report;
 pub mod signals;
 pub mod state;
 pub mod systemd;
