@@ -20,6 +20,7 @@ use crate::{
     config::{BackendState, Config, HealthConfig, ServiceConfig, parse_weight_args},
     dataplane::{Dataplane, DataplaneError, TableWalker, monotonic_ns},
     edit::{self, EditError, RemoveGuard},
+    effective::{self, Overlay},
     pins,
     signals::{self, Counters, MetricReading, Window, history::History},
     state::{self, State},
@@ -43,9 +44,10 @@ pub struct Controller {
     /// `CLOCK_MONOTONIC`): a walk of the connection table is not free, so
     /// reads within [`LIVE_FLOWS_MAX_AGE_NS`] share one.
     live_flows: LiveFlows,
-    /// Backends the health checks found down, by (service, address). Not
-    /// saved: a restarted daemon starts with every backend up.
-    down: BTreeSet<(String, SocketAddrV4)>,
+    /// What is applied over the config at every publish: the backends the
+    /// health checks found down. Not saved: a restarted daemon starts with
+    /// every backend up.
+    overlay: Overlay,
     /// Once-a-second samples of every backend's signal counters (see
     /// [`Controller::sample_signals`]). Not saved.
     history: History<BackendKey>,
@@ -103,7 +105,7 @@ impl Controller {
             config_path: None,
             config_digest: String::new(),
             live_flows: LiveFlows::default(),
-            down: BTreeSet::new(),
+            overlay: Overlay::default(),
             history: History::new(signals::HISTORY_SECS),
             metric_readings: BTreeMap::new(),
         }
@@ -371,35 +373,10 @@ impl Controller {
         self.report_of(service)
     }
 
-    /// What the data plane gets: the running config with backends that
-    /// health checks found down set to drain (out of new-flow selection,
-    /// established flows untouched), except where that would leave a
-    /// version with weight and no active backend: then all of its active
-    /// backends stay in (fail open).
+    /// What the data plane gets: the running config with the controller's
+    /// overlays (health verdicts) applied, see [`effective::effective`].
     pub fn effective(&self, config: &Config) -> Config {
-        if self.down.is_empty() {
-            return config.clone();
-        }
-        let mut out = config.clone();
-        for svc in &mut out.services {
-            for v in &mut svc.versions {
-                let is_down = |a: SocketAddrV4| self.down.contains(&(svc.name.clone(), a));
-                let healthy = v
-                    .backends
-                    .iter()
-                    .filter(|b| b.state == BackendState::Active && !is_down(b.address))
-                    .count();
-                if healthy == 0 {
-                    continue;
-                }
-                for b in &mut v.backends {
-                    if b.state == BackendState::Active && is_down(b.address) {
-                        b.state = BackendState::Drain;
-                    }
-                }
-            }
-        }
-        out
+        effective::effective(config, &self.overlay)
     }
 
     /// Writes `next` into the data plane in place of the running config,
@@ -408,8 +385,8 @@ impl Controller {
     /// checks were turned off, starts up again). See
     /// [`Controller::write_or_restore`] for a refusal.
     fn write_config(&mut self, next: &Config) -> Result<(), DataplaneError> {
-        let down_before = self.down.clone();
-        self.down
+        let down_before = self.overlay.down.clone();
+        self.overlay.down
             .retain(|(service, addr)| health_checked(next, service, *addr));
         self.write_or_restore(Some(next), down_before)
     }
@@ -427,7 +404,7 @@ impl Controller {
             .dataplane
             .apply(&self.effective(next.unwrap_or(&self.config)));
         if result.is_err() {
-            self.down = down_before;
+            self.overlay.down = down_before;
             let _ = self.dataplane.apply(&self.effective(&self.config));
         }
         result
@@ -443,7 +420,7 @@ impl Controller {
             for v in &svc.versions {
                 for b in &v.backends {
                     if b.state != BackendState::Disabled {
-                        let up = !self.down.contains(&(svc.name.clone(), b.address));
+                        let up = !self.overlay.down.contains(&(svc.name.clone(), b.address));
                         out.push((svc.name.clone(), b.address, h.clone(), up));
                     }
                 }
@@ -469,13 +446,13 @@ impl Controller {
             return Ok(());
         }
         let key = (service.to_string(), addr);
-        let before = self.down.clone();
+        let before = self.overlay.down.clone();
         if up {
-            self.down.remove(&key);
+            self.overlay.down.remove(&key);
         } else {
-            self.down.insert(key);
+            self.overlay.down.insert(key);
         }
-        if before == self.down {
+        if before == self.overlay.down {
             return Ok(());
         }
         self.write_or_restore(None, before)
@@ -485,7 +462,7 @@ impl Controller {
     fn health_of(&self, svc: &ServiceConfig, addr: SocketAddrV4) -> &'static str {
         if svc.health.is_none() {
             "unchecked"
-        } else if self.down.contains(&(svc.name.clone(), addr)) {
+        } else if self.overlay.down.contains(&(svc.name.clone(), addr)) {
             "down"
         } else {
             "up"

@@ -5,6 +5,8 @@
 //!   name the field (pure, no I/O but reading the file).
 //! - [`edit`]: runtime edits (add/remove services, versions, backends;
 //!   backend weight and state), each validated before it is published.
+//! - [`effective`]: what the data plane publishes: the config with the
+//!   controller's overlays (health verdicts) applied (pure).
 //! - [`health`]: active TCP or HTTP health checks with rise/fall counting.
 //! - [`signals`]: per-backend connection signals from the kernel, their
 //!   history and windows, the external metric, and the pure analysis.
@@ -32,6 +34,7 @@ pub mod controller;
 pub mod daemon;
 pub mod dataplane;
 pub mod edit;
+pub mod effective;
 pub mod health;
 pub mod metrics;
 pub mod netif;
