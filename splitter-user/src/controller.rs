@@ -12,16 +12,17 @@ use tokio::sync::Notify;
 use tracing::{error, info};
 
 use crate::{
+    config::{BackendState, Config, HealthConfig, ServiceConfig, parse_weight_args},
+    dataplane::{DataplaneError, TableWalker, monotonic_ns},
+    edit::{self, EditError, RemoveGuard},
+    effective::{self, Overlay},
+    kernel::DataplaneOps,
+    pins,
     report::{
         AttachmentReport, BackendReport, BackendSignalsReport, ConnectionReport, DataplaneReport,
         FlowReport, ProgramReport, ServiceReport, SignalsReport, StatusReport, VersionReport,
         VersionSignals,
     },
-    config::{BackendState, Config, HealthConfig, ServiceConfig, parse_weight_args},
-    dataplane::{Dataplane, DataplaneError, TableWalker, monotonic_ns},
-    edit::{self, EditError, RemoveGuard},
-    effective::{self, Overlay},
-    pins,
     signals::{self, Counters, MetricReading, Window, history::History},
     state::{self, State},
     table,
@@ -30,7 +31,7 @@ use crate::{
 /// Running config plus the data plane it is published into.
 pub struct Controller {
     config: Config,
-    dataplane: Dataplane,
+    dataplane: Box<dyn DataplaneOps>,
     /// Where the state file lives (`None`: nothing is persisted).
     state_dir: Option<PathBuf>,
     /// Set by a detach request; the daemon stops when it fires.
@@ -96,10 +97,14 @@ impl From<EditError> for ControllerError {
 
 impl Controller {
     /// Wraps a data plane into which `config` has already been applied.
-    pub fn new(config: Config, dataplane: Dataplane, state_dir: Option<PathBuf>) -> Self {
+    pub fn new(
+        config: Config,
+        dataplane: impl DataplaneOps + 'static,
+        state_dir: Option<PathBuf>,
+    ) -> Self {
         Self {
             config,
-            dataplane,
+            dataplane: Box::new(dataplane),
             state_dir,
             detach: Arc::new(Notify::new()),
             config_path: None,
@@ -132,8 +137,9 @@ impl Controller {
         let path = self.config_path.clone().ok_or_else(|| {
             ControllerError::Invalid("this daemon has no configuration file to reload".into())
         })?;
-        let (next, digest) = Config::load_with_digest(&path)
-            .map_err(|e| ControllerError::Invalid(format!("reload refused, nothing changed: {e}")))?;
+        let (next, digest) = Config::load_with_digest(&path).map_err(|e| {
+            ControllerError::Invalid(format!("reload refused, nothing changed: {e}"))
+        })?;
         if next.dataplane != self.config.dataplane {
             return Err(ControllerError::Invalid(
                 "reload refused, nothing changed: the [dataplane] section differs from the running one; restart the daemon to change interfaces, mode, SNAT address, XDP mode, pin_dir or conn_capacity".into(),
@@ -290,7 +296,11 @@ impl Controller {
     /// [`ControllerError::NotFound`] for an unknown service, [`ControllerError::Invalid`]
     /// for a window out of range, [`ControllerError::Internal`] when a map cannot
     /// be read.
-    pub fn signals_of(&self, service: &str, window_ms: u64) -> Result<SignalsReport, ControllerError> {
+    pub fn signals_of(
+        &self,
+        service: &str,
+        window_ms: u64,
+    ) -> Result<SignalsReport, ControllerError> {
         check_window(window_ms)?;
         let svc = self
             .config
@@ -386,7 +396,8 @@ impl Controller {
     /// [`Controller::write_or_restore`] for a refusal.
     fn write_config(&mut self, next: &Config) -> Result<(), DataplaneError> {
         let down_before = self.overlay.down.clone();
-        self.overlay.down
+        self.overlay
+            .down
             .retain(|(service, addr)| health_checked(next, service, *addr));
         self.write_or_restore(Some(next), down_before)
     }
@@ -500,8 +511,8 @@ impl Controller {
     ///
     /// # Errors
     /// A map descriptor could not be duplicated.
-    pub fn live_flows_feed(&self) -> std::io::Result<(LiveFlows, TableWalker)> {
-        Ok((self.live_flows.clone(), TableWalker::new(&self.dataplane)?))
+    pub fn live_flows_feed(&self) -> std::io::Result<(LiveFlows, Option<TableWalker>)> {
+        Ok((self.live_flows.clone(), self.dataplane.walker()?))
     }
 
     /// Removes the pinned program, links and maps and asks the daemon to
@@ -876,4 +887,128 @@ fn health_checked(config: &Config, service: &str, addr: SocketAddrV4) -> bool {
                     .any(|b| b.address == addr && b.state != BackendState::Disabled)
             })
     })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::kernel::FakeDataplane;
+
+    const TEXT: &str = r#"
+[dataplane]
+interface = "eth0"
+
+[[service]]
+name = "web"
+vip = "10.0.0.10:80"
+
+[service.health]
+
+[[service.version]]
+name = "blue"
+weight = 100
+backends = ["10.0.2.2:8080", "10.0.2.3:8080"]
+
+[[service.version]]
+name = "green"
+weight = 0
+backends = ["10.0.2.4:8080"]
+"#;
+
+    fn addr(s: &str) -> SocketAddrV4 {
+        s.parse().unwrap()
+    }
+
+    /// A controller over a fake data plane into which the config was
+    /// published, as the daemon does before it builds the controller.
+    fn controller() -> (Controller, FakeDataplane) {
+        let config = Config::parse(TEXT).unwrap();
+        let mut fake = FakeDataplane::default();
+        fake.apply(&config).unwrap();
+        (Controller::new(config, fake.clone(), None), fake)
+    }
+
+    fn weights(c: &Config) -> Vec<u32> {
+        c.services[0].versions.iter().map(|v| v.weight).collect()
+    }
+
+    #[test]
+    fn a_weight_change_is_published_and_reported() {
+        let (mut c, fake) = controller();
+        let w = BTreeMap::from([("blue".to_string(), 90), ("green".to_string(), 10)]);
+        let r = c.set_weights("web", &w).unwrap();
+        assert_eq!(r.versions[1].share_percent, 10.0);
+        assert_eq!(weights(&fake.last().unwrap()), [90, 10]);
+        assert_eq!(weights(c.config()), [90, 10]);
+    }
+
+    #[test]
+    fn a_refused_publish_changes_nothing_and_the_running_config_stays_live() {
+        let (mut c, fake) = controller();
+        fake.with(|s| s.fail_next_apply = Some("map full".into()));
+        let w = BTreeMap::from([("blue".to_string(), 0), ("green".to_string(), 100)]);
+        let e = c.set_weights("web", &w).unwrap_err();
+        assert!(matches!(e, ControllerError::Internal(_)), "{e:?}");
+        assert_eq!(weights(c.config()), [100, 0]);
+        // The old config was written again after the refusal.
+        assert_eq!(weights(&fake.last().unwrap()), [100, 0]);
+    }
+
+    #[test]
+    fn a_down_backend_leaves_new_flow_selection_and_comes_back() {
+        let (mut c, fake) = controller();
+        let b = addr("10.0.2.2:8080");
+        c.set_health("web", b, false).unwrap();
+        let published = fake.last().unwrap();
+        let state = |cfg: &Config| cfg.services[0].versions[0].backends[0].state;
+        assert_eq!(state(&published), BackendState::Drain);
+        // The running config itself is untouched: the verdict is an overlay.
+        assert_eq!(state(c.config()), BackendState::Active);
+        c.set_health("web", b, true).unwrap();
+        assert_eq!(state(&fake.last().unwrap()), BackendState::Active);
+    }
+
+    #[test]
+    fn signal_windows_come_from_the_sampled_counters() {
+        let (mut c, fake) = controller();
+        let key = (
+            "web".to_string(),
+            "green".to_string(),
+            addr("10.0.2.4:8080"),
+        );
+        c.sample_signals(1_000).unwrap();
+        fake.with(|s| {
+            s.counters.insert(
+                key.clone(),
+                Counters {
+                    attempts: 40,
+                    established: 30,
+                    refused: 10,
+                    ..Counters::default()
+                },
+            )
+        });
+        c.sample_signals(11_000).unwrap();
+        let w = c
+            .history
+            .window_sum([key.clone()].iter(), 11_000, 60_000)
+            .unwrap();
+        assert_eq!(w.attempts, 40);
+        assert_eq!(w.refused, 10);
+        assert_eq!(w.error_rate, Some(0.25));
+        assert!((w.attempts_per_sec - 4.0).abs() < 1e-9, "{w:?}");
+        // The report shows the cumulative counters of the backend.
+        let r = c.report_of("web").unwrap();
+        assert_eq!(r.versions[1].signals.refused, 10);
+    }
+
+    #[test]
+    fn a_window_outside_the_history_is_refused_with_its_range() {
+        let (c, _) = controller();
+        let e = c.status_over(999).unwrap_err().to_string();
+        assert!(e.contains("outside 1s..=600s"), "{e}");
+        assert!(c.status_over(signals::HISTORY_SECS * 1000 + 1).is_err());
+        assert!(c.signals_of("nope", 60_000).is_err());
+    }
 }

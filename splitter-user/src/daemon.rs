@@ -255,7 +255,8 @@ fn spawn_live_flow_counter(
 ) -> Option<tokio::task::JoinHandle<()>> {
     let feed = controller.lock().ok()?.live_flows_feed();
     let (shared, walker) = match feed {
-        Ok(f) => f,
+        Ok((shared, Some(walker))) => (shared, walker),
+        Ok((_, None)) => return None,
         Err(e) => {
             warn!(error = %e, "no descriptor for the live-flow counter; status counts on demand");
             return None;

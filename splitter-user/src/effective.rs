@@ -88,10 +88,7 @@ backends = ["10.0.2.4:8080"]
 
     fn down(addrs: &[&str]) -> Overlay {
         Overlay {
-            down: addrs
-                .iter()
-                .map(|a| ("web".to_string(), addr(a)))
-                .collect(),
+            down: addrs.iter().map(|a| ("web".to_string(), addr(a))).collect(),
         }
     }
 
@@ -114,7 +111,10 @@ backends = ["10.0.2.4:8080"]
     #[test]
     fn a_version_whose_every_backend_is_down_fails_open() {
         let c = Config::parse(TEXT).unwrap();
-        let e = effective(&c, &down(&["10.0.2.2:8080", "10.0.2.3:8080", "10.0.2.4:8080"]));
+        let e = effective(
+            &c,
+            &down(&["10.0.2.2:8080", "10.0.2.3:8080", "10.0.2.4:8080"]),
+        );
         assert_eq!(e, c);
     }
 

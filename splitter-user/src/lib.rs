@@ -12,6 +12,8 @@
 //!   history and windows, the external metric, and the pure analysis.
 //! - [`table`]: weight math and the Maglev table builder (pure, property-tested).
 //! - [`dataplane`]: loads and attaches the kernel program and writes its maps.
+//! - [`kernel`]: the seam between the controller and the kernel (a trait
+//!   the real data plane and a host-test fake implement).
 //! - [`netif`]: interface look-ups (index, first IPv4 address).
 //! - [`pins`]: the bpffs pin directory: layout checks, take-over, removal.
 //! - [`state`]: the state file (running services, live ids), written atomically.
@@ -36,6 +38,7 @@ pub mod dataplane;
 pub mod edit;
 pub mod effective;
 pub mod health;
+pub mod kernel;
 pub mod metrics;
 pub mod netif;
 pub mod pins;

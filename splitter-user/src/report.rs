@@ -226,4 +226,3 @@ pub struct ConnectionReport {
     /// Milliseconds since the last packet (at one-second granularity).
     pub idle_ms: u64,
 }
-
