@@ -16,8 +16,13 @@ use crate::{
     config::Config,
     controller::Controller,
     dataplane::{Dataplane, ProgramSource},
-    metrics, pins, state, systemd,
+    metrics, pins,
+    shutdown::Shutdown,
+    state, systemd,
 };
+
+/// How long a stopping daemon waits for its background tasks.
+const TASK_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Default API socket.
 pub const DEFAULT_SOCKET: &str = "/run/splitter/splitter.sock";
@@ -147,13 +152,23 @@ pub async fn run(
     let controller = Arc::new(std::sync::Mutex::new(controller));
     // Ready only now: program attached, state restored, API listening.
     systemd::notify(&format!("READY=1\n{status_line}"));
-    let mut background = spawn_watchdog_and_reload(controller.clone());
-    background.push(tokio::spawn(crate::health::run(controller.clone())));
-    if let Some(task) = spawn_live_flow_counter(&controller) {
+    let (stop_tasks, tasks_stop) = crate::shutdown::channel();
+    let mut background = spawn_watchdog_and_reload(controller.clone(), &tasks_stop);
+    background.push(tokio::spawn(crate::health::run(
+        controller.clone(),
+        tasks_stop.clone(),
+    )));
+    if let Some(task) = spawn_live_flow_counter(&controller, tasks_stop.clone()) {
         background.push(task);
     }
-    background.push(tokio::spawn(sample_signals(controller.clone())));
-    background.push(tokio::spawn(poll_external_metrics(controller.clone())));
+    background.push(tokio::spawn(sample_signals(
+        controller.clone(),
+        tasks_stop.clone(),
+    )));
+    background.push(tokio::spawn(poll_external_metrics(
+        controller.clone(),
+        tasks_stop,
+    )));
     let metrics_server = metrics_listener.map(|l| {
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(metrics::serve(l, controller.clone(), async {
@@ -180,8 +195,20 @@ pub async fn run(
     };
     api::serve(listener, controller.clone(), stop).await;
     systemd::notify("STOPPING=1");
-    for task in background {
-        task.abort();
+    // Each task returns at its next safe point; one that does not within
+    // the grace period (a blocking walk of a huge table) is left to end
+    // with the process.
+    stop_tasks.fire();
+    let grace = tokio::time::sleep(TASK_GRACE);
+    tokio::pin!(grace);
+    for mut task in background {
+        tokio::select! {
+            _ = &mut task => {}
+            _ = &mut grace => {
+                warn!("a background task did not stop within {TASK_GRACE:?}; stopping anyway");
+                task.abort();
+            }
+        }
     }
     if let Some((stop_tx, task)) = metrics_server {
         drop(stop_tx);
@@ -197,26 +224,36 @@ pub async fn run(
 /// handler (reload, reported through `RELOADING=1` / `READY=1`).
 fn spawn_watchdog_and_reload(
     controller: Arc<std::sync::Mutex<Controller>>,
+    shutdown: &Shutdown,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let mut tasks = Vec::new();
     if let Some(every) = systemd::watchdog_interval() {
         let c = controller.clone();
+        let mut stop = shutdown.clone();
         tasks.push(tokio::spawn(async move {
             loop {
-                tokio::time::sleep(every).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => {}
+                    _ = stop.wait() => return,
+                }
                 if c.lock().is_ok() {
                     systemd::notify("WATCHDOG=1");
                 }
             }
         }));
     }
+    let mut stop = shutdown.clone();
     tasks.push(tokio::spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
         let Ok(mut hup) = signal(SignalKind::hangup()) else {
             warn!("cannot handle SIGHUP; use `splitter reload`");
             return;
         };
-        while hup.recv().await.is_some() {
+        loop {
+            tokio::select! {
+                got = hup.recv() => if got.is_none() { return },
+                _ = stop.wait() => return,
+            }
             info!("SIGHUP: reloading the configuration");
             systemd::notify(&format!(
                 "RELOADING=1\nMONOTONIC_USEC={}",
@@ -252,6 +289,7 @@ fn spawn_watchdog_and_reload(
 /// Stops (readers then count themselves) if batch reads fail.
 fn spawn_live_flow_counter(
     controller: &Arc<std::sync::Mutex<Controller>>,
+    mut shutdown: Shutdown,
 ) -> Option<tokio::task::JoinHandle<()>> {
     let feed = controller.lock().ok()?.live_flows_feed();
     let (shared, walker) = match feed {
@@ -291,7 +329,10 @@ fn spawn_live_flow_counter(
             // A second between counts, or four times as long as a count
             // took: a huge table costs at most a fifth of a CPU.
             let pause = std::time::Duration::from_secs(1).max(started.elapsed() * 4);
-            tokio::time::sleep(pause).await;
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = shutdown.wait() => return,
+            }
         }
     }))
 }
@@ -299,12 +340,15 @@ fn spawn_live_flow_counter(
 /// Records every backend's signal counters in the controller's history
 /// once a second (a few map reads per backend under the lock; no table
 /// walk).
-async fn sample_signals(controller: Arc<std::sync::Mutex<Controller>>) {
+async fn sample_signals(controller: Arc<std::sync::Mutex<Controller>>, mut shutdown: Shutdown) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.wait() => return,
+        }
         let now_ms = crate::dataplane::monotonic_ns() / 1_000_000;
         let Ok(mut c) = controller.lock() else { return };
         match c.sample_signals(now_ms) {
@@ -322,12 +366,18 @@ async fn sample_signals(controller: Arc<std::sync::Mutex<Controller>>) {
 /// `[service.analysis]`, each service every `interval_ms`, outside the
 /// controller's lock; a failed query is kept as its error, never as a
 /// number.
-async fn poll_external_metrics(controller: Arc<std::sync::Mutex<Controller>>) {
+async fn poll_external_metrics(
+    controller: Arc<std::sync::Mutex<Controller>>,
+    mut shutdown: Shutdown,
+) {
     let mut due: BTreeMap<String, u64> = BTreeMap::new();
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.wait() => return,
+        }
         let now_ms = crate::dataplane::monotonic_ns() / 1_000_000;
         let work: Vec<(String, Vec<String>, crate::config::AnalysisConfig)> = {
             let Ok(c) = controller.lock() else { return };
@@ -351,7 +401,10 @@ async fn poll_external_metrics(controller: Arc<std::sync::Mutex<Controller>>) {
             }
             due.insert(service.clone(), now_ms + u64::from(cfg.interval_ms));
             for version in versions {
-                let reading = crate::signals::external::read(&cfg, &service, &version).await;
+                let reading = tokio::select! {
+                    r = crate::signals::external::read(&cfg, &service, &version) => r,
+                    _ = shutdown.wait() => return,
+                };
                 let at = crate::dataplane::monotonic_ns() / 1_000_000;
                 let Ok(mut c) = controller.lock() else { return };
                 c.store_metric(&service, &version, at, reading);

@@ -109,7 +109,7 @@ fn http_status_ok(head: &[u8]) -> Result<(), String> {
 
 /// Runs the checks until the task is aborted. Backends start as up (a
 /// restarted daemon does not pull traffic before it knows better).
-pub async fn run(controller: Arc<Mutex<Controller>>) {
+pub async fn run(controller: Arc<Mutex<Controller>>, mut shutdown: crate::shutdown::Shutdown) {
     let mut tracks: BTreeMap<(String, SocketAddrV4), Track> = BTreeMap::new();
     type Done = ((String, SocketAddrV4), HealthConfig, Result<(), String>);
     let mut running: JoinSet<Done> = JoinSet::new();
@@ -117,6 +117,7 @@ pub async fn run(controller: Arc<Mutex<Controller>>) {
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
+            _ = shutdown.wait() => return,
             _ = ticker.tick() => {}
             Some(done) = running.join_next(), if !running.is_empty() => {
                 let Ok((key, cfg, result)) = done else { continue };

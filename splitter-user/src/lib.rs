@@ -24,6 +24,7 @@
 //! - [`api`]: the daemon's HTTP API on a Unix socket, and its request types.
 //! - [`client`]: the CLI's side of that API.
 //! - [`metrics`]: the Prometheus endpoint (`GET /metrics` on TCP, loopback by default).
+//! - [`shutdown`]: the stop signal of the daemon's background tasks.
 //! - [`daemon`]: `splitter daemon`: ties the above together until SIGTERM
 //!   (which detaches, or with `--on-stop keep` leaves the data plane pinned).
 //! - [`cli`]: the `splitter` command line, one module per subcommand.
@@ -43,6 +44,7 @@ pub mod metrics;
 pub mod netif;
 pub mod pins;
 pub mod report;
+pub mod shutdown;
 pub mod signals;
 pub mod state;
 pub mod systemd;
