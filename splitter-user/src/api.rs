@@ -14,6 +14,7 @@
 //! | POST | `/v1/services/{name}/versions/{version}/backends` | [`BackendSpec`] | [`ServiceReport`] |
 //! | PATCH | `/v1/services/{name}/backends/{addr:port}` | [`BackendPatch`] | [`ServiceReport`] |
 //! | DELETE | `/v1/services/{name}/backends/{addr:port}[?force=true]` | | [`ServiceReport`] |
+//! | GET | `/v1/services/{name}/backends/{addr:port}/drain[?timeout=SECONDS]` | | [`crate::controller::DrainWait`]: live flows once 0 or after the timeout |
 //! | GET | `/v1/flow?service=NAME&client=ADDR:PORT` | | [`FlowReport`] |
 //! | POST | `/v1/reload` | | `{"changes": [...]}`: the config file re-read and applied as a diff |
 //! | POST | `/v1/detach` | | `{"removed": [pins]}`; the daemon then stops and XDP is detached |
@@ -147,7 +148,17 @@ async fn handle(
         }
     };
     let query = req_query;
-    let result = route(&controller, &method, &path, query.as_deref(), &body);
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let result = match (&method, segments.as_slice()) {
+        // Waits for a live-flow count without the controller's lock.
+        (&Method::DELETE, ["v1", "services", name, "backends", addr]) => {
+            remove_backend(&controller, name, addr, query.as_deref()).await
+        }
+        (&Method::GET, ["v1", "services", name, "backends", addr, "drain"]) => {
+            wait_drained(&controller, name, addr, query.as_deref()).await
+        }
+        _ => route(&controller, &method, &path, query.as_deref(), &body),
+    };
     match &result {
         Ok(_) => debug!(%method, %path, "API request"),
         Err(e) => info!(%method, %path, error = %e, "API request refused"),
@@ -232,19 +243,6 @@ fn route(
             c.edit(|cfg| edit::set_backend(cfg, name, addr, &patch))?;
             to_json(&c.report_of(name)?)
         }
-        (&Method::DELETE, ["v1", "services", name, "backends", addr]) => {
-            let addr = parse_addr("backend", addr)?;
-            let force = match query_param(query, "force").as_deref() {
-                None | Some("false") => false,
-                Some("true") => true,
-                Some(other) => {
-                    return Err(ApiError::BadRequest(format!(
-                        "force={other:?}: use force=true or force=false"
-                    )));
-                }
-            };
-            to_json(&lock()?.remove_backend(name, addr, force)?)
-        }
         (&Method::GET, ["v1", "flow"]) => {
             let q = query.unwrap_or_default();
             let get = |k: &str| {
@@ -287,6 +285,62 @@ fn route(
         ))),
         _ => Err(ApiError::NotFound(format!("no such API path: {path}"))),
     }
+}
+
+/// `DELETE /v1/services/{name}/backends/{addr:port}[?force=true]`.
+async fn remove_backend(
+    controller: &Shared,
+    name: &str,
+    addr: &str,
+    query: Option<&str>,
+) -> Result<String, ApiError> {
+    let addr = parse_addr("backend", addr)?;
+    let force = match query_param(query, "force").as_deref() {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => {
+            return Err(ApiError::BadRequest(format!(
+                "force={other:?}: use force=true or force=false"
+            )));
+        }
+    };
+    to_json(&crate::controller::remove_backend(controller, name, addr, force).await?)
+}
+
+/// Longest `?timeout=` of a drain wait.
+const MAX_DRAIN_WAIT_SECS: u64 = 3600;
+
+/// `GET /v1/services/{name}/backends/{addr:port}/drain[?timeout=SECONDS]`:
+/// the backend's live flows from a count taken after the request came,
+/// once they reached 0 or after `timeout` seconds (default 0: at once).
+async fn wait_drained(
+    controller: &Shared,
+    name: &str,
+    addr: &str,
+    query: Option<&str>,
+) -> Result<String, ApiError> {
+    let addr = parse_addr("backend", addr)?;
+    let secs = match query_param(query, "timeout") {
+        None => 0,
+        Some(t) => t
+            .parse::<u64>()
+            .ok()
+            .filter(|s| *s <= MAX_DRAIN_WAIT_SECS)
+            .ok_or_else(|| {
+                ApiError::BadRequest(format!(
+                    "timeout={t:?}: seconds to wait, 0..={MAX_DRAIN_WAIT_SECS}"
+                ))
+            })?,
+    };
+    let wait = crate::controller::wait_drained(
+        controller,
+        name,
+        addr,
+        std::time::Duration::from_secs(secs),
+        |_| {},
+    )
+    .await?;
+    to_json(&wait)
 }
 
 /// Decodes a JSON body, with an example of a good one in the error.

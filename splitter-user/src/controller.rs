@@ -42,8 +42,8 @@ pub struct Controller {
     /// [`crate::config::file_digest`]).
     config_digest: String,
     /// Live flows per backend id and when they were counted (ns,
-    /// `CLOCK_MONOTONIC`): a walk of the connection table is not free, so
-    /// reads within [`LIVE_FLOWS_MAX_AGE_NS`] share one.
+    /// `CLOCK_MONOTONIC`), renewed by the daemon's walker outside this
+    /// lock: a walk of the connection table is not free.
     live_flows: LiveFlows,
     /// What is applied over the config at every publish: the backends the
     /// health checks found down. Not saved: a restarted daemon starts with
@@ -59,11 +59,6 @@ pub struct Controller {
 
 /// A backend in the signal history: (service, version, address).
 pub type BackendKey = (String, String, SocketAddrV4);
-
-/// How old a live-flow count may be before a reader takes it again itself
-/// (the daemon's counting task renews it every second, or every few
-/// seconds for a table of a million flows).
-const LIVE_FLOWS_MAX_AGE_NS: u64 = 10_000_000_000;
 
 /// The latest live-flow count per backend id and when it was taken (ns,
 /// `CLOCK_MONOTONIC`). Shared with the daemon's counting task, which
@@ -352,32 +347,20 @@ impl Controller {
     }
 
     /// Removes a backend: refused while it is active or carries live flows,
-    /// unless `force`.
+    /// unless `force`. `live_flows` is its count of live flows, taken after
+    /// the request came (see [`remove_backend`], which waits for one
+    /// outside the lock): a drained backend gains no flows, so that count
+    /// can only be too high, never too low.
     ///
     /// # Errors
     /// As [`edit::remove_backend`], or the kernel refusing.
-    pub fn remove_backend(
+    pub fn remove_backend_counted(
         &mut self,
         service: &str,
         addr: SocketAddrV4,
         force: bool,
+        live_flows: u64,
     ) -> Result<ServiceReport, ControllerError> {
-        let id = self.config.service(service).and_then(|svc| {
-            svc.versions
-                .iter()
-                .find(|v| v.backends.iter().any(|b| b.address == addr))
-                .and_then(|v| self.dataplane.backend_id(service, &v.name, addr))
-        });
-        let live_flows = match id {
-            // Counted now, not from the shared count: this decides
-            // whether flows get cut.
-            Some(id) => self
-                .count_live_flows(monotonic_ns())?
-                .get(&id)
-                .copied()
-                .unwrap_or(0),
-            None => 0,
-        };
         let guard = RemoveGuard { live_flows, force };
         self.edit(|c| edit::remove_backend(c, service, addr, guard))?;
         self.report_of(service)
@@ -480,17 +463,50 @@ impl Controller {
         }
     }
 
-    /// Live flows per backend id: the shared count if it is fresh, else
-    /// counted now (and shared).
+    /// Live flows per backend id: the count the daemon's walker renews
+    /// outside this lock (about once a second). Only before any count was
+    /// shared (a controller without that task, as in host tests) is the
+    /// table walked here.
     fn live_flows_by_id(&self) -> Result<BTreeMap<u32, u64>, ControllerError> {
-        let now = monotonic_ns();
         if let Ok(guard) = self.live_flows.lock()
-            && let Some((at, counts)) = &*guard
-            && now.saturating_sub(*at) < LIVE_FLOWS_MAX_AGE_NS
+            && let Some((_, counts)) = &*guard
         {
             return Ok(counts.clone());
         }
-        self.count_live_flows(now)
+        self.count_live_flows(monotonic_ns())
+    }
+
+    /// The shared live-flow count, if one was taken at or after `since`
+    /// (ns, `CLOCK_MONOTONIC`).
+    pub fn live_flows_since(&self, since: u64) -> Option<BTreeMap<u32, u64>> {
+        let guard = self.live_flows.lock().ok()?;
+        let (at, counts) = guard.as_ref()?;
+        (*at >= since).then(|| counts.clone())
+    }
+
+    /// Live flows of one backend in `counts` (0 for one not published).
+    pub fn backend_live_flows(
+        &self,
+        counts: &BTreeMap<u32, u64>,
+        service: &str,
+        addr: SocketAddrV4,
+    ) -> Result<u64, ControllerError> {
+        let svc = self
+            .config
+            .service(service)
+            .ok_or_else(|| ControllerError::NotFound(format!("no service named {service:?}")))?;
+        let version = svc
+            .versions
+            .iter()
+            .find(|v| v.backends.iter().any(|b| b.address == addr))
+            .ok_or_else(|| {
+                ControllerError::NotFound(format!("service {service} has no backend {addr}"))
+            })?;
+        Ok(self
+            .dataplane
+            .backend_id(service, &version.name, addr)
+            .and_then(|id| counts.get(&id).copied())
+            .unwrap_or(0))
     }
 
     /// Live flows per backend id, counted now (at `now`) and shared.
@@ -865,6 +881,98 @@ fn check_window(window_ms: u64) -> Result<(), ControllerError> {
             "window {window_ms} ms is outside 1s..={}s (the signal history's length)",
             signals::HISTORY_SECS
         )))
+    }
+}
+
+/// The shared controller, as the daemon's tasks and the API hold it.
+pub type Shared = Arc<std::sync::Mutex<Controller>>;
+
+/// Longest wait for a live-flow count taken after a request came.
+const FRESH_COUNT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+fn lock(c: &Shared) -> Result<std::sync::MutexGuard<'_, Controller>, ControllerError> {
+    c.lock()
+        .map_err(|_| ControllerError::Internal("controller state is poisoned".into()))
+}
+
+/// A live-flow count taken at or after `since`, waited for without the
+/// controller's lock (the daemon's walker renews it about once a second);
+/// after [`FRESH_COUNT_WAIT`], the newest one there is.
+async fn fresh_live_flows(
+    controller: &Shared,
+    since: u64,
+) -> Result<BTreeMap<u32, u64>, ControllerError> {
+    let deadline = tokio::time::Instant::now() + FRESH_COUNT_WAIT;
+    loop {
+        if let Some(counts) = lock(controller)?.live_flows_since(since) {
+            return Ok(counts);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return lock(controller)?.live_flows_by_id();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// Removes a backend with a live-flow count taken after this call began,
+/// never walking the connection table under the controller's lock (see
+/// [`Controller::remove_backend_counted`]).
+///
+/// # Errors
+/// As [`Controller::remove_backend_counted`].
+pub async fn remove_backend(
+    controller: &Shared,
+    service: &str,
+    addr: SocketAddrV4,
+    force: bool,
+) -> Result<ServiceReport, ControllerError> {
+    let since = monotonic_ns();
+    // An unknown service or backend is refused before any wait.
+    let counts = BTreeMap::new();
+    lock(controller)?.backend_live_flows(&counts, service, addr)?;
+    let counts = fresh_live_flows(controller, since).await?;
+    let mut c = lock(controller)?;
+    let live = c.backend_live_flows(&counts, service, addr)?;
+    c.remove_backend_counted(service, addr, force, live)
+}
+
+/// How a wait for a drained backend ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DrainWait {
+    /// Its live flows at the end of the wait.
+    pub live_flows: u64,
+    /// Whether they reached 0.
+    pub drained: bool,
+}
+
+/// Waits until backend `addr` of `service` carries no live flows, or
+/// `timeout` passes, reading the counts the daemon's walker renews
+/// (never under the controller's lock for longer than a read). Each new
+/// count is handed to `progress`. The rolling deploys of the rollout
+/// engine and `splitter backend set --state drain --wait` use it.
+///
+/// # Errors
+/// An unknown service or backend (also one removed while waiting).
+pub async fn wait_drained(
+    controller: &Shared,
+    service: &str,
+    addr: SocketAddrV4,
+    timeout: std::time::Duration,
+    mut progress: impl FnMut(u64),
+) -> Result<DrainWait, ControllerError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut since = monotonic_ns();
+    loop {
+        let counts = fresh_live_flows(controller, since).await?;
+        since = monotonic_ns();
+        let live = lock(controller)?.backend_live_flows(&counts, service, addr)?;
+        progress(live);
+        if live == 0 || tokio::time::Instant::now() >= deadline {
+            return Ok(DrainWait {
+                live_flows: live,
+                drained: live == 0,
+            });
+        }
     }
 }
 

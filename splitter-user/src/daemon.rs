@@ -286,7 +286,6 @@ fn spawn_watchdog_and_reload(
 /// `status`, metrics and drains read a count without walking the
 /// connection table under the controller's lock. The same walk sweeps
 /// missed connect deadlines ([`crate::dataplane::TableWalker::walk`]).
-/// Stops (readers then count themselves) if batch reads fail.
 fn spawn_live_flow_counter(
     controller: &Arc<std::sync::Mutex<Controller>>,
     mut shutdown: Shutdown,
@@ -321,8 +320,7 @@ fn spawn_live_flow_counter(
                     }
                 }
                 Ok(Err(e)) => {
-                    info!(error = %e, "live flows: no batch reads; status counts on demand");
-                    return;
+                    warn!(error = %e, "could not walk the connection table; live-flow counts are not renewed")
                 }
                 Err(_) => return,
             }

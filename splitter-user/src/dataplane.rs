@@ -1273,8 +1273,11 @@ impl TableWalker {
     /// flow in the microseconds between the sweep's read and write of an
     /// entry could see the timeout counted twice.
     ///
+    /// Reads the table in batches, or one entry at a time on kernels
+    /// without batch reads.
+    ///
     /// # Errors
-    /// The batch read failed (`EINVAL`: the kernel has none).
+    /// A read of the table failed.
     pub fn walk(&mut self, now: u64) -> std::io::Result<BTreeMap<u32, u64>> {
         let mut live = BTreeMap::new();
         let mut expired = Vec::new();
@@ -1283,7 +1286,7 @@ impl TableWalker {
             use aya::maps::IterableMap as _;
             self.conns.map().fd().as_fd().as_raw_fd()
         };
-        lookup_batch(fd, 2 * MAX_CONN_CAPACITY as usize, &mut |key, conn| {
+        let mut visit = |key: &FlowKey, conn: &Conn| {
             tally_live(&mut live, key, conn, now);
             if expired.len() < SWEEP_BATCH
                 && conn.flags & CONN_F_REVERSE == 0
@@ -1302,7 +1305,22 @@ impl TableWalker {
                     expired.push((*key, *conn));
                 }
             }
-        })?;
+        };
+        match lookup_batch(fd, 2 * MAX_CONN_CAPACITY as usize, &mut visit) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                // No batch reads (kernels before 5.6): one entry at a time.
+                for item in self.conns.iter().take(2 * MAX_CONN_CAPACITY as usize) {
+                    match item {
+                        Ok((key, conn)) => visit(&key, &conn),
+                        // An entry evicted between the key walk and its read.
+                        Err(aya::maps::MapError::KeyNotFound) => continue,
+                        Err(e) => return Err(std::io::Error::other(e)),
+                    }
+                }
+            }
+            Err(e) => return Err(e),
+        }
         for (key, seen) in expired {
             if self.mark_timed_out(&key, &seen)
                 && let Ok(mut g) = self.swept.lock()

@@ -12,6 +12,7 @@ use crate::{
     api::ServiceReport,
     client,
     config::{Affinity, BackendState, Protocol},
+    controller::DrainWait,
     edit::{BackendPatch, BackendSpec, ServiceSpec, VersionSpec},
 };
 
@@ -231,47 +232,42 @@ fn backends(addrs: &[SocketAddrV4]) -> Vec<BackendSpec> {
         .collect()
 }
 
-/// Polls the service once a second until `addr` has no live flows, or
-/// `secs` have passed. Progress goes to stderr, so stdout stays the
-/// command's output.
+/// Asks the daemon to wait (a second at a time, so progress shows) until
+/// `addr` has no live flows, or `secs` have passed. Progress goes to
+/// stderr, so stdout stays the command's output.
 async fn wait_drained(
     socket: &Path,
     service: &str,
     addr: SocketAddrV4,
     secs: u64,
 ) -> Result<(), CliError> {
-    let path = format!("/v1/services/{}", seg("service", service)?);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
     let mut last = None;
     loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let path = format!(
+            "/v1/services/{}/backends/{}/drain?timeout={}",
+            seg("service", service)?,
+            addr,
+            left.as_secs().min(1)
+        );
         let bytes = client::request(socket, Method::GET, &path, None).await?;
-        let report: ServiceReport =
+        let wait: DrainWait =
             serde_json::from_slice(&bytes).map_err(|e| CliError::Other(e.into()))?;
-        let live = report
-            .versions
-            .iter()
-            .flat_map(|v| &v.backends)
-            .find(|b| b.address == addr.to_string())
-            .map(|b| b.live_flows)
-            .ok_or_else(|| {
-                CliError::Other(anyhow::anyhow!(
-                    "backend {addr} left {service} while draining"
-                ))
-            })?;
-        if live == 0 {
+        if wait.drained {
             eprintln!("{addr} drained: no live flows");
             return Ok(());
         }
-        if last != Some(live) {
-            eprintln!("draining {addr}: {live} live flow(s)");
-            last = Some(live);
+        if last != Some(wait.live_flows) {
+            eprintln!("draining {addr}: {} live flow(s)", wait.live_flows);
+            last = Some(wait.live_flows);
         }
-        if std::time::Instant::now() >= deadline {
+        if left.is_zero() {
             return Err(CliError::Other(anyhow::anyhow!(
-                "{addr} still has {live} live flow(s) after {secs} s; it stays draining (no new flows)"
+                "{addr} still has {} live flow(s) after {secs} s; it stays draining (no new flows)",
+                wait.live_flows
             )));
         }
-        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     }
 }
 
