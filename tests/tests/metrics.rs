@@ -211,6 +211,87 @@ fn scraped_counters_match_what_the_backends_counted() -> Result<()> {
             );
         }
     }
+    // The connection signals: every connection went through the VIP to a
+    // healthy backend, so each is one SYN-ACK seen (established) and one
+    // connect latency observed.
+    let (mut established, mut latencies) = (0.0, 0.0);
+    for (version, addr) in [("blue", blue_addr), ("green", green_addr)] {
+        let addr = addr.to_string();
+        established += sample(
+            &m,
+            &backend_series(
+                "splitter_backend_connections_established_total",
+                version,
+                &addr,
+            ),
+        )?;
+        for metric in [
+            "splitter_backend_connections_refused_total",
+            "splitter_backend_connect_timeouts_total",
+        ] {
+            let v = sample(&m, &backend_series(metric, version, &addr))?;
+            ensure!(
+                v == 0.0,
+                "{version}: {metric} is {v} with every connection served"
+            );
+        }
+        for by in ["backend", "client"] {
+            sample(
+                &m,
+                &format!(
+                    "splitter_backend_resets_total{{service=\"web\",version=\"{version}\",backend=\"{addr}\",by=\"{by}\"}}"
+                ),
+            )?;
+        }
+        let hist = |suffix: &str| {
+            backend_series(
+                &format!("splitter_backend_connect_latency_seconds{suffix}"),
+                version,
+                &addr,
+            )
+        };
+        let count = sample(&m, &hist("_count"))?;
+        let inf = sample(
+            &m,
+            &format!(
+                "splitter_backend_connect_latency_seconds_bucket{{service=\"web\",version=\"{version}\",backend=\"{addr}\",le=\"+Inf\"}}"
+            ),
+        )?;
+        ensure!(
+            inf == count,
+            "{version}: le=\"+Inf\" bucket {inf} != _count {count}"
+        );
+        let sum = sample(&m, &hist("_sum"))?;
+        ensure!(
+            (count == 0.0 && sum == 0.0) || (sum > 0.0 && sum < count * TIMEOUT.as_secs_f64()),
+            "{version}: latency _sum {sum}s for {count} connections"
+        );
+        latencies += count;
+    }
+    ensure!(
+        established == n as f64,
+        "splitter_backend_connections_established_total sums to {established}, {n} connections were made"
+    );
+    ensure!(
+        latencies == n as f64,
+        "splitter_backend_connect_latency_seconds_count sums to {latencies}, {n} connections were made"
+    );
+    let types = get(&topo.edge, DEFAULT_LISTEN, "/metrics")?.body;
+    for (family, kind) in [
+        ("splitter_backend_connections_established_total", "counter"),
+        ("splitter_backend_connections_refused_total", "counter"),
+        ("splitter_backend_connect_timeouts_total", "counter"),
+        ("splitter_backend_resets_total", "counter"),
+        ("splitter_backend_connect_latency_seconds", "histogram"),
+        ("splitter_version_error_ratio", "gauge"),
+        ("splitter_version_external_metric", "gauge"),
+    ] {
+        ensure!(
+            types.contains(&format!("\n# TYPE {family} {kind}\n")),
+            "no {kind} {family} in the scrape"
+        );
+    }
+
     ensure!(sample(&m, &version_series("splitter_version_weight", "blue"))? == 90.0);
     ensure!(sample(&m, &version_series("splitter_version_weight", "green"))? == 10.0);
     ensure!(sample(&m, &version_series("splitter_version_share_ratio", "blue"))? == 0.9);
