@@ -391,6 +391,8 @@ impl Rig {
                     family: FAMILY_V4,
                     flags: BACKEND_F_PRESENT,
                     version: 0,
+                    // Not read by `bench_slot`; 0 is the default timeout.
+                    connect_timeout_ms: 0,
                 },
                 0,
             )?;
