@@ -1,8 +1,9 @@
 //! Ethernet, IPv4, TCP and UDP header layouts and the offsets of an IPv4
 //! frame without options. Fixed by the protocols, so shared: the splitter
 //! program uses them through `parse`, the reference
-//! programs of `cargo xtask bench` through `reference.rs` (which includes
-//! this file by path and shares nothing else with the splitter).
+//! programs of `cargo xtask bench` through `bench-ebpf/src/reference.rs`
+//! (which includes this file by path and shares nothing else with the
+//! splitter).
 
 pub const ETH_LEN: usize = 14;
 pub const IPV4_LEN: usize = 20;

@@ -29,7 +29,6 @@
 //!   (which detaches, or with `--on-stop keep` leaves the data plane pinned).
 //! - [`cli`]: the `splitter` command line, one module per subcommand.
 pub mod api;
-pub mod bench_support;
 pub mod cli;
 pub mod client;
 pub mod config;

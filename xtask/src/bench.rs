@@ -4,7 +4,10 @@
 //!
 //! Two stages, because the measurements load the XDP programs through
 //! `splitter-user`, whose build script needs the BPF toolchain that
-//! `setup` installs (so the plain xtask cannot link it):
+//! `setup` installs (so the plain xtask cannot link it), and the bench's
+//! own reference programs (`bench-ebpf`), which this crate's build script
+//! (`xtask/build.rs`) builds with that toolchain only for the `bench`
+//! feature, into this crate's `OUT_DIR` (never into the product's):
 //!
 //! 1. this crate as always (`cargo xtask bench`): setup, the release
 //!    build, then `cargo run --release -p xtask --features bench -- bench`;
@@ -56,6 +59,17 @@ mod health;
 mod packet;
 #[cfg(not(feature = "bench"))]
 mod tools;
+
+/// The per-packet section's reference programs (`bench-ebpf/src/bin/baseline.rs`),
+/// built into this crate's `OUT_DIR` by `xtask/build.rs` with the `bench`
+/// feature. A path rather than embedded bytes, so that a build with
+/// `AYA_BUILD_SKIP=1` still compiles; the bench says so if it is missing.
+#[cfg(feature = "bench")]
+const BASELINE_OBJECT: &str = concat!(env!("OUT_DIR"), "/baseline");
+/// The through-edge section's generator, receiver and minimal forwarder
+/// (`bench-ebpf/src/bin/edgebench.rs`), built the same way.
+#[cfg(feature = "bench")]
+const EDGEBENCH_OBJECT: &str = concat!(env!("OUT_DIR"), "/edgebench");
 
 use anyhow::Result;
 

@@ -1,8 +1,9 @@
 //! `cargo xtask test`: setup, release build, then two phases of tests,
 //! each a `cargo test` whose output is streamed and counted:
 //!
-//! 1. host tests: every workspace crate but the kernel program and the
-//!    privileged test crate (unit, property and doc tests; no root);
+//! 1. host tests: every workspace crate but the kernel programs
+//!    (`splitter-ebpf`, `bench-ebpf`) and the privileged test crate (unit,
+//!    property and doc tests; no root);
 //! 2. privileged tests: the `splitter-tests` crate, `#[ignore]`d tests
 //!    included, one at a time (`--test-threads=1`), with `SPLITTER_BIN` set
 //!    to the release binary and `SPLITTER_DEB` to the Debian package built
@@ -151,6 +152,8 @@ pub fn test(opts: &TestOptions) -> Result<bool> {
             "--workspace",
             "--exclude",
             "splitter-ebpf",
+            "--exclude",
+            "bench-ebpf",
             "--exclude",
             "splitter-tests",
         ]);

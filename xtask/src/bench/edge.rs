@@ -6,7 +6,7 @@
 //!   arrival, counted there: the generator's and veth's share of each path;
 //! - `forward`: plain kernel forwarding (frames addressed to a backend);
 //! - `nftables`: DNAT + SNAT, a `numgen random` 90/10 split over two backends;
-//! - `xdp_min`: `edge_fwd` (`splitter-ebpf/src/bin/edgebench.rs`), the
+//! - `xdp_min`: `edge_fwd` (`bench-ebpf/src/bin/edgebench.rs`), the
 //!   minimal XDP rewrite + redirect to one backend, native mode on `ec`;
 //! - `splitter`: the real daemon, a 90/10 two-version service per protocol
 //!   in SNAT mode, native XDP on `ec` and `eb`.
@@ -47,7 +47,6 @@ use aya::{
         xdp::{XdpLink, XdpLinkId},
     },
 };
-use splitter::bench_support::BASELINE_OBJECT;
 use splitter_tests::{
     netns::Netns,
     packet::{Packet, TCP_ACK, TCP_PSH, TCP_SYN, parse, verify_checksums},
@@ -136,7 +135,7 @@ pub struct EdgeOptions {
 
 /// The object file with the generator, receiver and minimal forwarder.
 fn object_path() -> std::path::PathBuf {
-    std::path::Path::new(BASELINE_OBJECT).with_file_name("edgebench")
+    std::path::PathBuf::from(super::EDGEBENCH_OBJECT)
 }
 
 /// One live-frames test run: `repeat` copies of `frame`, each through the
@@ -243,7 +242,7 @@ impl Rig {
             .unwrap_or(false)
         {
             bail!(
-                "{} is missing or empty (built with AYA_BUILD_SKIP?); run `cargo xtask build`",
+                "{} is missing or empty (built with AYA_BUILD_SKIP?); run `cargo xtask bench` without it",
                 path.display()
             );
         }

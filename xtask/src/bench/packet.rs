@@ -8,7 +8,7 @@
 //! buffer and reports the mean time per run, measured in the kernel around
 //! the loop. A rewriting program would see its own output from the second
 //! run on, so every run goes through `bench_wrapper`
-//! (`splitter-ebpf/src/bin/baseline.rs`): it copies the next frame of a
+//! (`bench-ebpf/src/bin/baseline.rs`): it copies the next frame of a
 //! segment of a ring of distinct prepared frames over the buffer and
 //! tail-calls the program under test. The same wrapper tail-calling the
 //! empty program on the same segment, in the same round, is the harness
@@ -38,7 +38,6 @@ use aya::{
     programs::{ProgramFd, Xdp},
 };
 use splitter::{
-    bench_support::BASELINE_OBJECT,
     config::Config,
     dataplane::Dataplane,
     table::{MaglevBackend, maglev_table},
@@ -54,7 +53,7 @@ use splitter_tests::{
 };
 
 use super::{
-    bpf,
+    BASELINE_OBJECT, bpf,
     report::{MapMemory, PacketCase, PacketResults, SingleRun},
 };
 
@@ -349,7 +348,7 @@ impl Rig {
             std::fs::metadata(path)
                 .map(|m| m.len() > 0)
                 .unwrap_or(false),
-            "{BASELINE_OBJECT} is missing or empty (built with AYA_BUILD_SKIP?); run `cargo xtask build`"
+            "{BASELINE_OBJECT} is missing or empty (built with AYA_BUILD_SKIP?); run `cargo xtask bench` without it"
         );
         let mut bl = EbpfLoader::new()
             .load_file(path)
@@ -392,6 +391,8 @@ impl Rig {
                     family: FAMILY_V4,
                     flags: BACKEND_F_PRESENT,
                     version: 0,
+                    // Not read by `bench_slot`; 0 is the default timeout.
+                    connect_timeout_ms: 0,
                 },
                 0,
             )?;

@@ -1,13 +1,14 @@
 //! What the reference programs of `cargo xtask bench` (`bin/baseline.rs`,
-//! `bin/edgebench.rs`) share: header layouts (`headers.rs`, the one file
-//! they share with the splitter: the protocols fix it), bounds-checked
-//! access and RFC 1624 checksum arithmetic. The code is written apart from
-//! the splitter's own `parse` and `nat` on purpose, so that work on the
-//! splitter never moves the yardsticks it is measured against. Included by
-//! `#[path]` into each program.
+//! `bin/edgebench.rs`) share: header layouts
+//! (`splitter-ebpf/src/headers.rs`, the one file they share with the
+//! splitter: the protocols fix it), bounds-checked access and RFC 1624
+//! checksum arithmetic. The code is written apart from the splitter's own
+//! `parse` and `nat` on purpose, so that work on the splitter never moves
+//! the yardsticks it is measured against. Included by `#[path]` into each
+//! program.
 use aya_ebpf::programs::XdpContext;
 
-#[path = "headers.rs"]
+#[path = "../../splitter-ebpf/src/headers.rs"]
 mod headers;
 pub use headers::*;
 

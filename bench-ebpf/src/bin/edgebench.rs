@@ -1,6 +1,6 @@
 //! XDP programs for the through-edge throughput section of
-//! `cargo xtask bench` (`xtask/src/bench/edge.rs`), built with the
-//! splitter program by `splitter-user/build.rs`.
+//! `cargo xtask bench` (`xtask/src/bench/edge.rs`), built by
+//! `xtask/build.rs` with xtask's `bench` feature only.
 //!
 //! - [`edge_gen`]: the traffic generator. Run with `BPF_PROG_TEST_RUN` and
 //!   `BPF_F_TEST_XDP_LIVE_FRAMES` on the client's veth, it writes the
