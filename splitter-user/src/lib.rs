@@ -12,6 +12,7 @@
 //!   history and windows, the external metric, and the pure analysis.
 //! - [`table`]: weight math and the Maglev table builder (pure, property-tested).
 //! - [`dataplane`]: loads and attaches the kernel program and writes its maps.
+//! - [`hook`]: operator commands run on events, bounded by a timeout.
 //! - [`kernel`]: the seam between the controller and the kernel (a trait
 //!   the real data plane and a host-test fake implement).
 //! - [`netif`]: interface look-ups (index, first IPv4 address).
@@ -38,6 +39,7 @@ pub mod dataplane;
 pub mod edit;
 pub mod effective;
 pub mod health;
+pub mod hook;
 pub mod kernel;
 pub mod metrics;
 pub mod netif;
