@@ -226,3 +226,80 @@ pub struct ConnectionReport {
     /// Milliseconds since the last packet (at one-second granularity).
     pub idle_ms: u64,
 }
+
+/// `GET /v1/rollouts/{service}`: where a rollout stands, what it waits
+/// for, and what the signals and analyses said so far.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RolloutReport {
+    /// The service it moves.
+    pub service: String,
+    /// The stable version it started from.
+    pub from: String,
+    /// The version it moves to.
+    pub to: String,
+    /// `canary`, `blue-green` or `rolling`.
+    pub strategy: String,
+    /// `running`, `paused`, `completed`, `aborted` or `rolled-back`.
+    pub state: String,
+    /// The machine's phase in words (`step 3 of 5: 25% for 60s`,
+    /// `waiting for promote`, ...).
+    pub phase: String,
+    /// The step being run, from 1 (0 before the first).
+    pub step: usize,
+    /// Steps in all (canary steps, blue-green stages, rolling batches).
+    pub steps: usize,
+    /// Share of new flows the target version gets now, in percent.
+    pub target_percent: u32,
+    /// Version weights as published now.
+    pub weights: BTreeMap<String, u32>,
+    /// What the rollout waits for before its next move.
+    pub waiting_for: String,
+    /// Seconds spent in the current step.
+    pub step_elapsed_secs: f64,
+    /// Why it paused, was aborted or rolled back.
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// The analyses so far, oldest first (bounded).
+    #[serde(default)]
+    pub verdicts: Vec<VerdictLine>,
+    /// Each version's signals over the last analysis interval.
+    #[serde(default)]
+    pub signals: Vec<VersionLine>,
+    /// Commands the rollout accepts now (`promote`, `pause`, ...).
+    #[serde(default)]
+    pub allowed: Vec<String>,
+}
+
+/// One analysis verdict of a rollout.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct VerdictLine {
+    /// Seconds since the rollout started.
+    pub at_secs: f64,
+    /// The step it judged, from 1.
+    pub step: usize,
+    /// `pass`, `fail` or `inconclusive`.
+    pub verdict: String,
+    /// Why (fail and inconclusive).
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// One version's signals in a rollout report.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct VersionLine {
+    /// Version name.
+    pub version: String,
+    /// New flows per second.
+    pub new_flows_per_sec: f64,
+    /// Error rate, 0..=1 (`None` without attempts).
+    pub error_rate: Option<f64>,
+    /// Connect latency p99 in ms (`None` without samples).
+    pub latency_p99_ms: Option<f64>,
+}
+
+impl RolloutReport {
+    /// Has the rollout ended (completed, aborted or rolled back)?
+    pub fn finished(&self) -> bool {
+        matches!(self.state.as_str(), "completed" | "aborted" | "rolled-back")
+    }
+}

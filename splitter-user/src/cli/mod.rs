@@ -5,6 +5,7 @@
 //! Exit codes: 0 success; 1 the request was refused or failed (the message
 //! says why); 2 bad command line; 3 the daemon could not be reached.
 mod detach;
+mod rollout;
 mod edit;
 mod status;
 mod weights;
