@@ -10,6 +10,8 @@
 //! - [`health`]: active TCP or HTTP health checks with rise/fall counting.
 //! - [`signals`]: per-backend connection signals from the kernel, their
 //!   history and windows, the external metric, and the pure analysis.
+//! - [`rollout`]: the rollout engine's pure core: the rollout spec and the
+//!   state machine `(state, event) -> (state, actions)` (no I/O, no clock).
 //! - [`table`]: weight math and the Maglev table builder (pure, property-tested).
 //! - [`dataplane`]: loads and attaches the kernel program and writes its maps.
 //! - [`kernel`]: the seam between the controller and the kernel (a trait
@@ -44,6 +46,7 @@ pub mod metrics;
 pub mod netif;
 pub mod pins;
 pub mod report;
+pub mod rollout;
 pub mod shutdown;
 pub mod signals;
 pub mod state;
