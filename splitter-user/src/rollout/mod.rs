@@ -8,4 +8,8 @@
 //!   strategy: canary steps, blue-green, rolling batches; analysis limits;
 //!   hooks), its validation against the service's config, and the
 //!   `[service.rollout]` defaults ([`spec::RolloutDefaults`]).
+//! - [`machine`]: [`machine::Rollout`] (the persisted state) and
+//!   [`machine::step`]: `(state, event) -> (state, actions)`, with its
+//!   states, rules and errors ([`machine::TransitionError`]).
+pub mod machine;
 pub mod spec;
