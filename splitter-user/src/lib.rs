@@ -10,6 +10,8 @@
 //! - [`health`]: active TCP or HTTP health checks with rise/fall counting.
 //! - [`signals`]: per-backend connection signals from the kernel, their
 //!   history and windows, the external metric, and the pure analysis.
+//! - [`rollout`]: the rollout engine's pure core: the rollout spec and the
+//!   state machine `(state, event) -> (state, actions)` (no I/O, no clock).
 //! - [`table`]: weight math and the Maglev table builder (pure, property-tested).
 //! - [`dataplane`]: loads and attaches the kernel program and writes its maps.
 //! - [`hook`]: operator commands run on events, bounded by a timeout.
@@ -45,6 +47,7 @@ pub mod metrics;
 pub mod netif;
 pub mod pins;
 pub mod report;
+pub mod rollout;
 pub mod shutdown;
 pub mod signals;
 pub mod state;

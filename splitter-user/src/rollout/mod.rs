@@ -1,0 +1,15 @@
+//! The rollout engine's pure core: what a rollout is asked to do and the
+//! state machine that decides each move. No I/O, no clock, no tokio: the
+//! driver (a daemon task) owns time, reads the signals, persists the
+//! state and carries out the actions through the controller's edit path.
+//!
+//! # Layout
+//! - [`spec`]: [`spec::RolloutSpec`] (service, stable and target version,
+//!   strategy: canary steps, blue-green, rolling batches; analysis limits;
+//!   hooks), its validation against the service's config, and the
+//!   `[service.rollout]` defaults ([`spec::RolloutDefaults`]).
+//! - [`machine`]: [`machine::Rollout`] (the persisted state) and
+//!   [`machine::step`]: `(state, event) -> (state, actions)`, with its
+//!   states, rules and errors ([`machine::TransitionError`]).
+pub mod machine;
+pub mod spec;
