@@ -316,6 +316,12 @@ pub struct ServiceConfig {
     /// `None`: only the kernel-measured signals.
     #[serde(default)]
     pub analysis: Option<AnalysisConfig>,
+    /// Defaults of this service's rollouts (`[service.rollout]`): the
+    /// strategy, its schedule, the analysis and the hooks; `splitter
+    /// rollout start` overrides what it names. `None`: the built-in
+    /// defaults (a canary 5, 10, 25, 50, 100% with a minute a step).
+    #[serde(default)]
+    pub rollout: Option<crate::rollout::spec::RolloutDefaults>,
 }
 
 /// Default of `connect_timeout_ms`.
@@ -662,6 +668,7 @@ struct RawService {
     health: Option<RawHealth>,
     connect_timeout_ms: Option<i64>,
     analysis: Option<RawAnalysis>,
+    rollout: Option<crate::rollout::spec::RolloutDefaults>,
 }
 
 #[derive(Deserialize)]
@@ -1072,6 +1079,7 @@ fn convert(raw: RawConfig, p: &mut Problems, bad: &mut Unparsed) -> Config {
             health,
             connect_timeout_ms,
             analysis,
+            rollout: s.rollout,
         });
     }
     p.section = 0;
@@ -1239,6 +1247,13 @@ fn check(c: &Config, bad: &Unparsed, out: &mut Problems) {
                 "{at}: health: TCP and HTTP checks need a tcp service (set check = \"none\" for {})",
                 s.protocol
             ));
+        }
+        if let Some(r) = &s.rollout
+            && let Err(problems) = r.validate()
+        {
+            for problem in problems {
+                out.push(format!("{at}: rollout.{problem}"));
+            }
         }
         if !(1..=MAX_CONNECT_TIMEOUT_MS).contains(&s.connect_timeout_ms) {
             out.push(format!(
@@ -1607,6 +1622,7 @@ backends = ["10.0.3.1:8443"]
                 health: None,
                 connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT_MS,
                 analysis: None,
+                rollout: None,
                 versions: vec![
                     VersionConfig {
                         name: "blue".into(),

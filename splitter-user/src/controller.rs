@@ -23,6 +23,7 @@ use crate::{
         FlowReport, ProgramReport, ServiceReport, SignalsReport, StatusReport, VersionReport,
         VersionSignals,
     },
+    rollout::driver::Book,
     signals::{self, Counters, MetricReading, Window, history::History},
     state::{self, State},
     table,
@@ -55,6 +56,9 @@ pub struct Controller {
     /// The external metric's last reading per (service, version), and when
     /// it was taken (ms, `CLOCK_MONOTONIC`).
     metric_readings: BTreeMap<(String, String), (u64, MetricReading)>,
+    /// Rollouts by service, running and finished (see
+    /// [`crate::rollout::driver`]); saved in the state file.
+    pub(crate) rollouts: BTreeMap<String, Book>,
 }
 
 /// A backend in the signal history: (service, version, address).
@@ -108,7 +112,15 @@ impl Controller {
             overlay: Overlay::default(),
             history: History::new(signals::HISTORY_SECS),
             metric_readings: BTreeMap::new(),
+            rollouts: BTreeMap::new(),
         }
+    }
+
+    /// Takes over the rollouts saved by an earlier daemon (they resume when
+    /// the driver sends them `Restored`).
+    pub fn with_rollouts(mut self, rollouts: BTreeMap<String, Book>) -> Self {
+        self.rollouts = rollouts;
+        self
     }
 
     /// Sets the file [`Controller::reload`] reads, and the digest of the
@@ -145,7 +157,28 @@ impl Controller {
                 "reload refused, nothing changed: the [metrics] section differs from the running one; restart the daemon to move or turn off the metrics endpoint".into(),
             ));
         }
+        let mut next = next;
         let mut changes = Vec::new();
+        for (service, book) in &self.rollouts {
+            let r = &book.rollout;
+            let (Some(file), Some(running)) = (next.service(service), self.config.service(service))
+            else {
+                continue;
+            };
+            let mut file_with_running_weights = file.clone();
+            for v in &mut file_with_running_weights.versions {
+                if let Some(rv) = running.versions.iter().find(|x| x.name == v.name) {
+                    v.weight = rv.weight;
+                }
+            }
+            if r.phase.is_running() && file_with_running_weights != *running {
+                return Err(ControllerError::Invalid(format!(
+                    "reload refused, nothing changed: the file changes service {service}, which has a rollout in progress ({} -> {}); let it finish or end it first (`splitter rollout abort {service}`)",
+                    r.spec.from, r.spec.to
+                )));
+            }
+        }
+        changes.extend(crate::rollout::driver::supersede(&mut next, &self.rollouts, &self.config));
         for s in &next.services {
             match self.config.service(&s.name) {
                 None => changes.push(format!("added service {}", s.name)),
@@ -188,6 +221,7 @@ impl Controller {
                 config_digest: self.config_digest.clone(),
                 services: Some(self.config.services.clone()),
                 layout: self.dataplane.layout(),
+                rollouts: self.rollouts.clone(),
             },
         )
     }
@@ -342,8 +376,87 @@ impl Controller {
         f: impl FnOnce(&Config) -> Result<(Config, String), EditError>,
     ) -> Result<String, ControllerError> {
         let (next, what) = f(&self.config)?;
+        self.refuse_during_rollouts(&next, &what)?;
         self.publish(next, &what)?;
         Ok(what)
+    }
+
+    /// [`Controller::edit`] on behalf of a rollout (no rollout guard).
+    pub(crate) fn edit_by_rollout(
+        &mut self,
+        f: impl FnOnce(&Config) -> Result<(Config, String), EditError>,
+    ) -> Result<String, ControllerError> {
+        let (next, what) = f(&self.config)?;
+        self.publish(next, &what)?;
+        Ok(what)
+    }
+
+    /// Refuses a change to a service whose rollout is running, saying
+    /// which rollout and how to end it.
+    fn refuse_during_rollouts(&self, next: &Config, what: &str) -> Result<(), ControllerError> {
+        for (service, book) in &self.rollouts {
+            let r = &book.rollout;
+            if r.phase.is_running() && next.service(service) != self.config.service(service) {
+                return Err(ControllerError::Invalid(format!(
+                    "{what}: refused, nothing changed: service {service} has a rollout in progress ({} -> {}, {}); let it finish (`splitter rollout status {service} --watch`) or end it first (`splitter rollout abort {service}`)",
+                    r.spec.from,
+                    r.spec.to,
+                    r.describe(monotonic_ns() / 1_000_000)
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The configuration file's weights of `service` now (the running
+    /// ones without a file, or when it cannot be read).
+    pub(crate) fn file_weights(&self, service: &str) -> Option<BTreeMap<String, u32>> {
+        let from_file = self
+            .config_path
+            .as_ref()
+            .and_then(|p| Config::load(p).ok())
+            .and_then(|c| c.service(service).cloned());
+        let svc = from_file.or_else(|| self.config.service(service).cloned())?;
+        Some(
+            svc.versions
+                .iter()
+                .map(|v| (v.name.clone(), v.weight))
+                .collect(),
+        )
+    }
+
+    /// Is `addr` of `service` up by its health checks (or unchecked)?
+    pub(crate) fn backend_up(&self, service: &str, addr: SocketAddrV4) -> bool {
+        !self.overlay.down.contains(&(service.to_string(), addr))
+    }
+
+    /// The overlays applied over the config at every publish.
+    pub(crate) fn overlay_mut(&mut self) -> &mut Overlay {
+        &mut self.overlay
+    }
+
+    /// Publishes the running config again (after an overlay changed).
+    pub(crate) fn republish(&mut self, what: &str) -> Result<(), ControllerError> {
+        let running = self.config.clone();
+        self.write_config(&running).map_err(|e| {
+            ControllerError::Internal(format!("{what}: the kernel refused the update: {e}"))
+        })
+    }
+
+    /// The window of some backends of a version, summed.
+    pub(crate) fn backends_window(
+        &self,
+        service: &str,
+        version: &str,
+        backends: &[SocketAddrV4],
+        window_ms: u64,
+    ) -> Option<Window> {
+        let keys: Vec<BackendKey> = backends
+            .iter()
+            .map(|b| (service.to_string(), version.to_string(), *b))
+            .collect();
+        self.history
+            .window_sum(keys.iter(), monotonic_ns() / 1_000_000, window_ms)
     }
 
     /// Removes a backend: refused while it is active or carries live flows,
@@ -571,6 +684,16 @@ impl Controller {
         service: &str,
         weights: &BTreeMap<String, u32>,
     ) -> Result<ServiceReport, ControllerError> {
+        self.set_weights_by(service, weights, false)
+    }
+
+    /// [`Controller::set_weights`]; `by_rollout` skips the rollout guard.
+    pub(crate) fn set_weights_by(
+        &mut self,
+        service: &str,
+        weights: &BTreeMap<String, u32>,
+        by_rollout: bool,
+    ) -> Result<ServiceReport, ControllerError> {
         let svc = self.config.service(service).ok_or_else(|| {
             let known: Vec<&str> = self
                 .config
@@ -591,6 +714,9 @@ impl Controller {
             .with_weights(service, &vector)
             .map_err(|e| ControllerError::Invalid(e.to_string()))?;
         let what = format!("weights of {service}: {}", args.join(" "));
+        if !by_rollout {
+            self.refuse_during_rollouts(&next, &what)?;
+        }
         self.publish(next, &what)?;
         self.report_of(service)
     }

@@ -231,6 +231,7 @@ pub fn add_service(c: &Config, spec: &ServiceSpec) -> Result<(Config, String), E
         health: None,
         connect_timeout_ms: crate::config::DEFAULT_CONNECT_TIMEOUT_MS,
         analysis: None,
+        rollout: None,
     });
     let what = format!("added service {} on {vip}/{protocol}", spec.name);
     Ok((validated(next)?, what))

@@ -1,14 +1,24 @@
 //! What the data plane is asked to publish: one pure function of the
 //! running configuration and the overlays the controller keeps beside it
-//! (the health verdicts today; targeting later). No I/O: the controller
-//! calls [`effective`] before every publish, and tests call it directly.
+//! (health verdicts; a rollout's preview addresses and slow-start ramps;
+//! targeting later). No I/O: the controller calls [`effective`] before
+//! every publish, and tests call it directly.
 //!
 //! Rollouts change weights through the same edits as the CLI, so their
 //! outcome is part of the running configuration itself (and of the state
 //! file), not an overlay that a restart could forget.
-use std::{collections::BTreeSet, net::SocketAddrV4};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddrV4,
+};
 
-use crate::config::{BackendState, Config};
+use crate::config::{BackendState, Config, VersionConfig};
+
+/// The name a preview service is published under: `SERVICE~preview` (`~`
+/// is not allowed in configured names, so it never collides).
+pub fn preview_name(service: &str) -> String {
+    format!("{service}~preview")
+}
 
 /// What the controller knows beside the configuration and applies over
 /// it at every publish.
@@ -16,6 +26,12 @@ use crate::config::{BackendState, Config};
 pub struct Overlay {
     /// Backends the health checks found down, by (service, address).
     pub down: BTreeSet<(String, SocketAddrV4)>,
+    /// Preview addresses of blue-green rollouts: service -> (address, the
+    /// version it reaches). Each is published as a service of its own.
+    pub previews: BTreeMap<String, (SocketAddrV4, String)>,
+    /// Slow start of a rolling update: (service, backend) -> the percent of
+    /// its configured weight it gets now (at least 1).
+    pub weight_percent: BTreeMap<(String, SocketAddrV4), u32>,
 }
 
 /// The configuration as the data plane gets it: active backends that the
@@ -24,8 +40,41 @@ pub struct Overlay {
 /// without an active backend: then all of its active backends stay in
 /// (fail open: better a sick backend than no backend for the version's
 /// share of new flows).
+/// A rollout's preview address is published as a service of its own
+/// (`SERVICE~preview`) whose only version is the one it previews; slow
+/// start scales a backend's weight by its percent (never below 1).
 pub fn effective(config: &Config, overlay: &Overlay) -> Config {
     let mut out = config.clone();
+    for ((service, addr), percent) in &overlay.weight_percent {
+        for svc in out.services.iter_mut().filter(|s| &s.name == service) {
+            for b in svc
+                .versions
+                .iter_mut()
+                .flat_map(|v| v.backends.iter_mut())
+                .filter(|b| b.address == *addr)
+            {
+                b.weight = (u64::from(b.weight) * u64::from(*percent) / 100).max(1) as u32;
+            }
+        }
+    }
+    for (service, (vip, version)) in &overlay.previews {
+        let Some(svc) = config.service(service) else {
+            continue;
+        };
+        let Some(v) = svc.versions.iter().find(|v| &v.name == version) else {
+            continue;
+        };
+        let mut preview = svc.clone();
+        preview.name = preview_name(service);
+        preview.vip = *vip;
+        preview.health = None;
+        preview.versions = vec![VersionConfig {
+            name: v.name.clone(),
+            weight: 1,
+            backends: v.backends.clone(),
+        }];
+        out.services.push(preview);
+    }
     if overlay.down.is_empty() {
         return out;
     }
@@ -89,7 +138,40 @@ backends = ["10.0.2.4:8080"]
     fn down(addrs: &[&str]) -> Overlay {
         Overlay {
             down: addrs.iter().map(|a| ("web".to_string(), addr(a))).collect(),
+            ..Overlay::default()
         }
+    }
+
+    #[test]
+    fn a_preview_is_a_service_of_its_own_reaching_one_version() {
+        let c = Config::parse(TEXT).unwrap();
+        let mut o = Overlay::default();
+        o.previews
+            .insert("web".into(), (addr("10.0.0.20:80"), "green".into()));
+        let e = effective(&c, &o);
+        assert_eq!(e.services.len(), 2);
+        let p = &e.services[1];
+        assert_eq!(p.name, "web~preview");
+        assert_eq!(p.vip, addr("10.0.0.20:80"));
+        assert_eq!(p.versions.len(), 1);
+        assert_eq!(p.versions[0].name, "green");
+        assert_eq!(p.versions[0].backends[0].address, addr("10.0.2.4:8080"));
+        // The service itself is untouched.
+        assert_eq!(e.services[0], c.services[0]);
+    }
+
+    #[test]
+    fn slow_start_scales_a_backends_weight_never_to_zero() {
+        let mut c = Config::parse(TEXT).unwrap();
+        c.services[0].versions[0].backends[0].weight = 10;
+        let mut o = Overlay::default();
+        o.weight_percent
+            .insert(("web".into(), addr("10.0.2.2:8080")), 50);
+        o.weight_percent
+            .insert(("web".into(), addr("10.0.2.3:8080")), 1);
+        let e = effective(&c, &o);
+        assert_eq!(e.services[0].versions[0].backends[0].weight, 5);
+        assert_eq!(e.services[0].versions[0].backends[1].weight, 1);
     }
 
     #[test]

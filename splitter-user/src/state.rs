@@ -44,6 +44,10 @@ pub struct State {
     pub services: Option<Vec<ServiceConfig>>,
     /// What is live in the pinned maps.
     pub layout: Layout,
+    /// Rollouts by service, running and finished: a running one resumes
+    /// at its step in the next daemon.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub rollouts: BTreeMap<String, crate::rollout::driver::Book>,
 }
 
 /// Ids and generations the data plane uses, so a restarted daemon can keep

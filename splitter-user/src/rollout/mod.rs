@@ -8,8 +8,12 @@
 //!   strategy: canary steps, blue-green, rolling batches; analysis limits;
 //!   hooks), its validation against the service's config, and the
 //!   `[service.rollout]` defaults ([`spec::RolloutDefaults`]).
+//! - [`driver`]: the daemon side (not pure): carries out the machine's
+//!   actions through the controller, feeds it time, verdicts, backend
+//!   events and commands, saves and resumes rollouts.
 //! - [`machine`]: [`machine::Rollout`] (the persisted state) and
 //!   [`machine::step`]: `(state, event) -> (state, actions)`, with its
 //!   states, rules and errors ([`machine::TransitionError`]).
+pub mod driver;
 pub mod machine;
 pub mod spec;

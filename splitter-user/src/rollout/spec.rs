@@ -598,6 +598,10 @@ pub struct RolloutDefaults {
     pub hooks: Vec<Hook>,
 }
 
+// Equality is reflexive: validation refuses NaN in the criteria, the only
+// floats here (the config, which holds these, compares with `Eq`).
+impl Eq for RolloutDefaults {}
+
 impl Default for RolloutDefaults {
     fn default() -> Self {
         Self {
@@ -671,6 +675,7 @@ pub(crate) mod tests {
             health: Some(HealthConfig::default()),
             connect_timeout_ms: crate::config::DEFAULT_CONNECT_TIMEOUT_MS,
             analysis: None,
+            rollout: None,
         }
     }
 
