@@ -19,19 +19,34 @@
 //! | POST | `/v1/reload` | | `{"changes": [...]}`: the config file re-read and applied as a diff |
 //! | POST | `/v1/detach` | | `{"removed": [pins]}`; the daemon then stops and XDP is detached |
 //!
-//! Errors come back as `{"error": "..."}` with 400 (bad input), 404
-//! (unknown service or route) or 500 (the kernel refused a map update).
+//! Bodies are JSON whatever their content type says, at most 64 KiB
+//! (`MAX_BODY`). Errors come back as `{"error": "..."}` with 400 (bad input, or a
+//! method the path does not take: `method DELETE is not allowed on
+//! /v1/status`), 404 (unknown service, or `no such API path: ...`), 413 (a
+//! body over 64 KiB) or 500 (the kernel refused a map update).
 //! `curl --unix-socket /run/splitter/splitter.sock http://splitter/v1/status`
 //! works as well as the CLI.
-use std::{collections::BTreeMap, convert::Infallible, future::Future, sync::Arc};
+//!
+//! The table is `router`'s, one axum route per path; handlers lock the
+//! controller only for the call that needs it, never across an `.await`
+//! (a backend's removal and a drain wait count live flows without it).
+//! Extractors refuse with an [`ApiError`] (`Params`, `JsonBody`), so
+//! every refusal has the JSON shape above, and the router's fallbacks
+//! answer unknown paths and methods the same way.
+use std::{collections::BTreeMap, future::Future, sync::Arc, time::Duration};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::service_fn};
-use hyper_util::rt::TokioIo;
-use serde::{Deserialize, Serialize};
+use axum::{
+    Router,
+    body::Bytes,
+    extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, Request, State},
+    http::{HeaderValue, Method, StatusCode, Uri, header, request::Parts},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+    routing::{delete, get, patch, post, put},
+};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use tokio::net::UnixListener;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use crate::{
     controller::{Controller, ControllerError},
@@ -44,7 +59,7 @@ pub use crate::report::{
     VersionSignals,
 };
 
-/// Largest request body the API reads.
+/// Largest request body the API reads (413 above it).
 const MAX_BODY: usize = 64 * 1024;
 
 /// `PUT /v1/services/{name}/weights`: every version of the service, by name.
@@ -71,6 +86,9 @@ pub enum ApiError {
     /// 404.
     #[error("{0}")]
     NotFound(String),
+    /// 413: a request body over [`MAX_BODY`].
+    #[error("{0}")]
+    TooLarge(String),
     /// 500.
     #[error("{0}")]
     Internal(String),
@@ -97,6 +115,7 @@ impl ApiError {
         match self {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -104,198 +123,247 @@ impl ApiError {
 
 type Shared = Arc<std::sync::Mutex<Controller>>;
 
-/// Serves the API on `listener` until `shutdown` resolves.
+/// How long a stopping daemon lets API requests in flight finish (a
+/// `detach` answer, a drain wait) before it stops without them.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+/// Serves the API on `listener` until `shutdown` resolves; then accepts
+/// nothing more, closes idle connections and gives requests in flight
+/// [`SHUTDOWN_GRACE`] to finish.
 pub async fn serve(listener: UnixListener, controller: Shared, shutdown: impl Future<Output = ()>) {
-    tokio::pin!(shutdown);
-    loop {
-        let stream = tokio::select! {
-            _ = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    warn!(error = %e, "API accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let controller = controller.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req| handle(controller.clone(), req));
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await
-            {
-                debug!(error = %e, "API connection ended with an error");
+    // axum wants a `'static` shutdown signal; `shutdown` borrows the daemon's state.
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = axum::serve(listener, router(controller)).with_graceful_shutdown(async {
+        let _ = stopped.await;
+    });
+    let server = server.into_future();
+    tokio::pin!(server);
+    tokio::select! {
+        // Never with a Unix listener (accept errors are retried), but if so the API is gone.
+        ended = &mut server => {
+            if let Err(e) = ended {
+                tracing::error!(error = %e, "the API server stopped");
             }
-        });
+            return;
+        }
+        () = shutdown => {}
+    }
+    let _ = stop.send(());
+    if tokio::time::timeout(SHUTDOWN_GRACE, server).await.is_err() {
+        info!("API requests still running after {SHUTDOWN_GRACE:?}; stopping without them");
     }
 }
 
-async fn handle(
-    controller: Shared,
-    req: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+/// The routes of the table in the module docs.
+fn router(controller: Shared) -> Router {
+    Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/config", get(config))
+        .route("/v1/services", post(add_service))
+        .route("/v1/services/{name}", get(service).delete(remove_service))
+        .route("/v1/services/{name}/signals", get(signals))
+        .route("/v1/services/{name}/weights", put(set_weights))
+        .route("/v1/services/{name}/versions", post(add_version))
+        .route(
+            "/v1/services/{name}/versions/{version}",
+            delete(remove_version),
+        )
+        .route(
+            "/v1/services/{name}/versions/{version}/backends",
+            post(add_backend),
+        )
+        .route(
+            "/v1/services/{name}/backends/{addr}",
+            patch(set_backend).delete(remove_backend),
+        )
+        .route(
+            "/v1/services/{name}/backends/{addr}/drain",
+            get(wait_drained),
+        )
+        .route("/v1/flow", get(flow))
+        .route("/v1/reload", post(reload))
+        .route("/v1/detach", post(detach))
+        // After every route: it applies to the routes already there.
+        .method_not_allowed_fallback(method_not_allowed)
+        .fallback(no_such_path)
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(middleware::from_fn(log_request))
+        .with_state(controller)
+}
+
+/// The answer of a request that went through: pretty JSON and a newline
+/// (the CLI prints it as it comes).
+struct Answer(String);
+
+impl IntoResponse for Answer {
+    fn into_response(self) -> Response {
+        json_response(StatusCode::OK, self.0)
+    }
+}
+
+/// Why a request was refused, for [`log_request`].
+#[derive(Clone)]
+struct Refusal(String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::to_string(&ErrorBody {
+            error: self.to_string(),
+        })
+        .unwrap_or_else(|_| "{\"error\":\"internal\"}".into());
+        let mut resp = json_response(self.status(), body);
+        resp.extensions_mut().insert(Refusal(self.to_string()));
+        resp
+    }
+}
+
+type ApiResult = Result<Answer, ApiError>;
+
+fn lock(controller: &Shared) -> Result<std::sync::MutexGuard<'_, Controller>, ApiError> {
+    controller
+        .lock()
+        .map_err(|_| ApiError::Internal("controller state is poisoned".into()))
+}
+
+async fn log_request(req: Request, next: Next) -> Response {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
-    let req_query = req.uri().query().map(str::to_string);
-    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) => {
-            return Ok(reply_error(&ApiError::BadRequest(format!(
-                "could not read the request body (at most {MAX_BODY} bytes): {e}"
-            ))));
-        }
-    };
-    let query = req_query;
-    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
-    let result = match (&method, segments.as_slice()) {
-        // Waits for a live-flow count without the controller's lock.
-        (&Method::DELETE, ["v1", "services", name, "backends", addr]) => {
-            remove_backend(&controller, name, addr, query.as_deref()).await
-        }
-        (&Method::GET, ["v1", "services", name, "backends", addr, "drain"]) => {
-            wait_drained(&controller, name, addr, query.as_deref()).await
-        }
-        _ => route(&controller, &method, &path, query.as_deref(), &body),
-    };
-    match &result {
-        Ok(_) => debug!(%method, %path, "API request"),
-        Err(e) => info!(%method, %path, error = %e, "API request refused"),
+    let resp = next.run(req).await;
+    match resp.extensions().get::<Refusal>() {
+        None => debug!(%method, %path, "API request"),
+        Some(Refusal(e)) => info!(%method, %path, error = %e, "API request refused"),
     }
-    Ok(match result {
-        Ok(json) => json_response(StatusCode::OK, json),
-        Err(e) => reply_error(&e),
-    })
+    resp
 }
 
-fn route(
-    controller: &Shared,
-    method: &Method,
-    path: &str,
-    query: Option<&str>,
-    body: &[u8],
-) -> Result<String, ApiError> {
-    let lock = || {
-        controller
-            .lock()
-            .map_err(|_| ApiError::Internal("controller state is poisoned".into()))
-    };
-    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
-    match (method, segments.as_slice()) {
-        (&Method::GET, ["v1", "status"]) => {
-            let window = window_param(query)?;
-            to_json(&lock()?.status_over(window)?)
-        }
-        (&Method::GET, ["v1", "services", name, "signals"]) => {
-            let window = window_param(query)?;
-            to_json(&lock()?.signals_of(name, window)?)
-        }
-        (&Method::GET, ["v1", "config"]) => to_json(lock()?.config()),
-        (&Method::PUT, ["v1", "services", name, "weights"]) => {
-            let req: WeightsRequest = serde_json::from_slice(body).map_err(|e| {
-                ApiError::BadRequest(format!(
-                    "body must be JSON like {{\"weights\": {{\"blue\": 90, \"green\": 10}}}}: {e}"
-                ))
-            })?;
-            to_json(&lock()?.set_weights(name, &req.weights)?)
-        }
-        (&Method::POST, ["v1", "services"]) => {
-            let spec: ServiceSpec = body_json(
-                body,
-                r#"{"name": "web", "vip": "10.0.0.10:80", "versions": [{"name": "blue", "weight": 100, "backends": [{"address": "10.0.2.1:8080"}]}]}"#,
-            )?;
-            let mut c = lock()?;
-            c.edit(|cfg| edit::add_service(cfg, &spec))?;
-            to_json(&c.report_of(&spec.name)?)
-        }
-        (&Method::GET, ["v1", "services", name]) => to_json(&lock()?.report_of(name)?),
-        (&Method::DELETE, ["v1", "services", name]) => to_json(
-            &serde_json::json!({ "removed": lock()?.edit(|cfg| edit::remove_service(cfg, name))? }),
-        ),
-        (&Method::POST, ["v1", "services", name, "versions"]) => {
-            let spec: VersionSpec = body_json(
-                body,
-                r#"{"name": "green", "weight": 0, "backends": [{"address": "10.0.2.3:8080"}]}"#,
-            )?;
-            let mut c = lock()?;
-            c.edit(|cfg| edit::add_version(cfg, name, &spec))?;
-            to_json(&c.report_of(name)?)
-        }
-        (&Method::DELETE, ["v1", "services", name, "versions", version]) => {
-            let mut c = lock()?;
-            c.edit(|cfg| edit::remove_version(cfg, name, version))?;
-            to_json(&c.report_of(name)?)
-        }
-        (&Method::POST, ["v1", "services", name, "versions", version, "backends"]) => {
-            let spec: BackendSpec = body_json(
-                body,
-                r#"{"address": "10.0.2.4:8080", "weight": 1, "state": "active"}"#,
-            )?;
-            let mut c = lock()?;
-            c.edit(|cfg| edit::add_backend(cfg, name, version, &spec))?;
-            to_json(&c.report_of(name)?)
-        }
-        (&Method::PATCH, ["v1", "services", name, "backends", addr]) => {
-            let addr = parse_addr("backend", addr)?;
-            let patch: BackendPatch = body_json(body, r#"{"weight": 2, "state": "drain"}"#)?;
-            let mut c = lock()?;
-            c.edit(|cfg| edit::set_backend(cfg, name, addr, &patch))?;
-            to_json(&c.report_of(name)?)
-        }
-        (&Method::GET, ["v1", "flow"]) => {
-            let q = query.unwrap_or_default();
-            let get = |k: &str| {
-                q.split('&')
-                    .filter_map(|kv| kv.split_once('='))
-                    .find(|(key, _)| *key == k)
-                    .map(|(_, v)| v.to_string())
-            };
-            let service = get("service")
-                .ok_or_else(|| ApiError::BadRequest("missing ?service=NAME".into()))?;
-            let client = get("client")
-                .ok_or_else(|| ApiError::BadRequest("missing &client=ADDR:PORT".into()))?;
-            let client: std::net::SocketAddrV4 = client.parse().map_err(|_| {
-                ApiError::BadRequest(format!("client {client:?} is not an IPv4 address:port"))
-            })?;
-            to_json(&lock()?.flow(&service, client)?)
-        }
-        (&Method::POST, ["v1", "reload"]) => {
-            to_json(&serde_json::json!({ "changes": lock()?.reload()? }))
-        }
-        (&Method::POST, ["v1", "detach"]) => {
-            to_json(&serde_json::json!({ "removed": lock()?.detach()? }))
-        }
-        (
-            _,
-            ["v1", "status"]
-            | ["v1", "config"]
-            | ["v1", "detach"]
-            | ["v1", "reload"]
-            | ["v1", "services", _, "weights"]
-            | ["v1", "services", _, "signals"]
-            | ["v1", "services"]
-            | ["v1", "services", _]
-            | ["v1", "services", _, "versions"]
-            | ["v1", "services", _, "versions", _]
-            | ["v1", "services", _, "versions", _, "backends"]
-            | ["v1", "services", _, "backends", _],
-        ) => Err(ApiError::BadRequest(format!(
-            "method {method} is not allowed on {path}"
-        ))),
-        _ => Err(ApiError::NotFound(format!("no such API path: {path}"))),
-    }
+/// A known path with a method it does not take.
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::BadRequest(format!("method {method} is not allowed on {}", uri.path()))
 }
 
-/// `DELETE /v1/services/{name}/backends/{addr:port}[?force=true]`.
+async fn no_such_path(uri: Uri) -> ApiError {
+    ApiError::NotFound(format!("no such API path: {}", uri.path()))
+}
+
+/// `?window=DURATION`.
+#[derive(Deserialize)]
+struct WindowQuery {
+    window: Option<String>,
+}
+
+/// `GET /v1/status[?window=60s]`.
+async fn status(
+    State(c): State<Shared>,
+    Params(Query(q)): Params<Query<WindowQuery>>,
+) -> ApiResult {
+    let window = window_ms(q.window.as_deref())?;
+    to_json(&lock(&c)?.status_over(window)?)
+}
+
+/// `GET /v1/services/{name}/signals[?window=60s]`.
+async fn signals(
+    State(c): State<Shared>,
+    Params(Path(name)): Params<Path<String>>,
+    Params(Query(q)): Params<Query<WindowQuery>>,
+) -> ApiResult {
+    let window = window_ms(q.window.as_deref())?;
+    to_json(&lock(&c)?.signals_of(&name, window)?)
+}
+
+/// `GET /v1/config`.
+async fn config(State(c): State<Shared>) -> ApiResult {
+    to_json(lock(&c)?.config())
+}
+
+/// `PUT /v1/services/{name}/weights`.
+async fn set_weights(
+    State(c): State<Shared>,
+    Params(Path(name)): Params<Path<String>>,
+    JsonBody(req): JsonBody<WeightsRequest>,
+) -> ApiResult {
+    to_json(&lock(&c)?.set_weights(&name, &req.weights)?)
+}
+
+/// `POST /v1/services`.
+async fn add_service(State(c): State<Shared>, JsonBody(spec): JsonBody<ServiceSpec>) -> ApiResult {
+    let mut c = lock(&c)?;
+    c.edit(|cfg| edit::add_service(cfg, &spec))?;
+    to_json(&c.report_of(&spec.name)?)
+}
+
+/// `GET /v1/services/{name}`.
+async fn service(State(c): State<Shared>, Params(Path(name)): Params<Path<String>>) -> ApiResult {
+    to_json(&lock(&c)?.report_of(&name)?)
+}
+
+/// `DELETE /v1/services/{name}`.
+async fn remove_service(
+    State(c): State<Shared>,
+    Params(Path(name)): Params<Path<String>>,
+) -> ApiResult {
+    let removed = lock(&c)?.edit(|cfg| edit::remove_service(cfg, &name))?;
+    to_json(&serde_json::json!({ "removed": removed }))
+}
+
+/// `POST /v1/services/{name}/versions`.
+async fn add_version(
+    State(c): State<Shared>,
+    Params(Path(name)): Params<Path<String>>,
+    JsonBody(spec): JsonBody<VersionSpec>,
+) -> ApiResult {
+    let mut c = lock(&c)?;
+    c.edit(|cfg| edit::add_version(cfg, &name, &spec))?;
+    to_json(&c.report_of(&name)?)
+}
+
+/// `DELETE /v1/services/{name}/versions/{version}`.
+async fn remove_version(
+    State(c): State<Shared>,
+    Params(Path((name, version))): Params<Path<(String, String)>>,
+) -> ApiResult {
+    let mut c = lock(&c)?;
+    c.edit(|cfg| edit::remove_version(cfg, &name, &version))?;
+    to_json(&c.report_of(&name)?)
+}
+
+/// `POST /v1/services/{name}/versions/{version}/backends`.
+async fn add_backend(
+    State(c): State<Shared>,
+    Params(Path((name, version))): Params<Path<(String, String)>>,
+    JsonBody(spec): JsonBody<BackendSpec>,
+) -> ApiResult {
+    let mut c = lock(&c)?;
+    c.edit(|cfg| edit::add_backend(cfg, &name, &version, &spec))?;
+    to_json(&c.report_of(&name)?)
+}
+
+/// `PATCH /v1/services/{name}/backends/{addr:port}`.
+async fn set_backend(
+    State(c): State<Shared>,
+    Params(Path((name, addr))): Params<Path<(String, String)>>,
+    JsonBody(patch): JsonBody<BackendPatch>,
+) -> ApiResult {
+    let addr = parse_addr("backend", &addr)?;
+    let mut c = lock(&c)?;
+    c.edit(|cfg| edit::set_backend(cfg, &name, addr, &patch))?;
+    to_json(&c.report_of(&name)?)
+}
+
+/// `?force=true|false`.
+#[derive(Deserialize)]
+struct ForceQuery {
+    force: Option<String>,
+}
+
+/// `DELETE /v1/services/{name}/backends/{addr:port}[?force=true]`: waits
+/// for a live-flow count without the controller's lock.
 async fn remove_backend(
-    controller: &Shared,
-    name: &str,
-    addr: &str,
-    query: Option<&str>,
-) -> Result<String, ApiError> {
-    let addr = parse_addr("backend", addr)?;
-    let force = match query_param(query, "force").as_deref() {
+    State(c): State<Shared>,
+    Params(Path((name, addr))): Params<Path<(String, String)>>,
+    Params(Query(q)): Params<Query<ForceQuery>>,
+) -> ApiResult {
+    let addr = parse_addr("backend", &addr)?;
+    let force = match q.force.as_deref() {
         None | Some("false") => false,
         Some("true") => true,
         Some(other) => {
@@ -304,23 +372,29 @@ async fn remove_backend(
             )));
         }
     };
-    to_json(&crate::controller::remove_backend(controller, name, addr, force).await?)
+    to_json(&crate::controller::remove_backend(&c, &name, addr, force).await?)
 }
 
 /// Longest `?timeout=` of a drain wait.
 const MAX_DRAIN_WAIT_SECS: u64 = 3600;
 
+/// `?timeout=SECONDS`.
+#[derive(Deserialize)]
+struct DrainQuery {
+    timeout: Option<String>,
+}
+
 /// `GET /v1/services/{name}/backends/{addr:port}/drain[?timeout=SECONDS]`:
 /// the backend's live flows from a count taken after the request came,
 /// once they reached 0 or after `timeout` seconds (default 0: at once).
+/// Waits without the controller's lock.
 async fn wait_drained(
-    controller: &Shared,
-    name: &str,
-    addr: &str,
-    query: Option<&str>,
-) -> Result<String, ApiError> {
-    let addr = parse_addr("backend", addr)?;
-    let secs = match query_param(query, "timeout") {
+    State(c): State<Shared>,
+    Params(Path((name, addr))): Params<Path<(String, String)>>,
+    Params(Query(q)): Params<Query<DrainQuery>>,
+) -> ApiResult {
+    let addr = parse_addr("backend", &addr)?;
+    let secs = match q.timeout {
         None => 0,
         Some(t) => t
             .parse::<u64>()
@@ -332,59 +406,468 @@ async fn wait_drained(
                 ))
             })?,
     };
-    let wait = crate::controller::wait_drained(
-        controller,
-        name,
-        addr,
-        std::time::Duration::from_secs(secs),
-        |_| {},
-    )
-    .await?;
+    let wait =
+        crate::controller::wait_drained(&c, &name, addr, Duration::from_secs(secs), |_| {}).await?;
     to_json(&wait)
 }
 
+/// `?service=NAME&client=ADDR:PORT`.
+#[derive(Deserialize)]
+struct FlowQuery {
+    service: Option<String>,
+    client: Option<String>,
+}
+
+/// `GET /v1/flow?service=NAME&client=ADDR:PORT`.
+async fn flow(State(c): State<Shared>, Params(Query(q)): Params<Query<FlowQuery>>) -> ApiResult {
+    let service = q
+        .service
+        .ok_or_else(|| ApiError::BadRequest("missing ?service=NAME".into()))?;
+    let client = q
+        .client
+        .ok_or_else(|| ApiError::BadRequest("missing &client=ADDR:PORT".into()))?;
+    let client: std::net::SocketAddrV4 = client.parse().map_err(|_| {
+        ApiError::BadRequest(format!("client {client:?} is not an IPv4 address:port"))
+    })?;
+    to_json(&lock(&c)?.flow(&service, client)?)
+}
+
+/// `POST /v1/reload`.
+async fn reload(State(c): State<Shared>) -> ApiResult {
+    let changes = lock(&c)?.reload()?;
+    to_json(&serde_json::json!({ "changes": changes }))
+}
+
+/// `POST /v1/detach`: the daemon stops once the answer is out.
+async fn detach(State(c): State<Shared>) -> ApiResult {
+    let removed = lock(&c)?.detach()?;
+    to_json(&serde_json::json!({ "removed": removed }))
+}
+
+/// An axum extractor (`Path`, `Query`) whose refusal is an [`ApiError`]
+/// (400, or 500 for a route that names no such parameter), not axum's
+/// plain-text answer.
+struct Params<E>(E);
+
+impl<S, E> FromRequestParts<S> for Params<E>
+where
+    S: Send + Sync,
+    E: FromRequestParts<S>,
+    E::Rejection: IntoResponse,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let refused = match E::from_request_parts(parts, state).await {
+            Ok(e) => return Ok(Self(e)),
+            Err(rejection) => rejection.into_response(),
+        };
+        Err(rejection_error(refused).await)
+    }
+}
+
+/// An axum rejection as an [`ApiError`] with the same status class and text.
+async fn rejection_error(resp: Response) -> ApiError {
+    let status = resp.status();
+    let text = axum::body::to_bytes(resp.into_body(), MAX_BODY)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
+    if status.is_server_error() {
+        ApiError::Internal(text)
+    } else {
+        ApiError::BadRequest(text)
+    }
+}
+
+/// A body type's example, shown when a body does not decode.
+trait Example {
+    const EXAMPLE: &'static str;
+}
+
+impl Example for WeightsRequest {
+    const EXAMPLE: &'static str = r#"{"weights": {"blue": 90, "green": 10}}"#;
+}
+
+impl Example for ServiceSpec {
+    const EXAMPLE: &'static str = r#"{"name": "web", "vip": "10.0.0.10:80", "versions": [{"name": "blue", "weight": 100, "backends": [{"address": "10.0.2.1:8080"}]}]}"#;
+}
+
+impl Example for VersionSpec {
+    const EXAMPLE: &'static str =
+        r#"{"name": "green", "weight": 0, "backends": [{"address": "10.0.2.3:8080"}]}"#;
+}
+
+impl Example for BackendSpec {
+    const EXAMPLE: &'static str = r#"{"address": "10.0.2.4:8080", "weight": 1, "state": "active"}"#;
+}
+
+impl Example for BackendPatch {
+    const EXAMPLE: &'static str = r#"{"weight": 2, "state": "drain"}"#;
+}
+
+/// A JSON request body of at most [`MAX_BODY`] bytes, whatever its
+/// content type says (`curl -d` sends a form's).
+struct JsonBody<T>(T);
+
+impl<S, T> FromRequest<S> for JsonBody<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned + Example,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let body = match Bytes::from_request(req, state).await {
+            Ok(b) => b,
+            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                return Err(ApiError::TooLarge(format!(
+                    "the request body is larger than {MAX_BODY} bytes"
+                )));
+            }
+            Err(e) => {
+                return Err(ApiError::BadRequest(format!(
+                    "could not read the request body: {}",
+                    e.body_text()
+                )));
+            }
+        };
+        body_json(&body, T::EXAMPLE).map(Self)
+    }
+}
+
 /// Decodes a JSON body, with an example of a good one in the error.
-fn body_json<T: serde::de::DeserializeOwned>(body: &[u8], example: &str) -> Result<T, ApiError> {
+fn body_json<T: DeserializeOwned>(body: &[u8], example: &str) -> Result<T, ApiError> {
     serde_json::from_slice(body)
         .map_err(|e| ApiError::BadRequest(format!("body must be JSON like {example}: {e}")))
 }
 
 /// `?window=DURATION` (`60s`, `5m`, `90s`...) in ms; the default
 /// ([`crate::signals::DEFAULT_WINDOW_SECS`]) without one.
-fn window_param(query: Option<&str>) -> Result<u64, ApiError> {
-    match query_param(query, "window") {
+fn window_ms(window: Option<&str>) -> Result<u64, ApiError> {
+    match window {
         None => Ok(crate::signals::DEFAULT_WINDOW_SECS * 1000),
-        Some(w) => crate::signals::parse_window(&w).map_err(ApiError::BadRequest),
+        Some(w) => crate::signals::parse_window(w).map_err(ApiError::BadRequest),
     }
 }
 
-/// The value of `key` in a query string.
-fn query_param(query: Option<&str>, key: &str) -> Option<String> {
-    query?
-        .split('&')
-        .filter_map(|kv| kv.split_once('='))
-        .find(|(k, _)| *k == key)
-        .map(|(_, v)| v.to_string())
+fn to_json<T: Serialize>(v: &T) -> ApiResult {
+    serde_json::to_string_pretty(v)
+        .map(Answer)
+        .map_err(|e| ApiError::Internal(e.to_string()))
 }
 
-fn to_json<T: Serialize>(v: &T) -> Result<String, ApiError> {
-    serde_json::to_string_pretty(v).map_err(|e| ApiError::Internal(e.to_string()))
+fn json_response(status: StatusCode, body: String) -> Response {
+    (
+        status,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        body + "\n",
+    )
+        .into_response()
 }
 
-fn json_response(status: StatusCode, body: String) -> Response<Full<Bytes>> {
-    let mut resp = Response::new(Full::new(Bytes::from(body + "\n")));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("application/json"),
-    );
-    resp
-}
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
 
-fn reply_error(e: &ApiError) -> Response<Full<Bytes>> {
-    let body = serde_json::to_string(&ErrorBody {
-        error: e.to_string(),
-    })
-    .unwrap_or_else(|_| "{\"error\":\"internal\"}".into());
-    json_response(e.status(), body)
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+    use crate::{config::Config, kernel::FakeDataplane};
+
+    const TEXT: &str = r#"
+[dataplane]
+interface = "eth0"
+
+[[service]]
+name = "web"
+vip = "10.0.0.10:80"
+
+[[service.version]]
+name = "blue"
+weight = 100
+backends = ["10.0.2.2:8080", "10.0.2.3:8080"]
+
+[[service.version]]
+name = "green"
+weight = 0
+backends = ["10.0.2.4:8080"]
+"#;
+
+    /// A served API over a fake data plane; the server stops on drop of
+    /// `stop` (or when sent).
+    struct Api {
+        socket: std::path::PathBuf,
+        fake: FakeDataplane,
+        stop: Option<tokio::sync::oneshot::Sender<()>>,
+        server: tokio::task::JoinHandle<()>,
+    }
+
+    impl Api {
+        fn start() -> Self {
+            static N: AtomicU32 = AtomicU32::new(0);
+            let socket = std::env::temp_dir().join(format!(
+                "splitter-api-test-{}-{}.sock",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            ));
+            let _ = std::fs::remove_file(&socket);
+            let listener = UnixListener::bind(&socket).unwrap();
+            let config = Config::parse(TEXT).unwrap();
+            let mut fake = FakeDataplane::default();
+            crate::kernel::DataplaneOps::apply(&mut fake, &config).unwrap();
+            let controller = Arc::new(std::sync::Mutex::new(Controller::new(
+                config,
+                fake.clone(),
+                None,
+            )));
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let server = tokio::spawn(serve(listener, controller, async {
+                let _ = stopped.await;
+            }));
+            Self {
+                socket,
+                fake,
+                stop: Some(stop),
+                server,
+            }
+        }
+
+        /// Sends `method path` with `body`; the status and the body of the answer.
+        async fn send(&self, method: &str, path: &str, body: &[u8]) -> (u16, String, String) {
+            let mut s = tokio::net::UnixStream::connect(&self.socket).await.unwrap();
+            let head = format!(
+                "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            );
+            s.write_all(head.as_bytes()).await.unwrap();
+            s.write_all(body).await.unwrap();
+            // A refused body may be left unread: the server then resets
+            // the connection after its answer.
+            let mut out = Vec::new();
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = s.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                out.extend_from_slice(&buf[..n]);
+            }
+            let out = String::from_utf8(out).unwrap();
+            let (head, body) = out.split_once("\r\n\r\n").expect("an HTTP answer");
+            let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+            (status, head.to_ascii_lowercase(), body.to_string())
+        }
+
+        /// The `error` of an error answer, checking its status.
+        async fn refused(&self, method: &str, path: &str, body: &str, status: u16) -> String {
+            let (got, head, text) = self.send(method, path, body.as_bytes()).await;
+            assert_eq!(got, status, "{method} {path}: {text}");
+            assert!(head.contains("content-type: application/json"), "{head}");
+            serde_json::from_str::<ErrorBody>(&text)
+                .unwrap_or_else(|e| panic!("{method} {path}: {text:?}: {e}"))
+                .error
+        }
+    }
+
+    impl Drop for Api {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.socket);
+        }
+    }
+
+    #[tokio::test]
+    async fn routes_answer_pretty_json() {
+        let api = Api::start();
+        let (status, head, body) = api.send("GET", "/v1/status?window=30s", b"").await;
+        assert_eq!(status, 200, "{body}");
+        assert!(head.contains("content-type: application/json"), "{head}");
+        assert!(body.ends_with("}\n"), "{body:?}");
+        let report: StatusReport = serde_json::from_str(&body).unwrap();
+        assert_eq!(report.services.len(), 1);
+        let (status, _, body) = api.send("GET", "/v1/services/web", b"").await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(
+            serde_json::from_str::<ServiceReport>(&body).unwrap().name,
+            "web"
+        );
+        let (status, _, body) = api.send("GET", "/v1/config", b"").await;
+        assert_eq!(status, 200, "{body}");
+        let (status, _, body) = api
+            .send(
+                "PUT",
+                "/v1/services/web/weights",
+                br#"{"weights": {"blue": 90, "green": 10}}"#,
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let weights: Vec<u32> = api.fake.last().unwrap().services[0]
+            .versions
+            .iter()
+            .map(|v| v.weight)
+            .collect();
+        assert_eq!(weights, [90, 10]);
+        let (status, _, body) = api
+            .send(
+                "PATCH",
+                "/v1/services/web/backends/10.0.2.3:8080",
+                br#"{"weight": 3}"#,
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let (status, _, body) = api
+            .send("GET", "/v1/flow?service=web&client=10.0.1.2:40000", b"")
+            .await;
+        assert_eq!(status, 200, "{body}");
+    }
+
+    #[tokio::test]
+    async fn refusals_keep_their_status_and_message() {
+        let api = Api::start();
+        for (method, path, body, status, want) in [
+            ("GET", "/v1/nope", "", 404, "no such API path: /v1/nope"),
+            (
+                "GET",
+                "/v1/services/web/backends",
+                "",
+                404,
+                "no such API path",
+            ),
+            (
+                "DELETE",
+                "/v1/status",
+                "",
+                400,
+                "method DELETE is not allowed on /v1/status",
+            ),
+            (
+                "GET",
+                "/v1/services/web/weights",
+                "",
+                400,
+                "method GET is not allowed on /v1/services/web/weights",
+            ),
+            (
+                "PUT",
+                "/v1/services/web/backends/10.0.2.2:8080",
+                "",
+                400,
+                "method PUT is not allowed",
+            ),
+            (
+                "PUT",
+                "/v1/services/web/weights",
+                "{not json",
+                400,
+                r#"body must be JSON like {"weights": {"blue": 90, "green": 10}}: "#,
+            ),
+            (
+                "POST",
+                "/v1/services",
+                r#"{"name": "api""#,
+                400,
+                r#"body must be JSON like {"name": "web", "vip""#,
+            ),
+            (
+                "PATCH",
+                "/v1/services/web/backends/nope",
+                r#"{"weight": 2}"#,
+                400,
+                "not an IPv4 address:port",
+            ),
+            ("GET", "/v1/services/nope", "", 404, "no service named"),
+            (
+                "DELETE",
+                "/v1/services/web/backends/10.0.2.77:8080",
+                "",
+                404,
+                "has no backend 10.0.2.77:8080",
+            ),
+            (
+                "DELETE",
+                "/v1/services/web/backends/10.0.2.2:8080?force=maybe",
+                "",
+                400,
+                r#"force="maybe": use force=true or force=false"#,
+            ),
+            (
+                "GET",
+                "/v1/services/web/backends/10.0.2.2:8080/drain?timeout=9999",
+                "",
+                400,
+                r#"timeout="9999": seconds to wait, 0..=3600"#,
+            ),
+            (
+                "GET",
+                "/v1/flow?service=web",
+                "",
+                400,
+                "missing &client=ADDR:PORT",
+            ),
+            (
+                "GET",
+                "/v1/flow?client=10.0.1.2:1",
+                "",
+                400,
+                "missing ?service=NAME",
+            ),
+            (
+                "GET",
+                "/v1/flow?service=web&client=zzz",
+                "",
+                400,
+                r#"client "zzz" is not an IPv4 address:port"#,
+            ),
+            ("GET", "/v1/status?window=", "", 400, ""),
+            ("GET", "/v1/services/%FF", "", 400, "Invalid URL"),
+        ] {
+            let error = api.refused(method, path, body, status).await;
+            assert!(error.contains(want), "{method} {path}: {error:?}");
+        }
+        let before = api.fake.with(|s| s.published.len());
+        assert_eq!(before, 1, "a refused request published something");
+    }
+
+    #[tokio::test]
+    async fn a_body_over_the_limit_is_413() {
+        let api = Api::start();
+        let big = format!(
+            r#"{{"weights": {{"blue": 1, "x": "{}"}}}}"#,
+            "a".repeat(MAX_BODY)
+        );
+        let error = api
+            .refused("PUT", "/v1/services/web/weights", &big, 413)
+            .await;
+        assert_eq!(
+            error,
+            format!("the request body is larger than {MAX_BODY} bytes")
+        );
+        // One byte under the limit is read (and refused for what it says).
+        let error = api
+            .refused(
+                "PUT",
+                "/v1/services/web/weights",
+                &" ".repeat(MAX_BODY - 1),
+                400,
+            )
+            .await;
+        assert!(error.starts_with("body must be JSON"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn serve_returns_when_shutdown_resolves() {
+        let mut api = Api::start();
+        let (status, _, _) = api.send("GET", "/v1/status", b"").await;
+        assert_eq!(status, 200);
+        // An idle connection does not hold the server up.
+        let _idle = tokio::net::UnixStream::connect(&api.socket).await.unwrap();
+        let _ = api.stop.take().unwrap().send(());
+        tokio::time::timeout(Duration::from_secs(1), &mut api.server)
+            .await
+            .expect("serve returned")
+            .unwrap();
+    }
 }
