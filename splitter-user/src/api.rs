@@ -18,6 +18,12 @@
 //! | GET | `/v1/flow?service=NAME&client=ADDR:PORT` | | [`FlowReport`] |
 //! | POST | `/v1/reload` | | `{"changes": [...]}`: the config file re-read and applied as a diff |
 //! | POST | `/v1/detach` | | `{"removed": [pins]}`; the daemon then stops and XDP is detached |
+//! | GET | `/v1/rollouts` | | every rollout's [`crate::report::RolloutReport`] |
+//! | POST | `/v1/rollouts` | [`StartRequest`] | the new rollout's report |
+//! | GET | `/v1/rollouts/{name}` | | its report |
+//! | GET | `/v1/rollouts/{name}/history` | | its timeline and analysis samples ([`crate::rollout::driver::Book`]) |
+//! | GET | `/v1/rollouts/{name}/report` | | an SVG plot of weights, error rates and latency, steps and verdicts marked |
+//! | POST | `/v1/rollouts/{name}/{command}` | | `promote`, `promote-full`, `pause`, `resume`, `abort`, `retry` or `undo`; its report |
 //!
 //! Bodies are JSON whatever their content type says, at most 64 KiB
 //! (`MAX_BODY`). Errors come back as `{"error": "..."}` with 400 (bad input, or a
@@ -51,6 +57,7 @@ use tracing::{debug, info};
 use crate::{
     controller::{Controller, ControllerError},
     edit::{self, BackendPatch, BackendSpec, ServiceSpec, VersionSpec, parse_addr},
+    rollout::driver::StartRequest,
 };
 
 pub use crate::report::{
@@ -180,6 +187,11 @@ fn router(controller: Shared) -> Router {
             "/v1/services/{name}/backends/{addr}/drain",
             get(wait_drained),
         )
+        .route("/v1/rollouts", get(rollout_list).post(rollout_start))
+        .route("/v1/rollouts/{name}", get(rollout_status))
+        .route("/v1/rollouts/{name}/history", get(rollout_history))
+        .route("/v1/rollouts/{name}/report", get(rollout_report))
+        .route("/v1/rollouts/{name}/{command}", post(rollout_command))
         .route("/v1/flow", get(flow))
         .route("/v1/reload", post(reload))
         .route("/v1/detach", post(detach))
@@ -432,6 +444,81 @@ async fn flow(State(c): State<Shared>, Params(Query(q)): Params<Query<FlowQuery>
     to_json(&lock(&c)?.flow(&service, client)?)
 }
 
+/// Now on the rollouts' clock (`CLOCK_MONOTONIC` ms).
+fn now_ms() -> u64 {
+    crate::dataplane::monotonic_ns() / 1_000_000
+}
+
+/// `GET /v1/rollouts`: every rollout, running or finished.
+async fn rollout_list(State(c): State<Shared>) -> ApiResult {
+    to_json(&lock(&c)?.rollout_list(now_ms()))
+}
+
+/// `POST /v1/rollouts`: start one ([`StartRequest`]).
+async fn rollout_start(
+    State(c): State<Shared>,
+    JsonBody(req): JsonBody<StartRequest>,
+) -> ApiResult {
+    let (report, hooks) = lock(&c)?.rollout_start(&req, now_ms())?;
+    crate::rollout::driver::spawn_hooks(&c, hooks);
+    to_json(&report)
+}
+
+/// `GET /v1/rollouts/{name}`: where it stands.
+async fn rollout_status(
+    State(c): State<Shared>,
+    Params(Path(name)): Params<Path<String>>,
+) -> ApiResult {
+    to_json(&lock(&c)?.rollout_report(&name, now_ms())?)
+}
+
+/// `GET /v1/rollouts/{name}/history`: its timeline and analysis samples.
+async fn rollout_history(
+    State(c): State<Shared>,
+    Params(Path(name)): Params<Path<String>>,
+) -> ApiResult {
+    to_json(lock(&c)?.rollout_book(&name)?)
+}
+
+/// `GET /v1/rollouts/{name}/report`: the timeline as an SVG plot.
+async fn rollout_report(
+    State(c): State<Shared>,
+    Params(Path(name)): Params<Path<String>>,
+) -> Result<Response, ApiError> {
+    let svg = {
+        let c = lock(&c)?;
+        crate::rollout::plot::svg(&name, c.rollout_book(&name)?)
+    };
+    let mut resp = Response::new(axum::body::Body::from(svg));
+    resp.headers_mut().insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("image/svg+xml"),
+    );
+    Ok(resp)
+}
+
+/// `POST /v1/rollouts/{name}/{command}`: promote, promote-full, pause,
+/// resume, abort, retry, undo.
+async fn rollout_command(
+    State(c): State<Shared>,
+    Params(Path((name, command))): Params<Path<(String, String)>>,
+) -> ApiResult {
+    use crate::rollout::machine::Command;
+    let command = Command::ALL
+        .into_iter()
+        .find(|k| k.name() == command)
+        .ok_or_else(|| {
+            let all: Vec<&str> = Command::ALL.iter().map(|k| k.name()).collect();
+            ApiError::NotFound(format!(
+                "no rollout command {command:?}; commands: {}",
+                all.join(", ")
+            ))
+        })?;
+    let (report, hooks) = lock(&c)?.rollout_command(&name, command, now_ms())?;
+    crate::rollout::driver::spawn_hooks(&c, hooks);
+    to_json(&report)
+}
+
 /// `POST /v1/reload`.
 async fn reload(State(c): State<Shared>) -> ApiResult {
     let changes = lock(&c)?.reload()?;
@@ -504,6 +591,10 @@ impl Example for BackendSpec {
 
 impl Example for BackendPatch {
     const EXAMPLE: &'static str = r#"{"weight": 2, "state": "drain"}"#;
+}
+
+impl Example for StartRequest {
+    const EXAMPLE: &'static str = r#"{"service": "web", "to": "green", "strategy": "canary", "steps": [5, 10, 25, 50, 100], "step_ms": 60000}"#;
 }
 
 /// A JSON request body of at most [`MAX_BODY`] bytes, whatever its

@@ -904,7 +904,7 @@ pub async fn run(controller: Shared, mut shutdown: Shutdown) {
 }
 
 /// Runs hooks on tasks of their own; a deploy hook's end is fed back.
-fn spawn_hooks(controller: &Shared, hooks: Vec<HookRun>) {
+pub fn spawn_hooks(controller: &Shared, hooks: Vec<HookRun>) {
     for h in hooks {
         let c = Arc::clone(controller);
         tokio::spawn(async move {

@@ -11,9 +11,11 @@
 //! - [`driver`]: the daemon side (not pure): carries out the machine's
 //!   actions through the controller, feeds it time, verdicts, backend
 //!   events and commands, saves and resumes rollouts.
+//! - [`plot`]: the report's SVG (plotters): shares, error rates, latency.
 //! - [`machine`]: [`machine::Rollout`] (the persisted state) and
 //!   [`machine::step`]: `(state, event) -> (state, actions)`, with its
 //!   states, rules and errors ([`machine::TransitionError`]).
 pub mod driver;
 pub mod machine;
+pub mod plot;
 pub mod spec;
