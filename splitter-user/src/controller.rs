@@ -178,7 +178,11 @@ impl Controller {
                 )));
             }
         }
-        changes.extend(crate::rollout::driver::supersede(&mut next, &self.rollouts, &self.config));
+        changes.extend(crate::rollout::driver::supersede(
+            &mut next,
+            &self.rollouts,
+            &self.config,
+        ));
         for s in &next.services {
             match self.config.service(&s.name) {
                 None => changes.push(format!("added service {}", s.name)),

@@ -97,10 +97,23 @@ pub async fn run(
         }
         Err(e) => return Err(e.into()),
     };
-    let config = match &saved {
+    let mut config = match &saved {
         Some(saved) => restore_services(file_config, &digest, saved),
         None => file_config,
     };
+    let rollouts = saved
+        .as_ref()
+        .map(|s| s.rollouts.clone())
+        .unwrap_or_default();
+    if let Some(services) = saved.as_ref().and_then(|s| s.services.clone()) {
+        // An edited file does not undo what rollouts did, unless it edits
+        // those services' weights.
+        let mut running = config.clone();
+        running.services = services;
+        for said in crate::rollout::driver::supersede(&mut config, &rollouts, &running) {
+            info!("{said}");
+        }
+    }
     let pin_dir = config.dataplane.pin_dir.clone();
     let source = match &opts.program {
         Some(p) => ProgramSource::File(p.clone()),
@@ -143,7 +156,8 @@ pub async fn run(
         ifaces.join(", ")
     );
     let controller = Controller::new(config, dataplane, Some(opts.state_dir.clone()))
-        .with_config_path(opts.config.clone(), digest);
+        .with_config_path(opts.config.clone(), digest)
+        .with_rollouts(rollouts);
     if let Err(e) = controller.persist() {
         warn!(error = %e, "could not write the state file; runtime changes would not survive a restart");
     }
@@ -162,6 +176,10 @@ pub async fn run(
         background.push(task);
     }
     background.push(tokio::spawn(sample_signals(
+        controller.clone(),
+        tasks_stop.clone(),
+    )));
+    background.push(tokio::spawn(crate::rollout::driver::run(
         controller.clone(),
         tasks_stop.clone(),
     )));
@@ -394,10 +412,15 @@ async fn poll_external_metrics(
         };
         due.retain(|name, _| work.iter().any(|(n, ..)| n == name));
         for (service, versions, cfg) in work {
-            if due.get(&service).is_some_and(|at| *at > now_ms) {
-                continue;
-            }
-            due.insert(service.clone(), now_ms + u64::from(cfg.interval_ms));
+            let interval = u64::from(cfg.interval_ms);
+            let next = match due.get(&service) {
+                Some(at) if *at > now_ms => continue,
+                // From the time it was due, so the ticks' jitter does not
+                // add a second now and then; after a long stall, from now.
+                Some(at) if now_ms - *at < interval => *at + interval,
+                _ => now_ms + interval,
+            };
+            due.insert(service.clone(), next);
             for version in versions {
                 let reading = tokio::select! {
                     r = crate::signals::external::read(&cfg, &service, &version) => r,

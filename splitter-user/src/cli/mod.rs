@@ -5,8 +5,8 @@
 //! Exit codes: 0 success; 1 the request was refused or failed (the message
 //! says why); 2 bad command line; 3 the daemon could not be reached.
 mod detach;
-mod rollout;
 mod edit;
+mod rollout;
 mod status;
 mod weights;
 
@@ -23,7 +23,9 @@ Examples:
   splitter status --output json
   splitter status --window 5m --backends          # signals over 5 minutes, per backend too
   splitter weights set web blue=90 green=10
-  splitter weights set web blue=0 green=100      # blue-green switch
+  splitter weights set web blue=0 green=100      # blue-green switch by hand
+  splitter rollout start web --to green --watch  # canary 5,10,25,50,100% gated on signals
+  splitter rollout status web --watch --timeout 30m   # exit 0 done, 1 rolled back, 4 timeout
   splitter backend set web 10.0.2.2:8080 --state drain   # no new flows; established go on
   splitter backend set web 10.0.2.2:8080 --state drain --wait 300   # ... and wait until they end
   splitter backend remove web 10.0.2.2:8080       # once its live flows reached 0
@@ -180,6 +182,11 @@ pub enum Command {
     /// flows keep their backend).
     #[command(subcommand)]
     Weights(WeightsCommand),
+    /// Canary, blue-green and rolling deployments run by the daemon, each
+    /// step gated on the analysis of connection signals (and an external
+    /// metric), with automatic rollback; watch them from a terminal or CI.
+    #[command(subcommand)]
+    Rollout(rollout::RolloutCommand),
     /// Add, remove or show services (runtime changes, saved across restarts).
     #[command(subcommand)]
     Service(edit::ServiceCommand),
@@ -286,6 +293,7 @@ pub async fn run(cli: Cli) -> ExitCode {
             output,
         }) => weights::set(&cli.socket, &service, &weights, output).await,
         Command::Service(c) => edit::service(&cli.socket, c).await,
+        Command::Rollout(c) => rollout::run(&cli.socket, c).await,
         Command::Version(c) => edit::version(&cli.socket, c).await,
         Command::Backend(c) => edit::backend(&cli.socket, c).await,
         Command::Config(ConfigCommand::Check { file }) => {
@@ -300,6 +308,7 @@ pub async fn run(cli: Cli) -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(CliError::Exit(code)) => ExitCode::from(code),
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(e.code())
@@ -386,6 +395,10 @@ pub enum CliError {
     /// Anything else.
     #[error("{0:#}")]
     Other(anyhow::Error),
+    /// A watch ended otherwise than completed: this exit code (its reason
+    /// was printed already).
+    #[error("exit {0}")]
+    Exit(u8),
 }
 
 impl CliError {
@@ -393,6 +406,7 @@ impl CliError {
         match self {
             Self::Client(ClientError::Unreachable { .. }) => 3,
             Self::Usage(_) => 2,
+            Self::Exit(code) => *code,
             _ => 1,
         }
     }

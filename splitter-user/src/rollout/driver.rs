@@ -76,7 +76,11 @@ pub struct Book {
 /// those the file had when its rollout started (or whose rollout is
 /// running): a rollout's outcome is not undone by an unrelated edit of the
 /// file. Returns one sentence per service it kept or gave up.
-pub fn supersede(next: &mut Config, books: &BTreeMap<String, Book>, running: &Config) -> Vec<String> {
+pub fn supersede(
+    next: &mut Config,
+    books: &BTreeMap<String, Book>,
+    running: &Config,
+) -> Vec<String> {
     let mut said = Vec::new();
     for (service, book) in books {
         let Some(run) = running.service(service) else {
@@ -436,7 +440,9 @@ impl Controller {
                     stable_percent,
                     target,
                     target_percent,
-                } => self.rollout_weights(service, &stable, stable_percent, &target, target_percent),
+                } => {
+                    self.rollout_weights(service, &stable, stable_percent, &target, target_percent)
+                }
                 Action::SetPreview { vip, version } => {
                     self.overlay_mut()
                         .previews
@@ -562,8 +568,15 @@ impl Controller {
     ///
     /// # Errors
     /// No rollout for the service.
-    pub fn rollout_report(&self, service: &str, now_ms: u64) -> Result<RolloutReport, ControllerError> {
-        let b = self.rollouts.get(service).ok_or_else(|| no_rollout(service))?;
+    pub fn rollout_report(
+        &self,
+        service: &str,
+        now_ms: u64,
+    ) -> Result<RolloutReport, ControllerError> {
+        let b = self
+            .rollouts
+            .get(service)
+            .ok_or_else(|| no_rollout(service))?;
         let r = &b.rollout;
         let spec = &r.spec;
         let weights = self
@@ -577,9 +590,7 @@ impl Controller {
             })
             .unwrap_or_default();
         let (state, reason) = match &r.phase {
-            Phase::Pending | Phase::Progressing | Phase::WaitingForPromotion => {
-                ("running", None)
-            }
+            Phase::Pending | Phase::Progressing | Phase::WaitingForPromotion => ("running", None),
             Phase::Paused { reason, .. } => ("paused", Some(reason.clone())),
             Phase::Completed { .. } => ("completed", None),
             Phase::RolledBack { reason, .. } => ("rolled-back", Some(reason.clone())),
@@ -666,7 +677,9 @@ impl Controller {
     /// # Errors
     /// No rollout for the service.
     pub fn rollout_book(&self, service: &str) -> Result<&Book, ControllerError> {
-        self.rollouts.get(service).ok_or_else(|| no_rollout(service))
+        self.rollouts
+            .get(service)
+            .ok_or_else(|| no_rollout(service))
     }
 
     /// One driver tick at `now_ms`: time for every running rollout, and
@@ -676,8 +689,15 @@ impl Controller {
         let services: Vec<String> = self
             .rollouts
             .iter()
-            .filter(|(_, b)| !matches!(b.rollout.phase, Phase::Pending) && !b.rollout.phase.is_finished()
-                || matches!(b.rollout.phase, Phase::Completed { undo_until_ms: Some(_) }))
+            .filter(|(_, b)| {
+                !matches!(b.rollout.phase, Phase::Pending) && !b.rollout.phase.is_finished()
+                    || matches!(
+                        b.rollout.phase,
+                        Phase::Completed {
+                            undo_until_ms: Some(_)
+                        }
+                    )
+            })
             .map(|(s, _)| s.clone())
             .collect();
         for service in services {
@@ -775,7 +795,10 @@ impl Controller {
         let mut events = Vec::new();
         for (service, b) in &self.rollouts {
             let r = &b.rollout;
-            let Some(p) = r.rolling.as_ref().filter(|_| matches!(r.phase, Phase::Progressing))
+            let Some(p) = r
+                .rolling
+                .as_ref()
+                .filter(|_| matches!(r.phase, Phase::Progressing))
             else {
                 continue;
             };
@@ -849,7 +872,9 @@ fn waiting_for(b: &Book, now_ms: u64) -> String {
         Phase::Pending => "start".into(),
         Phase::Paused { .. } => "`splitter rollout resume` (or promote, abort)".into(),
         Phase::WaitingForPromotion => "`splitter rollout promote`".into(),
-        Phase::Completed { undo_until_ms: Some(until) } => format!(
+        Phase::Completed {
+            undo_until_ms: Some(until),
+        } => format!(
             "nothing (undo possible for {}s more)",
             until.saturating_sub(now_ms) / 1000
         ),
@@ -908,8 +933,7 @@ pub fn spawn_hooks(controller: &Shared, hooks: Vec<HookRun>) {
     for h in hooks {
         let c = Arc::clone(controller);
         tokio::spawn(async move {
-            let out =
-                crate::hook::run(&h.argv, &h.env, Duration::from_millis(h.timeout_ms)).await;
+            let out = crate::hook::run(&h.argv, &h.env, Duration::from_millis(h.timeout_ms)).await;
             if let HookPurpose::Deploy { backend } = h.purpose {
                 let service = h.env.get("SPLITTER_SERVICE").cloned().unwrap_or_default();
                 let detail = match &out.error {

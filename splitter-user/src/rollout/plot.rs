@@ -71,7 +71,10 @@ fn draw(root: &Area<'_>, service: &str, book: &Book) -> Result<(), Box<dyn std::
         .margin(8)
         .x_label_area_size(20)
         .y_label_area_size(50)
-        .caption(format!("share of new flows to {} (%)", r.spec.to), ("sans-serif", 14))
+        .caption(
+            format!("share of new flows to {} (%)", r.spec.to),
+            ("sans-serif", 14),
+        )
         .build_cartesian_2d(0.0..x_max, 0.0..105.0)?;
     c.configure_mesh().disable_x_mesh().draw()?;
     c.draw_series(LineSeries::new(steps_of(&share), BLUE.stroke_width(2)))?;
@@ -101,21 +104,19 @@ fn draw(root: &Area<'_>, service: &str, book: &Book) -> Result<(), Box<dyn std::
         .margin(8)
         .x_label_area_size(20)
         .y_label_area_size(50)
-        .caption("error rate (%): target red, baseline grey", ("sans-serif", 14))
+        .caption(
+            "error rate (%): target red, baseline grey",
+            ("sans-serif", 14),
+        )
         .build_cartesian_2d(0.0..x_max, 0.0..y_err)?;
     c.configure_mesh().disable_x_mesh().draw()?;
     c.draw_series(LineSeries::new(base_err, BLACK.mix(0.4).stroke_width(2)))?;
     c.draw_series(LineSeries::new(canary_err.clone(), RED.stroke_width(2)))?;
-    c.draw_series(
-        samples
-            .iter()
-            .filter(|s| s.verdict != "pass")
-            .map(|s| {
-                let y = s.canary.error_rate.map_or(0.0, |e| 100.0 * e);
-                let colour = if s.verdict == "fail" { RED } else { MAGENTA };
-                Circle::new((secs(s.at_ms), y), 4, colour.filled())
-            }),
-    )?;
+    c.draw_series(samples.iter().filter(|s| s.verdict != "pass").map(|s| {
+        let y = s.canary.error_rate.map_or(0.0, |e| 100.0 * e);
+        let colour = if s.verdict == "fail" { RED } else { MAGENTA };
+        Circle::new((secs(s.at_ms), y), 4, colour.filled())
+    }))?;
     marks(&mut c, book, &secs, y_err)?;
 
     // 3. Connect latency p99.
@@ -142,7 +143,10 @@ fn draw(root: &Area<'_>, service: &str, book: &Book) -> Result<(), Box<dyn std::
         .margin(8)
         .x_label_area_size(30)
         .y_label_area_size(50)
-        .caption("connect latency p99 (ms): target red, baseline grey; x: seconds", ("sans-serif", 14))
+        .caption(
+            "connect latency p99 (ms): target red, baseline grey; x: seconds",
+            ("sans-serif", 14),
+        )
         .build_cartesian_2d(0.0..x_max, 0.0..y_lat)?;
     c.configure_mesh().disable_x_mesh().draw()?;
     c.draw_series(LineSeries::new(base_lat, BLACK.mix(0.4).stroke_width(2)))?;
