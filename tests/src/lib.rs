@@ -13,6 +13,8 @@
 //!   long-lived echo connection that records any disruption.
 //! - [`splitter`]: finding the `splitter` binary, running the daemon in the
 //!   edge namespace, its CLI, and config files for the topology.
+//! - [`prometheus`]: a real Prometheus server and an exporter it scrapes,
+//!   inside a namespace, for the external metric of `[service.analysis]`.
 //! - [`program`]: test builds of the kernel program (another tag; another
 //!   map layout) for the upgrade tests.
 //!
@@ -29,6 +31,7 @@
 pub mod clients;
 pub mod netns;
 pub mod program;
+pub mod prometheus;
 pub mod servers;
 pub mod splitter;
 pub mod topology;

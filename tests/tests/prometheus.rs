@@ -6,7 +6,13 @@
 //! every other outcome into its own error: an unreachable server, no series,
 //! bad PromQL (with Prometheus's own text), several series, NaN.
 //!
-//! Everything runs inside a namespace of its own with only `lo`: the
+//! And the real daemon end to end: Prometheus and the exporter in the
+//! topology's edge namespace, where `splitter daemon` polls the metric of
+//! each version every second; `splitter status` (JSON and table) and
+//! `GET /v1/services/web/signals` show the value per version, and an error,
+//! never a number, once Prometheus is gone.
+//!
+//! The library tests run inside a namespace of its own with only `lo`: the
 //! exporter (a thread of this test serving `/metrics` in the Prometheus
 //! text format), Prometheus scraping it every second with its data in a
 //! temporary directory, and the queries (a tokio runtime on a thread that
@@ -18,256 +24,42 @@
 //! cargo test -p splitter-tests --test prometheus -- --include-ignored --test-threads=1
 //! ```
 use std::{
-    fs::File,
-    io::{ErrorKind, Read, Write},
-    net::{SocketAddr, TcpListener, TcpStream},
-    path::{Path, PathBuf},
-    process::Stdio,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
-    },
-    thread::{self, JoinHandle},
+    io::{Read, Write},
+    os::unix::net::UnixStream,
+    path::Path,
+    thread,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail, ensure};
+use serde_json::Value;
 use splitter::{
     config::AnalysisConfig,
     signals::external::{self, MetricError},
 };
-use splitter_tests::netns::{Child, Netns, run_prefix};
+use splitter_tests::{
+    clients,
+    netns::{Netns, run_prefix},
+    prometheus::{Exporter, Prometheus, RATIO_QUERY as RATIO, READY_TIMEOUT, free_port},
+    servers::HttpServer,
+    splitter::{Affinity, Daemon, Mode, blue_green_config},
+    topology::{self, Topology, TopologyOptions},
+};
 
-const PROMETHEUS_BIN: &str = "/usr/bin/prometheus";
 /// Inside the test's namespace: nothing else listens there.
 const PROMETHEUS_ADDR: &str = "127.0.0.1:19090";
 const EXPORTER_ADDR: &str = "127.0.0.1:19100";
 /// A port nothing listens on in the namespace.
 const NOBODY_ADDR: &str = "127.0.0.1:19091";
-/// Longest wait for Prometheus to be ready and to have scraped.
-const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longest wait for enough samples for a `rate()` over `RATE_RANGE`.
 const RATE_TIMEOUT: Duration = Duration::from_secs(30);
 /// The range of the rate queries (five scrapes at 1 s).
 const RATE_RANGE: &str = "5s";
-/// Longest life of the exporter thread, whatever happens to the test.
-const EXPORTER_LIFETIME: Duration = Duration::from_secs(300);
-const IO_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// The 5xx ratio of one version, as an instant ratio of counters.
-const RATIO: &str = r#"sum(http_requests_total{service="{service}",version="{version}",code=~"5.."}) / sum(http_requests_total{service="{service}",version="{version}"})"#;
 
 fn rate_ratio() -> String {
     format!(
         r#"sum(rate(http_requests_total{{service="{{service}}",version="{{version}}",code=~"5.."}}[{RATE_RANGE}])) / sum(rate(http_requests_total{{service="{{service}}",version="{{version}}"}}[{RATE_RANGE}]))"#
     )
-}
-
-/// A `/metrics` endpoint on a thread: request counters of service `web`.
-/// Version `green` serves 3 answers with code 200 for each one with code
-/// 500, and its counters grow by 3 and 1 at every scrape, so both its
-/// instant ratio and its rate ratio are exactly 0.25. Version `blue`'s
-/// counters stay put (500 answers, no errors): ratio 0, and a rate ratio of
-/// 0/0.
-struct Exporter {
-    stop: Arc<AtomicBool>,
-    scrapes: Arc<AtomicU64>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Exporter {
-    fn start(ns: &Netns, addr: &str) -> Result<Self> {
-        let listener = ns
-            .enter(|| TcpListener::bind(addr))?
-            .with_context(|| format!("binding the exporter on {addr} in {}", ns.name()))?;
-        listener.set_nonblocking(true)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let scrapes = Arc::new(AtomicU64::new(0));
-        let (flag, count) = (Arc::clone(&stop), Arc::clone(&scrapes));
-        let thread = thread::spawn(move || {
-            let started = Instant::now();
-            while !flag.load(Ordering::Relaxed) && started.elapsed() < EXPORTER_LIFETIME {
-                match listener.accept() {
-                    Ok((s, _)) => {
-                        // One request per connection, answered in turn:
-                        // Prometheus scrapes once a second.
-                        let _ = serve(s, &count);
-                    }
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                        thread::sleep(Duration::from_millis(10));
-                    }
-                    Err(_) => thread::sleep(Duration::from_millis(50)),
-                }
-            }
-        });
-        Ok(Self {
-            stop,
-            scrapes,
-            thread: Some(thread),
-        })
-    }
-
-    fn scrapes(&self) -> u64 {
-        self.scrapes.load(Ordering::Relaxed)
-    }
-}
-
-impl Drop for Exporter {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-/// The exposition of the exporter after `k` scrapes.
-fn exposition(k: u64) -> String {
-    let mut out = String::from(
-        "# HELP http_requests_total HTTP requests answered.\n# TYPE http_requests_total counter\n",
-    );
-    for (version, code, value) in [
-        ("green", "200", 3000 + 3 * k),
-        ("green", "500", 1000 + k),
-        ("blue", "200", 500),
-        ("blue", "500", 0),
-    ] {
-        out.push_str(&format!(
-            "http_requests_total{{service=\"web\",version=\"{version}\",code=\"{code}\"}} {value}\n"
-        ));
-    }
-    out
-}
-
-fn serve(mut s: TcpStream, count: &AtomicU64) -> std::io::Result<()> {
-    s.set_nonblocking(false)?;
-    s.set_read_timeout(Some(IO_TIMEOUT))?;
-    s.set_write_timeout(Some(IO_TIMEOUT))?;
-    let mut head = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 * 1024 {
-        let n = s.read(&mut buf)?;
-        if n == 0 {
-            return Ok(());
-        }
-        head.extend_from_slice(&buf[..n]);
-    }
-    let (status, body) = if head.starts_with(b"GET /metrics ") {
-        let k = count.fetch_add(1, Ordering::Relaxed);
-        ("200 OK", exposition(k))
-    } else {
-        ("404 Not Found", String::new())
-    };
-    write!(
-        s,
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-}
-
-/// Prometheus running in a namespace, with its config, data and log in a
-/// temporary directory; stopped (SIGTERM, then SIGKILL) on drop, and its
-/// log printed if the test is failing.
-struct Prometheus {
-    child: Child,
-    log: PathBuf,
-    // Removed after the process is gone (fields drop after `drop`).
-    _dir: tempfile::TempDir,
-}
-
-impl Prometheus {
-    fn start(ns: &Netns, listen: &str, target: &str) -> Result<Self> {
-        ensure!(
-            Path::new(PROMETHEUS_BIN).is_file(),
-            "{PROMETHEUS_BIN} is missing: install the Debian package prometheus (cargo xtask setup does)"
-        );
-        let dir = tempfile::Builder::new()
-            .prefix("splitter-prometheus-")
-            .tempdir()?;
-        let config = dir.path().join("prometheus.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
-                 scrape_configs:\n  - job_name: exporter\n    static_configs:\n      - targets: ['{target}']\n"
-            ),
-        )?;
-        let log = dir.path().join("prometheus.log");
-        let mut cmd = ns.command(PROMETHEUS_BIN);
-        cmd.arg(format!("--config.file={}", config.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.path().join("data").display()
-            ))
-            .arg(format!("--web.listen-address={listen}"))
-            .arg("--log.level=info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(File::create(&log)?);
-        let child = Child::spawn(&mut cmd)?;
-        Ok(Self {
-            child,
-            log,
-            _dir: dir,
-        })
-    }
-
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
-    }
-
-    /// Waits until `/-/ready` answers 200 (or the process dies).
-    fn wait_ready(&mut self, ns: &Netns, addr: &str) -> Result<()> {
-        let deadline = Instant::now() + READY_TIMEOUT;
-        let mut last = String::new();
-        while Instant::now() < deadline {
-            if let Some(status) = self.child.try_wait()? {
-                bail!(
-                    "prometheus exited ({status}) before it was ready:\n{}",
-                    self.log_tail()
-                );
-            }
-            match http_get(ns, addr, "/-/ready") {
-                Ok(answer) if answer.starts_with("HTTP/1.1 200") => return Ok(()),
-                Ok(answer) => last = answer.lines().next().unwrap_or_default().to_string(),
-                Err(e) => last = format!("{e:#}"),
-            }
-            thread::sleep(Duration::from_millis(200));
-        }
-        bail!(
-            "prometheus was not ready within {READY_TIMEOUT:?} (last: {last}):\n{}",
-            self.log_tail()
-        )
-    }
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        if let Err(e) = self.child.terminate(Duration::from_secs(5)) {
-            eprintln!("warning: stopping prometheus: {e:#}");
-        }
-        if thread::panicking() {
-            eprintln!("prometheus log (last lines):\n{}", self.log_tail());
-        }
-    }
-}
-
-/// A raw `GET path` from inside `ns`: the whole answer.
-fn http_get(ns: &Netns, addr: &str, path: &str) -> Result<String> {
-    let addr: SocketAddr = addr.parse()?;
-    ns.enter(|| -> Result<String> {
-        let mut s = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
-        s.set_read_timeout(Some(IO_TIMEOUT))?;
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-        )?;
-        let mut answer = String::new();
-        s.read_to_string(&mut answer)?;
-        Ok(answer)
-    })?
 }
 
 /// `[service.analysis]` pointing at `addr`.
@@ -467,5 +259,340 @@ fn every_other_outcome_is_its_own_error() -> Result<()> {
         "{}",
         MetricError::NaN
     );
+    Ok(())
+}
+
+/// Longest wait for the daemon's poll (every second) to show a change.
+const POLL_TIMEOUT: Duration = Duration::from_secs(15);
+/// The status window of the daemon test.
+const WINDOW: &str = "30s";
+
+/// `RATIO` as the daemon must send it for `version` of `web` (filled in
+/// here, independently of the product's `render_query`).
+fn rendered(version: &str) -> String {
+    RATIO
+        .replace("{service}", "web")
+        .replace("{version}", version)
+}
+
+/// A `GET path` over the daemon's API socket (what `curl --unix-socket
+/// SOCKET http://splitter/PATH` does): the status code and the body.
+fn api_get(socket: &Path, path: &str) -> Result<(u16, String)> {
+    let mut s = UnixStream::connect(socket)
+        .with_context(|| format!("connecting to the API socket {}", socket.display()))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.set_write_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: splitter\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)
+        .with_context(|| format!("reading the answer to GET {path}"))?;
+    let text = String::from_utf8(raw).context("the API answer is not UTF-8")?;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("no end of head in the answer to GET {path}: {text:?}"))?;
+    let status: u16 = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("no status code in {head:?}"))?;
+    let chunked = head.lines().any(|l| {
+        let l = l.to_ascii_lowercase();
+        l.starts_with("transfer-encoding:") && l.contains("chunked")
+    });
+    let body = if chunked {
+        dechunk(body)?
+    } else {
+        body.to_string()
+    };
+    Ok((status, body))
+}
+
+/// The payload of a chunked HTTP/1.1 body.
+fn dechunk(mut body: &str) -> Result<String> {
+    let mut out = String::new();
+    // At most one chunk per byte: bounded.
+    for _ in 0..=body.len() {
+        let (size, rest) = body
+            .split_once("\r\n")
+            .with_context(|| format!("bad chunk head in {body:?}"))?;
+        let size = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16)
+            .with_context(|| format!("bad chunk size {size:?}"))?;
+        if size == 0 {
+            return Ok(out);
+        }
+        ensure!(rest.len() >= size + 2, "truncated chunk in {body:?}");
+        out.push_str(&rest[..size]);
+        body = &rest[size + 2..];
+    }
+    bail!("endless chunked body")
+}
+
+/// `splitter status --output json --window WINDOW`, parsed.
+fn status(daemon: &Daemon) -> Result<Value> {
+    let out = daemon.cli_ok(&["status", "--output", "json", "--window", WINDOW])?;
+    serde_json::from_str(&out).with_context(|| format!("status output is not JSON: {out}"))
+}
+
+/// The `metric` of `version` of `web` in a status report (its
+/// `services[].versions[]`) or a signals report (its `versions[]`).
+fn metric_of<'a>(versions: &'a Value, version: &str) -> Result<&'a Value> {
+    versions
+        .as_array()
+        .context("no versions")?
+        .iter()
+        .find(|v| v["name"] == version)
+        .map(|v| &v["metric"])
+        .with_context(|| format!("no version {version} in {versions}"))
+}
+
+fn web_versions(status: &Value) -> Result<&Value> {
+    status["services"]
+        .as_array()
+        .context("no services")?
+        .iter()
+        .find(|s| s["name"] == "web")
+        .map(|s| &s["versions"])
+        .with_context(|| format!("no service web in {status}"))
+}
+
+/// Checks one reading: the query sent for `version`, no error, the value
+/// `want`, and a fresh age (the daemon reads every second).
+fn check_value(m: &Value, version: &str, want: f64) -> Result<()> {
+    ensure!(
+        m["query"] == rendered(version).as_str(),
+        "{version}: query {} is not the rendered {:?}",
+        m["query"],
+        rendered(version)
+    );
+    ensure!(
+        m["error"].is_null(),
+        "{version}: an error with a value expected: {m}"
+    );
+    ensure!(
+        m["value"].as_f64() == Some(want),
+        "{version}: value {} instead of {want}: {m}",
+        m["value"]
+    );
+    // A poll every second would keep readings under about 1.2 s old; 3 s
+    // allows for one skipped poll: the daemon's poller skips a service
+    // when its 1 s tick wakes earlier than the last one did (`due` is set
+    // from the wake-up time), so with `interval_ms = 1000` readings now
+    // reach 2 s of age (a known product bug).
+    let age = m["age_secs"].as_f64().context("no age_secs")?;
+    ensure!(
+        (0.0..=3.0).contains(&age),
+        "{version}: reading {age} s old, with a poll every second: {m}"
+    );
+    Ok(())
+}
+
+/// Checks one reading that must be an `unreachable` error about `url`:
+/// no value, never a number.
+fn check_unreachable(m: &Value, version: &str, url: &str) -> Result<()> {
+    ensure!(
+        m.is_object(),
+        "{version}: no metric reading at all, expected an error: {m}"
+    );
+    ensure!(
+        m["value"].is_null(),
+        "{version}: a value with Prometheus unreachable (must be an error, never a number): {m}"
+    );
+    let e = m["error"].as_str().unwrap_or_default();
+    ensure!(
+        e.starts_with(&format!("Prometheus at {url} is unreachable")),
+        "{version}: error {:?} instead of `Prometheus at {url} is unreachable...`: {m}",
+        m["error"]
+    );
+    ensure!(
+        m["query"] == rendered(version).as_str(),
+        "{version}: query {} is not the rendered {:?}",
+        m["query"],
+        rendered(version)
+    );
+    Ok(())
+}
+
+/// The METRIC cell of `version`'s row in the signals section of the
+/// status table, after checking that the section's header has the column
+/// last. The cell is everything after the P99 cell, so it may hold spaces
+/// (an error).
+fn table_metric(table: &str, version: &str) -> Result<String> {
+    let section = table
+        .split_once(&format!("signals over the last {WINDOW}:\n"))
+        .map(|(_, s)| s)
+        .with_context(|| format!("no `signals over the last {WINDOW}` section in\n{table}"))?;
+    let mut lines = section.lines();
+    let header = lines.next().unwrap_or_default();
+    let at = header
+        .find("METRIC")
+        .with_context(|| format!("no METRIC column in {header:?}\n{table}"))?;
+    ensure!(
+        header.trim_end().ends_with("METRIC"),
+        "METRIC is not the last column: {header:?}"
+    );
+    let row = lines
+        .find(|l| {
+            let mut cells = l.split_whitespace();
+            cells.next() == Some("web") && cells.next() == Some(version)
+        })
+        .with_context(|| format!("no row for web {version} in\n{section}"))?;
+    Ok(row.get(at..).unwrap_or_default().trim().to_string())
+}
+
+/// Polls `check` every 200 ms until it passes, at most `within`.
+fn eventually(within: Duration, mut check: impl FnMut() -> Result<()>) -> Result<Duration> {
+    let started = Instant::now();
+    loop {
+        match check() {
+            Ok(()) => return Ok(started.elapsed()),
+            Err(e) if started.elapsed() >= within => {
+                return Err(e.context(format!("still not so after {within:?}")));
+            }
+            Err(_) => thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs root: run with -- --include-ignored --test-threads=1"]
+fn the_daemon_shows_the_external_metric_of_each_version() -> Result<()> {
+    let topo = Topology::new(TopologyOptions::default())?;
+    let (blue, green) = (topo.backend(0)?, topo.backend(1)?);
+    let _blue = HttpServer::start(&topo.back, blue, "blue")?;
+    let _green = HttpServer::start(&topo.back, green, "green")?;
+
+    // The exporter and (later) Prometheus on the edge's loopback, where the
+    // daemon runs. The exporter holds its port, so Prometheus's differs.
+    let exporter_addr = format!("127.0.0.1:{}", free_port(&topo.edge)?);
+    let exporter = Exporter::start(&topo.edge, &exporter_addr)?;
+    let prom_addr = format!("127.0.0.1:{}", free_port(&topo.edge)?);
+    let url = format!("http://{prom_addr}");
+
+    let config = format!(
+        "{}\n[service.analysis]\nprometheus = \"{url}\"\nquery = '{RATIO}'\ninterval_ms = 1000\n",
+        blue_green_config(Mode::Snat, Affinity::Flow, 50, 50)
+    );
+    let daemon = Daemon::start(&topo.edge, &config)?;
+
+    // Real traffic through the VIP: both versions answer.
+    let served =
+        clients::http_get_many(&topo.cli, topology::vip(), "/", 40, Duration::from_secs(5))?;
+    ensure!(
+        served.ok() == 40 && served.count("blue") > 0 && served.count("green") > 0,
+        "40 requests through the VIP should reach both versions: {served:?}"
+    );
+
+    // Nothing listens at the Prometheus address yet: an error, no value.
+    eventually(POLL_TIMEOUT, || {
+        let s = status(&daemon)?;
+        for v in ["blue", "green"] {
+            check_unreachable(metric_of(web_versions(&s)?, v)?, v, &url)?;
+        }
+        Ok(())
+    })
+    .context("before Prometheus runs")?;
+
+    let mut prometheus = Prometheus::start(&topo.edge, &prom_addr, &exporter_addr)?;
+    prometheus.wait_ready(&topo.edge, &prom_addr)?;
+    let ready = Instant::now();
+
+    // Blue 0, green 0.25, each with its own rendered query.
+    let took = eventually(READY_TIMEOUT, || {
+        let s = status(&daemon)?;
+        check_value(metric_of(web_versions(&s)?, "blue")?, "blue", 0.0)?;
+        check_value(metric_of(web_versions(&s)?, "green")?, "green", 0.25)?;
+        Ok(())
+    })
+    .with_context(|| {
+        format!(
+            "the daemon never showed the values ({} scrapes served):\n{}",
+            exporter.scrapes(),
+            prometheus.log_tail()
+        )
+    })?;
+    eprintln!("values shown {took:?} after Prometheus was ready");
+    ensure!(
+        ready.elapsed() < Duration::from_secs(20),
+        "the values took {:?} after Prometheus was ready (scrape and poll are every second)",
+        ready.elapsed()
+    );
+
+    // The table: the METRIC column with the values.
+    let table = daemon.cli_ok(&["status", "--window", WINDOW, "--backends"])?;
+    for (v, want) in [("blue", "0.0000"), ("green", "0.2500")] {
+        let cell = table_metric(&table, v)?;
+        ensure!(
+            cell == want,
+            "{v}: METRIC cell {cell:?}, expected {want:?}:\n{table}"
+        );
+    }
+
+    // The API's signals route: the same readings.
+    let (code, body) = api_get(
+        daemon.socket(),
+        &format!("/v1/services/web/signals?window={WINDOW}"),
+    )?;
+    ensure!(code == 200, "GET signals: {code} {body}");
+    let signals: Value =
+        serde_json::from_str(&body).with_context(|| format!("signals is not JSON: {body}"))?;
+    ensure!(
+        signals["service"] == "web" && signals["window_secs"].as_f64() == Some(30.0),
+        "signals report of another service or window: {signals}"
+    );
+    check_value(metric_of(&signals["versions"], "blue")?, "blue", 0.0)?;
+    check_value(metric_of(&signals["versions"], "green")?, "green", 0.25)?;
+
+    // Prometheus gone: an error at the next poll, and no value ever again.
+    prometheus.stop()?;
+    let stopped = Instant::now();
+    let took = eventually(POLL_TIMEOUT, || {
+        let s = status(&daemon)?;
+        for v in ["blue", "green"] {
+            check_unreachable(metric_of(web_versions(&s)?, v)?, v, &url)?;
+        }
+        Ok(())
+    })
+    .context("after Prometheus stopped")?;
+    eprintln!("errors shown {took:?} after Prometheus stopped");
+    ensure!(
+        stopped.elapsed() < Duration::from_secs(5),
+        "the error took {:?} to show, with a poll every second",
+        stopped.elapsed()
+    );
+    // Three more seconds (three more polls): still errors, never a number.
+    let watch = Instant::now();
+    for _ in 0..100 {
+        if watch.elapsed() >= Duration::from_secs(3) {
+            break;
+        }
+        let s = status(&daemon)?;
+        for v in ["blue", "green"] {
+            check_unreachable(metric_of(web_versions(&s)?, v)?, v, &url)
+                .context("while Prometheus stays stopped")?;
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+    let table = daemon.cli_ok(&["status", "--window", WINDOW, "--backends"])?;
+    for v in ["blue", "green"] {
+        let cell = table_metric(&table, v)?;
+        ensure!(
+            cell.starts_with(&format!("error: Prometheus at {url} is unreachable")),
+            "{v}: METRIC cell {cell:?}, expected the unreachable error:\n{table}"
+        );
+    }
+    let (code, body) = api_get(
+        daemon.socket(),
+        &format!("/v1/services/web/signals?window={WINDOW}"),
+    )?;
+    ensure!(code == 200, "GET signals: {code} {body}");
+    let signals: Value =
+        serde_json::from_str(&body).with_context(|| format!("signals is not JSON: {body}"))?;
+    for v in ["blue", "green"] {
+        check_unreachable(metric_of(&signals["versions"], v)?, v, &url)?;
+    }
+    topo.no_csum_errors()?;
     Ok(())
 }

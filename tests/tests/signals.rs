@@ -16,6 +16,13 @@
 //! a second (the client's SYN retransmit), exactly as many as the clients
 //! saw connect that slowly.
 //!
+//! Service `dns` (UDP, connect deadline 300 ms) has a version `answering`
+//! (a UDP echo server) and a version `silent` (a server that reads every
+//! datagram and never answers): one-datagram queries from fresh client
+//! sockets, each its own flow, must show as established or timed out, the
+//! silent ones counted by the daemon's sweep of the connection table within
+//! seconds of their deadline, with datagrams counted both ways.
+//!
 //! Privileged, so `#[ignore]`d for a plain `cargo test`:
 //!
 //! ```text
@@ -23,10 +30,10 @@
 //! ```
 use std::{
     io::{ErrorKind, Read, Write},
-    net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream},
+    net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -35,7 +42,7 @@ use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 use splitter_tests::{
     netns::Netns,
-    servers::TcpIdentityServer,
+    servers::{TcpIdentityServer, UdpIdentityServer},
     splitter::{Affinity, Daemon, Mode, ServiceSpec, VersionSpec, config_toml},
     topology::{self, Topology, TopologyOptions},
 };
@@ -466,6 +473,337 @@ fn signals_agree_with_what_clients_saw_for_every_kind_of_failure() -> Result<()>
         table.contains("signals over the last 1m") && table.contains("blackhole"),
         "status table lacks the signals section:\n{table}"
     );
+    topo.no_csum_errors()?;
+    Ok(())
+}
+
+/// A UDP server that reads every datagram and never answers; it counts
+/// what it read.
+struct SilentUdpServer {
+    stop: Arc<AtomicBool>,
+    received: Arc<AtomicU64>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl SilentUdpServer {
+    /// Longest life of its thread, whatever happens to the test.
+    const LIFETIME: Duration = Duration::from_secs(300);
+
+    fn start(ns: &Netns, addr: SocketAddrV4) -> Result<Self> {
+        let sock = ns
+            .enter(|| UdpSocket::bind(addr))?
+            .with_context(|| format!("binding UDP {addr} in {}", ns.name()))?;
+        sock.set_read_timeout(Some(Duration::from_millis(50)))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let received = Arc::new(AtomicU64::new(0));
+        let (flag, count) = (stop.clone(), received.clone());
+        let thread = std::thread::spawn(move || {
+            let started = Instant::now();
+            let mut buf = [0u8; 2048];
+            while !flag.load(Ordering::Relaxed) && started.elapsed() < Self::LIFETIME {
+                if sock.recv_from(&mut buf).is_ok() {
+                    count.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+        Ok(Self {
+            stop,
+            received,
+            thread: Some(thread),
+        })
+    }
+
+    fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for SilentUdpServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// What the UDP clients saw.
+#[derive(Debug)]
+struct UdpTally {
+    sent: u64,
+    /// Queries answered by the `answering` server.
+    answered: u64,
+    /// Queries with no answer within the read timeout.
+    unanswered: u64,
+    /// When the last query of all went out.
+    last_sent: Instant,
+}
+
+/// `n` one-datagram queries to `vip` from the client namespace, `threads`
+/// at a time, each from a fresh socket (its own flow), each waiting up to
+/// `read_timeout` for one answer. The sockets stay open until every query
+/// is done, so no two queries share a source port (and so a flow).
+fn udp_load(
+    cli: &Netns,
+    vip: SocketAddrV4,
+    n: u64,
+    threads: u64,
+    read_timeout: Duration,
+) -> Result<UdpTally> {
+    cli.enter(|| -> Result<UdpTally> {
+        let per = n.div_ceil(threads);
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                std::thread::spawn(move || -> Result<(u64, u64, Instant, Vec<UdpSocket>)> {
+                    let count = per.min(n.saturating_sub(t * per));
+                    let (mut answered, mut unanswered) = (0, 0);
+                    let mut last_sent = Instant::now();
+                    let mut sockets = Vec::new();
+                    for i in 0..count {
+                        let s = UdpSocket::bind("0.0.0.0:0")?;
+                        s.connect(vip)?;
+                        s.set_read_timeout(Some(read_timeout))?;
+                        let query = format!("q{t}-{i}");
+                        s.send(query.as_bytes())
+                            .with_context(|| format!("sending to {vip}"))?;
+                        last_sent = Instant::now();
+                        let mut buf = [0u8; 2048];
+                        match s.recv(&mut buf) {
+                            Ok(len) => {
+                                let text = String::from_utf8_lossy(&buf[..len]);
+                                ensure!(
+                                    text.starts_with("answering ") && text.ends_with(&query),
+                                    "query {query:?} got the answer {text:?}"
+                                );
+                                answered += 1;
+                            }
+                            Err(e)
+                                if e.kind() == ErrorKind::WouldBlock
+                                    || e.kind() == ErrorKind::TimedOut =>
+                            {
+                                unanswered += 1;
+                            }
+                            Err(e) => bail!("query {query:?} to {vip}: {e}"),
+                        }
+                        sockets.push(s);
+                    }
+                    Ok((answered, unanswered, last_sent, sockets))
+                })
+            })
+            .collect();
+        let mut tally = UdpTally {
+            sent: 0,
+            answered: 0,
+            unanswered: 0,
+            last_sent: Instant::now(),
+        };
+        let mut all_sockets = Vec::new();
+        let mut last: Option<Instant> = None;
+        for h in handles {
+            let (a, u, at, sockets) = h
+                .join()
+                .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
+            tally.answered += a;
+            tally.unanswered += u;
+            tally.sent += a + u;
+            if a + u > 0 {
+                last = Some(last.map_or(at, |l| l.max(at)));
+            }
+            all_sockets.extend(sockets);
+        }
+        tally.last_sent = last.unwrap_or(tally.last_sent);
+        drop(all_sockets);
+        Ok(tally)
+    })?
+}
+
+#[test]
+#[ignore = "needs root: run with -- --include-ignored --test-threads=1"]
+fn udp_signals_agree_with_what_clients_saw() -> Result<()> {
+    let topo = Topology::new(TopologyOptions::default())?;
+    let (answering, silent) = (topo.backend(0)?, topo.backend(1)?);
+    let answering_server = UdpIdentityServer::start(&topo.back, answering, "answering")?;
+    let silent_server = SilentUdpServer::start(&topo.back, silent)?;
+
+    let vip = SocketAddrV4::new(topology::VIP, 5353);
+    let deadline = Duration::from_millis(300);
+    let version = |name: &str, backend| VersionSpec {
+        name: name.into(),
+        weight: 1,
+        backends: vec![backend],
+    };
+    let config = config_toml(
+        Mode::Snat,
+        &[ServiceSpec {
+            name: "dns".into(),
+            vip,
+            protocol: "udp",
+            affinity: Affinity::Flow,
+            versions: vec![version("answering", answering), version("silent", silent)],
+        }],
+    )
+    .replace(
+        &format!("vip = \"{vip}\"\n"),
+        &format!(
+            "vip = \"{vip}\"\nconnect_timeout_ms = {}\n",
+            deadline.as_millis()
+        ),
+    );
+    let daemon = Daemon::start(&topo.edge, &config)?;
+
+    // 200 queries, 20 at a time, each waiting as long as the edge's
+    // deadline for its answer.
+    let n = 200;
+    let udp = udp_load(&topo.cli, vip, n, 20, deadline)?;
+    let last_deadline = udp.last_sent + deadline;
+    ensure!(udp.sent == n, "{udp:?}");
+    ensure!(
+        udp.answered >= n / 4 && udp.unanswered >= n / 4,
+        "the two versions should share the {n} queries about evenly: {udp:?}"
+    );
+    // What the backends saw: the answering server answered every answered
+    // query, the silent one read every other.
+    agree(
+        "answering server: datagrams answered",
+        answering_server.requests(),
+        udp.answered,
+        n,
+    )?;
+    agree(
+        "silent server: datagrams read",
+        silent_server.received(),
+        udp.unanswered,
+        n,
+    )?;
+
+    // The silent flows send nothing after their datagram: the daemon's
+    // sweep (about once a second) must count their timeouts within 3 s of
+    // the last deadline.
+    let within = Duration::from_secs(3).saturating_sub(last_deadline.elapsed());
+    let mut last_seen = None;
+    let took = eventually(within, || {
+        let s = signals(&daemon, "dns", "60s")?;
+        last_seen = Some(s.clone());
+        agree(
+            "silent: timeouts",
+            counter(&s, "silent", "timeouts")?,
+            udp.unanswered,
+            n,
+        )?;
+        agree(
+            "answering: established",
+            counter(&s, "answering", "established")?,
+            udp.answered,
+            n,
+        )
+    })
+    .with_context(|| {
+        format!(
+            "the edge's counters did not agree with the clients ({udp:?}) within 3 s of the \
+             last deadline; last status of dns: {}",
+            last_seen.as_ref().map(Value::to_string).unwrap_or_default()
+        )
+    })?;
+    eprintln!(
+        "dns: the edge agreed with the clients {:?} after the last deadline ({took:?} of polling)",
+        last_deadline.elapsed()
+    );
+
+    // Settled: every counter of both versions.
+    let s = signals(&daemon, "dns", "60s")?;
+    eprintln!(
+        "dns: clients {udp:?}; edge: answering {}, silent {}",
+        s["versions"][0]["signals"], s["versions"][1]["signals"]
+    );
+    let attempts = counter(&s, "answering", "attempts")? + counter(&s, "silent", "attempts")?;
+    ensure!(
+        attempts == n,
+        "{attempts} attempts counted for {n} one-datagram flows: {s}"
+    );
+    for (v, field, clients) in [
+        ("answering", "attempts", udp.answered),
+        ("answering", "established", udp.answered),
+        ("answering", "timeouts", 0),
+        ("answering", "packets", udp.answered),
+        ("answering", "reply_packets", udp.answered),
+        ("silent", "attempts", udp.unanswered),
+        ("silent", "established", 0),
+        ("silent", "timeouts", udp.unanswered),
+        ("silent", "packets", udp.unanswered),
+        ("silent", "reply_packets", 0),
+    ] {
+        agree(
+            &format!("{v}: signals.{field}"),
+            counter(&s, v, field)?,
+            clients,
+            n,
+        )?;
+    }
+    for (v, field) in [
+        ("answering", "refused"),
+        ("answering", "reset_by_backend"),
+        ("silent", "refused"),
+        ("silent", "reset_by_backend"),
+    ] {
+        ensure!(counter(&s, v, field)? == 0, "{v}: {field} is not 0: {s}");
+    }
+    // The version's own packet count says the same as its signals.
+    for (v, clients) in [("answering", udp.answered), ("silent", udp.unanswered)] {
+        let packets = s["versions"]
+            .as_array()
+            .context("no versions")?
+            .iter()
+            .find(|x| x["name"] == v)
+            .and_then(|x| x["packets"].as_u64())
+            .with_context(|| format!("no packets of version {v} in {s}"))?;
+        agree(&format!("{v}: packets"), packets, clients, n)?;
+    }
+    // One latency sample per answered flow; the error rate says which
+    // version never answers.
+    let version_of = |v: &str| -> Result<Value> {
+        s["versions"]
+            .as_array()
+            .context("no versions")?
+            .iter()
+            .find(|x| x["name"] == v)
+            .cloned()
+            .with_context(|| format!("no version {v} in {s}"))
+    };
+    let answering_v = version_of("answering")?;
+    let samples: u64 = answering_v["signals"]["latency"]
+        .as_array()
+        .context("no latency buckets")?
+        .iter()
+        .map(|b| b.as_u64().unwrap_or(0))
+        .sum();
+    agree("answering: latency samples", samples, udp.answered, n)?;
+    // The windows come from the once-a-second history, which may be a
+    // second behind the live counters above: the error rate says, within
+    // a few seconds, which version never answers.
+    let took = eventually(Duration::from_secs(3), || {
+        let s = signals(&daemon, "dns", "60s")?;
+        let rate = |v: &str| -> Result<Option<f64>> {
+            Ok(s["versions"]
+                .as_array()
+                .context("no versions")?
+                .iter()
+                .find(|x| x["name"] == v)
+                .with_context(|| format!("no version {v} in {s}"))?["window"]["error_rate"]
+                .as_f64())
+        };
+        ensure!(
+            rate("answering")? == Some(0.0),
+            "answering: windowed error rate {:?}, expected 0",
+            rate("answering")?
+        );
+        ensure!(
+            rate("silent")?.is_some_and(|r| r >= 0.99),
+            "silent: windowed error rate {:?}, expected about 1",
+            rate("silent")?
+        );
+        Ok(())
+    })?;
+    eprintln!("dns: the windowed error rates caught up after {took:?}");
     topo.no_csum_errors()?;
     Ok(())
 }
