@@ -364,6 +364,17 @@ impl Daemon {
         netns::output_with_timeout(&mut c, CLI_TIMEOUT)
     }
 
+    /// [`Daemon::cli`] for commands that run longer (`rollout status
+    /// --watch`): killed after `timeout`.
+    ///
+    /// # Errors
+    /// The CLI could not run or took longer than `timeout`.
+    pub fn cli_for(&self, args: &[&str], timeout: Duration) -> Result<Output> {
+        let mut c = Command::new(&self.bin);
+        c.arg("--socket").arg(&self.socket).args(args);
+        netns::output_with_timeout(&mut c, timeout)
+    }
+
     /// [`Daemon::cli`] that must exit 0; returns stdout.
     ///
     /// # Errors

@@ -607,7 +607,7 @@ impl Controller {
             .iter()
             .filter(|v| !(spec.from == spec.to && **v == &spec.to && **v != &spec.from))
             .map(|v| {
-                let w = self.version_window(service, v, interval.max(1000));
+                let w = self.version_window(service, v, analysis_window_ms(interval));
                 VersionLine {
                     version: (*v).clone(),
                     new_flows_per_sec: w.as_ref().map_or(0.0, |w| w.attempts_per_sec),
@@ -732,7 +732,9 @@ impl Controller {
         }
         let criteria = book.rollout.spec.analysis.criteria.clone();
         let target_percent = book.rollout.weights.target_percent;
-        let window_ms = sched.interval_ms;
+        // The history holds one sample a second: a window one sample
+        // longer than the interval always covers the whole interval.
+        let window_ms = analysis_window_ms(sched.interval_ms);
         let (canary, baseline, metric) = match &sched.scope {
             AnalysisScope::Versions { canary, baseline } => (
                 self.version_window(service, canary, window_ms),
@@ -852,6 +854,13 @@ impl Controller {
             .map(|b| &b.rollout)
             .filter(|r| r.phase.is_running())
     }
+}
+
+/// The signal window an analysis of `interval_ms` judges: the interval and
+/// one more second of history (samples are a second apart), at most the
+/// history's length.
+pub fn analysis_window_ms(interval_ms: u64) -> u64 {
+    (interval_ms + 1000).clamp(2000, crate::signals::HISTORY_SECS * 1000)
 }
 
 fn no_rollout(service: &str) -> ControllerError {
