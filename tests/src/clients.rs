@@ -254,7 +254,12 @@ impl HttpResponse {
     }
 }
 
-fn http_get_here(vip: SocketAddrV4, path: &str, timeout: Duration) -> Result<HttpResponse> {
+/// [`http_get`] from the calling thread's own network namespace (a
+/// thread started inside [`Netns::enter`] is in that namespace).
+///
+/// # Errors
+/// Connect, write or read failed, a bad answer, or `timeout` passed.
+pub fn http_get_here(vip: SocketAddrV4, path: &str, timeout: Duration) -> Result<HttpResponse> {
     let deadline = Instant::now() + timeout;
     let mut s = connect(vip, None, timeout)?;
     s.write_all(

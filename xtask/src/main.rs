@@ -83,13 +83,15 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Setup, build, then a blue/green switch in network namespaces:
-    /// blue=90 green=10, requests, switch to blue=0 green=100, requests,
-    /// `splitter status`. Cleans up on success, failure and Ctrl-C.
+    /// Setup, build, then rollouts in network namespaces under continuous
+    /// requests: a canary blue -> green that completes, a canary to a broken
+    /// version that the daemon rolls back on its own, a blue-green switch
+    /// with a preview address; then requests and `splitter status`. Cleans
+    /// up on success, failure and Ctrl-C.
     ///
     /// Example: cargo xtask demo --requests 1000
     Demo {
-        /// Requests (new connections) before and after the switch.
+        /// Requests (new connections) sent after the rollouts.
         #[arg(long, default_value_t = 1000)]
         requests: usize,
         /// Forwarding mode of the daemon.
