@@ -1566,6 +1566,37 @@ weight = 10
 backends = ["10.0.2.3:8080"]
 "#;
 
+    /// The `[service.rollout]` example of docs/config.md, as written there.
+    fn documented_rollout_block() -> String {
+        let doc = include_str!("../../docs/config.md");
+        let start = doc.find("```toml\n[service.rollout]").unwrap() + "```toml\n".len();
+        let len = doc[start..].find("```").unwrap();
+        doc[start..start + len].to_string()
+    }
+
+    #[test]
+    fn the_documented_rollout_defaults_parse_and_validate() {
+        let c = Config::parse(&format!("{BASE}\n{}", documented_rollout_block())).unwrap();
+        let r = c.services[0].rollout.clone().unwrap();
+        assert_eq!(r.keep_old_ms, 600_000);
+        assert_eq!(r.analysis.criteria.min_attempts, 20);
+        assert_eq!(r.hooks.len(), 1);
+        let crate::rollout::spec::Strategy::Canary { steps } = &r.strategy else {
+            panic!("{:?}", r.strategy)
+        };
+        assert_eq!(steps.len(), 3);
+    }
+
+    #[test]
+    fn rollout_defaults_errors_name_the_service_and_field() {
+        let bad = "[service.rollout.strategy]\nkind = \"canary\"\nsteps = [{ weight_percent = 50 }, { weight_percent = 20 }]\n";
+        let e = err(&format!("{BASE}\n{bad}")).to_string();
+        assert!(e.contains("service[0] \"web\": rollout.strategy.steps"), "{e}");
+        let unknown = "[service.rollout]\nspeed = 3\n";
+        let e = err(&format!("{BASE}\n{unknown}")).to_string();
+        assert!(e.contains("speed"), "{e}");
+    }
+
     /// A second service, appended to BASE.
     const API: &str = r#"
 [[service]]

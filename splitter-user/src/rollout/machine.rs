@@ -1479,6 +1479,7 @@ impl Rollout {
         let mut env = self.env("deploy", "");
         env.insert("SPLITTER_BACKEND".into(), backend.to_string());
         env.insert("SPLITTER_VERSION".into(), self.spec.from.clone());
+        env.insert("SPLITTER_BATCH".into(), (self.step + 1).to_string());
         Some(HookRun {
             purpose: HookPurpose::Deploy { backend },
             argv: argv.clone(),
