@@ -1591,7 +1591,10 @@ backends = ["10.0.2.3:8080"]
     fn rollout_defaults_errors_name_the_service_and_field() {
         let bad = "[service.rollout.strategy]\nkind = \"canary\"\nsteps = [{ weight_percent = 50 }, { weight_percent = 20 }]\n";
         let e = err(&format!("{BASE}\n{bad}")).to_string();
-        assert!(e.contains("service[0] \"web\": rollout.strategy.steps"), "{e}");
+        assert!(
+            e.contains("service[0] \"web\": rollout.strategy.steps"),
+            "{e}"
+        );
         let unknown = "[service.rollout]\nspeed = 3\n";
         let e = err(&format!("{BASE}\n{unknown}")).to_string();
         assert!(e.contains("speed"), "{e}");

@@ -20,8 +20,8 @@ use crate::{
     pins,
     report::{
         AttachmentReport, BackendReport, BackendSignalsReport, ConnectionReport, DataplaneReport,
-        FlowReport, ProgramReport, ServiceReport, SignalsReport, StatusReport, VersionReport,
-        VersionSignals,
+        FlowReport, ProgramReport, RolloutsEnded, ServiceReport, SignalsReport, StatusReport,
+        VersionReport, VersionSignals,
     },
     rollout::driver::Book,
     signals::{self, Counters, MetricReading, Window, history::History},
@@ -59,6 +59,8 @@ pub struct Controller {
     /// Rollouts by service, running and finished (see
     /// [`crate::rollout::driver`]); saved in the state file.
     pub(crate) rollouts: BTreeMap<String, Book>,
+    /// Rollouts ended since this daemon started, by (service, outcome).
+    pub(crate) rollouts_ended: BTreeMap<(String, String), u64>,
 }
 
 /// A backend in the signal history: (service, version, address).
@@ -113,6 +115,7 @@ impl Controller {
             history: History::new(signals::HISTORY_SECS),
             metric_readings: BTreeMap::new(),
             rollouts: BTreeMap::new(),
+            rollouts_ended: BTreeMap::new(),
         }
     }
 
@@ -911,6 +914,16 @@ impl Controller {
             },
             services,
             counters,
+            rollouts: self.rollout_list(monotonic_ns() / 1_000_000),
+            rollouts_ended: self
+                .rollouts_ended
+                .iter()
+                .map(|((service, outcome), count)| RolloutsEnded {
+                    service: service.clone(),
+                    outcome: outcome.clone(),
+                    count: *count,
+                })
+                .collect(),
         })
     }
 

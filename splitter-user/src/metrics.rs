@@ -31,6 +31,10 @@
 //! | `splitter_dataplane_events_total` | counter | `event` (every data-plane counter) |
 //! | `splitter_drops_total` | counter | `reason` (the `drop_*` counters, prefix removed) |
 //! | `splitter_service_drops_total` | counter | `service`, `reason` (drops once the service is known) |
+//! | `splitter_rollout_info` | gauge (always 1) | `service`, `from`, `to`, `strategy`, `state` (`running`, `paused`, `completed`, `rolled-back`, `aborted`) |
+//! | `splitter_rollout_step` | gauge (from 1) | `service` |
+//! | `splitter_rollout_target_share_ratio` | gauge, 0..1 | `service` |
+//! | `splitter_rollouts_ended_total` | counter (since the daemon started) | `service`, `outcome` (`completed`, `rolled_back`, `aborted`, `undone`) |
 //!
 //! Every scrape reads the counters live through [`Controller::status`], the
 //! same numbers `splitter status` shows, and encodes them through a fresh
@@ -435,6 +439,57 @@ impl Collector for ReportCollector {
                 })
             }),
         )?;
+        family(
+            e,
+            "splitter_rollout_info",
+            "A rollout the daemon knows (1), with its versions, strategy and state.",
+            report.rollouts.iter().map(|r| {
+                (
+                    [
+                        ("service", r.service.as_str()),
+                        ("from", r.from.as_str()),
+                        ("to", r.to.as_str()),
+                        ("strategy", r.strategy.as_str()),
+                        ("state", r.state.as_str()),
+                    ],
+                    gauge(1),
+                )
+            }),
+        )?;
+        family(
+            e,
+            "splitter_rollout_step",
+            "The step a rollout is at, from 1.",
+            report
+                .rollouts
+                .iter()
+                .map(|r| ([("service", r.service.as_str())], gauge(r.step as i64))),
+        )?;
+        family(
+            e,
+            "splitter_rollout_target_share_ratio",
+            "Share of new flows a rollout gives its target version now, 0..1.",
+            report.rollouts.iter().map(|r| {
+                (
+                    [("service", r.service.as_str())],
+                    gauge(f64::from(r.target_percent) / 100.0),
+                )
+            }),
+        )?;
+        family(
+            e,
+            "splitter_rollouts_ended_total",
+            "Rollouts ended since the daemon started, by outcome (rolled_back: an analysis failed; aborted: a command or a failed deploy hook).",
+            report.rollouts_ended.iter().map(|x| {
+                (
+                    [
+                        ("service", x.service.as_str()),
+                        ("outcome", x.outcome.as_str()),
+                    ],
+                    counter(x.count),
+                )
+            }),
+        )?;
         Ok(())
     }
 }
@@ -676,6 +731,29 @@ mod tests {
                 ("new_flow".to_string(), 10),
                 ("tx".to_string(), 0),
             ]),
+            rollouts: vec![crate::report::RolloutReport {
+                service: "web".into(),
+                from: "blue".into(),
+                to: "green".into(),
+                strategy: "canary".into(),
+                state: "running".into(),
+                phase: "progressing at step 2 of 5 (10% to \"green\")".into(),
+                step: 2,
+                steps: 5,
+                target_percent: 10,
+                weights: BTreeMap::new(),
+                waiting_for: String::new(),
+                step_elapsed_secs: 3.0,
+                reason: None,
+                verdicts: vec![],
+                signals: vec![],
+                allowed: vec![],
+            }],
+            rollouts_ended: vec![crate::report::RolloutsEnded {
+                service: "web".into(),
+                outcome: "rolled_back".into(),
+                count: 1,
+            }],
         }
     }
 
@@ -808,6 +886,18 @@ splitter_drops_total{reason="no_flow"} 2
 # TYPE splitter_service_drops_total counter
 splitter_service_drops_total{service="web",reason="no_backend"} 0
 splitter_service_drops_total{service="web",reason="no_flow"} 2
+# HELP splitter_rollout_info A rollout the daemon knows (1), with its versions, strategy and state.
+# TYPE splitter_rollout_info gauge
+splitter_rollout_info{service="web",from="blue",to="green",strategy="canary",state="running"} 1
+# HELP splitter_rollout_step The step a rollout is at, from 1.
+# TYPE splitter_rollout_step gauge
+splitter_rollout_step{service="web"} 2
+# HELP splitter_rollout_target_share_ratio Share of new flows a rollout gives its target version now, 0..1.
+# TYPE splitter_rollout_target_share_ratio gauge
+splitter_rollout_target_share_ratio{service="web"} 0.1
+# HELP splitter_rollouts_ended_total Rollouts ended since the daemon started, by outcome (rolled_back: an analysis failed; aborted: a command or a failed deploy hook).
+# TYPE splitter_rollouts_ended_total counter
+splitter_rollouts_ended_total{service="web",outcome="rolled_back"} 1
 "#;
 
     #[test]
@@ -820,7 +910,7 @@ splitter_service_drops_total{service="web",reason="no_flow"} 2
     }
 
     /// Every family and its type, as the module's table gives them.
-    const FAMILIES: [(&str, &str); 25] = [
+    const FAMILIES: [(&str, &str); 29] = [
         ("splitter_program_info", "gauge"),
         ("splitter_service_info", "gauge"),
         ("splitter_version_weight", "gauge"),
@@ -846,6 +936,10 @@ splitter_service_drops_total{service="web",reason="no_flow"} 2
         ("splitter_dataplane_events_total", "counter"),
         ("splitter_drops_total", "counter"),
         ("splitter_service_drops_total", "counter"),
+        ("splitter_rollout_info", "gauge"),
+        ("splitter_rollout_step", "gauge"),
+        ("splitter_rollout_target_share_ratio", "gauge"),
+        ("splitter_rollouts_ended_total", "counter"),
     ];
 
     /// A parsed sample: name, labels (unescaped), value.
@@ -1199,6 +1293,8 @@ splitter_service_drops_total{service="web",reason="no_flow"} 2
     fn an_empty_report_is_still_valid() {
         let mut r = sample();
         r.services.clear();
+        r.rollouts.clear();
+        r.rollouts_ended.clear();
         let (types, samples) = check_exposition(&render(&r));
         assert_eq!(types.len(), FAMILIES.len());
         assert!(

@@ -17,6 +17,24 @@ pub struct StatusReport {
     pub services: Vec<ServiceReport>,
     /// Data-plane counters by name (drops by reason, TX, redirects, new flows).
     pub counters: BTreeMap<String, u64>,
+    /// Every rollout the daemon knows, running and finished.
+    #[serde(default)]
+    pub rollouts: Vec<RolloutReport>,
+    /// Rollouts ended since the daemon started, by service and outcome
+    /// (`completed`, `rolled_back`, `aborted`, `undone`).
+    #[serde(default)]
+    pub rollouts_ended: Vec<RolloutsEnded>,
+}
+
+/// How many rollouts of a service ended one way.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RolloutsEnded {
+    /// The service.
+    pub service: String,
+    /// `completed`, `rolled_back`, `aborted` or `undone`.
+    pub outcome: String,
+    /// How many.
+    pub count: u64,
 }
 
 /// How the data plane is set up.

@@ -11,6 +11,8 @@ use super::{CliError, Output};
 use crate::{client, report::RolloutReport, rollout::driver::StartRequest};
 
 /// `splitter rollout ...`
+// Parsed once per process: the size of the `start` variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum RolloutCommand {
     /// Start moving a service's new flows to another version, step by step,

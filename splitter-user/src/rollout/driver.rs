@@ -509,6 +509,14 @@ impl Controller {
                 }
                 Action::Done { outcome } => {
                     info!(service, ?outcome, "rollout finished");
+                    let name = serde_json::to_value(outcome)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_string))
+                        .unwrap_or_else(|| format!("{outcome:?}"));
+                    *self
+                        .rollouts_ended
+                        .entry((service.to_string(), name))
+                        .or_insert(0) += 1;
                     Ok(())
                 }
             };
