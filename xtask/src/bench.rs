@@ -229,22 +229,12 @@ mod measure {
             Err(e) => (Err(format!("{e:#}")), None),
         };
         machine.pinned_cpu = extras.as_ref().and_then(|x| x.pinned_cpu);
-        if packet_only {
-            let results = Results {
-                machine,
-                packet,
-                control: Err("not measured (SPLITTER_BENCH_PACKET_ONLY)".into()),
-                traffic: Traffic {
-                    edge: None,
-                    conn: None,
-                    api: None,
-                },
-            };
-            print!("{}", report::text(&results));
-            return Ok(results.packet.is_ok());
-        }
-        step("control plane: backend death to removal with default health checks, 3 rounds");
-        let health_removal_ms = health::backend_death(3).map_err(|e| format!("{e:#}"));
+        let health_removal_ms = if packet_only {
+            Err("not measured (SPLITTER_BENCH_PACKET_ONLY)".to_string())
+        } else {
+            step("control plane: backend death to removal with default health checks, 3 rounds");
+            health::backend_death(3).map_err(|e| format!("{e:#}"))
+        };
         let control = maglev
             .map(|maglev_ms| {
                 let mut c = ControlResults {
@@ -256,6 +246,8 @@ mod measure {
                 };
                 if let Some(x) = extras {
                     c.apply_us = x.apply_us;
+                    c.rollback_us = x.rollback_us;
+                    c.rollback_misses = x.rollback_misses;
                     c.live_scan_ms = x.live_scan_ms;
                     c.live_scan_flows = x.live_scan_flows;
                     c.apply_misses = x.apply_misses;
@@ -264,7 +256,15 @@ mod measure {
                 c
             })
             .map_err(|e| format!("{e:#}"));
-        let traffic = traffic(opts.rounds.min(TRAFFIC_ROUNDS));
+        let traffic = if packet_only {
+            Traffic {
+                edge: None,
+                conn: None,
+                api: None,
+            }
+        } else {
+            traffic(opts.rounds.min(TRAFFIC_ROUNDS))
+        };
         let results = Results {
             machine,
             packet,
@@ -273,7 +273,7 @@ mod measure {
         };
         step("results");
         print!("{}", report::text(&results));
-        if !opts.no_write {
+        if !opts.no_write && !packet_only {
             write(&results)?;
         }
         Ok(results.packet.is_ok() && results.control.is_ok())

@@ -94,6 +94,7 @@ mod ports {
     pub const SYN_FULL: u16 = 45000;
     pub const FILL: u16 = 50000;
     pub const WEIGHTS: u16 = 61000;
+    pub const ROLLBACK: u16 = 62000;
 }
 
 /// Options of the per-packet section.
@@ -107,6 +108,11 @@ pub struct PacketOptions {
 /// What the per-packet section returns besides its own results.
 pub struct Extras {
     pub apply_us: Vec<f64>,
+    /// Microseconds from a failed analysis verdict handed to a running
+    /// canary to its rollback published (stable at 100%), per rollback.
+    pub rollback_us: Vec<f64>,
+    /// Rollbacks after which a new flow still reached the canary.
+    pub rollback_misses: usize,
     /// Milliseconds to count live flows over the full connection table
     /// (`Dataplane::live_flows`, what `status` and drains read), per read.
     pub live_scan_ms: Vec<f64>,
@@ -990,11 +996,15 @@ pub fn run(opts: PacketOptions) -> Result<(PacketResults, Extras)> {
         }
     }
 
+    let (rollback_us, rollback_misses) = rollbacks(if_in)?;
+
     let maps = bpf::map_memory(&rig.splitter)?;
     Ok((
         res,
         Extras {
             apply_us,
+            rollback_us,
+            rollback_misses,
             live_scan_ms,
             live_scan_flows,
             apply_misses: misses,
@@ -1002,4 +1012,81 @@ pub fn run(opts: PacketOptions) -> Result<(PacketResults, Extras)> {
             pinned_cpu,
         },
     ))
+}
+
+/// Rollbacks measured: a controller over a program of its own runs a
+/// canary at 50%; a failed verdict goes in, and the time until the machine's
+/// first action (stable at 100%) is published is taken. Then 16 new flows
+/// from fresh ports must all reach the stable version. `ROLLBACKS` rounds,
+/// each rollout retried from its first step.
+fn rollbacks(if_in: u32) -> Result<(Vec<f64>, usize)> {
+    use splitter::{
+        controller::Controller,
+        dataplane::{Dataplane, monotonic_ns},
+        rollout::{
+            driver::StartRequest,
+            machine::{Command, Event},
+        },
+        signals::{Window, analysis},
+    };
+    const ROLLBACKS: u32 = 100;
+    let cfg = config(100, 0)?;
+    let mut dp = Dataplane::load().context("loading a second program for the rollback rounds")?;
+    dp.apply(&cfg)?;
+    let fd = dp.program_fd()?;
+    let mut c = Controller::new(cfg, dp, None);
+    let now = || monotonic_ns() / 1_000_000;
+    let req = StartRequest {
+        service: "web".into(),
+        to: "green".into(),
+        steps: Some(vec![50, 100]),
+        step_ms: Some(3_600_000),
+        analysis_interval_ms: Some(1000),
+        ..StartRequest::default()
+    };
+    // A window that fails the default criteria: every attempt refused.
+    let bad = Window {
+        seconds: 1.0,
+        attempts: 100,
+        refused: 100,
+        attempts_per_sec: 100.0,
+        error_rate: Some(1.0),
+        ..Window::default()
+    };
+    let fail = analysis::analyse(
+        &bad,
+        None,
+        &analysis::MetricInput::default(),
+        &analysis::Criteria::default(),
+    );
+    anyhow::ensure!(fail.name() == "fail", "the bench's window should fail: {fail:?}");
+    let (mut us, mut misses) = (Vec::new(), 0);
+    for k in 0..ROLLBACKS {
+        if k == 0 {
+            c.rollout_start(&req, now()).map_err(|e| anyhow!("{e}"))?;
+        } else {
+            c.rollout_command("web", Command::Retry, now())
+                .map_err(|e| anyhow!("{e}"))?;
+        }
+        let event = Event::Analysis {
+            at_ms: now(),
+            verdict: fail.clone(),
+        };
+        let t = Instant::now();
+        c.rollout_event("web", event).map_err(|e| anyhow!("{e}"))?;
+        us.push(t.elapsed().as_secs_f64() * 1e6);
+        for j in 0..16u32 {
+            let f = client_frame(client(k * 16 + j, ports::ROLLBACK), VIP, TCP_SYN);
+            let r = test_run_xdp(fd, &f, Some(if_in), 1).context("BPF_PROG_TEST_RUN")?;
+            let third = parse(&r.data)
+                .ok()
+                .and_then(|v| v.destination())
+                .map(|d| d.ip().octets()[2]);
+            if third != Some(0) {
+                misses += 1;
+                break;
+            }
+        }
+    }
+    Ok((us, misses))
 }

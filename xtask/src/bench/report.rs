@@ -207,6 +207,10 @@ pub struct ControlResults {
     pub apply_us: Vec<f64>,
     /// Weight changes whose next SYN went to the wrong version.
     pub apply_misses: usize,
+    /// Microseconds from a failed verdict to the rollback published.
+    pub rollback_us: Vec<f64>,
+    /// Rollbacks after which a new flow still reached the canary.
+    pub rollback_misses: usize,
     /// Milliseconds to count live flows over the full connection table.
     pub live_scan_ms: Vec<f64>,
     /// Live flows that count found.
@@ -224,6 +228,8 @@ impl Default for ControlResults {
             backends_per_service: 0,
             maglev_ms: Vec::new(),
             apply_us: Vec::new(),
+            rollback_us: Vec::new(),
+            rollback_misses: 0,
             apply_misses: 0,
             live_scan_ms: Vec::new(),
             live_scan_flows: 0,
@@ -287,6 +293,13 @@ impl Results {
             limit: "< 1 ms p99".into(),
             measured: p99.map_or("-".into(), |v| format!("{v:.0} us p99")),
             met: p99.map(|v| v < 1000.0 && c.is_some_and(|c| c.apply_misses == 0)),
+        });
+        let rb = c.and_then(|c| percentile(&c.rollback_us, 99.0));
+        t.push(Target {
+            what: "failed analysis verdict to the first new flow on the stable version",
+            limit: "< 10 ms p99".into(),
+            measured: rb.map_or("-".into(), |v| format!("{:.2} ms p99", v / 1000.0)),
+            met: rb.map(|v| v < 10_000.0 && c.is_some_and(|c| c.rollback_misses == 0)),
         });
         t.extend(self.traffic.targets());
         t
@@ -391,6 +404,15 @@ pub fn text(r: &Results) -> String {
                 percentile(&c.apply_us, 100.0).map_or("-".into(), |v| format!("{v:.0}")),
                 c.apply_us.len(),
                 c.apply_misses
+            );
+            let _ = writeln!(
+                o,
+                "  rollback (failed verdict -> stable at 100% published): p50 {} us, p99 {} us, max {} us ({} rollbacks, {} with a new flow on the canary after)",
+                percentile(&c.rollback_us, 50.0).map_or("-".into(), |v| format!("{v:.0}")),
+                percentile(&c.rollback_us, 99.0).map_or("-".into(), |v| format!("{v:.0}")),
+                percentile(&c.rollback_us, 100.0).map_or("-".into(), |v| format!("{v:.0}")),
+                c.rollback_us.len(),
+                c.rollback_misses
             );
             let _ = writeln!(
                 o,
@@ -517,6 +539,13 @@ pub fn to_json(r: &Results) -> Value {
                 "max": percentile(&c.apply_us, 100.0).map(round2),
                 "changes": c.apply_us.len(),
                 "next_syn_on_old_table": c.apply_misses,
+            },
+            "rollback_us": {
+                "p50": percentile(&c.rollback_us, 50.0).map(round2),
+                "p99": percentile(&c.rollback_us, 99.0).map(round2),
+                "max": percentile(&c.rollback_us, 100.0).map(round2),
+                "rollbacks": c.rollback_us.len(),
+                "new_flow_on_canary_after": c.rollback_misses,
             },
             "live_flow_count_full_table_ms": Stat::of(&c.live_scan_ms).map(|s| s.json()),
             "live_flow_count_flows": c.live_scan_flows,
