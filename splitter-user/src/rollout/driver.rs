@@ -975,3 +975,166 @@ pub fn spawn_hooks(controller: &Shared, hooks: Vec<HookRun>) {
         });
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::kernel::{DataplaneOps as _, FakeDataplane};
+
+    const TEXT: &str = r#"
+[dataplane]
+interface = "eth0"
+
+[[service]]
+name = "web"
+vip = "10.0.0.10:80"
+
+[[service.version]]
+name = "blue"
+weight = 100
+backends = ["10.0.2.2:8080"]
+
+[[service.version]]
+name = "green"
+weight = 0
+backends = ["10.0.2.3:8080"]
+
+[[service]]
+name = "api"
+vip = "10.0.0.11:80"
+
+[[service.version]]
+name = "v1"
+weight = 1
+backends = ["10.0.2.9:8080"]
+"#;
+
+    fn weights(c: &Config, service: &str) -> Vec<u32> {
+        c.service(service)
+            .unwrap()
+            .versions
+            .iter()
+            .map(|v| v.weight)
+            .collect()
+    }
+
+    /// A controller whose canary web blue -> green completed (promoted in
+    /// full), with the file's weights recorded at its start.
+    fn completed() -> Controller {
+        let config = Config::parse(TEXT).unwrap();
+        let mut fake = FakeDataplane::default();
+        fake.apply(&config).unwrap();
+        let mut c = Controller::new(config, fake, None);
+        let req = StartRequest {
+            service: "web".into(),
+            to: "green".into(),
+            ..StartRequest::default()
+        };
+        c.rollout_start(&req, 1_000).unwrap();
+        c.rollout_command("web", Command::PromoteFull, 2_000)
+            .unwrap();
+        assert_eq!(c.rollout_report("web", 2_000).unwrap().state, "completed");
+        c
+    }
+
+    #[test]
+    fn an_unrelated_edit_of_the_file_keeps_what_the_rollout_did() {
+        let c = completed();
+        assert_eq!(weights(c.config(), "web"), [0, 100]);
+        // The file as it was, with an unrelated change to another service.
+        let mut next = Config::parse(&TEXT.replace("weight = 1\n", "weight = 3\n")).unwrap();
+        let said = supersede(&mut next, &c.rollouts, c.config());
+        assert_eq!(weights(&next, "web"), [0, 100], "{said:?}");
+        assert_eq!(weights(&next, "api"), [3]);
+        assert!(said[0].contains("kept the weights of web"), "{said:?}");
+    }
+
+    #[test]
+    fn editing_the_services_weights_in_the_file_takes_them_back() {
+        let c = completed();
+        let mut next = Config::parse(&TEXT.replace(
+            "weight = 100\nbackends = [\"10.0.2.2:8080\"]",
+            "weight = 50\nbackends = [\"10.0.2.2:8080\"]",
+        ))
+        .unwrap();
+        let said = supersede(&mut next, &c.rollouts, c.config());
+        assert_eq!(weights(&next, "web"), [50, 0]);
+        assert!(
+            said[0].contains("replace those the rollout set"),
+            "{said:?}"
+        );
+    }
+
+    #[test]
+    fn a_running_rollout_refuses_conflicting_edits_and_names_itself() {
+        let config = Config::parse(TEXT).unwrap();
+        let mut fake = FakeDataplane::default();
+        fake.apply(&config).unwrap();
+        let mut c = Controller::new(config, fake.clone(), None);
+        let req = StartRequest {
+            service: "web".into(),
+            to: "green".into(),
+            ..StartRequest::default()
+        };
+        let (report, _) = c.rollout_start(&req, 1_000).unwrap();
+        assert_eq!(report.target_percent, 5);
+        assert_eq!(weights(&fake.last().unwrap(), "web"), [95, 5]);
+        let w = BTreeMap::from([("blue".to_string(), 0), ("green".to_string(), 100)]);
+        let e = c.set_weights("web", &w).unwrap_err().to_string();
+        assert!(e.contains("rollout in progress (blue -> green"), "{e}");
+        assert!(e.contains("splitter rollout abort web"), "{e}");
+        // Another service is not concerned.
+        let w = BTreeMap::from([("v1".to_string(), 2)]);
+        c.set_weights("api", &w).unwrap();
+        // A second start is refused while it runs.
+        let e = c.rollout_start(&req, 1_500).unwrap_err().to_string();
+        assert!(e.contains("has a rollout in progress"), "{e}");
+        // Abort: stable at 100% at once.
+        c.rollout_command("web", Command::Abort, 2_000).unwrap();
+        assert_eq!(weights(&fake.last().unwrap(), "web"), [100, 0]);
+    }
+
+    #[test]
+    fn a_failed_verdict_rolls_back_first_thing() {
+        let config = Config::parse(TEXT).unwrap();
+        let mut fake = FakeDataplane::default();
+        fake.apply(&config).unwrap();
+        let mut c = Controller::new(config, fake.clone(), None);
+        let req = StartRequest {
+            service: "web".into(),
+            to: "green".into(),
+            steps: Some(vec![50, 100]),
+            ..StartRequest::default()
+        };
+        c.rollout_start(&req, 1_000).unwrap();
+        let published = fake.with(|s| s.published.len());
+        let bad = Window {
+            attempts: 50,
+            refused: 50,
+            error_rate: Some(1.0),
+            seconds: 10.0,
+            ..Window::default()
+        };
+        let verdict = analysis::analyse(
+            &bad,
+            None,
+            &MetricInput::default(),
+            &analysis::Criteria::default(),
+        );
+        c.rollout_event(
+            "web",
+            Event::Analysis {
+                at_ms: 2_000,
+                verdict,
+            },
+        )
+        .unwrap();
+        // The very next publish is the rollback.
+        let next = fake.with(|s| s.published[published].clone());
+        assert_eq!(weights(&next, "web"), [100, 0]);
+        let r = c.rollout_report("web", 2_000).unwrap();
+        assert_eq!(r.state, "rolled-back");
+        assert!(r.reason.unwrap().contains("error rate"));
+    }
+}

@@ -1059,7 +1059,10 @@ fn rollbacks(if_in: u32) -> Result<(Vec<f64>, usize)> {
         &analysis::MetricInput::default(),
         &analysis::Criteria::default(),
     );
-    anyhow::ensure!(fail.name() == "fail", "the bench's window should fail: {fail:?}");
+    anyhow::ensure!(
+        fail.name() == "fail",
+        "the bench's window should fail: {fail:?}"
+    );
     let (mut us, mut misses) = (Vec::new(), 0);
     for k in 0..ROLLBACKS {
         if k == 0 {
