@@ -15,6 +15,11 @@
 //!   edge namespace, its CLI, and config files for the topology.
 //! - [`prometheus`]: a real Prometheus server and an exporter it scrapes,
 //!   inside a namespace, for the external metric of `[service.analysis]`.
+//! - [`load`]: continuous short requests with every answer and failure
+//!   timed, for tests that change the traffic under load.
+//! - [`rollouts`]: the rollout tests' helpers: report and weights, a
+//!   resetting server, an exporter with a 5xx ratio of 0.5, a deploy hook
+//!   that hands each backend to the test.
 //! - [`program`]: test builds of the kernel program (another tag; another
 //!   map layout) for the upgrade tests.
 //!
@@ -29,9 +34,11 @@
 //! The tests in `tests/` need root; they are `#[ignore]`d for a plain
 //! `cargo test` and run one at a time by `cargo xtask test`.
 pub mod clients;
+pub mod load;
 pub mod netns;
 pub mod program;
 pub mod prometheus;
+pub mod rollouts;
 pub mod servers;
 pub mod splitter;
 pub mod topology;

@@ -18,142 +18,19 @@
 //! ```text
 //! cargo test -p splitter-tests --test rollout -- --include-ignored --test-threads=1
 //! ```
-use std::{
-    collections::BTreeMap,
-    io::{BufRead, BufReader},
-    net::{SocketAddr, SocketAddrV4, TcpStream},
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
-    },
-    thread::JoinHandle,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use serde_json::Value;
 use splitter_tests::{
     clients::LongLivedConn,
-    netns::Netns,
+    load::Load,
+    rollouts::{rollout, weights},
     servers::TcpIdentityServer,
     splitter::{Affinity, Daemon, Mode, blue_green_config},
     topology::{self, Topology, TopologyOptions},
 };
 
 const TIMEOUT: Duration = Duration::from_secs(3);
-
-/// What the load saw.
-#[derive(Debug, Default, Clone)]
-struct Seen {
-    /// Answers per server name.
-    per_name: BTreeMap<String, u64>,
-    /// Failed requests, with the time since the load started.
-    failures: Vec<(Duration, String)>,
-}
-
-impl Seen {
-    fn ok(&self) -> u64 {
-        self.per_name.values().sum()
-    }
-}
-
-/// Short requests (connect, read the server's name, close) from the client
-/// namespace, back to back on `threads` threads, until stopped.
-struct Load {
-    seen: Arc<Mutex<Seen>>,
-    stop: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<()>>,
-    started: Instant,
-}
-
-impl Load {
-    fn start(cli: &Netns, vip: SocketAddrV4, threads: usize) -> Result<Self> {
-        let seen = Arc::new(Mutex::new(Seen::default()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let started = Instant::now();
-        let handles = (0..threads)
-            .map(|_| {
-                let (seen, stop) = (seen.clone(), stop.clone());
-                cli.enter(move || {
-                    std::thread::spawn(move || {
-                        // Bounded: a test runs for minutes at most.
-                        let limit = Instant::now() + Duration::from_secs(600);
-                        while !stop.load(Ordering::Relaxed) && Instant::now() < limit {
-                            let r = one_request(vip);
-                            let mut s = seen.lock().unwrap_or_else(|e| e.into_inner());
-                            match r {
-                                Ok(name) => *s.per_name.entry(name).or_default() += 1,
-                                Err(e) => s.failures.push((started.elapsed(), format!("{e:#}"))),
-                            }
-                            drop(s);
-                            std::thread::sleep(Duration::from_millis(4));
-                        }
-                    })
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Self {
-            seen,
-            stop,
-            threads: handles,
-            started,
-        })
-    }
-
-    fn snapshot(&self) -> Seen {
-        self.seen.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    fn stop(mut self) -> Seen {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-        self.snapshot()
-    }
-}
-
-impl Drop for Load {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-    }
-}
-
-fn one_request(vip: SocketAddrV4) -> Result<String> {
-    let s = TcpStream::connect_timeout(&SocketAddr::V4(vip), TIMEOUT)?;
-    s.set_read_timeout(Some(TIMEOUT))?;
-    let mut line = String::new();
-    BufReader::new(s).read_line(&mut line)?;
-    line.split_whitespace()
-        .next()
-        .map(str::to_string)
-        .context("empty identity line")
-}
-
-/// The rollout's report, as `splitter rollout status --output json` prints it.
-fn rollout(daemon: &Daemon, service: &str) -> Result<Value> {
-    let out = daemon.cli_ok(&["rollout", "status", service, "--output", "json"])?;
-    serde_json::from_str(&out).with_context(|| format!("not JSON: {out}"))
-}
-
-/// The weight of every version of `web`.
-fn weights(daemon: &Daemon) -> Result<BTreeMap<String, u64>> {
-    let st = daemon.status_json()?;
-    st["services"][0]["versions"]
-        .as_array()
-        .context("no versions")?
-        .iter()
-        .map(|v| {
-            Ok((
-                v["name"].as_str().context("name")?.to_string(),
-                v["weight"].as_u64().context("weight")?,
-            ))
-        })
-        .collect()
-}
 
 struct Setup {
     topo: Topology,
