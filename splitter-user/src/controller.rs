@@ -61,6 +61,9 @@ pub struct Controller {
     pub(crate) rollouts: BTreeMap<String, Book>,
     /// Rollouts ended since this daemon started, by (service, outcome).
     pub(crate) rollouts_ended: BTreeMap<(String, String), u64>,
+    /// Why the pins vanish with this process, when they do
+    /// ([`pins::ephemeral_pins`], accepted by `--ephemeral-pins`).
+    ephemeral_pins: Option<String>,
 }
 
 /// A backend in the signal history: (service, version, address).
@@ -116,7 +119,15 @@ impl Controller {
             metric_readings: BTreeMap::new(),
             rollouts: BTreeMap::new(),
             rollouts_ended: BTreeMap::new(),
+            ephemeral_pins: None,
         }
+    }
+
+    /// Records that the pins vanish with this process, and why (shown by
+    /// `splitter status`).
+    pub fn with_ephemeral_pins(mut self, why: Option<String>) -> Self {
+        self.ephemeral_pins = why;
+        self
     }
 
     /// Takes over the rollouts saved by an earlier daemon (they resume when
@@ -894,6 +905,7 @@ impl Controller {
                 mode: dp.mode.to_string(),
                 snat_address: self.dataplane.snat_address().map(|a| a.to_string()),
                 conn_capacity: self.dataplane.conn_capacity(),
+                ephemeral_pins: self.ephemeral_pins.clone(),
                 attachments: self
                     .dataplane
                     .attachments()

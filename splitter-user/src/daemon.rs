@@ -43,6 +43,9 @@ pub struct DaemonOptions {
     pub program: Option<PathBuf>,
     /// Group allowed on the API socket (mode 0660); `None`: root only (0600).
     pub socket_group: Option<String>,
+    /// Start even when the pins would vanish with this process
+    /// ([`pins::ephemeral_pins`]).
+    pub ephemeral_pins: bool,
 }
 
 /// What a stopping daemon does to the pinned data plane.
@@ -115,6 +118,15 @@ pub async fn run(
         }
     }
     let pin_dir = config.dataplane.pin_dir.clone();
+    // Before the data plane is touched: pins that would vanish with this
+    // process are refused unless asked for.
+    let ephemeral = pins::ephemeral_pins(&pin_dir);
+    if let Some(why) = &ephemeral {
+        if !opts.ephemeral_pins {
+            bail!("refusing to start: {why}");
+        }
+        warn!("{why}; starting anyway (--ephemeral-pins)");
+    }
     let source = match &opts.program {
         Some(p) => ProgramSource::File(p.clone()),
         None => ProgramSource::Embedded,
@@ -157,7 +169,8 @@ pub async fn run(
     );
     let controller = Controller::new(config, dataplane, Some(opts.state_dir.clone()))
         .with_config_path(opts.config.clone(), digest)
-        .with_rollouts(rollouts);
+        .with_rollouts(rollouts)
+        .with_ephemeral_pins(ephemeral);
     if let Err(e) = controller.persist() {
         warn!(error = %e, "could not write the state file; runtime changes would not survive a restart");
     }

@@ -237,6 +237,56 @@ pub fn ensure_bpffs(dir: &Path) -> Result<(), PinError> {
     Ok(())
 }
 
+/// Why pins in `dir` would not outlive this process, if they would not:
+/// this process has a mount namespace of its own (as `ip netns exec` gives
+/// it, with a fresh `/sys`, where iproute2 may also mount a fresh bpffs),
+/// and the bpffs that would hold `dir` is not the one the host (PID 1's
+/// mount namespace, or the parent's) sees at the same path, or there is none yet and this
+/// daemon would mount one. Such a bpffs lives only as long as the mount
+/// namespace: when the daemon exits, even by `kill -9`, the pins go, and
+/// with them the XDP program, the connection table and every established
+/// connection through the edge.
+pub fn ephemeral_pins(dir: &Path) -> Option<String> {
+    let own = std::fs::read_link("/proc/self/ns/mnt").ok()?;
+    // The host's view: PID 1's, or where that is hidden (a sandbox), the
+    // parent's (`ip netns exec` runs the daemon in the process it made
+    // the namespace in, so the parent still has the host's).
+    // SAFETY: getppid has no preconditions.
+    let parent = unsafe { libc::getppid() };
+    let (host_ns, host_pid) =
+        ["1".to_string(), parent.to_string()]
+            .into_iter()
+            .find_map(|pid| {
+                let ns = std::fs::read_link(format!("/proc/{pid}/ns/mnt")).ok()?;
+                Some((ns, pid))
+            })?;
+    if own == host_ns {
+        return None;
+    }
+    let private = match dir.ancestors().find(|a| a.exists()) {
+        Some(here) if is_bpffs(here) => {
+            let host = Path::new(&format!("/proc/{host_pid}/root"))
+                .join(here.strip_prefix("/").unwrap_or(here));
+            !is_bpffs(&host) || device(here) != device(&host)
+        }
+        // No bpffs there yet: the daemon would mount one below /sys/fs/bpf
+        // in its own namespace (elsewhere it refuses to start anyway).
+        _ => dir.starts_with(BPFFS_ROOT),
+    };
+    private.then(|| {
+        format!(
+            "the pin directory {} would be on a bpffs private to this process: it runs in a mount namespace of its own (as `ip netns exec` gives), whose bpffs is not the host's, so the pins, the XDP program and every established connection would vanish when the daemon exits, even by kill -9. Run it in the network namespace without a mount namespace of its own (`nsenter --net=/run/netns/NAME splitter daemon ...`), or set dataplane.pin_dir below a bpffs mounted in the host's mount namespace; --ephemeral-pins accepts the loss (tests, demos)",
+            dir.display()
+        )
+    })
+}
+
+/// The device of the filesystem holding `path`.
+fn device(path: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(path).ok().map(|m| m.dev())
+}
+
 fn is_bpffs(path: &Path) -> bool {
     let Ok(c) = CString::new(path.as_os_str().as_encoded_bytes()) else {
         return false;

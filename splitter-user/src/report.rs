@@ -56,6 +56,10 @@ pub struct DataplaneReport {
     /// Connection-table entries (two per flow), as the kernel holds the map.
     #[serde(default)]
     pub conn_capacity: Option<u32>,
+    /// Set when the pins vanish with this daemon (a bpffs private to its
+    /// mount namespace, accepted by `--ephemeral-pins`): why.
+    #[serde(default)]
+    pub ephemeral_pins: Option<String>,
 }
 
 /// The running kernel program.

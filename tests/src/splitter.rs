@@ -200,6 +200,8 @@ pub fn blue_green_config(mode: Mode, affinity: Affinity, blue: u32, green: u32) 
 pub struct Daemon {
     /// Extra `splitter daemon` arguments.
     args: Vec<String>,
+    /// How the process enters the edge namespace.
+    launch: Launch,
     bin: PathBuf,
     /// Edge namespace name (for messages).
     #[allow(dead_code)]
@@ -240,6 +242,27 @@ impl Daemon {
     }
 
     fn start_full(edge: &Netns, config_toml: &str, bin: &Path, args: &[&str]) -> Result<Self> {
+        Self::start_launched(edge, config_toml, bin, args, Launch::NetnsExec)
+    }
+
+    /// [`Daemon::start_with_args`], started the way docs/operations.md
+    /// shows for a data plane that outlives its daemon: `nsenter
+    /// --net=/run/netns/EDGE`, in the host's mount namespace (so its pins
+    /// are on the host's bpffs), without `--ephemeral-pins`.
+    ///
+    /// # Errors
+    /// As [`Daemon::start`].
+    pub fn start_nsenter(edge: &Netns, config_toml: &str, args: &[&str]) -> Result<Self> {
+        Self::start_launched(edge, config_toml, &splitter_bin()?, args, Launch::Nsenter)
+    }
+
+    fn start_launched(
+        edge: &Netns,
+        config_toml: &str,
+        bin: &Path,
+        args: &[&str],
+        launch: Launch,
+    ) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("splitter-test-")
             .tempdir()
@@ -250,9 +273,10 @@ impl Daemon {
         std::fs::write(&config, config_toml)
             .with_context(|| format!("writing {}", config.display()))?;
         let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-        let child = spawn_daemon(edge, bin, dir.path(), &log, &args)?;
+        let child = spawn_daemon(edge, bin, dir.path(), &log, &args, launch)?;
         let mut d = Self {
             args,
+            launch,
             bin: bin.to_path_buf(),
             edge: edge.name().to_string(),
             dir,
@@ -283,7 +307,14 @@ impl Daemon {
     /// # Errors
     /// The new daemon did not come up (its log is in the message).
     pub fn restart(&mut self, edge: &Netns) -> Result<()> {
-        self.child = spawn_daemon(edge, &self.bin, self.dir.path(), &self.log, &self.args)?;
+        self.child = spawn_daemon(
+            edge,
+            &self.bin,
+            self.dir.path(),
+            &self.log,
+            &self.args,
+            self.launch,
+        )?;
         self.stopped = None;
         self.wait_ready()
     }
@@ -460,12 +491,26 @@ impl Daemon {
 
 /// Starts `splitter daemon` in `edge` with the config, socket and state
 /// directory inside `dir`, appending its output to `log`.
+/// How a test daemon enters the edge namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Launch {
+    /// `ip netns exec EDGE`: a mount namespace of its own with a fresh
+    /// `/sys`, so a default pin_dir is on a bpffs private to the process
+    /// (`--ephemeral-pins` accepts that; the pins go with the process,
+    /// which is how most tests clean up).
+    NetnsExec,
+    /// `nsenter --net=/run/netns/EDGE`: the network namespace only; the
+    /// pins are on the host's bpffs and outlive the process.
+    Nsenter,
+}
+
 fn spawn_daemon(
     edge: &Netns,
     bin: &Path,
     dir: &Path,
     log: &Path,
     args: &[String],
+    launch: Launch,
 ) -> Result<Child> {
     let log_out = std::fs::OpenOptions::new()
         .create(true)
@@ -473,9 +518,21 @@ fn spawn_daemon(
         .open(log)
         .with_context(|| format!("opening {}", log.display()))?;
     let log_err = log_out.try_clone()?;
-    let mut cmd = edge.command(&bin.to_string_lossy());
-    cmd.arg("daemon")
-        .arg("--config")
+    let mut cmd = match launch {
+        Launch::NetnsExec => edge.command(&bin.to_string_lossy()),
+        Launch::Nsenter => {
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net={}", edge.path().display()))
+                .arg("--")
+                .arg(bin);
+            c
+        }
+    };
+    cmd.arg("daemon");
+    if launch == Launch::NetnsExec {
+        cmd.arg("--ephemeral-pins");
+    }
+    cmd.arg("--config")
         .arg(dir.join("splitter.toml"))
         .arg("--socket")
         .arg(dir.join("splitter.sock"))

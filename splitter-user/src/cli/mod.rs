@@ -105,6 +105,15 @@ pub enum Command {
         /// owned by this group), so its members run the CLI without root.
         #[arg(long, value_name = "GROUP")]
         socket_group: Option<String>,
+        /// Start even when the pins would vanish with this process (a
+        /// daemon under `ip netns exec` with pin_dir below /sys/fs/bpf gets
+        /// a bpffs of its own): the data plane and every established
+        /// connection then end with the daemon, even on kill -9. For tests
+        /// and demos; `splitter status` says so. Without it such a start is
+        /// refused with the ways out (`nsenter --net=/run/netns/NAME`, or a
+        /// pin_dir on the host's bpffs).
+        #[arg(long)]
+        ephemeral_pins: bool,
     },
     /// Show where a client's flow goes and why: its connection-table entry
     /// if the edge knows it (that decides), and the version and backend a
@@ -244,6 +253,7 @@ pub async fn run(cli: Cli) -> ExitCode {
             on_stop,
             program,
             socket_group,
+            ephemeral_pins,
         } => {
             let opts = daemon::DaemonOptions {
                 config,
@@ -252,6 +262,7 @@ pub async fn run(cli: Cli) -> ExitCode {
                 on_stop,
                 program,
                 socket_group,
+                ephemeral_pins,
             };
             daemon::run(opts, daemon::shutdown_signal())
                 .await

@@ -62,6 +62,12 @@ pub fn render(r: &StatusReport, window_ms: u64, backends: bool) -> String {
             p.id, p.tag, p.source
         );
     }
+    if r.dataplane.ephemeral_pins.is_some() {
+        let _ = writeln!(
+            out,
+            "WARNING: the pins are private to this daemon (--ephemeral-pins): the data plane and every established connection end with it, even on kill -9"
+        );
+    }
     if let Some(n) = r.dataplane.conn_capacity {
         let _ = writeln!(out, "connection table: {n} entries (up to {} flows)", n / 2);
     }

@@ -797,7 +797,7 @@ impl Controller {
     }
 
     /// Events a rolling update waits for: the live flows of its draining
-    /// backends (from the walker's latest count) and, once a second, each
+    /// backends (from a walker's count taken after the drain began) and, once a second, each
     /// waiting backend's health as the checks see it. Returns the hooks to
     /// run.
     pub(crate) fn rolling_inputs(&mut self, now_ms: u64) -> Vec<HookRun> {
@@ -814,7 +814,10 @@ impl Controller {
             };
             match p.stage {
                 BatchStage::Draining => {
-                    let Some(counts) = self.live_flows_since(0) else {
+                    // Only a count taken after the drain began: an older
+                    // one may predate the batch's last new flows.
+                    let since_ns = p.stage_started_at_ms.saturating_mul(1_000_000);
+                    let Some(counts) = self.live_flows_since(since_ns) else {
                         continue;
                     };
                     for m in &p.members {
