@@ -717,6 +717,7 @@ mod tests {
                 attachments: vec![],
                 program: None,
                 conn_capacity: None,
+                ephemeral_pins: None,
             },
             services: vec![ServiceReport {
                 name: "web".into(),
