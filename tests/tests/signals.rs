@@ -30,7 +30,7 @@
 //! ```
 use std::{
     io::{ErrorKind, Read, Write},
-    net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    net::{SocketAddr, SocketAddrV4, TcpStream, UdpSocket},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -42,6 +42,7 @@ use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 use splitter_tests::{
     netns::Netns,
+    rollouts::ResettingServer,
     servers::{TcpIdentityServer, UdpIdentityServer},
     splitter::{Affinity, Daemon, Mode, ServiceSpec, VersionSpec, config_toml},
     topology::{self, Topology, TopologyOptions},
@@ -142,52 +143,6 @@ fn load(
     })?
 }
 
-/// A server that accepts every connection, reads a little, and closes it
-/// with `SO_LINGER` 0: the kernel sends RST on an established connection.
-struct ResettingServer {
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl ResettingServer {
-    fn start(ns: &Netns, addr: SocketAddrV4) -> Result<Self> {
-        let listener = ns.enter(|| TcpListener::bind(addr))??;
-        listener.set_nonblocking(true)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = std::thread::spawn(move || {
-            while !flag.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((s, _)) => {
-                        let sock = socket2::Socket::from(s);
-                        let _ = sock.set_read_timeout(Some(Duration::from_millis(200)));
-                        let mut buf = [0u8; 64];
-                        let _ = std::io::Read::read(&mut &sock, &mut buf);
-                        let _ = sock.set_linger(Some(Duration::ZERO));
-                        drop(sock);
-                    }
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                        std::thread::sleep(Duration::from_millis(2));
-                    }
-                    Err(_) => break,
-                }
-            }
-        });
-        Ok(Self {
-            stop,
-            thread: Some(thread),
-        })
-    }
-}
-
-impl Drop for ResettingServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
 
 /// The per-version signals of `service` over the last `window`, from the
 /// API through the CLI's socket (`curl --unix-socket` works the same).
