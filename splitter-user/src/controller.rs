@@ -23,7 +23,7 @@ use crate::{
         FlowReport, ProgramReport, RolloutsEnded, ServiceReport, SignalsReport, StatusReport,
         VersionReport, VersionSignals,
     },
-    rollout::driver::Book,
+    rollout::book::Book,
     signals::{self, Counters, MetricReading, Window, history::History},
     state::{self, State},
     table,
@@ -192,7 +192,7 @@ impl Controller {
                 )));
             }
         }
-        changes.extend(crate::rollout::driver::supersede(
+        changes.extend(crate::rollout::book::supersede(
             &mut next,
             &self.rollouts,
             &self.config,

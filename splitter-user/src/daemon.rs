@@ -113,7 +113,7 @@ pub async fn run(
         // those services' weights.
         let mut running = config.clone();
         running.services = services;
-        for said in crate::rollout::driver::supersede(&mut config, &rollouts, &running) {
+        for said in crate::rollout::book::supersede(&mut config, &rollouts, &running) {
             info!("{said}");
         }
     }

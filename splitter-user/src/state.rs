@@ -47,7 +47,7 @@ pub struct State {
     /// Rollouts by service, running and finished: a running one resumes
     /// at its step in the next daemon.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub rollouts: BTreeMap<String, crate::rollout::driver::Book>,
+    pub rollouts: BTreeMap<String, crate::rollout::book::Book>,
 }
 
 /// Ids and generations the data plane uses, so a restarted daemon can keep

@@ -143,7 +143,6 @@ fn load(
     })?
 }
 
-
 /// The per-version signals of `service` over the last `window`, from the
 /// API through the CLI's socket (`curl --unix-socket` works the same).
 fn signals(daemon: &Daemon, service: &str, window: &str) -> Result<Value> {

@@ -8,6 +8,9 @@
 //!   strategy: canary steps, blue-green, rolling batches; analysis limits;
 //!   hooks), its validation against the service's config, and the
 //!   `[service.rollout]` defaults ([`spec::RolloutDefaults`]).
+//! - [`book`]: what is kept of each rollout beside the machine's state
+//!   (timeline, analysis schedule, samples), and how a finished rollout's
+//!   weights survive an edited config file (pure).
 //! - [`driver`]: the daemon side (not pure): carries out the machine's
 //!   actions through the controller, feeds it time, verdicts, backend
 //!   events and commands, saves and resumes rollouts.
@@ -15,6 +18,7 @@
 //! - [`machine`]: [`machine::Rollout`] (the persisted state) and
 //!   [`machine::step`]: `(state, event) -> (state, actions)`, with its
 //!   states, rules and errors ([`machine::TransitionError`]).
+pub mod book;
 pub mod driver;
 pub mod machine;
 pub mod plot;
