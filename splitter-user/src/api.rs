@@ -28,8 +28,14 @@
 //! Bodies are JSON whatever their content type says, at most 64 KiB
 //! (`MAX_BODY`). Errors come back as `{"error": "..."}` with 400 (bad input, or a
 //! method the path does not take: `method DELETE is not allowed on
-//! /v1/status`), 404 (unknown service, or `no such API path: ...`), 413 (a
-//! body over 64 KiB) or 500 (the kernel refused a map update).
+//! /v1/status`), 404 (unknown service, or `no such API path: ...`), 408 (a
+//! body slower than 10 s), 413 (a body over 64 KiB) or 500 (the kernel
+//! refused a map update).
+//!
+//! Hostile or stuck clients are bounded: a connection that has not sent a
+//! complete request head within [`HEADER_TIMEOUT`] (10 s, of opening or of
+//! its previous answer) is closed, and past [`MAX_CONNECTIONS`] (256) open
+//! ones a new connection is answered 503 and closed.
 //! `curl --unix-socket /run/splitter/splitter.sock http://splitter/v1/status`
 //! works as well as the CLI.
 //!
@@ -50,9 +56,17 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{delete, get, patch, post, put},
 };
+use hyper_util::{
+    rt::{TokioIo, TokioTimer},
+    service::TowerToHyperService,
+};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
-use tokio::net::UnixListener;
-use tracing::{debug, info};
+use tokio::{
+    net::UnixListener,
+    sync::{OwnedSemaphorePermit, Semaphore},
+    task::JoinSet,
+};
+use tracing::{debug, info, warn};
 
 use crate::{
     controller::{Controller, ControllerError},
@@ -96,6 +110,9 @@ pub enum ApiError {
     /// 413: a request body over [`MAX_BODY`].
     #[error("{0}")]
     TooLarge(String),
+    /// 408: a request body slower than [`BODY_TIMEOUT`].
+    #[error("{0}")]
+    Timeout(String),
     /// 500.
     #[error("{0}")]
     Internal(String),
@@ -123,6 +140,7 @@ impl ApiError {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -134,31 +152,175 @@ type Shared = Arc<std::sync::Mutex<Controller>>;
 /// `detach` answer, a drain wait) before it stops without them.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
+/// Longest a client may take to send a request's headers, counted from
+/// when the server starts waiting for them: as a connection opens and
+/// after each answer on a kept-alive one. It is thus also the idle
+/// (keep-alive) timeout: a connection that sends nothing, or half a
+/// request, for this long is closed without an answer.
+pub(crate) const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Longest a request body may take to arrive once its headers are in
+/// (408 past it).
+const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Most API connections open at once. Past it a new connection is
+/// answered 503 (`{"error": ...}`) and closed at once.
+const MAX_CONNECTIONS: usize = 256;
+
+/// The bounds [`serve`] holds connections to (shorter ones in tests).
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    header_timeout: Duration,
+    max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            header_timeout: HEADER_TIMEOUT,
+            max_connections: MAX_CONNECTIONS,
+        }
+    }
+}
+
+/// A bound on a server's open connections: [`ConnectionLimit::admit`]
+/// hands out a permit per connection while fewer than `max` are open,
+/// and warns once per burst of refusals (not once per connection), with
+/// their count when connections are admitted again.
+pub(crate) struct ConnectionLimit {
+    server: &'static str,
+    max: usize,
+    permits: Arc<Semaphore>,
+    refused: u64,
+}
+
+impl ConnectionLimit {
+    pub(crate) fn new(server: &'static str, max: usize) -> Self {
+        Self {
+            server,
+            max,
+            permits: Arc::new(Semaphore::new(max)),
+            refused: 0,
+        }
+    }
+
+    /// A permit for one more connection, held as long as it is open;
+    /// `None` when `max` are open already.
+    pub(crate) fn admit(&mut self) -> Option<OwnedSemaphorePermit> {
+        match self.permits.clone().try_acquire_owned() {
+            Ok(permit) => {
+                if self.refused > 0 {
+                    info!(
+                        server = self.server,
+                        refused = self.refused,
+                        "accepting connections again after refusing some at the bound of {}",
+                        self.max
+                    );
+                    self.refused = 0;
+                }
+                Some(permit)
+            }
+            Err(_) => {
+                if self.refused == 0 {
+                    warn!(
+                        server = self.server,
+                        "{} connections open: refusing new ones until some close", self.max
+                    );
+                }
+                self.refused += 1;
+                None
+            }
+        }
+    }
+}
+
 /// Serves the API on `listener` until `shutdown` resolves; then accepts
 /// nothing more, closes idle connections and gives requests in flight
 /// [`SHUTDOWN_GRACE`] to finish.
+///
+/// Connections are held to [`HEADER_TIMEOUT`] (idle or half-sent
+/// requests are closed) and to [`MAX_CONNECTIONS`] at once (more are
+/// answered 503 and closed).
 pub async fn serve(listener: UnixListener, controller: Shared, shutdown: impl Future<Output = ()>) {
-    // axum wants a `'static` shutdown signal; `shutdown` borrows the daemon's state.
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = axum::serve(listener, router(controller)).with_graceful_shutdown(async {
-        let _ = stopped.await;
-    });
-    let server = server.into_future();
-    tokio::pin!(server);
-    tokio::select! {
-        // Never with a Unix listener (accept errors are retried), but if so the API is gone.
-        ended = &mut server => {
+    serve_with(listener, controller, shutdown, Limits::default()).await;
+}
+
+async fn serve_with(
+    listener: UnixListener,
+    controller: Shared,
+    shutdown: impl Future<Output = ()>,
+    limits: Limits,
+) {
+    let router = router(controller);
+    let busy = busy_answer(limits.max_connections);
+    let mut limit = ConnectionLimit::new("api", limits.max_connections);
+    let (stop, stopped) = tokio::sync::watch::channel(());
+    let mut connections = JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            () = &mut shutdown => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+            accepted = listener.accept() => match accepted {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    // Out of descriptors, most likely: wait for some to close.
+                    warn!(error = %e, "API accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Some(permit) = limit.admit() else {
+            // Best effort and never waiting: the socket buffer takes it
+            // unless the client is hostile, and then it does not matter.
+            let _ = stream.try_write(busy.as_bytes());
+            continue;
+        };
+        let svc = TowerToHyperService::new(router.clone());
+        let mut stopped = stopped.clone();
+        let header_timeout = limits.header_timeout;
+        connections.spawn(async move {
+            let _permit = permit;
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .serve_connection(TokioIo::new(stream), svc);
+            tokio::pin!(conn);
+            let ended = tokio::select! {
+                ended = conn.as_mut() => ended,
+                _ = stopped.changed() => {
+                    // Closes an idle connection now, a busy one after its answer.
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
             if let Err(e) = ended {
-                tracing::error!(error = %e, "the API server stopped");
+                debug!(error = %e, "API connection ended with an error");
             }
-            return;
-        }
-        () = shutdown => {}
+        });
     }
+    drop(listener);
     let _ = stop.send(());
-    if tokio::time::timeout(SHUTDOWN_GRACE, server).await.is_err() {
+    let drained = async { while connections.join_next().await.is_some() {} };
+    if tokio::time::timeout(SHUTDOWN_GRACE, drained).await.is_err() {
         info!("API requests still running after {SHUTDOWN_GRACE:?}; stopping without them");
     }
+    connections.shutdown().await;
+}
+
+/// The whole answer to a connection past the bound: 503, the usual error
+/// shape, and the connection closed.
+fn busy_answer(max: usize) -> String {
+    let body = serde_json::to_string(&ErrorBody {
+        error: format!("the API has {max} connections open already; try again later"),
+    })
+    .unwrap_or_else(|_| "{\"error\":\"busy\"}".into())
+        + "\n";
+    format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
 }
 
 /// The routes of the table in the module docs.
@@ -609,14 +771,20 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        let body = match Bytes::from_request(req, state).await {
-            Ok(b) => b,
-            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+        let read = tokio::time::timeout(BODY_TIMEOUT, Bytes::from_request(req, state));
+        let body = match read.await {
+            Err(_) => {
+                return Err(ApiError::Timeout(format!(
+                    "the request body did not arrive within {BODY_TIMEOUT:?}"
+                )));
+            }
+            Ok(Ok(b)) => b,
+            Ok(Err(e)) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
                 return Err(ApiError::TooLarge(format!(
                     "the request body is larger than {MAX_BODY} bytes"
                 )));
             }
-            Err(e) => {
+            Ok(Err(e)) => {
                 return Err(ApiError::BadRequest(format!(
                     "could not read the request body: {}",
                     e.body_text()
@@ -700,6 +868,10 @@ backends = ["10.0.2.4:8080"]
 
     impl Api {
         fn start() -> Self {
+            Self::start_with(Limits::default())
+        }
+
+        fn start_with(limits: Limits) -> Self {
             static N: AtomicU32 = AtomicU32::new(0);
             let socket = std::env::temp_dir().join(format!(
                 "splitter-api-test-{}-{}.sock",
@@ -717,9 +889,10 @@ backends = ["10.0.2.4:8080"]
                 None,
             )));
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-            let server = tokio::spawn(serve(listener, controller, async {
+            let shutdown = async {
                 let _ = stopped.await;
-            }));
+            };
+            let server = tokio::spawn(serve_with(listener, controller, shutdown, limits));
             Self {
                 socket,
                 fake,
@@ -960,5 +1133,65 @@ backends = ["10.0.2.4:8080"]
             .await
             .expect("serve returned")
             .unwrap();
+    }
+
+    /// Reads until the server closes `s` (EOF or an error), at most `wait`;
+    /// what it sent before.
+    async fn closed_within(s: &mut tokio::net::UnixStream, wait: Duration) -> Option<String> {
+        let mut out = Vec::new();
+        let mut buf = [0u8; 1024];
+        tokio::time::timeout(wait, async {
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => out.extend_from_slice(&buf[..n]),
+                }
+            }
+        })
+        .await
+        .ok()?;
+        Some(String::from_utf8_lossy(&out).into_owned())
+    }
+
+    #[tokio::test]
+    async fn idle_and_half_sent_connections_are_closed_and_the_excess_refused() {
+        let api = Api::start_with(Limits {
+            header_timeout: Duration::from_millis(300),
+            max_connections: 3,
+        });
+        let connect = || tokio::net::UnixStream::connect(&api.socket);
+        let mut idle = connect().await.unwrap();
+        let mut half = connect().await.unwrap();
+        half.write_all(b"GET /v1/sta").await.unwrap();
+        let mut kept = connect().await.unwrap();
+        // The fourth is over the bound: 503 in the usual shape, then closed.
+        let mut over = connect().await.unwrap();
+        let answer = closed_within(&mut over, Duration::from_secs(2))
+            .await
+            .expect("the connection over the bound was closed");
+        assert!(answer.starts_with("HTTP/1.1 503 "), "{answer:?}");
+        let body = answer.split_once("\r\n\r\n").unwrap().1;
+        let error = serde_json::from_str::<ErrorBody>(body).unwrap().error;
+        assert!(error.contains("3 connections open"), "{error}");
+        // A kept-alive connection answers, then idles like the others.
+        kept.write_all(b"GET /v1/status HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 64];
+        let n = kept.read(&mut buf).await.unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200 "));
+        for (what, s) in [
+            ("idle", &mut idle),
+            ("half-sent", &mut half),
+            ("kept", &mut kept),
+        ] {
+            assert!(
+                closed_within(s, Duration::from_secs(3)).await.is_some(),
+                "the {what} connection is still open"
+            );
+        }
+        // Their permits are back: an ordinary request goes through.
+        let (status, _, body) = api.send("GET", "/v1/status", b"").await;
+        assert_eq!(status, 200, "{body}");
     }
 }

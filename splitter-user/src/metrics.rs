@@ -71,8 +71,17 @@ pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
 /// The only path served.
 pub const PATH: &str = "/metrics";
 
-/// Longest a client may take to send its request headers.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a client may take to send its request headers, counted from
+/// when the connection opens or its previous answer went out: also the
+/// idle keep-alive timeout (the API's, [`crate::api::HEADER_TIMEOUT`]).
+const HEADER_TIMEOUT: Duration = crate::api::HEADER_TIMEOUT;
+
+/// Most scrape connections open at once (Prometheus keeps one per
+/// target); past it a new connection is answered 503 and closed.
+const MAX_CONNECTIONS: usize = 64;
+
+/// The whole answer to a connection past [`MAX_CONNECTIONS`].
+const BUSY: &str = "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 34\r\nconnection: close\r\n\r\ntoo many metrics connections open\n";
 
 /// A histogram known by its buckets rather than by observations (the
 /// crate's own `Histogram` can only observe): the data plane's per-bucket
@@ -522,10 +531,12 @@ type Shared = Arc<std::sync::Mutex<Controller>>;
 
 /// Serves `GET /metrics` on `listener` until `shutdown` resolves; then
 /// closes the listener and ends every open connection before returning.
-/// Other paths answer 404, other methods on `/metrics` 405.
+/// Other paths answer 404, other methods on `/metrics` 405. Connections
+/// are held to [`HEADER_TIMEOUT`] and [`MAX_CONNECTIONS`] at once.
 pub async fn serve(listener: TcpListener, controller: Shared, shutdown: impl Future<Output = ()>) {
     tokio::pin!(shutdown);
     let mut connections = JoinSet::new();
+    let mut limit = crate::api::ConnectionLimit::new("metrics", MAX_CONNECTIONS);
     loop {
         let stream = tokio::select! {
             _ = &mut shutdown => break,
@@ -539,8 +550,15 @@ pub async fn serve(listener: TcpListener, controller: Shared, shutdown: impl Fut
                 }
             },
         };
+        let Some(permit) = limit.admit() else {
+            // Never waiting on the client; the reset that may follow the
+            // close is an answer too.
+            let _ = stream.try_write(BUSY.as_bytes());
+            continue;
+        };
         let controller = controller.clone();
         connections.spawn(async move {
+            let _permit = permit;
             let svc = service_fn(move |req| handle(controller.clone(), req));
             if let Err(e) = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
