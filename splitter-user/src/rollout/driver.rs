@@ -497,21 +497,23 @@ impl Controller {
         };
         let started = r.started_at_ms.unwrap_or(r.created_at_ms);
         let interval = spec.analysis.interval_ms;
-        let signals = [&spec.from, &spec.to]
-            .iter()
-            .filter(|v| !(spec.from == spec.to && **v == &spec.to && **v != &spec.from))
+        // One line per version: a rolling update moves within one.
+        let mut versions = vec![&spec.from];
+        if spec.to != spec.from {
+            versions.push(&spec.to);
+        }
+        let signals = versions
+            .into_iter()
             .map(|v| {
                 let w = self.version_window(service, v, analysis_window_ms(interval));
                 VersionLine {
-                    version: (*v).clone(),
+                    version: v.clone(),
                     new_flows_per_sec: w.as_ref().map_or(0.0, |w| w.attempts_per_sec),
                     error_rate: w.as_ref().and_then(|w| w.error_rate),
                     latency_p99_ms: w.as_ref().and_then(|w| w.latency_p99_ms),
                 }
             })
-            .collect::<Vec<_>>();
-        let mut signals = signals;
-        signals.dedup_by(|a, b| a.version == b.version);
+            .collect();
         Ok(RolloutReport {
             service: service.to_string(),
             from: spec.from.clone(),
@@ -742,14 +744,6 @@ impl Controller {
             }
         }
         hooks
-    }
-
-    /// Is a rollout of `service` running (not finished)?
-    pub fn rollout_running(&self, service: &str) -> Option<&Rollout> {
-        self.rollouts
-            .get(service)
-            .map(|b| &b.rollout)
-            .filter(|r| r.phase.is_running())
     }
 }
 
