@@ -90,6 +90,15 @@ impl Exporter {
     /// # Errors
     /// The address could not be bound.
     pub fn start(ns: &Netns, addr: &str) -> Result<Self> {
+        Self::start_with(ns, addr, exposition)
+    }
+
+    /// [`Exporter::start`] serving `exposition(k)` at the `k`-th scrape
+    /// (another set of counters, such as [`crate::rollouts::half_errors_exposition`]).
+    ///
+    /// # Errors
+    /// The address could not be bound.
+    pub fn start_with(ns: &Netns, addr: &str, exposition: fn(u64) -> String) -> Result<Self> {
         let listener = ns
             .enter(|| TcpListener::bind(addr))?
             .with_context(|| format!("binding the exporter on {addr} in {}", ns.name()))?;
@@ -104,7 +113,7 @@ impl Exporter {
                     Ok((s, _)) => {
                         // One request per connection, answered in turn:
                         // Prometheus scrapes once a second.
-                        let _ = serve(s, &count);
+                        let _ = serve(s, &count, exposition);
                     }
                     Err(e) if e.kind() == ErrorKind::WouldBlock => {
                         thread::sleep(Duration::from_millis(10));
@@ -153,7 +162,11 @@ pub fn exposition(k: u64) -> String {
     out
 }
 
-fn serve(mut s: TcpStream, count: &AtomicU64) -> std::io::Result<()> {
+fn serve(
+    mut s: TcpStream,
+    count: &AtomicU64,
+    exposition: fn(u64) -> String,
+) -> std::io::Result<()> {
     s.set_nonblocking(false)?;
     s.set_read_timeout(Some(IO_TIMEOUT))?;
     s.set_write_timeout(Some(IO_TIMEOUT))?;

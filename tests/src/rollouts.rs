@@ -17,13 +17,13 @@
 //! ```
 use std::{
     collections::{BTreeMap, BTreeSet},
-    io::{ErrorKind, Read, Write},
-    net::{SocketAddrV4, TcpListener, TcpStream},
+    io::{ErrorKind, Read},
+    net::{SocketAddrV4, TcpListener},
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, Ordering},
     },
     thread::{self, JoinHandle},
     time::{Duration, Instant},
@@ -153,70 +153,23 @@ impl Drop for ResettingServer {
     }
 }
 
-/// A `/metrics` endpoint on a thread, like [`crate::prometheus::Exporter`]
-/// but with `green` answering one 500 for each 200 (5xx ratio exactly 0.5,
-/// its counters growing by 1 and 1 at every scrape) and `blue` none
-/// (ratio 0). Query it with [`crate::prometheus::RATIO_QUERY`]. Stopped on
-/// drop.
-#[derive(Debug)]
-pub struct HalfErrorsExporter {
-    stop: Arc<AtomicBool>,
-    scrapes: Arc<AtomicU64>,
-    thread: Option<JoinHandle<()>>,
-}
+/// A [`crate::prometheus::Exporter`] with `green` answering one 500 for
+/// each 200 (5xx ratio exactly 0.5, its counters growing by 1 and 1 at
+/// every scrape) and `blue` none (ratio 0). Query it with
+/// [`crate::prometheus::RATIO_QUERY`]. Stopped on drop.
+pub struct HalfErrorsExporter;
 
 impl HalfErrorsExporter {
     /// Binds `addr` (`IP:PORT`) in `ns` and serves until dropped.
     ///
     /// # Errors
     /// The address could not be bound.
-    pub fn start(ns: &Netns, addr: &str) -> Result<Self> {
-        let listener = ns
-            .enter(|| TcpListener::bind(addr))?
-            .with_context(|| format!("binding the exporter on {addr} in {}", ns.name()))?;
-        listener.set_nonblocking(true)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let scrapes = Arc::new(AtomicU64::new(0));
-        let (flag, count) = (stop.clone(), scrapes.clone());
-        let thread = thread::spawn(move || {
-            let started = Instant::now();
-            while !flag.load(Ordering::Relaxed)
-                && started.elapsed() < crate::prometheus::EXPORTER_LIFETIME
-            {
-                match listener.accept() {
-                    Ok((s, _)) => {
-                        let _ = serve_metrics(s, &count);
-                    }
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                        thread::sleep(Duration::from_millis(10));
-                    }
-                    Err(_) => thread::sleep(Duration::from_millis(50)),
-                }
-            }
-        });
-        Ok(Self {
-            stop,
-            scrapes,
-            thread: Some(thread),
-        })
-    }
-
-    /// Scrapes served so far.
-    pub fn scrapes(&self) -> u64 {
-        self.scrapes.load(Ordering::Relaxed)
+    pub fn start(ns: &Netns, addr: &str) -> Result<crate::prometheus::Exporter> {
+        crate::prometheus::Exporter::start_with(ns, addr, half_errors_exposition)
     }
 }
 
-impl Drop for HalfErrorsExporter {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-/// The exposition of [`HalfErrorsExporter`] after `k` scrapes.
+/// The counters of a [`HalfErrorsExporter`] after `k` scrapes.
 pub fn half_errors_exposition(k: u64) -> String {
     let mut out = String::from(
         "# HELP http_requests_total HTTP requests answered.\n# TYPE http_requests_total counter\n",
@@ -232,35 +185,6 @@ pub fn half_errors_exposition(k: u64) -> String {
         ));
     }
     out
-}
-
-fn serve_metrics(mut s: TcpStream, count: &AtomicU64) -> std::io::Result<()> {
-    let io = crate::prometheus::IO_TIMEOUT;
-    s.set_nonblocking(false)?;
-    s.set_read_timeout(Some(io))?;
-    s.set_write_timeout(Some(io))?;
-    let mut head = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 * 1024 {
-        let n = s.read(&mut buf)?;
-        if n == 0 {
-            return Ok(());
-        }
-        head.extend_from_slice(&buf[..n]);
-    }
-    let (status, body) = if head.starts_with(b"GET /metrics ") {
-        (
-            "200 OK",
-            half_errors_exposition(count.fetch_add(1, Ordering::Relaxed)),
-        )
-    } else {
-        ("404 Not Found", String::new())
-    };
-    write!(
-        s,
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
 }
 
 /// A rolling update's deploy hook that hands each backend to the test: a
