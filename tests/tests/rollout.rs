@@ -11,7 +11,7 @@
 //! - with no traffic, the analysis is inconclusive and the rollout pauses
 //!   and says why; it never promotes;
 //! - `rollout status --watch` exits 0 on completion, 1 on rollback, 4 on
-//!   `--timeout`.
+//!   `--timeout`, 3 when its daemon goes away.
 //!
 //! Privileged, so `#[ignore]`d for a plain `cargo test`:
 //!
@@ -291,5 +291,44 @@ fn without_traffic_a_rollout_pauses_and_says_why_and_never_promotes() -> Result<
     );
     let out = s.daemon.cli(&["rollout", "status", "web", "--watch"])?;
     ensure!(out.status.code() == Some(1), "exit {:?}", out.status.code());
+
+    // A watch whose daemon goes away exits 3.
+    let mut s = s;
+    s.daemon.cli_ok(&[
+        "rollout",
+        "start",
+        "web",
+        "--to",
+        "green",
+        "--steps",
+        "50,100",
+        "--step-time",
+        "60s",
+    ])?;
+    let mut watch = std::process::Command::new(s.daemon.bin());
+    watch
+        .arg("--socket")
+        .arg(s.daemon.socket())
+        .args(["rollout", "status", "web", "--watch"]);
+    let watcher = std::thread::spawn(move || {
+        splitter_tests::netns::output_with_timeout(&mut watch, Duration::from_secs(20))
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    s.daemon.stop()?;
+    let out = watcher
+        .join()
+        .map_err(|_| anyhow::anyhow!("the watch thread panicked"))??;
+    ensure!(
+        out.status.code() == Some(3),
+        "a watch whose daemon stopped exited {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status.code(),
+        out.stdout,
+        out.stderr
+    );
+    ensure!(
+        out.stdout.contains("running"),
+        "the watch printed no running rollout before the daemon went away: {}",
+        out.stdout
+    );
     Ok(())
 }
