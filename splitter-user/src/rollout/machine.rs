@@ -836,9 +836,9 @@ impl Rollout {
                     "completed (a rolling update keeps no old version to undo to)".to_string()
                 }
                 Some(until) if now_ms < *until => format!(
-                    "completed (the old version {:?} is kept for undo for {} ms more)",
+                    "completed (the old version {:?} is kept for undo for {} more)",
                     self.spec.from,
-                    until - now_ms
+                    remaining(until - now_ms)
                 ),
                 _ => format!(
                     "completed, and the old version {:?} is no longer kept (keep_old_ms = {} ran out), so it cannot be undone",
@@ -1803,3 +1803,14 @@ fn list(backends: impl Iterator<Item = SocketAddrV4>) -> String {
 
 #[cfg(test)]
 mod tests;
+
+/// A time left, for people: `9m59s`, `42s` (whole seconds, rounded down;
+/// under a second reads `0s`).
+fn remaining(ms: u64) -> String {
+    let secs = ms / 1000;
+    if secs >= 60 {
+        format!("{}m{:02}s", secs / 60, secs % 60)
+    } else {
+        format!("{secs}s")
+    }
+}
