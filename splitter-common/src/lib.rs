@@ -409,6 +409,18 @@ pub struct BackendStats {
     pub reply_bytes: u64,
 }
 
+impl BackendStats {
+    /// Adds `other` field by field (wrapping), as the controller sums the
+    /// per-CPU entries.
+    pub fn add(&mut self, other: &Self) {
+        self.packets = self.packets.wrapping_add(other.packets);
+        self.bytes = self.bytes.wrapping_add(other.bytes);
+        self.new_flows = self.new_flows.wrapping_add(other.new_flows);
+        self.reply_packets = self.reply_packets.wrapping_add(other.reply_packets);
+        self.reply_bytes = self.reply_bytes.wrapping_add(other.reply_bytes);
+    }
+}
+
 /// Buckets of the connect-latency histogram: one per bound of
 /// [`LATENCY_BOUNDS_US`] and one above the last.
 pub const LATENCY_BUCKETS: usize = 15;
@@ -447,6 +459,22 @@ pub struct BackendSignals {
     pub latency: [u64; LATENCY_BUCKETS],
     /// Room for later signals without a layout change.
     pub _spare: [u64; 3],
+}
+
+impl BackendSignals {
+    /// Adds `other` field by field (wrapping), as the controller sums the
+    /// per-CPU entries.
+    pub fn add(&mut self, other: &Self) {
+        self.established = self.established.wrapping_add(other.established);
+        self.refused = self.refused.wrapping_add(other.refused);
+        self.timeouts = self.timeouts.wrapping_add(other.timeouts);
+        self.reset_by_backend = self.reset_by_backend.wrapping_add(other.reset_by_backend);
+        self.reset_by_client = self.reset_by_client.wrapping_add(other.reset_by_client);
+        self.latency_sum_us = self.latency_sum_us.wrapping_add(other.latency_sum_us);
+        for (a, b) in self.latency.iter_mut().zip(other.latency) {
+            *a = a.wrapping_add(b);
+        }
+    }
 }
 
 /// The 32-bit time stamp of [`Conn::fin_tsval`] for a `CLOCK_MONOTONIC`

@@ -1137,23 +1137,14 @@ impl Dataplane {
         else {
             return Ok(Counters::default());
         };
-        let stats = self.backend_stats(service, version, addr)?;
-        let per_cpu = self
+        let stats = self.stats_of(id)?;
+        let sig = self
             .backend_signals
             .get(&id, 0)
-            .map_err(map_err(map::BACKEND_SIGNALS))?;
-        let sig = per_cpu
+            .map_err(map_err(map::BACKEND_SIGNALS))?
             .iter()
             .fold(BackendSignals::default(), |mut acc, s| {
-                acc.established += s.established;
-                acc.refused += s.refused;
-                acc.timeouts += s.timeouts;
-                acc.reset_by_backend += s.reset_by_backend;
-                acc.reset_by_client += s.reset_by_client;
-                acc.latency_sum_us += s.latency_sum_us;
-                for (a, b) in acc.latency.iter_mut().zip(s.latency) {
-                    *a += b;
-                }
+                acc.add(s);
                 acc
             });
         let swept = self
@@ -1175,24 +1166,26 @@ impl Dataplane {
         version: &str,
         addr: SocketAddrV4,
     ) -> Result<BackendStats> {
-        let Some(id) = self
+        match self
             .backend_ids
             .get(&(service.to_string(), version.to_string(), addr))
-        else {
-            return Ok(BackendStats::default());
-        };
-        let per_cpu = self
+        {
+            Some(&id) => self.stats_of(id),
+            None => Ok(BackendStats::default()),
+        }
+    }
+
+    /// `BACKEND_STATS` of backend `id`, summed over CPUs.
+    fn stats_of(&self, id: u32) -> Result<BackendStats> {
+        Ok(self
             .backend_stats
-            .get(id, 0)
-            .map_err(map_err(map::BACKEND_STATS))?;
-        Ok(per_cpu.iter().fold(BackendStats::default(), |mut acc, s| {
-            acc.packets += s.packets;
-            acc.bytes += s.bytes;
-            acc.new_flows += s.new_flows;
-            acc.reply_packets += s.reply_packets;
-            acc.reply_bytes += s.reply_bytes;
-            acc
-        }))
+            .get(&id, 0)
+            .map_err(map_err(map::BACKEND_STATS))?
+            .iter()
+            .fold(BackendStats::default(), |mut acc, s| {
+                acc.add(s);
+                acc
+            }))
     }
 
     /// Global counters (drops by reason and outcomes), by name.
