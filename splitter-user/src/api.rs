@@ -163,6 +163,23 @@ pub(crate) const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// (408 past it).
 const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Longest an answer may wait for the client to read it: a write that
+/// makes no progress for this long (a client that sends requests and never
+/// reads the answers) ends the connection.
+pub(crate) const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `stream` with writes bounded by [`WRITE_TIMEOUT`], ready for hyper.
+pub(crate) fn write_bounded<S>(
+    stream: S,
+) -> TokioIo<std::pin::Pin<Box<tokio_io_timeout::TimeoutStream<S>>>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite,
+{
+    let mut s = tokio_io_timeout::TimeoutStream::new(stream);
+    s.set_write_timeout(Some(WRITE_TIMEOUT));
+    TokioIo::new(Box::pin(s))
+}
+
 /// Most API connections open at once. Past it a new connection is
 /// answered 503 (`{"error": ...}`) and closed at once.
 const MAX_CONNECTIONS: usize = 256;
@@ -239,8 +256,8 @@ impl ConnectionLimit {
 /// [`SHUTDOWN_GRACE`] to finish.
 ///
 /// Connections are held to [`HEADER_TIMEOUT`] (idle or half-sent
-/// requests are closed) and to [`MAX_CONNECTIONS`] at once (more are
-/// answered 503 and closed).
+/// requests are closed), to [`WRITE_TIMEOUT`] (answers nobody reads) and
+/// to [`MAX_CONNECTIONS`] at once (more are answered 503 and closed).
 pub async fn serve(listener: UnixListener, controller: Shared, shutdown: impl Future<Output = ()>) {
     serve_with(listener, controller, shutdown, Limits::default()).await;
 }
@@ -285,7 +302,7 @@ async fn serve_with(
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(header_timeout)
-                .serve_connection(TokioIo::new(stream), svc);
+                .serve_connection(write_bounded(stream), svc);
             tokio::pin!(conn);
             let ended = tokio::select! {
                 ended = conn.as_mut() => ended,

@@ -3,7 +3,9 @@
 //! (10 s), a body that never comes is answered 408, connections past the
 //! bound (256) are refused with 503 while the daemon keeps answering
 //! ordinary requests, and an oversized body is answered 413 without
-//! changing the running config; the metrics endpoint refuses scrape
+//! changing the running config; a client that pipelines requests and
+//! never reads the answers is cut off once a write stalls for 10 s; the
+//! metrics endpoint refuses scrape
 //! connections past its bound (64) with 503 and serves again once they
 //! close. Real daemon, raw Unix-socket and TCP clients.
 //!
@@ -370,5 +372,70 @@ fn metrics_connections_past_the_bound_get_503_and_scrapes_resume() -> Result<()>
             _ => std::thread::sleep(Duration::from_millis(100)),
         }
     }
+    Ok(())
+}
+
+/// Requests pipelined on one connection whose answers the test never reads.
+const PIPELINED: usize = 5000;
+
+#[test]
+#[ignore = "needs root: run with -- --include-ignored --test-threads=1"]
+fn a_client_that_never_reads_its_answers_is_cut_off_after_the_write_timeout() -> Result<()> {
+    let topo = Topology::new(TopologyOptions::default())?;
+    let d = Daemon::start(
+        &topo.edge,
+        &blue_green_config(Mode::Snat, Affinity::Flow, 100, 0),
+    )?;
+    let mut s = UnixStream::connect(d.socket())?;
+    s.set_nonblocking(true)?;
+    let one = b"GET /v1/status HTTP/1.1\r\nHost: splitter\r\n\r\n";
+    let all: Vec<u8> = one.repeat(PIPELINED);
+    // Write what the socket takes (bounded in time): far more answers
+    // than the socket buffers hold, so the daemon's writes stall.
+    let mut written = 0;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while written < all.len() && Instant::now() < deadline {
+        match s.write(&all[written..]) {
+            Ok(n) => written += n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => bail!("writing pipelined requests: {e}"),
+        }
+    }
+    let requests = written / one.len();
+    ensure!(requests >= 1000, "only {requests} requests went out");
+    // The CLI is answered meanwhile: one stalled connection holds no lock.
+    ensure!(d.status_json()?["services"][0]["name"] == "web", "status");
+    std::thread::sleep(HEADER_TIMEOUT + Duration::from_secs(3));
+    // Now read: the daemon must have given up on this connection, so what
+    // is buffered ends in EOF well before every request is answered.
+    s.set_nonblocking(false)?;
+    s.set_read_timeout(Some(READ_TIMEOUT))?;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 65536];
+    let ended = loop {
+        match s.read(&mut buf) {
+            Ok(0) => break true,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::TimedOut => {
+                break false;
+            }
+            Err(_) => break true,
+        }
+    };
+    let answered = String::from_utf8_lossy(&got)
+        .matches("HTTP/1.1 200")
+        .count();
+    ensure!(
+        ended && answered < requests,
+        "a connection that never read was not cut off: {answered} of {requests} answered, EOF: {ended}"
+    );
+    ensure!(
+        d.status_json()?["services"][0]["name"] == "web",
+        "status after"
+    );
     Ok(())
 }
