@@ -700,13 +700,13 @@ impl Generator {
                     set(f, l4 + 13, |_| fl);
                 }
             }
-            // Random bytes over a stretch, or a random tail.
+            // Random bytes over a stretch of up to 16.
             12 => {
                 if !f.is_empty() {
                     let start = self.rng.usize(..f.len());
                     let end = (start + self.rng.usize(1..=16)).min(f.len());
-                    for i in start..end {
-                        f[i] = self.rng.u8(..);
+                    for b in &mut f[start..end] {
+                        *b = self.rng.u8(..);
                     }
                 }
             }
@@ -848,6 +848,7 @@ pub fn ipv6_frame(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

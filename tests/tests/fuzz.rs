@@ -306,13 +306,22 @@ impl Edge {
 
     /// Opens a flow from `client` to `vip` with real frames (TCP: SYN,
     /// SYN-ACK, ACK; UDP: query, answer) and reads its two entries.
-    fn open_flow(&self, proto: u8, client: SocketAddrV4, vip: SocketAddrV4) -> Result<Seeded> {
+    /// `None` if the tuple holds a flow already (a random frame opened it).
+    fn open_flow(
+        &self,
+        proto: u8,
+        client: SocketAddrV4,
+        vip: SocketAddrV4,
+    ) -> Result<Option<Seeded>> {
         let (cin, cout) = (self.ifs[1], self.ifs[2]);
         let first = if proto == IPPROTO_TCP {
             Packet::tcp(client, vip, TCP_SYN).build()
         } else {
             Packet::udp(client, vip, b"query").build()
         };
+        if self.entry(&flow_key(proto, (client, vip)))?.is_some() {
+            return Ok(None);
+        }
         let (r, d) = self.run(&first, cin)?;
         ensure!(
             d.get("new_flow") == Some(&1) && r.action != xdp_action::DROP,
@@ -343,11 +352,11 @@ impl Edge {
         let rk = flow_key(proto, tuples.reverse);
         let f = self.entry(&fk)?.context("no forward entry")?;
         let b = self.entry(&rk)?.context("no reverse entry")?;
-        Ok(Seeded {
+        Ok(Some(Seeded {
             tuples,
             entries: [(fk, f), (rk, b)],
             may_end: false,
-        })
+        }))
     }
 
     /// Each flow's entries kept their identity (unless a frame may have ended it).
@@ -386,19 +395,33 @@ struct Tally {
     flows_skipped: usize,
 }
 
-/// A frame the oracle refused, with everything needed to replay it.
-fn report(
+/// Where a frame came in, for a failure report.
+struct At<'a> {
+    /// `SPLITTER_FUZZ_SEED` and `SPLITTER_FUZZ_FRAMES` of the run.
     seed: u64,
     frames: usize,
-    index: &str,
-    mode: &str,
+    mode: &'a str,
+    /// `#N` (random frames, counted over both phases) or the template cut.
+    index: &'a str,
     ingress: Option<u32>,
+}
+
+/// A frame the oracle refused, with everything needed to replay it.
+fn report(
+    at: &At,
     frame: &[u8],
     class: Class,
     r: &RunResult,
     deltas: &Deltas,
     why: &str,
 ) -> anyhow::Error {
+    let At {
+        seed,
+        frames,
+        mode,
+        index,
+        ingress,
+    } = at;
     anyhow::anyhow!(
         "fuzz failure: {why}\n  frame {index} of the {mode} phase, ingress ifindex {ingress:?}, class {class:?}\n  action {} counters {deltas:?}\n  replay: SPLITTER_FUZZ_SEED={seed} SPLITTER_FUZZ_FRAMES={frames} cargo test -p splitter-tests --test fuzz -- --include-ignored --nocapture\n  input ({} bytes):\n{}  output ({} bytes):\n{}",
         xdp_action::name(r.action),
@@ -421,14 +444,19 @@ fn phase(mode: &str, seed: u64, total: usize, frames: usize, first_index: usize)
         );
         let mut pick = fastrand::Rng::with_seed(seed.rotate_left(17));
         let mut t = Tally::default();
-        let mut judge_one =
+        let judge_one =
             |t: &mut Tally, index: &str, frame: &[u8], ingress: Option<u32>| -> Result<()> {
                 let class = classify(frame, &world);
                 let (r, deltas) = edge.run(frame, ingress)?;
                 if let Err(why) = judge(class, frame, r.action, &r.data, &deltas) {
-                    return Err(report(
-                        seed, total, index, mode, ingress, frame, class, &r, &deltas, &why,
-                    ));
+                    let at = At {
+                        seed,
+                        frames: total,
+                        mode,
+                        index,
+                        ingress,
+                    };
+                    return Err(report(&at, frame, class, &r, &deltas, &why));
                 }
                 *t.actions.entry(xdp_action::name(r.action)).or_default() += 1;
                 *t.classes.entry(format!("{class:?}")).or_default() += 1;
@@ -450,9 +478,18 @@ fn phase(mode: &str, seed: u64, total: usize, frames: usize, first_index: usize)
                 } else {
                     (IPPROTO_TCP, sa("10.0.0.10:80"))
                 };
-                port = port.wrapping_add(1).max(1024);
-                let client = SocketAddrV4::new(FLOW_CLIENTS[i % 2], port);
-                flows.push(edge.open_flow(proto, client, vip)?);
+                // A mutated frame (a flipped port bit) may have opened a
+                // flow on the next tuple already: then take another port.
+                let mut opened = None;
+                for _ in 0..16 {
+                    port = port.wrapping_add(1).max(1024);
+                    let client = SocketAddrV4::new(FLOW_CLIENTS[i % 2], port);
+                    if let Some(s) = edge.open_flow(proto, client, vip)? {
+                        opened = Some(s);
+                        break;
+                    }
+                }
+                flows.push(opened.context("16 tuples in a row were taken already")?);
             }
             g.set_flows(flows.iter().map(|s| s.tuples).collect());
             if first {
