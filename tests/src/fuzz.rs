@@ -129,6 +129,25 @@ pub struct FlowTuples {
     pub reverse: (SocketAddrV4, SocketAddrV4),
 }
 
+impl FlowTuples {
+    /// The tuple a packet of this flow carries once the program rewrote it
+    /// (`splitter_common::Conn`'s documented rewrite): the client's packet
+    /// leaves as the backend's reply tuple turned round (SNAT address or
+    /// client -> backend), the backend's as VIP -> client. `None` for a
+    /// packet of another tuple.
+    pub fn rewritten(&self, t: &Touch) -> Option<(SocketAddrV4, SocketAddrV4)> {
+        if t.proto != self.proto {
+            None
+        } else if (t.src, t.dst) == self.forward {
+            Some((self.reverse.1, self.reverse.0))
+        } else if (t.src, t.dst) == self.reverse {
+            Some((self.forward.1, self.forward.0))
+        } else {
+            None
+        }
+    }
+}
+
 /// The transport fields of a frame wherever they sit: under any number of
 /// VLAN tags, after any IPv4 options, fragment or not. What a program that
 /// parses more than today's could still read as a flow's packet.
@@ -1158,6 +1177,12 @@ mod tests {
         assert!(t.may_end(&flow));
         let ack = Touch::of(&Packet::tcp(c, vip, TCP_ACK).build()).unwrap();
         assert!(!ack.may_end(&flow));
+        assert_eq!(flow.rewritten(&ack), Some((flow.reverse.1, flow.reverse.0)));
+        let reply =
+            Touch::of(&Packet::tcp(flow.reverse.0, flow.reverse.1, TCP_ACK).build()).unwrap();
+        assert_eq!(flow.rewritten(&reply), Some((vip, c)));
+        let other = Touch::of(&Packet::tcp(vip, c, TCP_ACK).build()).unwrap();
+        assert_eq!(flow.rewritten(&other), None);
         let udp = Touch::of(&Packet::udp(c, vip, b"").build()).unwrap();
         assert!(!udp.may_end(&FlowTuples {
             proto: IPPROTO_UDP,
