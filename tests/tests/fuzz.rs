@@ -11,9 +11,9 @@
 //! ```
 //!
 //! `SPLITTER_FUZZ_FRAMES` (default 100 000, the slice `cargo xtask test`
-//! runs; `cargo xtask fuzz` runs 1 000 000) frames are split between two
-//! data planes, one in SNAT mode and one in DNAT mode, each loaded fresh
-//! in a namespace of its own with a veth pair, routes, permanent
+//! runs; `cargo xtask fuzz` runs 1 000 000) frames are split between data
+//! planes (phases of at most [`PHASE_FRAMES`], at least two), in SNAT and
+//! DNAT mode in turn, each loaded fresh in a namespace of its own with a veth pair, routes, permanent
 //! neighbours and a blackhole route, so every outcome (`XDP_TX`,
 //! `XDP_REDIRECT`, a missing neighbour, an unroutable backend, the kernel's
 //! own forwarding) can happen. Frames arrive on either veth or on
@@ -58,6 +58,8 @@ const FLOWS: usize = 24;
 /// Clients of the test's own flows: addresses the generator never sends
 /// from, so no random frame opens a flow on their tuples first.
 const FLOW_CLIENTS: [Ipv4Addr; 2] = [Ipv4Addr::new(10, 0, 1, 9), Ipv4Addr::new(10, 0, 1, 10)];
+/// Most frames one loaded data plane gets (a phase).
+const PHASE_FRAMES: usize = 500_000;
 /// Default frame count: the slice `cargo xtask test` runs.
 const DEFAULT_FRAMES: usize = 100_000;
 /// Default seed.
@@ -435,16 +437,21 @@ fn report(
 }
 
 /// One data plane, `frames` random frames.
-fn phase(mode: &str, seed: u64, total: usize, frames: usize, first_index: usize) -> Result<Tally> {
-    let ns = forwarding_ns(&format!("fz{}", &mode[..1]))?;
+fn phase(
+    number: usize,
+    mode: &str,
+    seed: u64,
+    total: usize,
+    frames: usize,
+    first_index: usize,
+) -> Result<Tally> {
+    let ns = forwarding_ns(&format!("fz{number}"))?;
     ns.enter(|| -> Result<Tally> {
         let edge = Edge::new(mode)?;
         let world = world(mode);
-        let mut g = Generator::new(
-            seed ^ if mode == "snat" { 0 } else { 0xd0a7 },
-            world.clone(),
-        );
-        let mut pick = fastrand::Rng::with_seed(seed.rotate_left(17));
+        let phase_seed = seed.wrapping_add((number as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let mut g = Generator::new(phase_seed, world.clone());
+        let mut pick = fastrand::Rng::with_seed(phase_seed.rotate_left(17));
         let mut t = Tally::default();
         let judge_one =
             |t: &mut Tally, index: &str, frame: &[u8], ingress: Option<u32>| -> Result<RunResult> {
@@ -581,10 +588,15 @@ fn random_and_mutated_frames_follow_the_documented_behaviour() -> Result<()> {
     let frames: usize = env_or("SPLITTER_FUZZ_FRAMES", DEFAULT_FRAMES)?;
     println!("packet fuzz: seed {seed}, {frames} frames");
     let start = Instant::now();
-    let half = frames / 2;
-    for (mode, n, first) in [("snat", half, 0), ("dnat", frames - half, half)] {
+    // At least one phase per mode; more for longer runs, so that no data
+    // plane's SNAT ports fill up with the flows random SYNs open.
+    let phases = frames.div_ceil(PHASE_FRAMES).max(2);
+    for number in 0..phases {
+        let mode = if number % 2 == 0 { "snat" } else { "dnat" };
+        let first = frames * number / phases;
+        let n = frames * (number + 1) / phases - first;
         let t0 = Instant::now();
-        let t = phase(mode, seed, frames, n, first)?;
+        let t = phase(number, mode, seed, frames, n, first)?;
         let secs = t0.elapsed().as_secs_f64();
         println!(
             "{mode}: {} frames in {secs:.1} s ({:.0} frames/s); classes {:?}; actions {:?}; flows checked {} (skipped as possibly ended {}); rewritten flow frames checked {}\n  counters {:?}",
