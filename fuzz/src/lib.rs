@@ -95,9 +95,10 @@ pub const ROUTES: [(&str, &str); 10] = [
     ("POST", "/v1/services/dns/versions/only/backends"),
 ];
 
-/// What a refused request must leave as it was: the running config and
-/// what the data plane was last given.
-fn snapshot(c: &Controller, fake: &FakeDataplane) -> (String, usize, String) {
+/// What a refused request must leave as it was: the running config, what
+/// the data plane was last given, and the rollouts (their reports at one
+/// fixed instant, so that only a change of state shows).
+fn snapshot(c: &Controller, fake: &FakeDataplane) -> (String, usize, String, String) {
     let published = fake.with(|s| s.published.len());
     let last = fake
         .last()
@@ -107,14 +108,15 @@ fn snapshot(c: &Controller, fake: &FakeDataplane) -> (String, usize, String) {
         serde_json::to_string(c.config()).unwrap_or_default(),
         published,
         last,
+        serde_json::to_string(&c.rollout_list(1_000_000)).unwrap_or_default(),
     )
 }
 
 /// Sends the rest of `data` as the body of route `data[0] % ROUTES.len()`
 /// to a fresh controller over a fake data plane. Properties: no panic;
 /// never a 5xx; a refusal is 4xx with a non-empty `{"error": ...}` and
-/// changes neither the running config nor what was published; an accepted
-/// request answers JSON.
+/// changes neither the running config, nor what was published, nor the
+/// rollouts; an accepted request answers JSON.
 pub fn api_request(data: &[u8]) {
     let Some((&route, body)) = data.split_first() else {
         return;
