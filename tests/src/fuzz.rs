@@ -21,7 +21,8 @@
 //!   and moves nothing; one whose IPv4 header is broken is passed untouched
 //!   or dropped as `drop_truncated_ip`/`drop_bad_ihl`;
 //! - a well-formed frame with correct checksums that comes out rewritten
-//!   still has correct checksums.
+//!   still has correct checksums, and one the program sends on itself
+//!   (`XDP_TX`, `XDP_REDIRECT`) has its TTL one lower.
 //!
 //! Everything comes from one `u64` seed ([`Generator::new`]), so a failure
 //! replays from the seed and the frame index.
@@ -335,6 +336,14 @@ pub fn judge(
     if new_flow && !outcomes.iter().all(|o| WITH_NEW_FLOW.contains(o)) {
         return Err(format!("new_flow beside {outcomes:?}"));
     }
+    // Forwarded by the program itself: the TTL goes down by one
+    // (docs/architecture.md, the forwarding path).
+    if (action == TX || action == REDIRECT)
+        && let (Some(i), Some(o)) = (ttl(input), ttl(output))
+        && o != i.wrapping_sub(1)
+    {
+        return Err(format!("forwarded with TTL {o}, came with {i}"));
+    }
     match class {
         Class::NotOurs if !(action == PASS && untouched && deltas.is_empty()) => Err(format!(
             "a frame no service can hold: {} (frame {}), counters {deltas:?}",
@@ -360,6 +369,12 @@ pub fn judge(
             Ok(())
         }
     }
+}
+
+/// The IPv4 TTL of a frame (under any VLAN tags), if it has a header.
+fn ttl(frame: &[u8]) -> Option<u8> {
+    let ip = ipv4_start(frame)?;
+    frame.get(ip..ip + IPV4_LEN).map(|h| h[8])
 }
 
 /// A frame as hex, 32 bytes a line, for failure reports.
@@ -1154,6 +1169,22 @@ mod tests {
             Ok(())
         );
         assert!(judge(Class::MaybeOurs, &input, xdp_action::PASS, &bad, &d).is_err());
+    }
+
+    #[test]
+    fn judge_checks_the_ttl_of_forwarded_frames() {
+        let c: SocketAddrV4 = "10.0.1.2:4000".parse().unwrap();
+        let vip: SocketAddrV4 = "10.0.0.10:80".parse().unwrap();
+        let blue: SocketAddrV4 = "10.0.2.2:8080".parse().unwrap();
+        let input = Packet::tcp(c, vip, TCP_SYN).build();
+        let d = deltas(&["tx", "new_flow"]);
+        let out = Packet::tcp(c, blue, TCP_SYN).ttl(63).build();
+        assert_eq!(
+            judge(Class::MaybeOurs, &input, xdp_action::TX, &out, &d),
+            Ok(())
+        );
+        let same = Packet::tcp(c, blue, TCP_SYN).build();
+        assert!(judge(Class::MaybeOurs, &input, xdp_action::TX, &same, &d).is_err());
     }
 
     #[test]
