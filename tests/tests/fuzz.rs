@@ -574,7 +574,7 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> Result<T> {
 
 #[test]
 #[ignore = "needs root: run with -- --include-ignored --test-threads=1"]
-fn random_and_mutated_frames_follow_the_documented_behaviour() -> Result<()> {
+fn fuzzed_frames_follow_the_documented_behaviour() -> Result<()> {
     // The oracle knows every counter the program documents, by name.
     for name in counter::NAMES {
         ensure!(
