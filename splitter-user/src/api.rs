@@ -340,8 +340,10 @@ fn busy_answer(max: usize) -> String {
     )
 }
 
-/// The routes of the table in the module docs.
-fn router(controller: Shared) -> Router {
+/// The routes of the table in the module docs, without the connection
+/// bounds of [`serve`]: also for in-process callers (the fuzz targets drive
+/// it with `tower::ServiceExt::oneshot`).
+pub fn router(controller: Shared) -> Router {
     Router::new()
         .route("/v1/status", get(status))
         .route("/v1/config", get(config))
