@@ -1,7 +1,7 @@
 //! What the data plane is asked to publish: one pure function of the
 //! running configuration and the overlays the controller keeps beside it
 //! (health verdicts; a rollout's preview addresses and slow-start ramps;
-//! targeting later). No I/O: the controller calls [`effective`] before
+//! source-CIDR rules whose version has no backend up are left out). No I/O: the controller calls [`effective`] before
 //! every publish, and tests call it directly.
 //!
 //! Rollouts change weights through the same edits as the CLI, so their
@@ -74,6 +74,22 @@ pub fn effective(config: &Config, overlay: &Overlay) -> Config {
             backends: v.backends.clone(),
         }];
         out.services.push(preview);
+    }
+    // A source-CIDR rule whose version has no backend up to take new
+    // flows is left out: its clients get the weights' choice, rather than
+    // the fail-open below sending them to backends known to be down.
+    for svc in &mut out.services {
+        let name = svc.name.clone();
+        let versions = svc.versions.clone();
+        svc.targets.retain(|t| {
+            versions.iter().any(|v| {
+                v.name == t.version
+                    && v.backends.iter().any(|b| {
+                        b.state == BackendState::Active
+                            && !overlay.down.contains(&(name.clone(), b.address))
+                    })
+            })
+        });
     }
     if overlay.down.is_empty() {
         return out;
