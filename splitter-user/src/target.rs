@@ -206,19 +206,27 @@ pub fn problems(svc: &ServiceConfig) -> Vec<String> {
             continue;
         }
     }
-    // Redundancy: against the longest *other* rule that covers it.
+    // Redundancy: against the longest *other* rule that covers it, found
+    // by prefix length (33 look-ups a rule, not a scan of all rules: a
+    // service may hold tens of thousands).
+    let set = TargetSet::new(svc.targets.iter().map(|t| (t.cidr, t.version.as_str())));
     for r in &svc.targets {
-        let parent = svc
-            .targets
-            .iter()
-            .filter(|o| o.cidr != r.cidr && o.cidr.covers(&r.cidr))
-            .max_by_key(|o| o.cidr.len);
-        if let Some(p) = parent
-            && p.version == r.version
+        let parent = (0..r.cidr.len).rev().find_map(|len| {
+            let net = Cidr {
+                addr: Ipv4Addr::from(u32::from(r.cidr.addr) & mask(len)),
+                len,
+            };
+            set.by_len
+                .get(&len)
+                .and_then(|nets| nets.get(&u32::from(net.addr)))
+                .map(|v| (net, *v))
+        });
+        if let Some((p, version)) = parent
+            && version == r.version
         {
             out.push(format!(
-                "target {} -> {}: redundant: {} already sends these clients to {} (a rule inside another must name a different version)",
-                r.cidr, r.version, p.cidr, p.version
+                "target {} -> {}: redundant: {p} already sends these clients to {version} (a rule inside another must name a different version)",
+                r.cidr, r.version
             ));
         }
     }
@@ -464,6 +472,33 @@ backends = ["10.0.3.1:80"]
     }
 
     proptest! {
+        #[test]
+        fn redundancy_agrees_with_a_scan(
+            rules in proptest::collection::btree_map(arb_cidr(), 0u32..2, 0..20),
+        ) {
+            let mut s = svc(&[]);
+            s.targets = rules
+                .iter()
+                .map(|(c, v)| TargetConfig {
+                    cidr: *c,
+                    version: ["blue", "green"][*v as usize].into(),
+                })
+                .collect();
+            let scan = s
+                .targets
+                .iter()
+                .filter(|r| {
+                    s.targets
+                        .iter()
+                        .filter(|o| o.cidr != r.cidr && o.cidr.covers(&r.cidr))
+                        .max_by_key(|o| o.cidr.len)
+                        .is_some_and(|p| p.version == r.version)
+                })
+                .count();
+            let found = problems(&s).iter().filter(|p| p.contains("redundant")).count();
+            prop_assert_eq!(found, scan);
+        }
+
         #[test]
         fn set_lookup_agrees_with_a_scan(
             rules in proptest::collection::btree_map(arb_cidr(), 0u32..4, 0..20),
