@@ -291,10 +291,7 @@ pub fn add_target(
     });
     let problems = crate::target::problems(s);
     if !problems.is_empty() {
-        return Err(EditError::Invalid(format!(
-            "service {service:?}: {}",
-            problems.join("; ")
-        )));
+        return Err(EditError::Invalid(problems.join("; ")));
     }
     let what = format!("target {cidr} -> {} on {service}", spec.version);
     Ok((validated(next)?, what))

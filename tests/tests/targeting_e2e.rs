@@ -109,11 +109,14 @@ fn a_pinned_network_sees_only_green_and_the_others_split_by_weight() -> Result<(
     );
 
     let list = d.cli_ok(&["target", "list", "web"])?;
+    // What the docs show (visible with --nocapture).
+    println!("$ splitter target list web\n{list}");
     ensure!(
         list.contains("10.0.1.96/28") && list.contains("green") && list.contains("active"),
         "target list: {list}"
     );
     let flow = d.cli_ok(&["flow", "10.0.1.100:40000", "--service", "web"])?;
+    println!("$ splitter flow 10.0.1.100:40000 --service web\n{flow}");
     ensure!(
         flow.contains("a new flow now: version green")
             && flow.contains("target rule: 10.0.1.96/28 -> green"),
@@ -122,6 +125,7 @@ fn a_pinned_network_sees_only_green_and_the_others_split_by_weight() -> Result<(
     let flow = d.cli_ok(&["flow", "10.0.1.112:40000", "--service", "web"])?;
     ensure!(!flow.contains("target rule"), "flow: {flow}");
     let status = d.cli_ok(&["status"])?;
+    println!("$ splitter status\n{status}");
     ensure!(
         status.contains("web: 1 target rule(s): 10.0.1.96/28 -> green"),
         "status: {status}"
@@ -148,6 +152,7 @@ fn a_rule_added_at_runtime_moves_new_flows_only_and_survives_a_restart() -> Resu
     conn.wait_echoes(3, Duration::from_secs(5))?;
 
     let out = d.cli_ok(&["target", "add", "web", "10.0.1.2/32", "green"])?;
+    println!("$ splitter target add web 10.0.1.2/32 green\n{out}");
     ensure!(
         out.contains("10.0.1.2/32") && out.contains("green"),
         "target add printed: {out}"
@@ -193,6 +198,7 @@ fn a_rule_added_at_runtime_moves_new_flows_only_and_survives_a_restart() -> Resu
         ),
     ] {
         refused(&d, &args, 1, want)?;
+        println!("$ splitter {}\n{}", args.join(" "), d.cli(&args)?.stderr);
     }
     // A version losing its last active backend while a rule needs it.
     refused(
