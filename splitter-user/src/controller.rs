@@ -185,6 +185,11 @@ impl Controller {
                     v.weight = rv.weight;
                 }
             }
+            crate::rollout::book::keep_rollout_targets(
+                &mut file_with_running_weights,
+                running,
+                book,
+            );
             if r.phase.is_running() && file_with_running_weights != *running {
                 return Err(ControllerError::Invalid(format!(
                     "reload refused, nothing changed: the file changes service {service}, which has a rollout in progress ({} -> {}); let it finish or end it first (`splitter rollout abort {service}`)",
@@ -774,11 +779,7 @@ impl Controller {
         let thresholds =
             table::version_thresholds(&weights).map_err(|e| internal(e.to_string()))?;
         // A published rule (the effective config's) decides first.
-        let published = self
-            .effective(&self.config)
-            .service(service)
-            .map(|s| s.targets.clone())
-            .unwrap_or_default();
+        let published = effective::published_targets(svc, &self.overlay);
         let rule = crate::target::longest_match(&published, *client.ip()).cloned();
         let by_weight = table::pick_version(&thresholds, weights.len(), version_hash(h));
         let vi = rule
@@ -1059,11 +1060,7 @@ impl Controller {
     /// its version has a backend that takes new flows now (the health
     /// verdicts applied).
     fn targets_of(&self, svc: &ServiceConfig) -> Vec<crate::report::TargetReport> {
-        let eff = self.effective(&self.config);
-        let published = eff
-            .service(&svc.name)
-            .map(|s| s.targets.clone())
-            .unwrap_or_default();
+        let published = effective::published_targets(svc, &self.overlay);
         let mut rules: Vec<_> = svc.targets.iter().collect();
         rules.sort_by_key(|t| (std::cmp::Reverse(t.cidr.len), t.cidr));
         rules

@@ -297,6 +297,61 @@ pub fn add_target(
     Ok((validated(next)?, what))
 }
 
+/// Makes every network of `cidrs` a rule of `service` to `version` (the
+/// rules a rollout's `targets` step owns); rules already so are left alone.
+///
+/// # Errors
+/// Unknown service, or a result that fails validation.
+pub fn set_rollout_targets(
+    c: &Config,
+    service: &str,
+    version: &str,
+    cidrs: &[crate::target::Cidr],
+) -> Result<(Config, String), EditError> {
+    let mut next = c.clone();
+    let s = service_mut(&mut next, service)?;
+    for cidr in cidrs {
+        s.targets.retain(|t| t.cidr != *cidr);
+        s.targets.push(crate::target::TargetConfig {
+            cidr: *cidr,
+            version: version.to_string(),
+        });
+    }
+    let what = format!(
+        "rollout targets of {service}: {} -> {version}",
+        cidrs
+            .iter()
+            .map(|c| c.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok((validated(next)?, what))
+}
+
+/// Removes the rules for `cidrs` from `service` (a rollout's, when it
+/// ends); networks with no rule are skipped.
+///
+/// # Errors
+/// Unknown service, or a result that fails validation.
+pub fn clear_rollout_targets(
+    c: &Config,
+    service: &str,
+    cidrs: &[crate::target::Cidr],
+) -> Result<(Config, String), EditError> {
+    let mut next = c.clone();
+    let s = service_mut(&mut next, service)?;
+    s.targets.retain(|t| !cidrs.contains(&t.cidr));
+    let what = format!(
+        "rollout targets of {service} removed: {}",
+        cidrs
+            .iter()
+            .map(|c| c.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok((validated(next)?, what))
+}
+
 /// Removes the source-CIDR rule for exactly `cidr`.
 ///
 /// # Errors

@@ -12,12 +12,33 @@ use std::{
     net::SocketAddrV4,
 };
 
-use crate::config::{BackendState, Config, VersionConfig};
+use crate::{
+    config::{BackendState, Config, ServiceConfig, VersionConfig},
+    target::TargetConfig,
+};
 
 /// The name a preview service is published under: `SERVICE~preview` (`~`
 /// is not allowed in configured names, so it never collides).
 pub fn preview_name(service: &str) -> String {
     format!("{service}~preview")
+}
+
+/// The source-CIDR rules of `svc` the data plane gets: those whose version
+/// has a backend up to take new flows. A rule whose version has none is
+/// left out, so its clients get the weights' choice rather than the
+/// fail-open of [`effective`] sending them to backends known to be down.
+pub fn published_targets(svc: &ServiceConfig, overlay: &Overlay) -> Vec<TargetConfig> {
+    let up = |v: &VersionConfig| {
+        v.backends.iter().any(|b| {
+            b.state == BackendState::Active
+                && !overlay.down.contains(&(svc.name.clone(), b.address))
+        })
+    };
+    svc.targets
+        .iter()
+        .filter(|t| svc.versions.iter().any(|v| v.name == t.version && up(v)))
+        .cloned()
+        .collect()
 }
 
 /// What the controller knows beside the configuration and applies over
@@ -68,6 +89,8 @@ pub fn effective(config: &Config, overlay: &Overlay) -> Config {
         preview.name = preview_name(service);
         preview.vip = *vip;
         preview.health = None;
+        // One version: nothing for a rule to choose.
+        preview.targets = Vec::new();
         preview.versions = vec![VersionConfig {
             name: v.name.clone(),
             weight: 1,
@@ -75,21 +98,8 @@ pub fn effective(config: &Config, overlay: &Overlay) -> Config {
         }];
         out.services.push(preview);
     }
-    // A source-CIDR rule whose version has no backend up to take new
-    // flows is left out: its clients get the weights' choice, rather than
-    // the fail-open below sending them to backends known to be down.
     for svc in &mut out.services {
-        let name = svc.name.clone();
-        let versions = svc.versions.clone();
-        svc.targets.retain(|t| {
-            versions.iter().any(|v| {
-                v.name == t.version
-                    && v.backends.iter().any(|b| {
-                        b.state == BackendState::Active
-                            && !overlay.down.contains(&(name.clone(), b.address))
-                    })
-            })
-        });
+        svc.targets = published_targets(svc, overlay);
     }
     if overlay.down.is_empty() {
         return out;
