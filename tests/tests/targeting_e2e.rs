@@ -13,6 +13,7 @@ use std::{
 use anyhow::{Context, Result, ensure};
 use splitter_tests::{
     clients::{self, LongLivedConn},
+    rollouts,
     servers::TcpIdentityServer,
     splitter::{Affinity, BpfMount, Daemon, Mode, blue_green_config, with_pin_dir},
     topology::{self, BACKEND_PORT, Topology, TopologyOptions},
@@ -242,6 +243,119 @@ fn a_rule_added_at_runtime_moves_new_flows_only_and_survives_a_restart() -> Resu
     conn.wait_echoes(sent + 3, Duration::from_secs(5))?;
     let rep = conn.stop();
     ensure!(rep.failures.is_empty(), "long-lived: {:?}", rep.failures);
+    drop(d);
+    topo.no_csum_errors()
+}
+
+/// The new connections from each source of `sources` (10 each) and the
+/// versions that answered them.
+fn seen(
+    topo: &Topology,
+    sources: &[Ipv4Addr],
+) -> Result<std::collections::BTreeMap<Ipv4Addr, Vec<String>>> {
+    let r = clients::tcp_identity_many(
+        &topo.cli,
+        topology::vip(),
+        10 * sources.len(),
+        sources,
+        TIMEOUT,
+    )?;
+    ensure!(r.errors == 0, "failures: {:?}", r.error_samples);
+    Ok(sources
+        .iter()
+        .map(|a| {
+            let names = r
+                .per_source
+                .get(&Some(*a))
+                .map(|m| m.keys().cloned().collect())
+                .unwrap_or_default();
+            (*a, names)
+        })
+        .collect())
+}
+
+#[test]
+#[ignore = "needs root: run with -- --include-ignored --test-threads=1"]
+fn a_targets_step_shows_the_new_version_to_the_targets_only_and_leaves_no_rule() -> Result<()> {
+    let topo = Topology::new(TopologyOptions {
+        extra_client_addrs: 4,
+        ..Default::default()
+    })?;
+    let _blue = TcpIdentityServer::start(&topo.back, be(2), "blue")?;
+    let _green = TcpIdentityServer::start(&topo.back, be(3), "green")?;
+    let d = Daemon::start(
+        &topo.edge,
+        &blue_green_config(Mode::Snat, Affinity::Flow, 100, 0),
+    )?;
+    // 10.0.1.100 and .101 are the targets; .102 and .103 are not.
+    let addrs = topo.extra_client_addrs().to_vec();
+    let (targeted, others) = addrs.split_at(2);
+    let only = |m: &std::collections::BTreeMap<Ipv4Addr, Vec<String>>,
+                who: &[Ipv4Addr],
+                version: &str|
+     -> Result<()> {
+        for a in who {
+            ensure!(
+                m[a] == [version],
+                "{a} saw {:?}, expected only {version}",
+                m[a]
+            );
+        }
+        Ok(())
+    };
+
+    d.cli_ok(&[
+        "rollout",
+        "start",
+        "web",
+        "--to",
+        "green",
+        "--steps",
+        "targets,50,100",
+        "--targets",
+        "10.0.1.100/31",
+        "--step-time",
+        "10m",
+        "--no-analysis",
+    ])?;
+    // Step 1: the targets see green, everyone else blue (0 %).
+    let r = rollouts::rollout(&d, "web")?;
+    ensure!(r["step"] == 1 && r["state"] == "running", "{r}");
+    let m = seen(&topo, &addrs)?;
+    only(&m, targeted, "green")?;
+    only(&m, others, "blue")?;
+    let list = d.cli_ok(&["target", "list", "web"])?;
+    ensure!(list.contains("10.0.1.100/31  green"), "{list}");
+    // The rollout owns the service: a rule by hand is refused.
+    refused(
+        &d,
+        &["target", "add", "web", "10.0.1.102/32", "green"],
+        1,
+        "rollout in progress",
+    )?;
+
+    // On to 50 %: the targets stay on green.
+    d.cli_ok(&["rollout", "promote", "web"])?;
+    let r = rollouts::rollout(&d, "web")?;
+    ensure!(r["step"] == 2, "{r}");
+    only(&seen(&topo, targeted)?, targeted, "green")?;
+
+    // Aborted: every new flow back to blue, the rules gone.
+    d.cli_ok(&["rollout", "abort", "web"])?;
+    let list = d.cli_ok(&["target", "list", "web"])?;
+    ensure!(list.contains("no target rules"), "after abort: {list}");
+    only(&seen(&topo, &addrs)?, &addrs, "blue")?;
+
+    // Retried from the targets step, then completed: green for all, and
+    // the rules, which chose nothing at 100 %, are gone too.
+    d.cli_ok(&["rollout", "retry", "web"])?;
+    only(&seen(&topo, &addrs)?, targeted, "green")?;
+    d.cli_ok(&["rollout", "promote", "web", "--full"])?;
+    let r = rollouts::rollout(&d, "web")?;
+    ensure!(r["state"] == "completed", "{r}");
+    let list = d.cli_ok(&["target", "list", "web"])?;
+    ensure!(list.contains("no target rules"), "after completion: {list}");
+    only(&seen(&topo, &addrs)?, &addrs, "green")?;
     drop(d);
     topo.no_csum_errors()
 }

@@ -864,6 +864,13 @@ pub fn run(opts: PacketOptions) -> Result<(PacketResults, Extras)> {
     // each rule set published in turn every round, a fresh SYN batch and
     // the established segment run under it, then the plain config again.
     let targets = std::env::var_os("SPLITTER_BENCH_TARGETS").is_some();
+    // Each round's SYN batches stay in the table; they must fit beside the
+    // live flows (or the LRU would evict the established segment's flows).
+    let round_flows = u64::from(SYN_BATCH) * if targets { 4 } else { 1 };
+    ensure!(
+        (u64::from(flows) + rounds as u64 * round_flows) * 2 <= u64::from(capacity),
+        "{rounds} rounds of {round_flows} new flows beside {flows} live ones overflow the {capacity}-entry connection table: use fewer rounds"
+    );
     let variants = if targets {
         target_variants()?
     } else {
