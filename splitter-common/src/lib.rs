@@ -30,6 +30,8 @@ pub const MAGLEV_SIZE: u32 = 16381;
 /// writes the idle one and then publishes it by flipping the generation in
 /// the service entry, so no packet ever reads a half-written table.
 pub const MAX_TABLES: u32 = 1024;
+/// Entries of `TARGETS` (source-CIDR rules over all services).
+pub const MAX_TARGETS: u32 = 65536;
 /// Connection-table entries (one forward and one reverse entry per flow):
 /// the default, and what the object file declares. `dataplane.conn_capacity`
 /// sets another, within [`MIN_CONN_CAPACITY`]..=[`MAX_CONN_CAPACITY`], when
@@ -128,12 +130,40 @@ pub mod map {
     /// `Array<u64>`, `2 * ADDR_FILTER_WORDS` words: a bit set of addresses
     /// that a flow or a service may involve ([`super::addr_filter_bit`]).
     pub const ADDR_FILTER: &str = "ADDR_FILTER";
+    /// `LpmTrie<TargetKey, u32>` (`BPF_F_NO_PREALLOC`), `MAX_TARGETS`
+    /// entries: source-CIDR rules of services flagged `SVC_F_TARGETS`;
+    /// the value is the global version id the matching clients' new flows
+    /// go to.
+    pub const TARGETS: &str = "TARGETS";
 }
 
 /// Service flag: pick the version and backend from the client address only.
 pub const SVC_F_CLIENT_IP: u32 = 1;
 /// Service flag: rewrite the source to the edge's address (SNAT mode).
 pub const SVC_F_SNAT: u32 = 2;
+/// Service flag: the service has source-CIDR rules in `TARGETS`; only a
+/// service with the flag looks them up, so one without pays nothing.
+pub const SVC_F_TARGETS: u32 = 4;
+
+/// Data of a `TARGETS` key (the LPM trie's key is this behind a `u32`
+/// prefix length). The prefix length counts `service` in full, so it is
+/// `32 + ` the CIDR's length: a rule never matches another service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct TargetKey {
+    /// `Service::id`, big-endian (the trie compares bytes in order; any
+    /// fixed order works for a full match, this one reads well in dumps).
+    pub service: u32,
+    /// Client network, network byte order; IPv4 in word 0, the other words
+    /// zero (room for IPv6 prefixes).
+    pub addr: [u32; 4],
+}
+
+/// Bits of a `TARGETS` key that a rule of prefix `bits` matches.
+#[inline(always)]
+pub const fn target_prefix_len(bits: u32) -> u32 {
+    32 + bits
+}
 
 /// Key of `SERVICES`: what a packet is addressed to.
 #[repr(C)]
@@ -562,8 +592,11 @@ pub mod counter {
     pub const NEW_FLOW: u32 = 15;
     /// A client packet of a flow whose backend the operator disabled. Dropped.
     pub const DROP_BACKEND_DISABLED: u32 = 16;
+    /// New flows whose version a source-CIDR rule (`TARGETS`) chose (also
+    /// counted in `NEW_FLOW`).
+    pub const NEW_FLOW_TARGETED: u32 = 17;
     /// Number of counters in use.
-    pub const COUNT: u32 = 17;
+    pub const COUNT: u32 = 18;
     /// Entries of the `COUNTERS` map: room for counters added later, so that
     /// adding one does not change the map's layout (and an upgrade can keep
     /// the pinned maps).
@@ -592,6 +625,7 @@ pub mod counter {
         "redirect",
         "new_flow",
         "drop_backend_disabled",
+        "new_flow_targeted",
     ];
 }
 
@@ -697,6 +731,7 @@ mod pod {
     unsafe impl aya::Pod for Conn {}
     unsafe impl aya::Pod for BackendStats {}
     unsafe impl aya::Pod for BackendSignals {}
+    unsafe impl aya::Pod for TargetKey {}
 }
 
 #[cfg(test)]
@@ -722,6 +757,7 @@ mod tests {
         assert_eq!(core::mem::offset_of!(Conn, fib_dmac), 80);
         assert_eq!(core::mem::offset_of!(Conn, fib_smac), 86);
         assert_eq!(size_of::<BackendStats>(), 40);
+        assert_eq!(size_of::<TargetKey>(), 20);
         assert_eq!(size_of::<BackendSignals>(), 8 * (6 + LATENCY_BUCKETS + 3));
     }
 

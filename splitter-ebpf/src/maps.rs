@@ -3,12 +3,12 @@
 //! address checks (`is_vip`, `may_be_ours`).
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use splitter_common::{
     ADDR_FILTER_DST, ADDR_FILTER_SRC, ADDR_FILTER_WORDS, Backend, BackendSignals, BackendStats,
-    CONN_CAPACITY, Conn, FlowKey, MAX_BACKENDS, MAX_SERVICES, MAX_TABLES, MaglevTable, Service,
-    ServiceKey, VipKey, addr_filter_bit, counter, service_drop,
+    CONN_CAPACITY, Conn, FlowKey, MAX_BACKENDS, MAX_SERVICES, MAX_TABLES, MAX_TARGETS, MaglevTable,
+    Service, ServiceKey, TargetKey, VipKey, addr_filter_bit, counter, service_drop,
 };
 
 #[map(name = "SERVICES")]
@@ -47,6 +47,12 @@ const COUNTER_SLOTS: u32 = counter::SLOTS * 2;
 /// ours skips the connection-table lookup. Filled by the controller.
 #[map(name = "ADDR_FILTER")]
 pub static ADDR_FILTER: Array<u64> = Array::with_max_entries(2 * ADDR_FILTER_WORDS, 0);
+
+/// Source-CIDR rules (`splitter_common::map::TARGETS`); looked up only
+/// for new flows of services flagged `SVC_F_TARGETS`. `LpmTrie` maps are
+/// created with `BPF_F_NO_PREALLOC` (the kernel requires it).
+#[map(name = "TARGETS")]
+pub static TARGETS: LpmTrie<TargetKey, u32> = LpmTrie::with_max_entries(MAX_TARGETS, 0);
 
 #[map(name = "COUNTERS")]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);

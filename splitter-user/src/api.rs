@@ -15,6 +15,9 @@
 //! | PATCH | `/v1/services/{name}/backends/{addr:port}` | [`BackendPatch`] | [`ServiceReport`] |
 //! | DELETE | `/v1/services/{name}/backends/{addr:port}[?force=true]` | | [`ServiceReport`] |
 //! | GET | `/v1/services/{name}/backends/{addr:port}/drain[?timeout=SECONDS]` | | [`crate::controller::DrainWait`]: live flows once 0 or after the timeout |
+//! | GET | `/v1/services/{name}/targets` | | its source-CIDR rules, [`TargetReport`]s, longest prefix first |
+//! | POST | `/v1/services/{name}/targets` | [`TargetSpec`] | its rules |
+//! | DELETE | `/v1/services/{name}/targets/{addr}/{len}` | | its rules |
 //! | GET | `/v1/flow?service=NAME&client=ADDR:PORT` | | [`FlowReport`] |
 //! | POST | `/v1/reload` | | `{"changes": [...]}`: the config file re-read and applied as a diff |
 //! | POST | `/v1/detach` | | `{"removed": [pins]}`; the daemon then stops and XDP is detached |
@@ -70,14 +73,14 @@ use tracing::{debug, info, warn};
 
 use crate::{
     controller::{Controller, ControllerError},
-    edit::{self, BackendPatch, BackendSpec, ServiceSpec, VersionSpec, parse_addr},
+    edit::{self, BackendPatch, BackendSpec, ServiceSpec, TargetSpec, VersionSpec, parse_addr},
     rollout::driver::StartRequest,
 };
 
 pub use crate::report::{
     AttachmentReport, BackendReport, BackendSignalsReport, ConnectionReport, DataplaneReport,
-    FlowReport, ProgramReport, ServiceReport, SignalsReport, StatusReport, VersionReport,
-    VersionSignals,
+    FlowReport, ProgramReport, ServiceReport, SignalsReport, StatusReport, TargetReport,
+    VersionReport, VersionSignals,
 };
 
 /// Largest request body the API reads (413 above it).
@@ -373,6 +376,11 @@ pub fn router(controller: Shared) -> Router {
         .route("/v1/rollouts/{name}/history", get(rollout_history))
         .route("/v1/rollouts/{name}/report", get(rollout_report))
         .route("/v1/rollouts/{name}/{command}", post(rollout_command))
+        .route("/v1/services/{name}/targets", get(targets).post(add_target))
+        .route(
+            "/v1/services/{name}/targets/{addr}/{len}",
+            delete(remove_target),
+        )
         .route("/v1/flow", get(flow))
         .route("/v1/reload", post(reload))
         .route("/v1/detach", post(detach))
@@ -487,6 +495,32 @@ async fn add_service(State(c): State<Shared>, JsonBody(spec): JsonBody<ServiceSp
 /// `GET /v1/services/{name}`.
 async fn service(State(c): State<Shared>, Params(Path(name)): Params<Path<String>>) -> ApiResult {
     to_json(&lock(&c)?.report_of(&name)?)
+}
+
+/// `GET /v1/services/{name}/targets`.
+async fn targets(State(c): State<Shared>, Params(Path(name)): Params<Path<String>>) -> ApiResult {
+    to_json(&lock(&c)?.report_of(&name)?.targets)
+}
+
+/// `POST /v1/services/{name}/targets`.
+async fn add_target(
+    State(c): State<Shared>,
+    Params(Path(name)): Params<Path<String>>,
+    JsonBody(spec): JsonBody<TargetSpec>,
+) -> ApiResult {
+    let mut c = lock(&c)?;
+    c.edit(|cfg| edit::add_target(cfg, &name, &spec))?;
+    to_json(&c.report_of(&name)?.targets)
+}
+
+/// `DELETE /v1/services/{name}/targets/{addr}/{len}`.
+async fn remove_target(
+    State(c): State<Shared>,
+    Params(Path((name, addr, len))): Params<Path<(String, String, String)>>,
+) -> ApiResult {
+    let mut c = lock(&c)?;
+    c.edit(|cfg| edit::remove_target(cfg, &name, &format!("{addr}/{len}")))?;
+    to_json(&c.report_of(&name)?.targets)
 }
 
 /// `DELETE /v1/services/{name}`.
@@ -768,6 +802,10 @@ impl Example for VersionSpec {
 
 impl Example for BackendSpec {
     const EXAMPLE: &'static str = r#"{"address": "10.0.2.4:8080", "weight": 1, "state": "active"}"#;
+}
+
+impl Example for TargetSpec {
+    const EXAMPLE: &'static str = r#"{"cidr": "10.0.1.96/28", "version": "green"}"#;
 }
 
 impl Example for BackendPatch {

@@ -322,6 +322,12 @@ pub struct ServiceConfig {
     /// defaults (a canary 5, 10, 25, 50, 100% with a minute a step).
     #[serde(default)]
     pub rollout: Option<crate::rollout::spec::RolloutDefaults>,
+    /// Source-CIDR rules (`[[service.target]]`, `splitter target add`):
+    /// new flows of a client in a rule's network go to its version, the
+    /// longest matching rule winning; others follow the weights. See
+    /// [`crate::target`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub targets: Vec<crate::target::TargetConfig>,
 }
 
 /// Default of `connect_timeout_ms`.
@@ -669,6 +675,15 @@ struct RawService {
     connect_timeout_ms: Option<i64>,
     analysis: Option<RawAnalysis>,
     rollout: Option<crate::rollout::spec::RolloutDefaults>,
+    #[serde(default, rename = "target")]
+    targets: Vec<RawTarget>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTarget {
+    cidr: String,
+    version: String,
 }
 
 #[derive(Deserialize)]
@@ -1070,6 +1085,16 @@ fn convert(raw: RawConfig, p: &mut Problems, bad: &mut Unparsed) -> Config {
         let analysis = s
             .analysis
             .map(|a| analysis(p, &format!("{at}: analysis"), a));
+        let mut targets = Vec::with_capacity(s.targets.len());
+        for (k, t) in s.targets.into_iter().enumerate() {
+            match t.cidr.parse() {
+                Ok(cidr) => targets.push(crate::target::TargetConfig {
+                    cidr,
+                    version: t.version,
+                }),
+                Err(e) => p.push(format!("{at}: target[{k}]: cidr: {e}")),
+            }
+        }
         services.push(ServiceConfig {
             name: s.name,
             vip: vip.unwrap_or(placeholder),
@@ -1080,6 +1105,7 @@ fn convert(raw: RawConfig, p: &mut Problems, bad: &mut Unparsed) -> Config {
             connect_timeout_ms,
             analysis,
             rollout: s.rollout,
+            targets,
         });
     }
     p.section = 0;
@@ -1212,6 +1238,7 @@ fn check(c: &Config, bad: &Unparsed, out: &mut Problems) {
     }
     let mut total_backends = 0usize;
     let mut total_versions = 0usize;
+    let mut total_targets = 0usize;
     for (i, s) in c.services.iter().enumerate() {
         out.section = i + 1;
         let at = format!("service[{i}] {:?}", s.name);
@@ -1264,6 +1291,10 @@ fn check(c: &Config, bad: &Unparsed, out: &mut Problems) {
         if let Some(a) = &s.analysis {
             analysis_problems(a, &format!("{at}: analysis"), out);
         }
+        for problem in crate::target::problems(s) {
+            out.push(format!("{at}: {problem}"));
+        }
+        total_targets += s.targets.len();
         if s.versions.len() > MAX_VERSIONS {
             out.push(format!(
                 "{svc}: {} versions; at most {MAX_VERSIONS} are supported",
@@ -1341,6 +1372,12 @@ fn check(c: &Config, bad: &Unparsed, out: &mut Problems) {
     if total_versions > MAX_TOTAL_VERSIONS {
         out.push(format!(
             "{total_versions} versions configured over all services; at most {MAX_TOTAL_VERSIONS} are supported"
+        ));
+    }
+    if total_targets > splitter_common::MAX_TARGETS as usize {
+        out.push(format!(
+            "{total_targets} target rules configured over all services; at most {} are supported",
+            splitter_common::MAX_TARGETS
         ));
     }
     if total_backends > MAX_BACKENDS as usize {
@@ -1657,6 +1694,7 @@ backends = ["10.0.3.1:8443"]
                 connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT_MS,
                 analysis: None,
                 rollout: None,
+                targets: Vec::new(),
                 versions: vec![
                     VersionConfig {
                         name: "blue".into(),

@@ -31,7 +31,10 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray},
+    maps::{
+        Array, HashMap, MapData, PerCpuArray,
+        lpm_trie::{Key as LpmKey, LpmTrie},
+    },
     programs::{
         Xdp, XdpMode,
         links::{FdLink, PinnedLink},
@@ -42,8 +45,8 @@ use splitter_common::{
     ADDR_FILTER_DST, ADDR_FILTER_SRC, ADDR_FILTER_WORDS, BACKEND_F_DISABLED, BACKEND_F_PRESENT,
     Backend, BackendSignals, BackendStats, CONN_CAPACITY, CONN_F_REVERSE, Conn, FAMILY_V4, FlowKey,
     MAX_BACKENDS, MAX_CONN_CAPACITY, MAX_TABLES, MAX_VERSIONS, MaglevTable, PROTO_TCP, PROTO_UDP,
-    SVC_F_CLIENT_IP, SVC_F_SNAT, Service, ServiceKey, VipKey, addr_filter_bit, counter, map,
-    service_drop,
+    SVC_F_CLIENT_IP, SVC_F_SNAT, SVC_F_TARGETS, Service, ServiceKey, TargetKey, VipKey,
+    addr_filter_bit, counter, map, service_drop, target_prefix_len,
 };
 use tracing::{info, warn};
 
@@ -56,6 +59,7 @@ use crate::{
     signals::Counters,
     state::{Layout, LayoutBackend, LayoutService},
     table::{self, MaglevBackend},
+    target::Cidr,
 };
 
 /// Timeouts counted by the sweep per backend id (see
@@ -263,6 +267,10 @@ pub struct Dataplane {
     addr_filter: Array<MapData, u64>,
     /// What `addr_filter` holds, so that a publish writes only new bits.
     filter_words: Vec<u64>,
+    targets: LpmTrie<MapData, TargetKey, u32>,
+    /// What `targets` holds: (service id, network) -> global version id.
+    /// Read from the map on load (a restart takes over pinned rules).
+    targets_written: BTreeMap<(u32, Cidr), u32>,
     live: BTreeMap<String, LiveService>,
     /// Backend ids by (service, version, address).
     backend_ids: BTreeMap<(String, String, SocketAddrV4), u32>,
@@ -424,6 +432,13 @@ impl Dataplane {
                     .map_err(map_err(map::ADDR_FILTER))?;
             }
         }
+        let targets: LpmTrie<MapData, TargetKey, u32> =
+            take(&mut ebpf, map::TARGETS, LpmTrie::try_from)?;
+        let targets_written = targets
+            .iter()
+            .filter_map(|e| e.ok())
+            .filter_map(|(k, v)| Some((decode_target_key(&k)?, v)))
+            .collect();
         let filter_words = (0..2 * ADDR_FILTER_WORDS)
             .map(|i| addr_filter.get(&i, 0))
             .collect::<std::result::Result<Vec<u64>, _>>()
@@ -442,6 +457,8 @@ impl Dataplane {
             service_drops,
             addr_filter,
             filter_words,
+            targets,
+            targets_written,
             live: BTreeMap::new(),
             backend_ids: BTreeMap::new(),
             backend_written: BTreeMap::new(),
@@ -767,6 +784,11 @@ impl Dataplane {
         for k in vips {
             let _ = self.vips.remove(&k);
         }
+        // Their ids are handed out afresh: no rule may stay behind.
+        let rules: Vec<(u32, Cidr)> = self.targets_written.keys().copied().collect();
+        for k in rules {
+            self.target_remove(k)?;
+        }
         Ok(())
     }
 
@@ -815,7 +837,37 @@ impl Dataplane {
         for name in gone {
             self.remove_service(&name)?;
         }
+        // Rules an earlier instance left for services no longer published.
+        let live_ids: BTreeSet<u32> = self.live.values().map(|l| l.id).collect();
+        let orphans: Vec<(u32, Cidr)> = self
+            .targets_written
+            .keys()
+            .filter(|(id, _)| !live_ids.contains(id))
+            .copied()
+            .collect();
+        for k in orphans {
+            self.target_remove(k)?;
+        }
         Ok(())
+    }
+
+    /// Removes one rule from `TARGETS` (a missing one is fine).
+    fn target_remove(&mut self, (id, cidr): (u32, Cidr)) -> Result<()> {
+        match self.targets.remove(&target_key(id, cidr)) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(e) => return Err(map_err(map::TARGETS)(e)),
+        }
+        self.targets_written.remove(&(id, cidr));
+        Ok(())
+    }
+
+    /// The rules in `TARGETS` now: (service id, network, global version
+    /// id), for tests and `splitter status`.
+    pub fn target_entries(&self) -> Vec<(u32, Cidr, u32)> {
+        self.targets_written
+            .iter()
+            .map(|((id, c), v)| (*id, *c, *v))
+            .collect()
     }
 
     fn publish_service(&mut self, svc: &ServiceConfig, snat: Option<Ipv4Addr>) -> Result<()> {
@@ -964,6 +1016,26 @@ impl Dataplane {
             entry.versions[i] = live_ver.id;
             versions.insert(ver.name.clone(), live_ver);
         }
+        // Source-CIDR rules: written before the service entry that flags
+        // them, removed after it (a rule the entry does not flag, or one
+        // that names a version the entry lacks, is never used).
+        let mut wanted_targets = BTreeMap::new();
+        for t in &svc.targets {
+            if let Some(v) = versions.get(&t.version) {
+                wanted_targets.insert((id, t.cidr), v.id);
+            }
+        }
+        for (k, vid) in &wanted_targets {
+            if self.targets_written.get(k) != Some(vid) {
+                self.targets
+                    .insert(&target_key(k.0, k.1), *vid, 0)
+                    .map_err(map_err(map::TARGETS))?;
+                self.targets_written.insert(*k, *vid);
+            }
+        }
+        if !wanted_targets.is_empty() {
+            entry.flags |= SVC_F_TARGETS;
+        }
         // Before the service goes live, so its first packets are not
         // filtered out: the VIP, and in SNAT mode the address replies come to.
         self.filter_add(ADDR_FILTER_DST, *svc.vip.ip())?;
@@ -977,6 +1049,15 @@ impl Dataplane {
         self.vips
             .insert(vip_key(&key), 1, 0)
             .map_err(map_err(map::VIPS))?;
+        let stale_targets: Vec<(u32, Cidr)> = self
+            .targets_written
+            .keys()
+            .filter(|k| k.0 == id && !wanted_targets.contains_key(*k))
+            .copied()
+            .collect();
+        for k in stale_targets {
+            self.target_remove(k)?;
+        }
         // Versions and backends that left the service.
         for (name, old) in &old_versions {
             if !versions.contains_key(name) {
@@ -1008,6 +1089,16 @@ impl Dataplane {
         match self.services.remove(&live.key) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
             Err(e) => return Err(map_err(map::SERVICES)(e)),
+        }
+        // Its rules go with it: the id is handed to the next new service.
+        let rules: Vec<(u32, Cidr)> = self
+            .targets_written
+            .keys()
+            .filter(|k| k.0 == live.id)
+            .copied()
+            .collect();
+        for k in rules {
+            self.target_remove(k)?;
         }
         let vip_still_used = self.live.values().any(|l| l.key.addr == live.key.addr);
         if !vip_still_used {
@@ -1522,6 +1613,30 @@ pub fn service_key(svc: &ServiceConfig) -> ServiceKey {
         },
         family: FAMILY_V4,
     }
+}
+
+/// The `TARGETS` key of a rule of service `id`.
+pub fn target_key(id: u32, cidr: Cidr) -> LpmKey<TargetKey> {
+    LpmKey::new(
+        target_prefix_len(u32::from(cidr.len)),
+        TargetKey {
+            service: id.to_be(),
+            addr: [u32::from(cidr.addr).to_be(), 0, 0, 0],
+        },
+    )
+}
+
+/// The rule a `TARGETS` key holds, if it is one this build writes.
+fn decode_target_key(k: &LpmKey<TargetKey>) -> Option<(u32, Cidr)> {
+    let data = k.data();
+    let len = k.prefix_len().checked_sub(32).filter(|l| *l <= 32)?;
+    Some((
+        u32::from_be(data.service),
+        Cidr {
+            addr: Ipv4Addr::from(u32::from_be(data.addr[0])),
+            len: len as u8,
+        },
+    ))
 }
 
 fn vip_key(key: &ServiceKey) -> VipKey {

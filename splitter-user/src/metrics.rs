@@ -745,6 +745,7 @@ mod tests {
                 affinity: "flow".into(),
                 versions: vec![blue, green],
                 drops: BTreeMap::from([("no_backend".to_string(), 0), ("no_flow".to_string(), 2)]),
+                targets: vec![],
             }],
             counters: BTreeMap::from([
                 ("drop_no_flow".to_string(), 2),

@@ -12,7 +12,7 @@
 //! # let service = ServiceConfig { name: "web".into(), vip: "10.0.0.10:80".parse().unwrap(),
 //! #   protocol: Default::default(), affinity: Default::default(),
 //! #   versions: vec![v("blue", "10.0.2.1:80"), v("green", "10.0.3.1:80")],
-//! #   health: None, connect_timeout_ms: 1000, analysis: None, rollout: None };
+//! #   health: None, connect_timeout_ms: 1000, analysis: None, rollout: None, targets: vec![] };
 //!
 //! let spec = RolloutDefaults::default().spec("web", "blue", "green");
 //! let r = Rollout::new(spec, &service, 0).unwrap();
@@ -96,6 +96,7 @@ use super::spec::{HookEvent, Pause, RolloutSpec, Strategy};
 use crate::{
     config::{BackendState, ServiceConfig},
     signals::analysis::{Figures, Verdict},
+    target::Cidr,
 };
 
 /// Most verdicts kept in [`Rollout::verdicts`]; older ones are dropped
@@ -592,6 +593,20 @@ pub enum Action {
         /// The version it reaches.
         version: String,
     },
+    /// Send new flows from these client networks to `version` (the
+    /// rollout's `targets` step; the rules stay until
+    /// [`Action::ClearTargets`]).
+    SetTargets {
+        /// The target version.
+        version: String,
+        /// The client networks.
+        cidrs: Vec<Cidr>,
+    },
+    /// Remove the rollout's rules again (it ended).
+    ClearTargets {
+        /// The client networks.
+        cidrs: Vec<Cidr>,
+    },
     /// Stop serving the preview address.
     ClearPreview {
         /// The address.
@@ -679,6 +694,8 @@ struct StepPlan {
     /// Whether its verdicts count (the blue-green preview's do not).
     analysed: bool,
     preview: Option<SocketAddrV4>,
+    /// A "targets only" step: the rollout's targets see the target.
+    targets: bool,
 }
 
 /// Applies `event` to `state`.
@@ -874,6 +891,7 @@ impl Rollout {
                     pause: s.pause,
                     analysed: true,
                     preview: None,
+                    targets: s.targets,
                 })
                 .collect(),
             Strategy::BlueGreen {
@@ -887,12 +905,14 @@ impl Rollout {
                     pause: auto_promote_after_ms.map_or(Pause::UntilPromoted, Pause::For),
                     analysed: false,
                     preview: *preview,
+                    targets: false,
                 },
                 StepPlan {
                     target_percent: 100,
                     pause: Pause::For(*post_switch_analysis_ms),
                     analysed: true,
                     preview: None,
+                    targets: false,
                 },
             ],
             Strategy::Rolling { .. } => Vec::new(),
@@ -912,6 +932,13 @@ impl Rollout {
 
     fn gate_open(&self, analysed: bool) -> bool {
         !(analysed && self.spec.analysis.enabled) || self.step_verdict == Some(VerdictKind::Pass)
+    }
+
+    /// The rules of the `targets` step, if the schedule has one (they
+    /// stay from that step, the first, until the rollout ends).
+    fn owned_targets(&self) -> Option<Vec<Cidr>> {
+        (self.spec.has_targets_step() && !self.spec.targets.is_empty())
+            .then(|| self.spec.targets.clone())
     }
 
     fn version_scope(&self) -> AnalysisScope {
@@ -972,6 +999,14 @@ impl Rollout {
         };
         let previous = index.checked_sub(1).and_then(|i| steps.get(i));
         self.set_weights(Weights::target(plan.target_percent), out);
+        if plan.targets
+            && let Some(cidrs) = self.owned_targets()
+        {
+            out.push(Action::SetTargets {
+                version: self.spec.to.clone(),
+                cidrs,
+            });
+        }
         if let Some(vip) = previous.and_then(|p| p.preview) {
             out.push(Action::ClearPreview { vip });
         }
@@ -1068,6 +1103,10 @@ impl Rollout {
             if let Some(vip) = self.spec_steps().get(self.step).and_then(|s| s.preview) {
                 out.push(Action::ClearPreview { vip });
             }
+            // At 100% the rules choose nothing any more.
+            if let Some(cidrs) = self.owned_targets() {
+                out.push(Action::ClearTargets { cidrs });
+            }
         }
         if analysing {
             out.push(Action::StopAnalysis);
@@ -1106,6 +1145,9 @@ impl Rollout {
         let analysing = self.analysing();
         if self.rolling.is_none() {
             self.set_weights(Weights::target(0), out);
+            if let Some(cidrs) = self.owned_targets() {
+                out.push(Action::ClearTargets { cidrs });
+            }
             if let Some(vip) = self.spec_steps().get(self.step).and_then(|s| s.preview) {
                 out.push(Action::ClearPreview { vip });
             }
@@ -1370,6 +1412,12 @@ impl Rollout {
         match self.rolling.clone() {
             None => {
                 self.set_weights(self.weights, out);
+                if let Some(cidrs) = self.owned_targets() {
+                    out.push(Action::SetTargets {
+                        version: self.spec.to.clone(),
+                        cidrs,
+                    });
+                }
                 if let Some(vip) = self.spec_steps().get(self.step).and_then(|s| s.preview) {
                     out.push(Action::SetPreview {
                         vip,
@@ -1801,6 +1849,8 @@ fn list(backends: impl Iterator<Item = SocketAddrV4>) -> String {
         .join(", ")
 }
 
+#[cfg(test)]
+mod targets_tests;
 #[cfg(test)]
 mod tests;
 

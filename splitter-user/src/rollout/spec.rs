@@ -34,6 +34,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     config::{BackendState, ServiceConfig},
     signals::analysis::Criteria,
+    target::{Cidr, TargetConfig},
 };
 
 /// The canary schedule when none is given: the share of new flows sent to
@@ -82,19 +83,23 @@ impl Default for Pause {
 }
 
 /// One canary step.
-// Reserved: a later issue adds targeting ("internal users first"): an
-// optional `targets` field (source CIDRs pinned to the target version) on
-// this struct, so that a step may widen who is targeted without changing
-// `weight_percent`. Adding it as an optional field keeps today's files valid.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Step {
     /// Share of new flows sent to the target version, 0..=100; the rest go
-    /// to the stable version.
+    /// to the stable version. Required, but for a `targets` step (0).
+    #[serde(default)]
     pub weight_percent: u32,
     /// How the step ends (default: [`DEFAULT_STEP_PAUSE_MS`]).
     #[serde(default)]
     pub pause: Pause,
+    /// A "targets only" step (TOML `{ targets = true }`, CLI `--steps
+    /// targets,5,...`): only the rollout's [`RolloutSpec::targets`] (client
+    /// networks) see the target version, everyone else stays on the stable
+    /// one (`weight_percent` 0). It must be the first step; its rules stay
+    /// for the later steps and are removed when the rollout ends.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub targets: bool,
 }
 
 /// The default canary schedule: [`DEFAULT_CANARY_PERCENTS`], each step
@@ -105,6 +110,7 @@ pub fn default_steps() -> Vec<Step> {
         .map(|&weight_percent| Step {
             weight_percent,
             pause: Pause::default(),
+            targets: false,
         })
         .collect()
 }
@@ -222,6 +228,17 @@ impl Strategy {
                 }
                 let mut previous: Option<u32> = None;
                 for (i, s) in steps.iter().enumerate() {
+                    if s.targets && i > 0 {
+                        p.push(format!(
+                            "strategy.steps[{i}] is a targets step: it must be the first (targets, 5, 10, 25, 50, 100)"
+                        ));
+                    }
+                    if s.targets && s.weight_percent != 0 {
+                        p.push(format!(
+                            "strategy.steps[{i}] is a targets step with weight_percent = {}: only the targeted clients see the target there, so it must be 0",
+                            s.weight_percent
+                        ));
+                    }
                     if s.weight_percent > 100 {
                         p.push(format!(
                             "strategy.steps[{i}].weight_percent = {} is above 100",
@@ -468,9 +485,19 @@ pub struct RolloutSpec {
     /// Notification hooks.
     #[serde(default)]
     pub hooks: Vec<Hook>,
+    /// Client networks a canary's `targets` step sends to the target
+    /// version (as source-CIDR rules the rollout owns); needed by, and only
+    /// with, such a step.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub targets: Vec<Cidr>,
 }
 
 impl RolloutSpec {
+    /// Whether the schedule starts with a `targets` step.
+    pub fn has_targets_step(&self) -> bool {
+        matches!(&self.strategy, Strategy::Canary { steps } if steps.first().is_some_and(|s| s.targets))
+    }
+
     /// How long the old version is kept for `undo` after completion: the
     /// blue-green strategy's own value if set, else [`Self::keep_old_ms`].
     pub fn keep_old_for_ms(&self) -> u64 {
@@ -561,7 +588,38 @@ impl RolloutSpec {
         p.extend(self.strategy.problems());
         p.extend(self.analysis.problems());
         p.extend(hooks_problems(&self.hooks));
+        p.extend(self.targets_problems(service));
         if p.is_empty() { Ok(()) } else { Err(p) }
+    }
+
+    /// Problems of the targets and the targets step: one without the
+    /// other, or rules that clash with the service's own.
+    fn targets_problems(&self, service: &ServiceConfig) -> Vec<String> {
+        let mut p = Vec::new();
+        match (self.has_targets_step(), self.targets.is_empty()) {
+            (true, true) => p.push(
+                "strategy.steps[0] is a targets step, but no targets are given: name the client networks (`--targets 10.0.1.96/28`, or targets = [...] in [service.rollout])".to_string(),
+            ),
+            (false, false) => p.push(format!(
+                "targets = [{}] are given, but no targets step uses them: start the canary schedule with one (`--steps targets,5,10,25,50,100`)",
+                self.targets.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(", ")
+            )),
+            _ => {}
+        }
+        if !self.targets.is_empty() {
+            let mut with = service.clone();
+            with.targets
+                .extend(self.targets.iter().map(|c| TargetConfig {
+                    cidr: *c,
+                    version: self.to.clone(),
+                }));
+            p.extend(
+                crate::target::problems(&with)
+                    .into_iter()
+                    .map(|e| format!("targets: {e}")),
+            );
+        }
+        p
     }
 }
 
@@ -596,6 +654,9 @@ pub struct RolloutDefaults {
     pub keep_old_ms: u64,
     /// Notification hooks.
     pub hooks: Vec<Hook>,
+    /// See [`RolloutSpec::targets`].
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub targets: Vec<Cidr>,
 }
 
 // Equality is reflexive: validation refuses NaN in the criteria, the only
@@ -609,6 +670,7 @@ impl Default for RolloutDefaults {
             analysis: AnalysisSpec::default(),
             keep_old_ms: DEFAULT_KEEP_OLD_MS,
             hooks: Vec::new(),
+            targets: Vec::new(),
         }
     }
 }
@@ -638,6 +700,7 @@ impl RolloutDefaults {
             analysis: self.analysis.clone(),
             keep_old_ms: self.keep_old_ms,
             hooks: self.hooks.clone(),
+            targets: self.targets.clone(),
         }
     }
 }
@@ -676,6 +739,7 @@ pub(crate) mod tests {
             connect_timeout_ms: crate::config::DEFAULT_CONNECT_TIMEOUT_MS,
             analysis: None,
             rollout: None,
+            targets: Vec::new(),
         }
     }
 
@@ -687,6 +751,7 @@ pub(crate) mod tests {
                     .map(|&(weight_percent, pause)| Step {
                         weight_percent,
                         pause,
+                        targets: false,
                     })
                     .collect(),
             },
