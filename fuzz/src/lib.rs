@@ -82,7 +82,7 @@ backends = ["10.0.2.2:5353"]
 "#;
 
 /// The routes that take a body, chosen by an input's first byte.
-pub const ROUTES: [(&str, &str); 10] = [
+pub const ROUTES: [(&str, &str); 11] = [
     ("PUT", "/v1/services/web/weights"),
     ("POST", "/v1/services"),
     ("POST", "/v1/services/web/versions"),
@@ -93,6 +93,7 @@ pub const ROUTES: [(&str, &str); 10] = [
     ("POST", "/v1/services/nope/versions"),
     ("PATCH", "/v1/services/web/backends/10.0.2.9:8080"),
     ("POST", "/v1/services/dns/versions/only/backends"),
+    ("POST", "/v1/services/web/targets"),
 ];
 
 /// What a refused request must leave as it was: the running config, what
