@@ -330,6 +330,35 @@ pub struct ServiceConfig {
     pub targets: Vec<crate::target::TargetConfig>,
 }
 
+impl ServiceConfig {
+    /// Does `version` have an active backend (one that can take new flows)?
+    pub fn has_active_backend(&self, version: &str) -> bool {
+        self.versions
+            .iter()
+            .find(|v| v.name == version)
+            .is_some_and(|v| v.backends.iter().any(|b| b.state == BackendState::Active))
+    }
+
+    /// Every problem of `rules` were they this service's source-CIDR rules
+    /// ([`crate::target::problems`]).
+    pub fn problems_of_targets(&self, rules: &[crate::target::TargetConfig]) -> Vec<String> {
+        let of = crate::target::Versions {
+            service: &self.name,
+            versions: self
+                .versions
+                .iter()
+                .map(|v| (v.name.as_str(), self.has_active_backend(&v.name)))
+                .collect(),
+        };
+        crate::target::problems(rules, &of)
+    }
+
+    /// Every problem of this service's own source-CIDR rules.
+    pub fn target_problems(&self) -> Vec<String> {
+        self.problems_of_targets(&self.targets)
+    }
+}
+
 /// Default of `connect_timeout_ms`.
 pub const DEFAULT_CONNECT_TIMEOUT_MS: u32 = splitter_common::DEFAULT_CONNECT_TIMEOUT_MS as u32;
 /// Largest `connect_timeout_ms` (the data plane keeps it in 16 bits).
@@ -1291,7 +1320,7 @@ fn check(c: &Config, bad: &Unparsed, out: &mut Problems) {
         if let Some(a) = &s.analysis {
             analysis_problems(a, &format!("{at}: analysis"), out);
         }
-        for problem in crate::target::problems(s) {
+        for problem in s.target_problems() {
             out.push(format!("{at}: {problem}"));
         }
         total_targets += s.targets.len();

@@ -289,7 +289,7 @@ pub fn add_target(
         cidr,
         version: spec.version.clone(),
     });
-    let problems = crate::target::problems(s);
+    let problems = s.target_problems();
     if !problems.is_empty() {
         return Err(EditError::Invalid(problems.join("; ")));
     }
@@ -376,7 +376,7 @@ pub fn remove_target(c: &Config, service: &str, cidr: &str) -> Result<(Config, S
         )));
     };
     let old = s.targets.remove(i);
-    let problems = crate::target::problems(s);
+    let problems = s.target_problems();
     if !problems.is_empty() {
         // Removing a carve-out can make a rule inside it redundant.
         return Err(EditError::Invalid(format!(

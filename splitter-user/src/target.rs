@@ -20,8 +20,6 @@ use std::{collections::BTreeMap, fmt, net::Ipv4Addr, str::FromStr};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{BackendState, ServiceConfig};
-
 /// An IPv4 network: an address with no host bits set and a prefix length
 /// (0..=32). Written `10.0.1.96/28`; a bare address is a `/32`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -161,38 +159,33 @@ pub fn longest_match(rules: &[TargetConfig], ip: Ipv4Addr) -> Option<&TargetConf
         .max_by_key(|r| r.cidr.len)
 }
 
-/// Does `version` of `svc` have an active backend (one that can take a
-/// targeted client's new flows)?
-pub fn version_has_active_backend(svc: &ServiceConfig, version: &str) -> bool {
-    svc.versions
-        .iter()
-        .find(|v| v.name == version)
-        .is_some_and(|v| v.backends.iter().any(|b| b.state == BackendState::Active))
+/// What rules are checked against: the service's name and its versions,
+/// each with whether it has an active backend (one that can take a
+/// targeted client's new flows). `ServiceConfig::target_problems` fills it
+/// from a config.
+#[derive(Debug, Clone)]
+pub struct Versions<'a> {
+    /// The service's name (for messages).
+    pub service: &'a str,
+    /// Each version's name, and whether it has an active backend.
+    pub versions: Vec<(&'a str, bool)>,
 }
 
-/// Every problem with the rules of `svc`, each naming the rule:
-/// - a version the service does not have;
-/// - a version with no active backend (its targeted clients would fall
-///   through to the weights, which is surely not what was meant);
-/// - the same network twice;
-/// - a rule nested in another rule of the same version with no other
-///   rule between them (the longest rule that holds it already sends its
-///   clients there: redundant). A nested rule to a *different* version is
-///   an exception carved out of the wider one and is allowed.
-pub fn problems(svc: &ServiceConfig) -> Vec<String> {
+pub fn problems(rules: &[TargetConfig], of: &Versions<'_>) -> Vec<String> {
     let mut out = Vec::new();
-    let known: Vec<&str> = svc.versions.iter().map(|v| v.name.as_str()).collect();
+    let known: Vec<&str> = of.versions.iter().map(|(v, _)| *v).collect();
+    let active = |name: &str| of.versions.iter().any(|(v, a)| *v == name && *a);
     let mut seen: BTreeMap<Cidr, &str> = BTreeMap::new();
-    for r in &svc.targets {
+    for r in rules {
         let at = format!("target {} -> {}", r.cidr, r.version);
         if !known.contains(&r.version.as_str()) {
             out.push(format!(
                 "{at}: service {:?} has no version {:?}; its versions are: {}",
-                svc.name,
+                of.service,
                 r.version,
                 known.join(", ")
             ));
-        } else if !version_has_active_backend(svc, &r.version) {
+        } else if !active(&r.version) {
             out.push(format!(
                 "{at}: version {:?} has no active backend, so its targeted clients would get the weights' choice: add or activate a backend first",
                 r.version
@@ -209,8 +202,8 @@ pub fn problems(svc: &ServiceConfig) -> Vec<String> {
     // Redundancy: against the longest *other* rule that covers it, found
     // by prefix length (33 look-ups a rule, not a scan of all rules: a
     // service may hold tens of thousands).
-    let set = TargetSet::new(svc.targets.iter().map(|t| (t.cidr, t.version.as_str())));
-    for r in &svc.targets {
+    let set = TargetSet::new(rules.iter().map(|t| (t.cidr, t.version.as_str())));
+    for r in rules {
         let parent = (0..r.cidr.len).rev().find_map(|len| {
             let net = Cidr {
                 addr: Ipv4Addr::from(u32::from(r.cidr.addr) & mask(len)),
@@ -237,7 +230,12 @@ pub fn problems(svc: &ServiceConfig) -> Vec<String> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::config::{BackendState, ServiceConfig};
     use proptest::prelude::*;
+
+    fn problems(s: &ServiceConfig) -> Vec<String> {
+        s.target_problems()
+    }
 
     fn c(s: &str) -> Cidr {
         s.parse().unwrap()

@@ -47,6 +47,8 @@
 mod edge_report;
 #[cfg_attr(not(feature = "bench"), allow(dead_code))]
 mod report;
+#[cfg_attr(not(feature = "bench"), allow(dead_code))]
+mod stats;
 
 #[cfg(feature = "bench")]
 mod bpf;
