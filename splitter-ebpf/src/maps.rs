@@ -8,7 +8,7 @@ use aya_ebpf::{
 use splitter_common::{
     ADDR_FILTER_DST, ADDR_FILTER_SRC, ADDR_FILTER_WORDS, Backend, BackendSignals, BackendStats,
     CONN_CAPACITY, Conn, FlowKey, MAX_BACKENDS, MAX_SERVICES, MAX_TABLES, MaglevTable, Service,
-    ServiceKey, VipKey, addr_filter_bit, counter, service_drop,
+    ServiceKey, Shadow, VipKey, addr_filter_bit, counter, service_drop,
 };
 
 #[map(name = "SERVICES")]
@@ -47,6 +47,14 @@ const COUNTER_SLOTS: u32 = counter::SLOTS * 2;
 /// ours skips the connection-table lookup. Filled by the controller.
 #[map(name = "ADDR_FILTER")]
 pub static ADDR_FILTER: Array<u64> = Array::with_max_entries(2 * ADDR_FILTER_WORDS, 0);
+
+/// What each service mirrors (`shadow`), indexed by service id.
+#[map(name = "SHADOWS")]
+pub static SHADOWS: Array<Shadow> = Array::with_max_entries(MAX_SERVICES, 0);
+
+/// Per-CPU sampling accumulator of each mirrored service (`shadow::sample`).
+#[map(name = "SHADOW_ACC")]
+pub static SHADOW_ACC: PerCpuArray<u32> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
 
 #[map(name = "COUNTERS")]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);

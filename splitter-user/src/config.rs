@@ -322,6 +322,26 @@ pub struct ServiceConfig {
     /// defaults (a canary 5, 10, 25, 50, 100% with a minute a step).
     #[serde(default)]
     pub rollout: Option<crate::rollout::spec::RolloutDefaults>,
+    /// The service only reads (`read_only = true`): repeating its requests
+    /// to a shadow changes nothing. Required for a TCP shadow.
+    #[serde(default)]
+    pub read_only: bool,
+    /// Mirroring to a shadow version (`[service.shadow]`); `None`: off.
+    #[serde(default)]
+    pub shadow: Option<ShadowConfig>,
+}
+
+/// `[service.shadow]`: a share of the service's traffic is copied to a
+/// version that serves no client. UDP: `percent` of the datagrams (each
+/// still goes to its stable backend, and a copy to the shadow version's
+/// backend, whose replies are dropped at the edge).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShadowConfig {
+    /// The version that receives the copies: a version of the service
+    /// with weight 0 and at least one active backend.
+    pub version: String,
+    /// Share mirrored, 1..=100 (of datagrams for UDP).
+    pub percent: u32,
 }
 
 /// Default of `connect_timeout_ms`.
@@ -669,6 +689,15 @@ struct RawService {
     connect_timeout_ms: Option<i64>,
     analysis: Option<RawAnalysis>,
     rollout: Option<crate::rollout::spec::RolloutDefaults>,
+    read_only: Option<bool>,
+    shadow: Option<RawShadow>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawShadow {
+    version: String,
+    percent: i64,
 }
 
 #[derive(Deserialize)]
@@ -1080,6 +1109,12 @@ fn convert(raw: RawConfig, p: &mut Problems, bad: &mut Unparsed) -> Config {
             connect_timeout_ms,
             analysis,
             rollout: s.rollout,
+            read_only: s.read_only.unwrap_or(false),
+            shadow: s.shadow.map(|r| ShadowConfig {
+                version: r.version,
+                // Out of range: reported by `check` (shadow_problems).
+                percent: u32::try_from(r.percent).unwrap_or(0),
+            }),
         });
     }
     p.section = 0;
@@ -1254,6 +1289,9 @@ fn check(c: &Config, bad: &Unparsed, out: &mut Problems) {
             for problem in problems {
                 out.push(format!("{at}: rollout.{problem}"));
             }
+        }
+        for problem in shadow_problems(s) {
+            out.push(format!("{at}: shadow: {problem}"));
         }
         if !(1..=MAX_CONNECT_TIMEOUT_MS).contains(&s.connect_timeout_ms) {
             out.push(format!(
@@ -1449,6 +1487,61 @@ impl Config {
         next.validate()?;
         Ok(next)
     }
+}
+
+/// What is wrong with a service's `[service.shadow]` (empty: nothing, or
+/// no shadow). A shadow version serves no client: it must be one of the
+/// service's versions, take weight 0, and have an active backend; a TCP
+/// service must be `read_only` (its requests are repeated to the shadow).
+pub fn shadow_problems(s: &ServiceConfig) -> Vec<String> {
+    let mut out = Vec::new();
+    let Some(sh) = &s.shadow else {
+        return out;
+    };
+    if !(1..=100).contains(&sh.percent) {
+        out.push("percent: must be a whole number in 1..=100".to_string());
+    }
+    match s.versions.iter().find(|v| v.name == sh.version) {
+        None => out.push(format!(
+            "version {:?} is not a version of service {:?}; its versions are: {}",
+            sh.version,
+            s.name,
+            s.versions
+                .iter()
+                .map(|v| v.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+        Some(v) => {
+            if v.weight > 0 {
+                out.push(format!(
+                    "version {:?} takes weight {}: a shadow version serves no client, set its weight to 0 \
+                     (or turn the shadow off before giving it traffic)",
+                    v.name, v.weight
+                ));
+            }
+            if !v.backends.iter().any(|b| b.state == BackendState::Active) {
+                out.push(format!(
+                    "version {:?} has no active backend to receive the copies",
+                    v.name
+                ));
+            }
+        }
+    }
+    if s.protocol == Protocol::Tcp {
+        if !s.read_only {
+            out.push(format!(
+                "service {:?} is not read_only: only ports marked read_only = true may be mirrored, \
+                 since every request (and every write) would be repeated to the shadow",
+                s.name
+            ));
+        } else {
+            out.push(
+                "TCP mirroring is not implemented yet (UDP services can be mirrored)".to_string(),
+            );
+        }
+    }
+    out
 }
 
 /// A digest of a configuration file's text (64-bit FNV-1a, hex): the state
@@ -1657,6 +1750,8 @@ backends = ["10.0.3.1:8443"]
                 connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT_MS,
                 analysis: None,
                 rollout: None,
+                read_only: false,
+                shadow: None,
                 versions: vec![
                     VersionConfig {
                         name: "blue".into(),

@@ -232,6 +232,8 @@ pub fn add_service(c: &Config, spec: &ServiceSpec) -> Result<(Config, String), E
         connect_timeout_ms: crate::config::DEFAULT_CONNECT_TIMEOUT_MS,
         analysis: None,
         rollout: None,
+        read_only: false,
+        shadow: None,
     });
     let what = format!("added service {} on {vip}/{protocol}", spec.name);
     Ok((validated(next)?, what))

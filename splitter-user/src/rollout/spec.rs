@@ -676,6 +676,8 @@ pub(crate) mod tests {
             connect_timeout_ms: crate::config::DEFAULT_CONNECT_TIMEOUT_MS,
             analysis: None,
             rollout: None,
+            read_only: false,
+            shadow: None,
         }
     }
 
