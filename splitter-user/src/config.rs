@@ -2672,4 +2672,114 @@ query = 'sum(rate(http_requests_total{service="{service}",version="{version}",co
             }
         }
     }
+
+    fn shadow_config(protocol: &str, read_only: bool, shadow: &str) -> String {
+        format!(
+            r#"
+[dataplane]
+interface = "ec"
+
+[[service]]
+name = "dns"
+vip = "10.0.0.10:53"
+protocol = "{protocol}"
+read_only = {read_only}
+
+[[service.version]]
+name = "stable"
+weight = 100
+backends = ["10.0.2.2:53"]
+
+[[service.version]]
+name = "canary"
+weight = 0
+backends = ["10.0.2.3:53"]
+
+[service.shadow]
+{shadow}
+"#
+        )
+    }
+
+    #[test]
+    fn a_udp_shadow_to_a_weightless_version_is_accepted() {
+        let c = Config::parse(&shadow_config(
+            "udp",
+            false,
+            "version = \"canary\"\npercent = 10",
+        ))
+        .unwrap();
+        let s = c.service("dns").unwrap();
+        assert_eq!(
+            s.shadow,
+            Some(ShadowConfig {
+                version: "canary".into(),
+                percent: 10
+            })
+        );
+        assert!(!s.read_only);
+    }
+
+    #[test]
+    fn shadows_the_data_plane_cannot_serve_are_refused_with_the_reason() {
+        let refused = |protocol, read_only, shadow: &str| {
+            Config::parse(&shadow_config(protocol, read_only, shadow))
+                .unwrap_err()
+                .to_string()
+        };
+        let e = refused("tcp", false, "version = \"canary\"\npercent = 10");
+        assert!(e.contains("is not read_only"), "{e}");
+        assert!(e.contains("would be repeated"), "{e}");
+        let e = refused("tcp", true, "version = \"canary\"\npercent = 10");
+        assert!(e.contains("TCP mirroring is not implemented yet"), "{e}");
+        let e = refused("udp", false, "version = \"stable\"\npercent = 10");
+        assert!(e.contains("takes weight 100"), "{e}");
+        let e = refused("udp", false, "version = \"nope\"\npercent = 10");
+        assert!(e.contains("its versions are: stable, canary"), "{e}");
+        for p in ["0", "101", "-5"] {
+            let e = refused(
+                "udp",
+                false,
+                &format!("version = \"canary\"\npercent = {p}"),
+            );
+            assert!(
+                e.contains("percent: must be a whole number in 1..=100"),
+                "{p}: {e}"
+            );
+        }
+        let e = refused(
+            "udp",
+            false,
+            "version = \"canary\"\npercent = 10\nshare = 3",
+        );
+        assert!(e.contains("unknown field"), "{e}");
+    }
+
+    #[test]
+    fn shadow_edits_follow_the_config_rules() {
+        let c = Config::parse(&shadow_config(
+            "udp",
+            false,
+            "version = \"canary\"\npercent = 10",
+        ))
+        .unwrap();
+        let (off, what) = crate::edit::clear_shadow(&c, "dns").unwrap();
+        assert_eq!(what, "service dns: mirroring off");
+        assert_eq!(off.service("dns").unwrap().shadow, None);
+        let spec = crate::edit::ShadowSpec {
+            version: "canary".into(),
+            percent: 40,
+        };
+        let (on, _) = crate::edit::set_shadow(&off, "dns", &spec).unwrap();
+        assert_eq!(
+            on.service("dns").unwrap().shadow.as_ref().unwrap().percent,
+            40
+        );
+        let bad = crate::edit::ShadowSpec {
+            version: "stable".into(),
+            percent: 40,
+        };
+        assert!(crate::edit::set_shadow(&off, "dns", &bad).is_err());
+        assert!(crate::edit::set_shadow(&off, "nope", &spec).is_err());
+    }
 }

@@ -1015,6 +1015,12 @@ impl Controller {
             .into_iter()
             .map(|(k, v)| (k.to_string(), v))
             .collect();
+        let shadow = svc.shadow.as_ref().and_then(|sh| {
+            versions
+                .iter()
+                .find(|v| v.name == sh.version)
+                .map(|v| crate::report::ShadowReport::of(v, sh.percent))
+        });
         Ok(ServiceReport {
             name: svc.name.clone(),
             vip: svc.vip.to_string(),
@@ -1022,6 +1028,7 @@ impl Controller {
             affinity: svc.affinity.to_string(),
             versions,
             drops,
+            shadow,
         })
     }
 }

@@ -96,7 +96,8 @@ impl Drop for Recorder {
 }
 
 /// Service `dns` (UDP, VIP:53): `stable` (weight 100) on backend 0 and
-/// `shadow` (weight 0) on backend 1, mirroring `percent`.
+/// `shadow` (weight 0) on backend 1, mirroring `percent` (0: no
+/// `[service.shadow]`).
 fn config(topo: &Topology, mode: Mode, percent: u32) -> Result<(String, SocketAddrV4)> {
     let stable = SocketAddrV4::new(*topo.backend(0)?.ip(), 5353);
     let shadow = SocketAddrV4::new(*topo.backend(1)?.ip(), 5353);
@@ -121,9 +122,11 @@ fn config(topo: &Topology, mode: Mode, percent: u32) -> Result<(String, SocketAd
             ],
         }],
     );
-    toml.push_str(&format!(
-        "\n[service.shadow]\nversion = \"shadow\"\npercent = {percent}\n"
-    ));
+    if percent > 0 {
+        toml.push_str(&format!(
+            "\n[service.shadow]\nversion = \"shadow\"\npercent = {percent}\n"
+        ));
+    }
     Ok((toml, shadow))
 }
 
@@ -294,6 +297,79 @@ fn a_shadow_that_is_down_or_stalls_costs_the_clients_nothing() -> Result<()> {
         counter(&status, "shadow_reply_dropped") == 0,
         "a shadow that never answered had answers dropped: {}",
         status["counters"]
+    );
+    topo.no_csum_errors()
+}
+
+#[test]
+#[ignore = "needs root: run with -- --include-ignored --test-threads=1"]
+fn shadow_set_and_off_at_runtime_with_status_and_refusals() -> Result<()> {
+    let topo = Topology::new(TopologyOptions::default())?;
+    let (toml, shadow_addr) = config(&topo, Mode::Snat, 0)?;
+    let _stable = UdpIdentityServer::start(
+        &topo.back,
+        SocketAddrV4::new(*topo.backend(0)?.ip(), 5353),
+        "stable",
+    )?;
+    let shadow = Recorder::start(&topo.back, shadow_addr, true)?;
+    let daemon = Daemon::start(&topo.edge, &toml)?;
+    requests(&topo.cli, 50, "before")?;
+    ensure!(shadow.got().is_empty(), "copies before mirroring was set");
+
+    // A version that serves clients cannot be the shadow.
+    let refused = daemon.cli(&["shadow", "set", "dns", "stable", "--percent", "10"])?;
+    ensure!(
+        !refused.status.success() && refused.stderr.contains("a shadow version serves no client"),
+        "mirroring to the stable version was not refused: {} {}",
+        refused.stdout,
+        refused.stderr
+    );
+    let refused = daemon.cli(&["shadow", "set", "dns", "shadow", "--percent", "0"])?;
+    ensure!(
+        !refused.status.success() && refused.stderr.contains("1..=100"),
+        "percent 0 was not refused: {}",
+        refused.stderr
+    );
+
+    daemon.cli_ok(&["shadow", "set", "dns", "shadow", "--percent", "50"])?;
+    requests(&topo.cli, 400, "on")?;
+    let status = wait_status(&daemon, "answers of the copies dropped", |s| {
+        let got = shadow.got().len() as u64;
+        got > 0 && counter(s, "shadow_reply_dropped") >= got
+    })?;
+    let got = shadow.got().len();
+    ensure!(
+        (184..=216).contains(&got),
+        "the shadow got {got} of 400 datagrams at 50%"
+    );
+    let svc = &status["services"][0]["shadow"];
+    ensure!(
+        svc["version"] == "shadow"
+            && svc["percent"] == 50
+            && svc["copies"].as_u64() == Some(got as u64)
+            && svc["answered"].as_u64() == Some(got as u64)
+            && svc["answers_dropped"].as_u64() == Some(got as u64),
+        "the status disagrees with what the shadow got ({got}): {svc}"
+    );
+    let table = daemon.cli_ok(&["status"])?;
+    ensure!(
+        table.contains(&format!("shadow of dns: 50% to shadow: {got} copies")),
+        "no shadow line in the status:\n{table}"
+    );
+
+    daemon.cli_ok(&["shadow", "off", "dns"])?;
+    requests(&topo.cli, 100, "off")?;
+    thread::sleep(Duration::from_millis(200));
+    ensure!(
+        shadow.got().len() == got,
+        "copies after mirroring was turned off: {} then {got}",
+        shadow.got().len()
+    );
+    let status = daemon.status_json()?;
+    ensure!(
+        status["services"][0]["shadow"].is_null(),
+        "the status still shows a shadow: {}",
+        status["services"][0]["shadow"]
     );
     topo.no_csum_errors()
 }

@@ -205,6 +205,9 @@ pub enum Command {
     /// Add, remove, reweight, drain or disable backends.
     #[command(subcommand)]
     Backend(edit::BackendCommand),
+    /// Mirror a share of a UDP service's traffic to a shadow version, or stop.
+    #[command(subcommand)]
+    Shadow(edit::ShadowCommand),
     /// Work with configuration files.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -307,6 +310,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Rollout(c) => rollout::run(&cli.socket, c).await,
         Command::Version(c) => edit::version(&cli.socket, c).await,
         Command::Backend(c) => edit::backend(&cli.socket, c).await,
+        Command::Shadow(c) => edit::shadow(&cli.socket, c).await,
         Command::Config(ConfigCommand::Check { file }) => {
             match crate::config::Config::load(&file) {
                 Ok(c) => {
