@@ -324,6 +324,10 @@ fn shadow_set_and_off_at_runtime_with_status_and_refusals() -> Result<()> {
         refused.stdout,
         refused.stderr
     );
+    println!(
+        "$ splitter shadow set dns stable --percent 10\n{}",
+        refused.stderr
+    );
     let refused = daemon.cli(&["shadow", "set", "dns", "shadow", "--percent", "0"])?;
     ensure!(
         !refused.status.success() && refused.stderr.contains("1..=100"),
@@ -331,7 +335,10 @@ fn shadow_set_and_off_at_runtime_with_status_and_refusals() -> Result<()> {
         refused.stderr
     );
 
-    daemon.cli_ok(&["shadow", "set", "dns", "shadow", "--percent", "50"])?;
+    let set = daemon.cli_ok(&["shadow", "set", "dns", "shadow", "--percent", "50"])?;
+    // Shown with --nocapture (docs/deployments.md quotes a run).
+    println!("$ splitter shadow set dns shadow --percent 50\n{set}");
+    println!("refused: {}", refused.stderr);
     requests(&topo.cli, 400, "on")?;
     let status = wait_status(&daemon, "answers of the copies dropped", |s| {
         let got = shadow.got().len() as u64;
@@ -352,12 +359,14 @@ fn shadow_set_and_off_at_runtime_with_status_and_refusals() -> Result<()> {
         "the status disagrees with what the shadow got ({got}): {svc}"
     );
     let table = daemon.cli_ok(&["status"])?;
+    println!("$ splitter status\n{table}");
     ensure!(
         table.contains(&format!("shadow of dns: 50% to shadow: {got} copies")),
         "no shadow line in the status:\n{table}"
     );
 
-    daemon.cli_ok(&["shadow", "off", "dns"])?;
+    let off = daemon.cli_ok(&["shadow", "off", "dns"])?;
+    println!("$ splitter shadow off dns\n{off}");
     requests(&topo.cli, 100, "off")?;
     thread::sleep(Duration::from_millis(200));
     ensure!(
