@@ -135,6 +135,12 @@ pub mod map {
     /// the value is the global version id the matching clients' new flows
     /// go to.
     pub const TARGETS: &str = "TARGETS";
+    /// `Array<Shadow>`, indexed by service id: the version each service
+    /// mirrors and the share it mirrors (all zero: none).
+    pub const SHADOWS: &str = "SHADOWS";
+    /// `PerCpuArray<u32>`, indexed by service id: the sampling accumulator
+    /// of each mirrored service (see [`super::Shadow`]).
+    pub const SHADOW_ACC: &str = "SHADOW_ACC";
 }
 
 /// Service flag: pick the version and backend from the client address only.
@@ -164,6 +170,56 @@ pub struct TargetKey {
 pub const fn target_prefix_len(bits: u32) -> u32 {
     32 + bits
 }
+/// Service flag: the service mirrors a share of its traffic to a shadow
+/// version (`SHADOWS` holds which). Unmirrored services never read
+/// `SHADOWS` for a new flow. (4 is source-CIDR targeting's.)
+pub const SVC_F_SHADOW: u32 = 8;
+
+/// Value of `SHADOWS` (indexed by service id): where a mirrored service's
+/// copies go. A UDP datagram of the service is mirrored when the CPU's
+/// accumulator (`SHADOW_ACC`), raised by `percent` per datagram, reaches
+/// 100 (it then drops by 100): exactly `percent` in 100 datagrams per CPU,
+/// with no randomness to make a share drift.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Shadow {
+    /// Table slot (index into `TABLES`) of the shadow version, generation
+    /// included (the live one, as in [`Service::tables`]).
+    pub table: u32,
+    /// Controller's global id of the shadow version.
+    pub version: u32,
+    /// Share mirrored, 1..=100; 0: mirroring is off.
+    pub percent: u32,
+    /// Explicit padding.
+    pub _pad: u32,
+}
+
+/// XDP metadata (`bpf_xdp_adjust_meta`) in front of a datagram the XDP
+/// program rewrote to its stable backend and passed to the kernel for
+/// mirroring. The tc program on the same interface reads it, picks the
+/// shadow backend, makes the copy's reply entry, sends a rewritten clone,
+/// and clears `magic` so the clone is not mirrored again.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ShadowMeta {
+    /// [`SHADOW_META_MAGIC`] while the copy is still to be made.
+    pub magic: u32,
+    /// Service id (index of `SHADOWS`).
+    pub service: u32,
+    /// The flow hash: picks the shadow backend in its version's table.
+    pub hash: u32,
+    /// The VIP the datagram was sent to, network byte order.
+    pub vip: u32,
+    /// The client's address, network byte order.
+    pub client: u32,
+    /// The VIP port, network byte order.
+    pub vip_port: u16,
+    /// The client's port, network byte order.
+    pub client_port: u16,
+}
+
+/// `ShadowMeta::magic` of a datagram still to be mirrored.
+pub const SHADOW_META_MAGIC: u32 = 0x5348_4457;
 
 /// Key of `SERVICES`: what a packet is addressed to.
 #[repr(C)]
@@ -299,6 +355,10 @@ pub const CONN_F_REVERSE: u32 = 1;
 pub const CONN_F_SNAT: u32 = 2;
 /// Conn flag: `fin_tsval` holds the TCP timestamp of the client's FIN.
 pub const CONN_F_FIN_TS: u32 = 4;
+/// Conn flag: a shadow copy's reply entry (with [`CONN_F_REVERSE`]): the
+/// shadow backend's replies are counted and dropped, never sent on. It has
+/// no forward entry of its own (the copies ride on the stable flow's).
+pub const CONN_F_SHADOW: u32 = 8;
 
 /// TCP state bit: the client's SYN was seen.
 pub const TCP_SYN: u32 = 1;
@@ -595,8 +655,20 @@ pub mod counter {
     /// New flows whose version a source-CIDR rule (`TARGETS`) chose (also
     /// counted in `NEW_FLOW`).
     pub const NEW_FLOW_TARGETED: u32 = 17;
+    /// Datagrams sampled for mirroring: rewritten to their stable backend
+    /// and passed to the kernel with metadata for the tc program to copy.
+    pub const SHADOW_COPIES: u32 = 18;
+    /// Replies from a shadow backend, counted and dropped.
+    pub const SHADOW_REPLY_DROPPED: u32 = 19;
+    /// Sampled datagrams not copied: the shadow version had no usable
+    /// backend, the copy's reply tuple was held by a real flow, or the
+    /// metadata could not be written or the clone not sent. The datagram
+    /// itself went on to its stable backend.
+    pub const SHADOW_SKIPPED: u32 = 20;
+    /// Shadow copies the tc program sent (`bpf_clone_redirect`).
+    pub const SHADOW_CLONED: u32 = 21;
     /// Number of counters in use.
-    pub const COUNT: u32 = 18;
+    pub const COUNT: u32 = 22;
     /// Entries of the `COUNTERS` map: room for counters added later, so that
     /// adding one does not change the map's layout (and an upgrade can keep
     /// the pinned maps).
@@ -626,6 +698,10 @@ pub mod counter {
         "new_flow",
         "drop_backend_disabled",
         "new_flow_targeted",
+        "shadow_copies",
+        "shadow_reply_dropped",
+        "shadow_skipped",
+        "shadow_cloned",
     ];
 }
 
@@ -732,6 +808,8 @@ mod pod {
     unsafe impl aya::Pod for BackendStats {}
     unsafe impl aya::Pod for BackendSignals {}
     unsafe impl aya::Pod for TargetKey {}
+    unsafe impl aya::Pod for Shadow {}
+    unsafe impl aya::Pod for ShadowMeta {}
 }
 
 #[cfg(test)]
@@ -758,6 +836,9 @@ mod tests {
         assert_eq!(core::mem::offset_of!(Conn, fib_smac), 86);
         assert_eq!(size_of::<BackendStats>(), 40);
         assert_eq!(size_of::<TargetKey>(), 20);
+        assert_eq!(size_of::<Shadow>(), 16);
+        // XDP metadata must be a multiple of 4 bytes, at most 32.
+        assert_eq!(size_of::<ShadowMeta>(), 24);
         assert_eq!(size_of::<BackendSignals>(), 8 * (6 + LATENCY_BUCKETS + 3));
     }
 

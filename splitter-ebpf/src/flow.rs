@@ -10,13 +10,14 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use splitter_common::{
-    BACKEND_F_DISABLED, BACKEND_F_PRESENT, CONN_F_FIN_TS, CONN_F_REVERSE, CONN_F_SNAT, Conn,
-    FAMILY_V4, FlowKey, LAST_SEEN_GRANULARITY_NS, MAGLEV_SIZE, MAX_VERSIONS, NO_BACKEND, PROTO_TCP,
-    SNAT_PORT_MAX, SNAT_PORT_MIN, SNAT_PORT_TRIES, SNAT_TIME_WAIT_NS, STATE_TIMED_OUT,
-    SVC_F_CLIENT_IP, SVC_F_SNAT, SVC_F_TARGETS, Service, ServiceKey, TCP_ESTABLISHED,
-    TCP_FIN_BACKEND, TCP_FIN_CLIENT, TCP_RST, TCP_SYN, TargetKey, UDP_ANSWERED, awaiting_answer,
-    conn_stale, connect_deadline_us, counter, elapsed_us, flow_hash, latency_bucket, mix32,
-    service_drop, snat_port_start, start_units, target_prefix_len, version_hash,
+    BACKEND_F_DISABLED, BACKEND_F_PRESENT, CONN_F_FIN_TS, CONN_F_REVERSE, CONN_F_SHADOW,
+    CONN_F_SNAT, Conn, FAMILY_V4, FlowKey, LAST_SEEN_GRANULARITY_NS, MAGLEV_SIZE, MAX_VERSIONS,
+    NO_BACKEND, PROTO_TCP, SNAT_PORT_MAX, SNAT_PORT_MIN, SNAT_PORT_TRIES, SNAT_TIME_WAIT_NS,
+    STATE_TIMED_OUT, SVC_F_CLIENT_IP, SVC_F_SHADOW, SVC_F_SNAT, SVC_F_TARGETS, Service,
+    ServiceKey, TCP_ESTABLISHED, TCP_FIN_BACKEND, TCP_FIN_CLIENT, TCP_RST, TCP_SYN, TargetKey,
+    UDP_ANSWERED, awaiting_answer, conn_stale, connect_deadline_us, counter, elapsed_us,
+    flow_hash, latency_bucket, mix32, service_drop, snat_port_start, start_units,
+    target_prefix_len, version_hash,
 };
 
 use crate::{
@@ -24,6 +25,7 @@ use crate::{
     maps::{self, BACKEND_SIGNALS, BACKEND_STATS, BACKENDS, CONNS, SERVICES, TABLES, TARGETS},
     nat::Tuple,
     parse::{self, Packet},
+    shadow,
 };
 
 /// Entry point for every packet.
@@ -123,6 +125,10 @@ fn peer_key(conn: &Conn, proto: u8) -> FlowKey {
 /// A packet of a known flow, either direction.
 #[inline(always)]
 fn established(ctx: &XdpContext, pkt: &Packet, conn: &mut Conn, now: u64) -> u32 {
+    if conn.flags & CONN_F_SHADOW != 0 {
+        // A shadow backend's reply: counted, never sent on.
+        return shadow::reply(pkt.len, conn, now);
+    }
     let reverse = conn.flags & CONN_F_REVERSE != 0;
     // Client packets read their backend anyway (is it disabled?).
     let backend = if reverse {
@@ -248,7 +254,32 @@ fn established(ctx: &XdpContext, pkt: &Packet, conn: &mut Conn, now: u64) -> u32
             new.sport = conn.other_port;
         }
     }
+    if !reverse && pkt.proto != PROTO_TCP && shadow::sample(conn.service) {
+        // A datagram to mirror (UDP only; one array read per client
+        // datagram finds whether its service mirrors at all).
+        let h = flow_hash(
+            &[pkt.saddr, 0, 0, 0],
+            &[pkt.daddr, 0, 0, 0],
+            pkt.sport,
+            pkt.dport,
+            pkt.proto,
+            false,
+        );
+        return mirror(ctx, &new, conn.service, h);
+    }
     fib::forward(ctx, pkt.proto, &old, &new, Some(conn), now)
+}
+
+/// Hands a sampled datagram (still as it arrived; `new` is its stable
+/// rewrite) to [`shadow::mark`], packed into scalars.
+#[inline(always)]
+fn mirror(ctx: &XdpContext, new: &Tuple, svc: u32, h: u32) -> u32 {
+    shadow::mark(
+        ctx.ctx,
+        (new.saddr as u64) << 32 | new.daddr as u64,
+        (new.sport as u32) << 16 | new.dport as u32,
+        (svc as u64) << 32 | h as u64,
+    )
 }
 
 /// Counts what the state bits `new` (not set before) say about the flow's
@@ -257,7 +288,7 @@ fn established(ctx: &XdpContext, pkt: &Packet, conn: &mut Conn, now: u64) -> u32
 /// flow's state changes, so an outcome is counted once per flow (two CPUs
 /// changing the same flow at the same instant could both count it).
 #[inline(always)]
-fn signal(conn: &Conn, new: u32, reverse: bool) {
+pub(crate) fn signal(conn: &Conn, new: u32, reverse: bool) {
     let Some(s) = BACKEND_SIGNALS.get_ptr_mut(conn.backend) else {
         return;
     };
@@ -461,13 +492,16 @@ fn new_flow(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, svc: &Service, now: u
         sport: rkey.dport,
         dport: backend.port,
     };
+    if pkt.proto != PROTO_TCP && svc.flags & SVC_F_SHADOW != 0 && shadow::sample(svc.id) {
+        return mirror(ctx, &new, svc.id, full);
+    }
     fib::forward(ctx, pkt.proto, &old, &new, None, now)
 }
 
 /// Zeroes the route cache of a new entry, word by word (the compiler turns
 /// a run of zero stores into a `memset` call).
 #[inline(always)]
-unsafe fn clear_route(c: *mut Conn) {
+pub(crate) unsafe fn clear_route(c: *mut Conn) {
     let w = unsafe { &raw mut (*c).fib_at };
     let mut i = 0;
     while i < 4 {
@@ -567,9 +601,14 @@ fn claim_snat_port(
 #[inline(always)]
 fn take_over_port(rkey: &FlowKey, rev: &Conn, e: *const Conn) -> bool {
     // SAFETY: a valid map value; read before it is replaced.
-    let fwd = unsafe { peer_key(&*e, rkey.proto) };
+    let (fwd, shadow_entry) =
+        unsafe { (peer_key(&*e, rkey.proto), (*e).flags & CONN_F_SHADOW != 0) };
     if CONNS.insert(rkey, rev, BPF_ANY as u64).is_err() {
         return false;
+    }
+    if shadow_entry {
+        // A shadow copy's reply entry has no forward entry of its own.
+        return true;
     }
     if let Some(f) = CONNS.get_ptr(&fwd) {
         let (port, addr) = unsafe { ((*f).other_port, (*f).other_addr) };

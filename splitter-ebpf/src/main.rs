@@ -21,12 +21,24 @@ mod headers;
 mod maps;
 mod nat;
 mod parse;
+mod shadow;
 
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use aya_ebpf::{
+    bindings::xdp_action,
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
 
 #[xdp]
 pub fn splitter(ctx: XdpContext) -> u32 {
     flow::handle(&ctx)
+}
+
+/// The tc (clsact ingress) half of UDP mirroring: copies the datagrams
+/// the XDP program marked (see `shadow`).
+#[classifier]
+pub fn splitter_shadow(ctx: TcContext) -> i32 {
+    shadow::tc(&ctx)
 }
 
 #[cfg(not(test))]

@@ -8,7 +8,7 @@ use aya_ebpf::{
 use splitter_common::{
     ADDR_FILTER_DST, ADDR_FILTER_SRC, ADDR_FILTER_WORDS, Backend, BackendSignals, BackendStats,
     CONN_CAPACITY, Conn, FlowKey, MAX_BACKENDS, MAX_SERVICES, MAX_TABLES, MAX_TARGETS, MaglevTable,
-    Service, ServiceKey, TargetKey, VipKey, addr_filter_bit, counter, service_drop,
+    Service, ServiceKey, Shadow, TargetKey, VipKey, addr_filter_bit, counter, service_drop,
 };
 
 #[map(name = "SERVICES")]
@@ -53,6 +53,13 @@ pub static ADDR_FILTER: Array<u64> = Array::with_max_entries(2 * ADDR_FILTER_WOR
 /// created with `BPF_F_NO_PREALLOC` (the kernel requires it).
 #[map(name = "TARGETS")]
 pub static TARGETS: LpmTrie<TargetKey, u32> = LpmTrie::with_max_entries(MAX_TARGETS, 0);
+/// What each service mirrors (`shadow`), indexed by service id.
+#[map(name = "SHADOWS")]
+pub static SHADOWS: Array<Shadow> = Array::with_max_entries(MAX_SERVICES, 0);
+
+/// Per-CPU sampling accumulator of each mirrored service (`shadow::sample`).
+#[map(name = "SHADOW_ACC")]
+pub static SHADOW_ACC: PerCpuArray<u32> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
 
 #[map(name = "COUNTERS")]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);

@@ -11,6 +11,8 @@
 //! | DELETE | `/v1/services/{name}` | | `{"removed": "..."}` |
 //! | POST | `/v1/services/{name}/versions` | [`VersionSpec`] | [`ServiceReport`] |
 //! | DELETE | `/v1/services/{name}/versions/{version}` | | [`ServiceReport`] |
+//! | PUT | `/v1/services/{name}/shadow` | [`crate::edit::ShadowSpec`] | [`ServiceReport`] (mirroring on or changed) |
+//! | DELETE | `/v1/services/{name}/shadow` | | [`ServiceReport`] (mirroring off) |
 //! | POST | `/v1/services/{name}/versions/{version}/backends` | [`BackendSpec`] | [`ServiceReport`] |
 //! | PATCH | `/v1/services/{name}/backends/{addr:port}` | [`BackendPatch`] | [`ServiceReport`] |
 //! | DELETE | `/v1/services/{name}/backends/{addr:port}[?force=true]` | | [`ServiceReport`] |
@@ -356,6 +358,10 @@ pub fn router(controller: Shared) -> Router {
         .route("/v1/services/{name}/weights", put(set_weights))
         .route("/v1/services/{name}/versions", post(add_version))
         .route(
+            "/v1/services/{name}/shadow",
+            put(set_shadow).delete(clear_shadow),
+        )
+        .route(
             "/v1/services/{name}/versions/{version}",
             delete(remove_version),
         )
@@ -540,6 +546,27 @@ async fn add_version(
 ) -> ApiResult {
     let mut c = lock(&c)?;
     c.edit(|cfg| edit::add_version(cfg, &name, &spec))?;
+    to_json(&c.report_of(&name)?)
+}
+
+/// `PUT /v1/services/{name}/shadow`.
+async fn set_shadow(
+    State(c): State<Shared>,
+    Params(Path(name)): Params<Path<String>>,
+    JsonBody(spec): JsonBody<edit::ShadowSpec>,
+) -> ApiResult {
+    let mut c = lock(&c)?;
+    c.edit(|cfg| edit::set_shadow(cfg, &name, &spec))?;
+    to_json(&c.report_of(&name)?)
+}
+
+/// `DELETE /v1/services/{name}/shadow`.
+async fn clear_shadow(
+    State(c): State<Shared>,
+    Params(Path(name)): Params<Path<String>>,
+) -> ApiResult {
+    let mut c = lock(&c)?;
+    c.edit(|cfg| edit::clear_shadow(cfg, &name))?;
     to_json(&c.report_of(&name)?)
 }
 
@@ -798,6 +825,10 @@ impl Example for ServiceSpec {
 impl Example for VersionSpec {
     const EXAMPLE: &'static str =
         r#"{"name": "green", "weight": 0, "backends": [{"address": "10.0.2.3:8080"}]}"#;
+}
+
+impl Example for edit::ShadowSpec {
+    const EXAMPLE: &'static str = r#"{"version": "canary", "percent": 10}"#;
 }
 
 impl Example for BackendSpec {

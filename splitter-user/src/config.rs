@@ -328,6 +328,26 @@ pub struct ServiceConfig {
     /// [`crate::target`].
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub targets: Vec<crate::target::TargetConfig>,
+    /// The service only reads (`read_only = true`): repeating its requests
+    /// to a shadow changes nothing. Required for a TCP shadow.
+    #[serde(default)]
+    pub read_only: bool,
+    /// Mirroring to a shadow version (`[service.shadow]`); `None`: off.
+    #[serde(default)]
+    pub shadow: Option<ShadowConfig>,
+}
+
+/// `[service.shadow]`: a share of the service's traffic is copied to a
+/// version that serves no client. UDP: `percent` of the datagrams (each
+/// still goes to its stable backend, and a copy to the shadow version's
+/// backend, whose replies are dropped at the edge).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShadowConfig {
+    /// The version that receives the copies: a version of the service
+    /// with weight 0 and at least one active backend.
+    pub version: String,
+    /// Share mirrored, 1..=100 (of datagrams for UDP).
+    pub percent: u32,
 }
 
 impl ServiceConfig {
@@ -706,6 +726,8 @@ struct RawService {
     rollout: Option<crate::rollout::spec::RolloutDefaults>,
     #[serde(default, rename = "target")]
     targets: Vec<RawTarget>,
+    read_only: Option<bool>,
+    shadow: Option<RawShadow>,
 }
 
 #[derive(Deserialize)]
@@ -713,6 +735,13 @@ struct RawService {
 struct RawTarget {
     cidr: String,
     version: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawShadow {
+    version: String,
+    percent: i64,
 }
 
 #[derive(Deserialize)]
@@ -1135,6 +1164,12 @@ fn convert(raw: RawConfig, p: &mut Problems, bad: &mut Unparsed) -> Config {
             analysis,
             rollout: s.rollout,
             targets,
+            read_only: s.read_only.unwrap_or(false),
+            shadow: s.shadow.map(|r| ShadowConfig {
+                version: r.version,
+                // Out of range: reported by `check` (shadow_problems).
+                percent: u32::try_from(r.percent).unwrap_or(0),
+            }),
         });
     }
     p.section = 0;
@@ -1310,6 +1345,9 @@ fn check(c: &Config, bad: &Unparsed, out: &mut Problems) {
             for problem in problems {
                 out.push(format!("{at}: rollout.{problem}"));
             }
+        }
+        for problem in shadow_problems(s) {
+            out.push(format!("{at}: shadow: {problem}"));
         }
         if !(1..=MAX_CONNECT_TIMEOUT_MS).contains(&s.connect_timeout_ms) {
             out.push(format!(
@@ -1515,6 +1553,61 @@ impl Config {
         next.validate()?;
         Ok(next)
     }
+}
+
+/// What is wrong with a service's `[service.shadow]` (empty: nothing, or
+/// no shadow). A shadow version serves no client: it must be one of the
+/// service's versions, take weight 0, and have an active backend; a TCP
+/// service must be `read_only` (its requests are repeated to the shadow).
+pub fn shadow_problems(s: &ServiceConfig) -> Vec<String> {
+    let mut out = Vec::new();
+    let Some(sh) = &s.shadow else {
+        return out;
+    };
+    if !(1..=100).contains(&sh.percent) {
+        out.push("percent: must be a whole number in 1..=100".to_string());
+    }
+    match s.versions.iter().find(|v| v.name == sh.version) {
+        None => out.push(format!(
+            "version {:?} is not a version of service {:?}; its versions are: {}",
+            sh.version,
+            s.name,
+            s.versions
+                .iter()
+                .map(|v| v.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+        Some(v) => {
+            if v.weight > 0 {
+                out.push(format!(
+                    "version {:?} takes weight {}: a shadow version serves no client, set its weight to 0 \
+                     (or turn the shadow off before giving it traffic)",
+                    v.name, v.weight
+                ));
+            }
+            if !v.backends.iter().any(|b| b.state == BackendState::Active) {
+                out.push(format!(
+                    "version {:?} has no active backend to receive the copies",
+                    v.name
+                ));
+            }
+        }
+    }
+    if s.protocol == Protocol::Tcp {
+        if !s.read_only {
+            out.push(format!(
+                "service {:?} is not read_only: only ports marked read_only = true may be mirrored, \
+                 since every request (and every write) would be repeated to the shadow",
+                s.name
+            ));
+        } else {
+            out.push(
+                "TCP mirroring is not implemented yet (UDP services can be mirrored)".to_string(),
+            );
+        }
+    }
+    out
 }
 
 /// A digest of a configuration file's text (64-bit FNV-1a, hex): the state
@@ -1724,6 +1817,8 @@ backends = ["10.0.3.1:8443"]
                 analysis: None,
                 rollout: None,
                 targets: Vec::new(),
+                read_only: false,
+                shadow: None,
                 versions: vec![
                     VersionConfig {
                         name: "blue".into(),
@@ -2643,5 +2738,115 @@ query = 'sum(rate(http_requests_total{service="{service}",version="{version}",co
                 prop_assert!(c.with_weights("web", &w).is_ok());
             }
         }
+    }
+
+    fn shadow_config(protocol: &str, read_only: bool, shadow: &str) -> String {
+        format!(
+            r#"
+[dataplane]
+interface = "ec"
+
+[[service]]
+name = "dns"
+vip = "10.0.0.10:53"
+protocol = "{protocol}"
+read_only = {read_only}
+
+[[service.version]]
+name = "stable"
+weight = 100
+backends = ["10.0.2.2:53"]
+
+[[service.version]]
+name = "canary"
+weight = 0
+backends = ["10.0.2.3:53"]
+
+[service.shadow]
+{shadow}
+"#
+        )
+    }
+
+    #[test]
+    fn a_udp_shadow_to_a_weightless_version_is_accepted() {
+        let c = Config::parse(&shadow_config(
+            "udp",
+            false,
+            "version = \"canary\"\npercent = 10",
+        ))
+        .unwrap();
+        let s = c.service("dns").unwrap();
+        assert_eq!(
+            s.shadow,
+            Some(ShadowConfig {
+                version: "canary".into(),
+                percent: 10
+            })
+        );
+        assert!(!s.read_only);
+    }
+
+    #[test]
+    fn shadows_the_data_plane_cannot_serve_are_refused_with_the_reason() {
+        let refused = |protocol, read_only, shadow: &str| {
+            Config::parse(&shadow_config(protocol, read_only, shadow))
+                .unwrap_err()
+                .to_string()
+        };
+        let e = refused("tcp", false, "version = \"canary\"\npercent = 10");
+        assert!(e.contains("is not read_only"), "{e}");
+        assert!(e.contains("would be repeated"), "{e}");
+        let e = refused("tcp", true, "version = \"canary\"\npercent = 10");
+        assert!(e.contains("TCP mirroring is not implemented yet"), "{e}");
+        let e = refused("udp", false, "version = \"stable\"\npercent = 10");
+        assert!(e.contains("takes weight 100"), "{e}");
+        let e = refused("udp", false, "version = \"nope\"\npercent = 10");
+        assert!(e.contains("its versions are: stable, canary"), "{e}");
+        for p in ["0", "101", "-5"] {
+            let e = refused(
+                "udp",
+                false,
+                &format!("version = \"canary\"\npercent = {p}"),
+            );
+            assert!(
+                e.contains("percent: must be a whole number in 1..=100"),
+                "{p}: {e}"
+            );
+        }
+        let e = refused(
+            "udp",
+            false,
+            "version = \"canary\"\npercent = 10\nshare = 3",
+        );
+        assert!(e.contains("unknown field"), "{e}");
+    }
+
+    #[test]
+    fn shadow_edits_follow_the_config_rules() {
+        let c = Config::parse(&shadow_config(
+            "udp",
+            false,
+            "version = \"canary\"\npercent = 10",
+        ))
+        .unwrap();
+        let (off, what) = crate::edit::clear_shadow(&c, "dns").unwrap();
+        assert_eq!(what, "service dns: mirroring off");
+        assert_eq!(off.service("dns").unwrap().shadow, None);
+        let spec = crate::edit::ShadowSpec {
+            version: "canary".into(),
+            percent: 40,
+        };
+        let (on, _) = crate::edit::set_shadow(&off, "dns", &spec).unwrap();
+        assert_eq!(
+            on.service("dns").unwrap().shadow.as_ref().unwrap().percent,
+            40
+        );
+        let bad = crate::edit::ShadowSpec {
+            version: "stable".into(),
+            percent: 40,
+        };
+        assert!(crate::edit::set_shadow(&off, "dns", &bad).is_err());
+        assert!(crate::edit::set_shadow(&off, "nope", &spec).is_err());
     }
 }

@@ -1043,6 +1043,12 @@ impl Controller {
             .into_iter()
             .map(|(k, v)| (k.to_string(), v))
             .collect();
+        let shadow = svc.shadow.as_ref().and_then(|sh| {
+            versions
+                .iter()
+                .find(|v| v.name == sh.version)
+                .map(|v| crate::report::ShadowReport::of(v, sh.percent))
+        });
         Ok(ServiceReport {
             name: svc.name.clone(),
             vip: svc.vip.to_string(),
@@ -1051,6 +1057,7 @@ impl Controller {
             versions,
             drops,
             targets: self.targets_of(svc),
+            shadow,
         })
     }
 }

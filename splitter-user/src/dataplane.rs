@@ -36,8 +36,9 @@ use aya::{
         lpm_trie::{Key as LpmKey, LpmTrie},
     },
     programs::{
-        Xdp, XdpMode,
+        SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
+        tc::SchedClassifierLink,
         xdp::XdpLink,
     },
 };
@@ -45,8 +46,8 @@ use splitter_common::{
     ADDR_FILTER_DST, ADDR_FILTER_SRC, ADDR_FILTER_WORDS, BACKEND_F_DISABLED, BACKEND_F_PRESENT,
     Backend, BackendSignals, BackendStats, CONN_CAPACITY, CONN_F_REVERSE, Conn, FAMILY_V4, FlowKey,
     MAX_BACKENDS, MAX_CONN_CAPACITY, MAX_TABLES, MAX_VERSIONS, MaglevTable, PROTO_TCP, PROTO_UDP,
-    SVC_F_CLIENT_IP, SVC_F_SNAT, SVC_F_TARGETS, Service, ServiceKey, TargetKey, VipKey,
-    addr_filter_bit, counter, map, service_drop, target_prefix_len,
+    SVC_F_CLIENT_IP, SVC_F_SHADOW, SVC_F_SNAT, SVC_F_TARGETS, Service, ServiceKey, Shadow,
+    TargetKey, VipKey, addr_filter_bit, counter, map, service_drop, target_prefix_len,
 };
 use tracing::{info, warn};
 
@@ -71,6 +72,9 @@ static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/s
 
 /// Name of the XDP program inside the object.
 pub const PROGRAM_NAME: &str = "splitter";
+/// Name of the tc (clsact ingress) program inside the object: the copying
+/// half of UDP mirroring (see `splitter-ebpf/src/shadow.rs`).
+pub const TC_PROGRAM_NAME: &str = "splitter_shadow";
 
 /// Errors of loading, attaching and publishing.
 #[derive(Debug, thiserror::Error)]
@@ -265,6 +269,8 @@ pub struct Dataplane {
     conns: HashMap<MapData, FlowKey, Conn>,
     service_drops: PerCpuArray<MapData, u64>,
     addr_filter: Array<MapData, u64>,
+    /// What each service mirrors, by service id (`SHADOWS`).
+    shadows: Array<MapData, Shadow>,
     /// What `addr_filter` holds, so that a publish writes only new bits.
     filter_words: Vec<u64>,
     targets: LpmTrie<MapData, TargetKey, u32>,
@@ -424,6 +430,27 @@ impl Dataplane {
         let conns = take(&mut ebpf, map::CONNS, HashMap::try_from)?;
         let service_drops = take(&mut ebpf, map::SERVICE_DROPS, PerCpuArray::try_from)?;
         let mut addr_filter = take(&mut ebpf, map::ADDR_FILTER, Array::try_from)?;
+        let shadows = take(&mut ebpf, map::SHADOWS, Array::try_from)?;
+        {
+            let tc: &mut SchedClassifier = ebpf
+                .program_mut(TC_PROGRAM_NAME)
+                .ok_or(DataplaneError::Object {
+                    what: "program",
+                    name: TC_PROGRAM_NAME,
+                    detail: "not found".into(),
+                })?
+                .try_into()
+                .map_err(|e: aya::programs::ProgramError| DataplaneError::Object {
+                    what: "program",
+                    name: TC_PROGRAM_NAME,
+                    detail: e.to_string(),
+                })?;
+            tc.load().map_err(|e| DataplaneError::Program {
+                op: "loading the tc shadow program (verifier)",
+                iface: "-".into(),
+                source: Box::new(e),
+            })?;
+        }
         if open_filter {
             warn!("connection table kept from a build without the address filter: filter opened");
             for i in 0..2 * ADDR_FILTER_WORDS {
@@ -456,6 +483,7 @@ impl Dataplane {
             conns,
             service_drops,
             addr_filter,
+            shadows,
             filter_words,
             targets,
             targets_written,
@@ -520,6 +548,7 @@ impl Dataplane {
                 if !ifaces.contains(&iface) {
                     info!(interface = %iface, "removing the XDP link of an interface no longer configured");
                     let _ = std::fs::remove_file(path);
+                    let _ = std::fs::remove_file(pins::tc_link_pin(dir, &iface));
                 }
             }
         }
@@ -594,6 +623,9 @@ impl Dataplane {
                 interface: iface,
                 mode,
             });
+        }
+        for a in &self.attachments {
+            attach_tc(&mut self.ebpf, &a.interface, self.pin_dir.as_deref())?;
         }
         Ok(())
     }
@@ -1036,6 +1068,26 @@ impl Dataplane {
         if !wanted_targets.is_empty() {
             entry.flags |= SVC_F_TARGETS;
         }
+        // The shadow entry before the service entry that flags it: a
+        // mirrored service's first datagram finds where its copy goes.
+        let shadow = match &svc.shadow {
+            Some(sh) => match versions.get(&sh.version) {
+                Some(v) => Shadow {
+                    table: v.id * 2 + v.generation,
+                    version: v.id,
+                    percent: sh.percent.min(100),
+                    _pad: 0,
+                },
+                None => Shadow::default(),
+            },
+            None => Shadow::default(),
+        };
+        if shadow.percent > 0 {
+            entry.flags |= SVC_F_SHADOW;
+        }
+        self.shadows
+            .set(id, shadow, 0)
+            .map_err(map_err(map::SHADOWS))?;
         // Before the service goes live, so its first packets are not
         // filtered out: the VIP, and in SNAT mode the address replies come to.
         self.filter_add(ADDR_FILTER_DST, *svc.vip.ip())?;
@@ -1104,6 +1156,9 @@ impl Dataplane {
         if !vip_still_used {
             let _ = self.vips.remove(&vip_key(&live.key));
         }
+        self.shadows
+            .set(live.id, Shadow::default(), 0)
+            .map_err(map_err(map::SHADOWS))?;
         for v in live.versions.values() {
             self.version_ids.give(v.id);
         }
@@ -1566,6 +1621,88 @@ fn take_over_link(prog: &mut Xdp, path: &Path) -> std::result::Result<(), String
     let pinned = PinnedLink::from_pin(path).map_err(|e| e.to_string())?;
     let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| e.to_string())?;
     prog.attach_to_link(link).map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// Attaches the tc half of UDP mirroring to `iface`'s ingress, next to the
+/// XDP program: a tcx link (kernel 6.6 and later), pinned and taken over
+/// like the XDP link (one `bpf_link_update`), so mirroring goes on while
+/// no daemon runs. On an older kernel the program is attached through
+/// netlink (clsact), which cannot be pinned: it stays attached after the
+/// daemon exits and the next daemon attaches its own in front of it.
+/// The program costs one bounds check per packet the kernel receives (it
+/// never sees what XDP forwards itself).
+fn attach_tc(ebpf: &mut Ebpf, iface: &str, pin_dir: Option<&Path>) -> Result<()> {
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut(TC_PROGRAM_NAME)
+        .ok_or(DataplaneError::Object {
+            what: "program",
+            name: TC_PROGRAM_NAME,
+            detail: "not found".into(),
+        })?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| DataplaneError::Object {
+            what: "program",
+            name: TC_PROGRAM_NAME,
+            detail: e.to_string(),
+        })?;
+    let prog_err = |op: &'static str| {
+        let iface = iface.to_string();
+        move |e: aya::programs::ProgramError| DataplaneError::Program {
+            op,
+            iface,
+            source: Box::new(e),
+        }
+    };
+    if let Some(dir) = pin_dir {
+        let path = pins::tc_link_pin(dir, iface);
+        if path.exists() {
+            let taken = PinnedLink::from_pin(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|p| {
+                    SchedClassifierLink::try_from(FdLink::from(p)).map_err(|e| e.to_string())
+                })
+                .and_then(|l| prog.attach_to_link(l).map_err(|e| e.to_string()));
+            match taken {
+                Ok(_) => {
+                    info!(interface = %iface, "took over the pinned tc link of the shadow program");
+                    return Ok(());
+                }
+                Err(e) => {
+                    warn!(interface = %iface, error = %e, "pinned tc link unusable; attaching anew");
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
+    }
+    let id = match prog.attach(iface, TcAttachType::Ingress) {
+        Ok(id) => id,
+        Err(_) => {
+            // Netlink attachment (before 6.6) needs the clsact qdisc.
+            let _ = aya::programs::tc::qdisc_add_clsact(iface);
+            prog.attach(iface, TcAttachType::Ingress)
+                .map_err(prog_err("attaching the tc shadow program"))?
+        }
+    };
+    if let Some(dir) = pin_dir {
+        let path = pins::tc_link_pin(dir, iface);
+        let link = prog.take_link(id).map_err(prog_err("taking the tc link"))?;
+        match FdLink::try_from(link) {
+            Ok(fd_link) => {
+                fd_link.pin(&path).map_err(|e| {
+                    DataplaneError::Pins(pins::PinError::Io {
+                        op: "pinning the tc link at",
+                        path: path.clone(),
+                        source: std::io::Error::other(e.to_string()),
+                    })
+                })?;
+            }
+            Err(e) => {
+                warn!(interface = %iface, error = %e, "tc program attached through netlink (kernel before 6.6): not pinned");
+            }
+        }
+    }
+    info!(interface = %iface, "tc shadow program attached (ingress)");
     Ok(())
 }
 

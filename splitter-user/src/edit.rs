@@ -233,6 +233,8 @@ pub fn add_service(c: &Config, spec: &ServiceSpec) -> Result<(Config, String), E
         analysis: None,
         rollout: None,
         targets: Vec::new(),
+        read_only: false,
+        shadow: None,
     });
     let what = format!("added service {} on {vip}/{protocol}", spec.name);
     Ok((validated(next)?, what))
@@ -748,4 +750,55 @@ backends = ["10.0.2.3:8080"]
         // Removing green's only backend leaves a weightless, empty version: fine.
         assert!(remove_backend(&base(), "web", addr("10.0.2.3:8080"), guard(0, true)).is_ok());
     }
+}
+
+/// `PUT /v1/services/{service}/shadow`: mirror a share of the service's
+/// traffic to one of its versions.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ShadowSpec {
+    /// The shadow version: a version of the service with weight 0.
+    pub version: String,
+    /// Share mirrored, 1..=100 (UDP: of datagrams).
+    pub percent: u32,
+}
+
+/// Turns mirroring of `service` on (or changes it), with the config
+/// file's rules (`config::shadow_problems`).
+///
+/// # Errors
+/// Unknown service, or a shadow the config would refuse (unknown version,
+/// a version with weight or no active backend, a share out of 1..=100, a
+/// TCP service).
+pub fn set_shadow(
+    c: &Config,
+    service: &str,
+    spec: &ShadowSpec,
+) -> Result<(Config, String), EditError> {
+    let mut next = c.clone();
+    let svc = service_mut(&mut next, service)?;
+    svc.shadow = Some(crate::config::ShadowConfig {
+        version: spec.version.clone(),
+        percent: spec.percent,
+    });
+    Ok((
+        validated(next)?,
+        format!(
+            "service {service}: mirroring {}% to version {}",
+            spec.percent, spec.version
+        ),
+    ))
+}
+
+/// Turns mirroring of `service` off (nothing to do if it was off).
+///
+/// # Errors
+/// Unknown service.
+pub fn clear_shadow(c: &Config, service: &str) -> Result<(Config, String), EditError> {
+    let mut next = c.clone();
+    service_mut(&mut next, service)?.shadow = None;
+    Ok((
+        validated(next)?,
+        format!("service {service}: mirroring off"),
+    ))
 }

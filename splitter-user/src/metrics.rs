@@ -31,6 +31,8 @@
 //! | `splitter_dataplane_events_total` | counter | `event` (every data-plane counter) |
 //! | `splitter_drops_total` | counter | `reason` (the `drop_*` counters, prefix removed) |
 //! | `splitter_service_drops_total` | counter | `service`, `reason` (drops once the service is known) |
+//! | `splitter_shadow_ratio` | gauge, 0..1 (only mirrored services) | `service`, `version` (the shadow) |
+//! | `splitter_shadow_answers_dropped_total` | counter (only mirrored services) | `service`, `version` (the shadow) |
 //! | `splitter_rollout_info` | gauge (always 1) | `service`, `from`, `to`, `strategy`, `state` (`running`, `paused`, `completed`, `rolled-back`, `aborted`) |
 //! | `splitter_rollout_step` | gauge (from 1) | `service` |
 //! | `splitter_rollout_target_share_ratio` | gauge, 0..1 | `service` |
@@ -448,6 +450,34 @@ impl Collector for ReportCollector {
                 })
             }),
         )?;
+        let shadows = || {
+            report
+                .services
+                .iter()
+                .filter_map(|s| s.shadow.as_ref().map(|sh| (s.name.as_str(), sh)))
+        };
+        family(
+            e,
+            "splitter_shadow_ratio",
+            "Share of a service's traffic mirrored to its shadow version (UDP: of datagrams), 0..1; only mirrored services.",
+            shadows().map(|(s, sh)| {
+                (
+                    [("service", s), ("version", sh.version.as_str())],
+                    gauge(f64::from(sh.percent) / 100.0),
+                )
+            }),
+        )?;
+        family(
+            e,
+            "splitter_shadow_answers_dropped_total",
+            "Answers from a service's shadow version, dropped at the edge (never sent to a client). The copies, their flows, answers, timeouts and first-answer latency are the shadow version's splitter_backend_* series.",
+            shadows().map(|(s, sh)| {
+                (
+                    [("service", s), ("version", sh.version.as_str())],
+                    counter(sh.answers_dropped),
+                )
+            }),
+        )?;
         family(
             e,
             "splitter_rollout_info",
@@ -746,6 +776,7 @@ mod tests {
                 versions: vec![blue, green],
                 drops: BTreeMap::from([("no_backend".to_string(), 0), ("no_flow".to_string(), 2)]),
                 targets: vec![],
+                shadow: None,
             }],
             counters: BTreeMap::from([
                 ("drop_no_flow".to_string(), 2),
@@ -907,6 +938,10 @@ splitter_drops_total{reason="no_flow"} 2
 # TYPE splitter_service_drops_total counter
 splitter_service_drops_total{service="web",reason="no_backend"} 0
 splitter_service_drops_total{service="web",reason="no_flow"} 2
+# HELP splitter_shadow_ratio Share of a service's traffic mirrored to its shadow version (UDP: of datagrams), 0..1; only mirrored services.
+# TYPE splitter_shadow_ratio gauge
+# HELP splitter_shadow_answers_dropped_total Answers from a service's shadow version, dropped at the edge (never sent to a client). The copies, their flows, answers, timeouts and first-answer latency are the shadow version's splitter_backend_* series.
+# TYPE splitter_shadow_answers_dropped_total counter
 # HELP splitter_rollout_info A rollout the daemon knows (1), with its versions, strategy and state.
 # TYPE splitter_rollout_info gauge
 splitter_rollout_info{service="web",from="blue",to="green",strategy="canary",state="running"} 1
@@ -931,7 +966,7 @@ splitter_rollouts_ended_total{service="web",outcome="rolled_back"} 1
     }
 
     /// Every family and its type, as the module's table gives them.
-    const FAMILIES: [(&str, &str); 29] = [
+    const FAMILIES: [(&str, &str); 31] = [
         ("splitter_program_info", "gauge"),
         ("splitter_service_info", "gauge"),
         ("splitter_version_weight", "gauge"),
@@ -957,6 +992,8 @@ splitter_rollouts_ended_total{service="web",outcome="rolled_back"} 1
         ("splitter_dataplane_events_total", "counter"),
         ("splitter_drops_total", "counter"),
         ("splitter_service_drops_total", "counter"),
+        ("splitter_shadow_ratio", "gauge"),
+        ("splitter_shadow_answers_dropped_total", "counter"),
         ("splitter_rollout_info", "gauge"),
         ("splitter_rollout_step", "gauge"),
         ("splitter_rollout_target_share_ratio", "gauge"),

@@ -4,7 +4,8 @@
 //!
 //! Layout of the pin directory (default `/sys/fs/bpf/splitter`):
 //! - one file per map, named as in `splitter_common::map`;
-//! - `link_<interface>` for every XDP attachment.
+//! - `link_<interface>` for every XDP attachment;
+//! - `tclink_<interface>` for the tc program (UDP mirroring) beside it.
 use std::{
     ffi::CString,
     mem::size_of,
@@ -13,7 +14,7 @@ use std::{
 
 use splitter_common::{
     ADDR_FILTER_WORDS, Backend, BackendSignals, BackendStats, CONN_CAPACITY, Conn, FlowKey,
-    MAX_BACKENDS, MAX_SERVICES, MAX_TABLES, MAX_TARGETS, MaglevTable, Service, ServiceKey,
+    MAX_BACKENDS, MAX_SERVICES, MAX_TABLES, MAX_TARGETS, MaglevTable, Service, ServiceKey, Shadow,
     TargetKey, VipKey, counter, map,
 };
 
@@ -95,12 +96,12 @@ const SHAPE: [&str; 4] = [
 /// Every map with the key size, value size, capacity and kernel map type
 /// (`bpf_map_type`) this build uses ([`SHAPE`]), with the default
 /// connection-table capacity (what the object file declares).
-pub fn expected_maps() -> [(&'static str, [u32; 4]); 11] {
+pub fn expected_maps() -> [(&'static str, [u32; 4]); 13] {
     expected_maps_for(CONN_CAPACITY)
 }
 
 /// [`expected_maps`] with a connection table of `conn_capacity` entries.
-pub fn expected_maps_for(conn_capacity: u32) -> [(&'static str, [u32; 4]); 11] {
+pub fn expected_maps_for(conn_capacity: u32) -> [(&'static str, [u32; 4]); 13] {
     use aya_obj::generated::bpf_map_type::{
         BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_LPM_TRIE, BPF_MAP_TYPE_LRU_HASH,
         BPF_MAP_TYPE_PERCPU_ARRAY,
@@ -174,6 +175,10 @@ pub fn expected_maps_for(conn_capacity: u32) -> [(&'static str, [u32; 4]); 11] {
                 BPF_MAP_TYPE_LPM_TRIE as u32,
             ],
         ),
+            map::SHADOWS,
+            [4, s(size_of::<Shadow>()), MAX_SERVICES, array],
+        ),
+        (map::SHADOW_ACC, [4, 4, MAX_SERVICES, percpu_array]),
     ]
 }
 
@@ -381,6 +386,11 @@ pub fn link_pin(dir: &Path, interface: &str) -> PathBuf {
     dir.join(format!("link_{interface}"))
 }
 
+/// Pin path of the tc link (the shadow program) on `interface`.
+pub fn tc_link_pin(dir: &Path, interface: &str) -> PathBuf {
+    dir.join(format!("tclink_{interface}"))
+}
+
 /// Link pins present in `dir`, as (interface, path).
 pub fn link_pins(dir: &Path) -> Vec<(String, PathBuf)> {
     let Ok(rd) = std::fs::read_dir(dir) else {
@@ -416,8 +426,9 @@ pub fn remove_all(dir: &Path) -> Result<Vec<PathBuf>, PinError> {
             }),
         }
     };
-    for (_, path) in link_pins(dir) {
+    for (iface, path) in link_pins(dir) {
         rm(path)?;
+        rm(tc_link_pin(dir, &iface))?;
     }
     for (name, ..) in expected_maps() {
         rm(dir.join(name))?;

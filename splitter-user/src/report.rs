@@ -103,6 +103,9 @@ pub struct ServiceReport {
     /// Source-CIDR rules, longest prefix first (`[[service.target]]`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub targets: Vec<TargetReport>,
+    /// Mirroring to a shadow version (`None`: off).
+    #[serde(default)]
+    pub shadow: Option<ShadowReport>,
 }
 
 /// One source-CIDR rule of a service.
@@ -116,6 +119,51 @@ pub struct TargetReport {
     /// and not down by its health checks). An inactive rule is skipped by
     /// the data plane: its clients get the weights' choice.
     pub active: bool,
+}
+
+/// A service's mirroring and how its shadow answers, beside the stable
+/// versions' own counters (taken from the shadow version's backends: the
+/// copies are its packets, their answers its replies, dropped at the edge).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ShadowReport {
+    /// The shadow version.
+    pub version: String,
+    /// Share mirrored, in percent (UDP: of datagrams).
+    pub percent: u32,
+    /// Copies sent to the shadow (datagrams).
+    pub copies: u64,
+    /// Copies' flows (UDP: client flows whose datagrams were copied).
+    pub flows: u64,
+    /// Flows the shadow answered at least once.
+    pub answered: u64,
+    /// Flows with no answer within the service's connect deadline.
+    pub timeouts: u64,
+    /// Answers from the shadow, dropped at the edge (packets).
+    pub answers_dropped: u64,
+    /// Their bytes (whole frames).
+    pub answer_bytes: u64,
+    /// Mean time from a flow's first copy to the shadow's first answer,
+    /// in microseconds (`None`: no answer yet).
+    pub first_answer_mean_us: Option<u64>,
+}
+
+impl ShadowReport {
+    /// The report of mirroring `percent` to `version`, from that version's
+    /// report.
+    pub fn of(version: &VersionReport, percent: u32) -> Self {
+        let s = &version.signals;
+        Self {
+            version: version.name.clone(),
+            percent,
+            copies: version.packets,
+            flows: version.new_flows,
+            answered: s.established,
+            timeouts: s.timeouts,
+            answers_dropped: version.backends.iter().map(|b| b.reply_packets).sum(),
+            answer_bytes: version.backends.iter().map(|b| b.reply_bytes).sum(),
+            first_answer_mean_us: s.latency_sum_us.checked_div(s.established),
+        }
+    }
 }
 
 /// One version of a service.

@@ -418,3 +418,57 @@ pub async fn backend(socket: &Path, cmd: BackendCommand) -> Result<(), CliError>
         }
     }
 }
+
+/// `splitter shadow ...`
+#[derive(Debug, Subcommand)]
+pub enum ShadowCommand {
+    /// Mirror a share of a UDP service's datagrams to a version that serves
+    /// no client (weight 0): each sampled datagram still goes to its stable
+    /// backend, and a copy to the shadow version, whose answers are dropped
+    /// at the edge and counted. Saved across restarts until the config
+    /// file is edited; refused during a rollout of the service.
+    ///
+    /// Example: splitter shadow set dns canary --percent 10
+    Set {
+        /// Service name.
+        service: String,
+        /// The shadow version (a version of the service with weight 0).
+        version: String,
+        /// Share mirrored, 1-100 (UDP: of datagrams).
+        #[arg(long)]
+        percent: u32,
+        /// Output format of the resulting service.
+        #[arg(long, short, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Stop mirroring a service.
+    ///
+    /// Example: splitter shadow off dns
+    Off {
+        /// Service name.
+        service: String,
+        /// Output format of the resulting service.
+        #[arg(long, short, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+}
+
+/// Runs `splitter shadow ...`.
+pub async fn shadow(socket: &Path, cmd: ShadowCommand) -> Result<(), CliError> {
+    match cmd {
+        ShadowCommand::Set {
+            service,
+            version,
+            percent,
+            output,
+        } => {
+            let spec = crate::edit::ShadowSpec { version, percent };
+            let path = format!("/v1/services/{}/shadow", seg("service", &service)?);
+            call(socket, Method::PUT, &path, Some(json(&spec)?), output).await
+        }
+        ShadowCommand::Off { service, output } => {
+            let path = format!("/v1/services/{}/shadow", seg("service", &service)?);
+            call(socket, Method::DELETE, &path, None, output).await
+        }
+    }
+}

@@ -212,6 +212,9 @@ pub enum Command {
     /// version, whatever the weights say (longest prefix wins).
     #[command(subcommand)]
     Target(target::TargetCommand),
+    /// Mirror a share of a UDP service's traffic to a shadow version, or stop.
+    #[command(subcommand)]
+    Shadow(edit::ShadowCommand),
     /// Work with configuration files.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -315,6 +318,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Version(c) => edit::version(&cli.socket, c).await,
         Command::Backend(c) => edit::backend(&cli.socket, c).await,
         Command::Target(c) => target::run(&cli.socket, c).await,
+        Command::Shadow(c) => edit::shadow(&cli.socket, c).await,
         Command::Config(ConfigCommand::Check { file }) => {
             match crate::config::Config::load(&file) {
                 Ok(c) => {

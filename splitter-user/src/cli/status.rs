@@ -82,6 +82,11 @@ pub fn render(r: &StatusReport, window_ms: u64, backends: bool) -> String {
         out.push_str(&render_signals(&r.services, backends));
     }
     for s in &r.services {
+        if let Some(sh) = &s.shadow {
+            let _ = writeln!(out, "{}", shadow_line(&s.name, sh));
+        }
+    }
+    for s in &r.services {
         let drops = nonzero(&s.drops);
         if !drops.is_empty() {
             let _ = writeln!(out, "drops of {}: {drops}", s.name);
@@ -98,6 +103,25 @@ pub fn render(r: &StatusReport, window_ms: u64, backends: bool) -> String {
         }
     );
     out
+}
+
+/// One line per mirrored service: where its copies go and how the shadow
+/// answers (answers are dropped at the edge, never sent to clients).
+pub fn shadow_line(service: &str, sh: &crate::report::ShadowReport) -> String {
+    format!(
+        "shadow of {service}: {}% to {}: {} copies in {} flows, {} answered, {} timeouts, {} answers dropped ({} bytes), first answer {}",
+        sh.percent,
+        sh.version,
+        sh.copies,
+        sh.flows,
+        sh.answered,
+        sh.timeouts,
+        sh.answers_dropped,
+        sh.answer_bytes,
+        sh.first_answer_mean_us
+            .map(|us| format!("{:.2} ms mean", us as f64 / 1000.0))
+            .unwrap_or_else(|| "-".to_string())
+    )
 }
 
 /// The non-zero counts as `name=count`, separated by spaces.

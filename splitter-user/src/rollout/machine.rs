@@ -12,7 +12,8 @@
 //! # let service = ServiceConfig { name: "web".into(), vip: "10.0.0.10:80".parse().unwrap(),
 //! #   protocol: Default::default(), affinity: Default::default(),
 //! #   versions: vec![v("blue", "10.0.2.1:80"), v("green", "10.0.3.1:80")],
-//! #   health: None, connect_timeout_ms: 1000, analysis: None, rollout: None, targets: vec![] };
+//! #   health: None, connect_timeout_ms: 1000, analysis: None, rollout: None, targets: vec![],
+//! #   read_only: false, shadow: None };
 //!
 //! let spec = RolloutDefaults::default().spec("web", "blue", "green");
 //! let r = Rollout::new(spec, &service, 0).unwrap();

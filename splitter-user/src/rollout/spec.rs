@@ -624,6 +624,8 @@ pub(crate) mod tests {
             analysis: None,
             rollout: None,
             targets: Vec::new(),
+            read_only: false,
+            shadow: None,
         }
     }
 

@@ -95,15 +95,19 @@ pub enum Edge {
     Nftables,
     XdpMin,
     Splitter,
+    /// splitter with the UDP service mirrored: blue 100, green 0 as the
+    /// shadow of 10% of the datagrams (the TCP service as in `Splitter`).
+    SplitterShadow,
 }
 
 impl Edge {
-    pub const ALL: [Edge; 5] = [
+    pub const ALL: [Edge; 6] = [
         Edge::GenOnly,
         Edge::Forward,
         Edge::Nftables,
         Edge::XdpMin,
         Edge::Splitter,
+        Edge::SplitterShadow,
     ];
 
     pub fn id(self) -> &'static str {
@@ -113,6 +117,7 @@ impl Edge {
             Edge::Nftables => "nftables",
             Edge::XdpMin => "xdp_min",
             Edge::Splitter => "splitter",
+            Edge::SplitterShadow => "splitter_shadow",
         }
     }
 
@@ -123,6 +128,9 @@ impl Edge {
             Edge::Nftables => "nftables DNAT+SNAT, numgen 90/10",
             Edge::XdpMin => "minimal XDP rewrite + redirect",
             Edge::Splitter => "splitter, SNAT, 90/10",
+            Edge::SplitterShadow => {
+                "splitter, SNAT, UDP: blue 100 + 10% of datagrams mirrored to green (rate counts the copies; green = copies)"
+            }
         }
     }
 }
@@ -396,6 +404,19 @@ fn nft_ruleset() -> String {
     )
 }
 
+/// [`splitter_config`] with the UDP service (the last one) at blue 100,
+/// green 0, mirroring 10% of its datagrams to green.
+fn splitter_shadow_config() -> String {
+    let c = splitter_config();
+    let Some((head, udp)) = c.split_once("name = \"dgram\"") else {
+        return c;
+    };
+    let udp =
+        udp.replacen("weight = 90", "weight = 100", 1)
+            .replacen("weight = 10\n", "weight = 0\n", 1);
+    format!("{head}name = \"dgram\"{udp}\n[service.shadow]\nversion = \"green\"\npercent = 10\n")
+}
+
 fn splitter_config() -> String {
     let service = |name: &str, protocol: &'static str| ServiceSpec {
         name: name.into(),
@@ -500,6 +521,10 @@ fn setup<'a>(edge: Edge, topo: &'a Topology, rig: &mut Rig) -> Result<Setup<'a>>
         }
         Edge::Splitter => Setup::Splitter(Box::new(
             Daemon::start(&topo.edge, &splitter_config()).context("starting splitter daemon")?,
+        )),
+        Edge::SplitterShadow => Setup::Splitter(Box::new(
+            Daemon::start(&topo.edge, &splitter_shadow_config())
+                .context("starting splitter daemon (mirrored)")?,
         )),
     })
 }
