@@ -13,11 +13,11 @@ use splitter_common::{
     BACKEND_F_DISABLED, BACKEND_F_PRESENT, CONN_F_FIN_TS, CONN_F_REVERSE, CONN_F_SHADOW,
     CONN_F_SNAT, Conn, FAMILY_V4, FlowKey, LAST_SEEN_GRANULARITY_NS, MAGLEV_SIZE, MAX_VERSIONS,
     NO_BACKEND, PROTO_TCP, SNAT_PORT_MAX, SNAT_PORT_MIN, SNAT_PORT_TRIES, SNAT_TIME_WAIT_NS,
-    STATE_TIMED_OUT, SVC_F_CLIENT_IP, SVC_F_SHADOW, SVC_F_SNAT, SVC_F_TARGETS, Service,
-    ServiceKey, TCP_ESTABLISHED, TCP_FIN_BACKEND, TCP_FIN_CLIENT, TCP_RST, TCP_SYN, TargetKey,
-    UDP_ANSWERED, awaiting_answer, conn_stale, connect_deadline_us, counter, elapsed_us,
-    flow_hash, latency_bucket, mix32, service_drop, snat_port_start, start_units,
-    target_prefix_len, version_hash,
+    STATE_TIMED_OUT, SVC_F_CLIENT_IP, SVC_F_SHADOW, SVC_F_SNAT, SVC_F_TARGETS, Service, ServiceKey,
+    TCP_ESTABLISHED, TCP_FIN_BACKEND, TCP_FIN_CLIENT, TCP_RST, TCP_SYN, TargetKey, UDP_ANSWERED,
+    awaiting_answer, conn_stale, connect_deadline_us, counter, elapsed_us, flow_hash,
+    latency_bucket, mix32, service_drop, snat_port_start, start_units, target_prefix_len,
+    version_hash,
 };
 
 use crate::{

@@ -175,6 +175,7 @@ pub fn expected_maps_for(conn_capacity: u32) -> [(&'static str, [u32; 4]); 13] {
                 BPF_MAP_TYPE_LPM_TRIE as u32,
             ],
         ),
+        (
             map::SHADOWS,
             [4, s(size_of::<Shadow>()), MAX_SERVICES, array],
         ),

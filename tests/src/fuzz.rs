@@ -288,6 +288,16 @@ const WITH_NEW_FLOW: [&str; 6] = [
     "drop_unroutable",
 ];
 
+/// Counters that only ever move beside an outcome counter, never alone.
+pub const COMPANIONS: [&str; 3] = ["new_flow", "new_flow_targeted", "shadow_skipped"];
+
+/// Counters that are an outcome of their own without a `drop_`/`pass_`
+/// prefix.
+pub const OUTCOMES: [&str; 4] = ["tx", "redirect", "shadow_copies", "shadow_reply_dropped"];
+
+/// Counters the XDP program never moves (the tc program's).
+pub const NOT_XDP: [&str; 1] = ["shadow_cloned"];
+
 /// Judges one run: `action` and `output` for `input`, and the counters that
 /// moved (`deltas`, name -> increase, only those that moved). `Err` says
 /// what broke the documented behaviour.
@@ -306,10 +316,19 @@ pub fn judge(
         return Err(format!("counter {k} moved by {v} for one frame"));
     }
     let new_flow = deltas.contains_key("new_flow");
+    // Companions: a rule chose the new flow's version (only with
+    // `new_flow`), a datagram to mirror went on uncopied (beside its own
+    // outcome).
+    if deltas.contains_key("new_flow_targeted") && !new_flow {
+        return Err(format!("new_flow_targeted without new_flow: {deltas:?}"));
+    }
+    if deltas.contains_key("shadow_cloned") {
+        return Err("shadow_cloned moved in the XDP program (only tc clones)".into());
+    }
     let outcomes: Vec<&str> = deltas
         .keys()
         .copied()
-        .filter(|k| *k != "new_flow")
+        .filter(|k| !COMPANIONS.contains(k))
         .collect();
     let untouched = output == input;
     match (action, outcomes.as_slice()) {
@@ -326,6 +345,10 @@ pub fn judge(
             }
         }
         (PASS, [p]) if p.starts_with("pass_") => {}
+        // Rewritten to its stable backend and passed for the tc program to
+        // copy (docs/architecture.md, shadow traffic).
+        (PASS, ["shadow_copies"]) => {}
+        (DROP, ["shadow_reply_dropped"]) => {}
         _ => {
             return Err(format!(
                 "{} with counters {deltas:?}",
@@ -333,7 +356,11 @@ pub fn judge(
             ));
         }
     }
-    if new_flow && !outcomes.iter().all(|o| WITH_NEW_FLOW.contains(o)) {
+    if new_flow
+        && !outcomes
+            .iter()
+            .all(|o| WITH_NEW_FLOW.contains(o) || *o == "shadow_copies")
+    {
         return Err(format!("new_flow beside {outcomes:?}"));
     }
     // Forwarded by the program itself: the TTL goes down by one
