@@ -79,10 +79,15 @@ protocol = "udp"
 name = "only"
 weight = 1
 backends = ["10.0.2.2:5353"]
+
+[[service.version]]
+name = "mirror"
+weight = 0
+backends = ["10.0.2.5:5353"]
 "#;
 
 /// The routes that take a body, chosen by an input's first byte.
-pub const ROUTES: [(&str, &str); 11] = [
+pub const ROUTES: [(&str, &str); 13] = [
     ("PUT", "/v1/services/web/weights"),
     ("POST", "/v1/services"),
     ("POST", "/v1/services/web/versions"),
@@ -94,6 +99,8 @@ pub const ROUTES: [(&str, &str); 11] = [
     ("PATCH", "/v1/services/web/backends/10.0.2.9:8080"),
     ("POST", "/v1/services/dns/versions/only/backends"),
     ("POST", "/v1/services/web/targets"),
+    ("PUT", "/v1/services/dns/shadow"),
+    ("PUT", "/v1/services/web/shadow"),
 ];
 
 /// What a refused request must leave as it was: the running config, what
