@@ -260,8 +260,18 @@ impl HttpResponse {
 /// # Errors
 /// Connect, write or read failed, a bad answer, or `timeout` passed.
 pub fn http_get_here(vip: SocketAddrV4, path: &str, timeout: Duration) -> Result<HttpResponse> {
+    http_get_here_from(vip, None, path, timeout)
+}
+
+/// [`http_get_here`] from source address `bind` (`None`: the default).
+fn http_get_here_from(
+    vip: SocketAddrV4,
+    bind: Option<Ipv4Addr>,
+    path: &str,
+    timeout: Duration,
+) -> Result<HttpResponse> {
     let deadline = Instant::now() + timeout;
-    let mut s = connect(vip, None, timeout)?;
+    let mut s = connect(vip, bind, timeout)?;
     s.write_all(
         format!("GET {path} HTTP/1.1\r\nHost: {vip}\r\nConnection: close\r\n\r\n").as_bytes(),
     )?;
@@ -347,6 +357,29 @@ pub fn http_get_many(
 ) -> Result<ManyResult> {
     many(ns, n, &[], |_| {
         let r = http_get_here(vip, path, timeout)?;
+        if r.status != 200 {
+            bail!("HTTP {} from {vip}: {:?}", r.status, r.body);
+        }
+        Ok(r.server_name().to_string())
+    })
+}
+
+/// [`http_get_many`] from each of `sources` in turn (addresses of the
+/// client namespace, e.g. from `Topology::add_client_addr`); the answers
+/// per source are in [`ManyResult::per_source`].
+///
+/// # Errors
+/// Entering `ns` failed.
+pub fn http_get_many_from(
+    ns: &Netns,
+    vip: SocketAddrV4,
+    path: &str,
+    n: usize,
+    sources: &[Ipv4Addr],
+    timeout: Duration,
+) -> Result<ManyResult> {
+    many(ns, n, sources, |src| {
+        let r = http_get_here_from(vip, src, path, timeout)?;
         if r.status != 200 {
             bail!("HTTP {} from {vip}: {:?}", r.status, r.body);
         }

@@ -188,7 +188,7 @@ pub fn demo(opts: &DemoOptions) -> Result<()> {
     ));
     // Declared first, so it is dropped last: servers and daemon go before
     // their namespaces.
-    let topo = Topology::new(TopologyOptions {
+    let mut topo = Topology::new(TopologyOptions {
         prefix: Some(prefix),
         backend_addrs: 3,
         ..Default::default()
@@ -327,6 +327,39 @@ pub fn demo(opts: &DemoOptions) -> Result<()> {
     let t_switch = traffic.take();
     print_tally("during the blue-green switch", &t_switch);
     drop(traffic);
+    check_interrupt()?;
+
+    let internal = topo.add_client_addr()?;
+    let rule = format!("{internal}/32");
+    step(&format!(
+        "4. targeting: the internal client {internal} sees green first, everyone else stays on blue"
+    ));
+    print_indented(&run_cli(
+        &daemon,
+        &["target", "add", "web", &rule, "green"],
+    )?);
+    let outside = topology::CLIENT_ADDR;
+    let seen = clients::http_get_many_from(
+        &topo.cli,
+        vip,
+        "/",
+        40,
+        &[internal, outside],
+        REQUEST_TIMEOUT,
+    )?;
+    for src in [internal, outside] {
+        let by = seen.per_source.get(&Some(src)).cloned().unwrap_or_default();
+        let n = |v: &str| by.get(v).copied().unwrap_or(0);
+        println!(
+            "    20 requests from {src}: blue {}, green {}",
+            n("blue"),
+            n("green")
+        );
+    }
+    if seen.errors > 0 {
+        println!("    failed: {}", seen.errors);
+    }
+    print_indented(&run_cli(&daemon, &["target", "remove", "web", &rule])?);
     check_interrupt()?;
 
     let r = round(&topo, vip, opts.requests, &blue, &green)?;
@@ -490,4 +523,10 @@ fn print_indented(text: &str) {
     for l in text.lines() {
         println!("    {l}");
     }
+}
+
+/// Prints `$ splitter ARGS` and runs it; its output.
+fn run_cli(daemon: &Daemon, args: &[&str]) -> Result<String> {
+    println!("    $ splitter {}", args.join(" "));
+    daemon.cli_ok(args)
 }
