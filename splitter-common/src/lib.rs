@@ -30,6 +30,8 @@ pub const MAGLEV_SIZE: u32 = 16381;
 /// writes the idle one and then publishes it by flipping the generation in
 /// the service entry, so no packet ever reads a half-written table.
 pub const MAX_TABLES: u32 = 1024;
+/// Entries of `TARGETS` (source-CIDR rules over all services).
+pub const MAX_TARGETS: u32 = 65536;
 /// Connection-table entries (one forward and one reverse entry per flow):
 /// the default, and what the object file declares. `dataplane.conn_capacity`
 /// sets another, within [`MIN_CONN_CAPACITY`]..=[`MAX_CONN_CAPACITY`], when
@@ -128,6 +130,11 @@ pub mod map {
     /// `Array<u64>`, `2 * ADDR_FILTER_WORDS` words: a bit set of addresses
     /// that a flow or a service may involve ([`super::addr_filter_bit`]).
     pub const ADDR_FILTER: &str = "ADDR_FILTER";
+    /// `LpmTrie<TargetKey, u32>` (`BPF_F_NO_PREALLOC`), `MAX_TARGETS`
+    /// entries: source-CIDR rules of services flagged `SVC_F_TARGETS`;
+    /// the value is the global version id the matching clients' new flows
+    /// go to.
+    pub const TARGETS: &str = "TARGETS";
     /// `Array<Shadow>`, indexed by service id: the version each service
     /// mirrors and the share it mirrors (all zero: none).
     pub const SHADOWS: &str = "SHADOWS";
@@ -140,6 +147,29 @@ pub mod map {
 pub const SVC_F_CLIENT_IP: u32 = 1;
 /// Service flag: rewrite the source to the edge's address (SNAT mode).
 pub const SVC_F_SNAT: u32 = 2;
+/// Service flag: the service has source-CIDR rules in `TARGETS`; only a
+/// service with the flag looks them up, so one without pays nothing.
+pub const SVC_F_TARGETS: u32 = 4;
+
+/// Data of a `TARGETS` key (the LPM trie's key is this behind a `u32`
+/// prefix length). The prefix length counts `service` in full, so it is
+/// `32 + ` the CIDR's length: a rule never matches another service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct TargetKey {
+    /// `Service::id`, big-endian (the trie compares bytes in order; any
+    /// fixed order works for a full match, this one reads well in dumps).
+    pub service: u32,
+    /// Client network, network byte order; IPv4 in word 0, the other words
+    /// zero (room for IPv6 prefixes).
+    pub addr: [u32; 4],
+}
+
+/// Bits of a `TARGETS` key that a rule of prefix `bits` matches.
+#[inline(always)]
+pub const fn target_prefix_len(bits: u32) -> u32 {
+    32 + bits
+}
 /// Service flag: the service mirrors a share of its traffic to a shadow
 /// version (`SHADOWS` holds which). Unmirrored services never read
 /// `SHADOWS` for a new flow. (4 is source-CIDR targeting's.)
@@ -469,6 +499,18 @@ pub struct BackendStats {
     pub reply_bytes: u64,
 }
 
+impl BackendStats {
+    /// Adds `other` field by field (wrapping), as the controller sums the
+    /// per-CPU entries.
+    pub fn add(&mut self, other: &Self) {
+        self.packets = self.packets.wrapping_add(other.packets);
+        self.bytes = self.bytes.wrapping_add(other.bytes);
+        self.new_flows = self.new_flows.wrapping_add(other.new_flows);
+        self.reply_packets = self.reply_packets.wrapping_add(other.reply_packets);
+        self.reply_bytes = self.reply_bytes.wrapping_add(other.reply_bytes);
+    }
+}
+
 /// Buckets of the connect-latency histogram: one per bound of
 /// [`LATENCY_BOUNDS_US`] and one above the last.
 pub const LATENCY_BUCKETS: usize = 15;
@@ -507,6 +549,22 @@ pub struct BackendSignals {
     pub latency: [u64; LATENCY_BUCKETS],
     /// Room for later signals without a layout change.
     pub _spare: [u64; 3],
+}
+
+impl BackendSignals {
+    /// Adds `other` field by field (wrapping), as the controller sums the
+    /// per-CPU entries.
+    pub fn add(&mut self, other: &Self) {
+        self.established = self.established.wrapping_add(other.established);
+        self.refused = self.refused.wrapping_add(other.refused);
+        self.timeouts = self.timeouts.wrapping_add(other.timeouts);
+        self.reset_by_backend = self.reset_by_backend.wrapping_add(other.reset_by_backend);
+        self.reset_by_client = self.reset_by_client.wrapping_add(other.reset_by_client);
+        self.latency_sum_us = self.latency_sum_us.wrapping_add(other.latency_sum_us);
+        for (a, b) in self.latency.iter_mut().zip(other.latency) {
+            *a = a.wrapping_add(b);
+        }
+    }
 }
 
 /// The 32-bit time stamp of [`Conn::fin_tsval`] for a `CLOCK_MONOTONIC`
@@ -594,7 +652,9 @@ pub mod counter {
     pub const NEW_FLOW: u32 = 15;
     /// A client packet of a flow whose backend the operator disabled. Dropped.
     pub const DROP_BACKEND_DISABLED: u32 = 16;
-    /// (17 is source-CIDR targeting's.)
+    /// New flows whose version a source-CIDR rule (`TARGETS`) chose (also
+    /// counted in `NEW_FLOW`).
+    pub const NEW_FLOW_TARGETED: u32 = 17;
     /// Datagrams sampled for mirroring: rewritten to their stable backend
     /// and passed to the kernel with metadata for the tc program to copy.
     pub const SHADOW_COPIES: u32 = 18;
@@ -637,7 +697,7 @@ pub mod counter {
         "redirect",
         "new_flow",
         "drop_backend_disabled",
-        "reserved_17",
+        "new_flow_targeted",
         "shadow_copies",
         "shadow_reply_dropped",
         "shadow_skipped",
@@ -747,6 +807,7 @@ mod pod {
     unsafe impl aya::Pod for Conn {}
     unsafe impl aya::Pod for BackendStats {}
     unsafe impl aya::Pod for BackendSignals {}
+    unsafe impl aya::Pod for TargetKey {}
     unsafe impl aya::Pod for Shadow {}
     unsafe impl aya::Pod for ShadowMeta {}
 }
@@ -774,6 +835,7 @@ mod tests {
         assert_eq!(core::mem::offset_of!(Conn, fib_dmac), 80);
         assert_eq!(core::mem::offset_of!(Conn, fib_smac), 86);
         assert_eq!(size_of::<BackendStats>(), 40);
+        assert_eq!(size_of::<TargetKey>(), 20);
         assert_eq!(size_of::<Shadow>(), 16);
         // XDP metadata must be a multiple of 4 bytes, at most 32.
         assert_eq!(size_of::<ShadowMeta>(), 24);

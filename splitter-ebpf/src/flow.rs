@@ -6,21 +6,23 @@ use core::mem::MaybeUninit;
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
+    maps::lpm_trie::Key,
     programs::XdpContext,
 };
 use splitter_common::{
     BACKEND_F_DISABLED, BACKEND_F_PRESENT, CONN_F_FIN_TS, CONN_F_REVERSE, CONN_F_SHADOW,
     CONN_F_SNAT, Conn, FAMILY_V4, FlowKey, LAST_SEEN_GRANULARITY_NS, MAGLEV_SIZE, MAX_VERSIONS,
     NO_BACKEND, PROTO_TCP, SNAT_PORT_MAX, SNAT_PORT_MIN, SNAT_PORT_TRIES, SNAT_TIME_WAIT_NS,
-    STATE_TIMED_OUT, SVC_F_CLIENT_IP, SVC_F_SHADOW, SVC_F_SNAT, Service, ServiceKey,
-    TCP_ESTABLISHED, TCP_FIN_BACKEND, TCP_FIN_CLIENT, TCP_RST, TCP_SYN, UDP_ANSWERED,
+    STATE_TIMED_OUT, SVC_F_CLIENT_IP, SVC_F_SHADOW, SVC_F_SNAT, SVC_F_TARGETS, Service, ServiceKey,
+    TCP_ESTABLISHED, TCP_FIN_BACKEND, TCP_FIN_CLIENT, TCP_RST, TCP_SYN, TargetKey, UDP_ANSWERED,
     awaiting_answer, conn_stale, connect_deadline_us, counter, elapsed_us, flow_hash,
-    latency_bucket, mix32, service_drop, snat_port_start, start_units, version_hash,
+    latency_bucket, mix32, service_drop, snat_port_start, start_units, target_prefix_len,
+    version_hash,
 };
 
 use crate::{
     XDP_PASS, fib,
-    maps::{self, BACKEND_SIGNALS, BACKEND_STATS, BACKENDS, CONNS, SERVICES, TABLES},
+    maps::{self, BACKEND_SIGNALS, BACKEND_STATS, BACKENDS, CONNS, SERVICES, TABLES, TARGETS},
     nat::Tuple,
     parse::{self, Packet},
     shadow,
@@ -330,7 +332,38 @@ fn pick_backend(svc: &Service, h: u32) -> Option<u16> {
         }
         i += 1;
     }
-    let table = TABLES.get(slot?)?;
+    maglev_pick(slot?, h)
+}
+
+/// The version a source-CIDR rule of the service gives the client (its
+/// table slot), if the longest matching rule names a version the service
+/// still has. The rule holds the global version id, not the index, so a
+/// service entry published before or after the rule never sends a client
+/// to another version than the rule says.
+#[inline(always)]
+fn target_table(svc: &Service, saddr: u32) -> Option<u32> {
+    let key = Key::new(
+        target_prefix_len(32),
+        TargetKey {
+            service: svc.id.to_be(),
+            addr: [saddr, 0, 0, 0],
+        },
+    );
+    let vid = *TARGETS.get(&key)?;
+    let mut i = 0;
+    while i < MAX_VERSIONS {
+        if (i as u32) < svc.version_count && svc.versions[i] == vid {
+            return Some(svc.tables[i]);
+        }
+        i += 1;
+    }
+    None
+}
+
+/// The backend in Maglev slot `h` of table `slot`, if it has one.
+#[inline(always)]
+fn maglev_pick(slot: u32, h: u32) -> Option<u16> {
+    let table = TABLES.get(slot)?;
     // For the verifier: the compiler turns `%` into multiply-and-shift, which
     // the verifier cannot bound, and then drops the bounds check as provably
     // redundant. Reading the index through a volatile load hides what the
@@ -356,7 +389,16 @@ fn new_flow(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, svc: &Service, now: u
     } else {
         full
     };
-    let Some(id) = pick_backend(svc, h) else {
+    // A targeted client takes its rule's version with the same hash (so
+    // client-IP affinity holds within it); an empty table there (no
+    // healthy backend left) falls through to the weights.
+    let mut targeted = None;
+    if svc.flags & SVC_F_TARGETS != 0
+        && let Some(slot) = target_table(svc, pkt.saddr)
+    {
+        targeted = maglev_pick(slot, h);
+    }
+    let Some(id) = targeted.or_else(|| pick_backend(svc, h)) else {
         return maps::drop_for(svc.id, counter::DROP_NO_BACKEND, service_drop::NO_BACKEND);
     };
     let Some(backend) = BACKENDS.get(id as u32) else {
@@ -428,6 +470,9 @@ fn new_flow(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, svc: &Service, now: u
         return maps::drop_for(svc.id, counter::DROP_CONN_TABLE, service_drop::CONN_TABLE);
     }
     maps::count(counter::NEW_FLOW);
+    if targeted.is_some() {
+        maps::count(counter::NEW_FLOW_TARGETED);
+    }
     if let Some(s) = BACKEND_STATS.get_ptr_mut(id as u32) {
         unsafe {
             (*s).new_flows += 1;

@@ -3,12 +3,12 @@
 //! address checks (`is_vip`, `may_be_ours`).
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use splitter_common::{
     ADDR_FILTER_DST, ADDR_FILTER_SRC, ADDR_FILTER_WORDS, Backend, BackendSignals, BackendStats,
-    CONN_CAPACITY, Conn, FlowKey, MAX_BACKENDS, MAX_SERVICES, MAX_TABLES, MaglevTable, Service,
-    ServiceKey, Shadow, VipKey, addr_filter_bit, counter, service_drop,
+    CONN_CAPACITY, Conn, FlowKey, MAX_BACKENDS, MAX_SERVICES, MAX_TABLES, MAX_TARGETS, MaglevTable,
+    Service, ServiceKey, Shadow, TargetKey, VipKey, addr_filter_bit, counter, service_drop,
 };
 
 #[map(name = "SERVICES")]
@@ -48,6 +48,11 @@ const COUNTER_SLOTS: u32 = counter::SLOTS * 2;
 #[map(name = "ADDR_FILTER")]
 pub static ADDR_FILTER: Array<u64> = Array::with_max_entries(2 * ADDR_FILTER_WORDS, 0);
 
+/// Source-CIDR rules (`splitter_common::map::TARGETS`); looked up only
+/// for new flows of services flagged `SVC_F_TARGETS`. `LpmTrie` maps are
+/// created with `BPF_F_NO_PREALLOC` (the kernel requires it).
+#[map(name = "TARGETS")]
+pub static TARGETS: LpmTrie<TargetKey, u32> = LpmTrie::with_max_entries(MAX_TARGETS, 0);
 /// What each service mirrors (`shadow`), indexed by service id.
 #[map(name = "SHADOWS")]
 pub static SHADOWS: Array<Shadow> = Array::with_max_entries(MAX_SERVICES, 0);

@@ -17,6 +17,9 @@
 //! | PATCH | `/v1/services/{name}/backends/{addr:port}` | [`BackendPatch`] | [`ServiceReport`] |
 //! | DELETE | `/v1/services/{name}/backends/{addr:port}[?force=true]` | | [`ServiceReport`] |
 //! | GET | `/v1/services/{name}/backends/{addr:port}/drain[?timeout=SECONDS]` | | [`crate::controller::DrainWait`]: live flows once 0 or after the timeout |
+//! | GET | `/v1/services/{name}/targets` | | its source-CIDR rules, [`TargetReport`]s, longest prefix first |
+//! | POST | `/v1/services/{name}/targets` | [`TargetSpec`] | its rules |
+//! | DELETE | `/v1/services/{name}/targets/{addr}/{len}` | | its rules |
 //! | GET | `/v1/flow?service=NAME&client=ADDR:PORT` | | [`FlowReport`] |
 //! | POST | `/v1/reload` | | `{"changes": [...]}`: the config file re-read and applied as a diff |
 //! | POST | `/v1/detach` | | `{"removed": [pins]}`; the daemon then stops and XDP is detached |
@@ -72,14 +75,14 @@ use tracing::{debug, info, warn};
 
 use crate::{
     controller::{Controller, ControllerError},
-    edit::{self, BackendPatch, BackendSpec, ServiceSpec, VersionSpec, parse_addr},
+    edit::{self, BackendPatch, BackendSpec, ServiceSpec, TargetSpec, VersionSpec, parse_addr},
     rollout::driver::StartRequest,
 };
 
 pub use crate::report::{
     AttachmentReport, BackendReport, BackendSignalsReport, ConnectionReport, DataplaneReport,
-    FlowReport, ProgramReport, ServiceReport, SignalsReport, StatusReport, VersionReport,
-    VersionSignals,
+    FlowReport, ProgramReport, ServiceReport, SignalsReport, StatusReport, TargetReport,
+    VersionReport, VersionSignals,
 };
 
 /// Largest request body the API reads (413 above it).
@@ -165,6 +168,23 @@ pub(crate) const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// (408 past it).
 const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Longest an answer may wait for the client to read it: a write that
+/// makes no progress for this long (a client that sends requests and never
+/// reads the answers) ends the connection.
+pub(crate) const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `stream` with writes bounded by [`WRITE_TIMEOUT`], ready for hyper.
+pub(crate) fn write_bounded<S>(
+    stream: S,
+) -> TokioIo<std::pin::Pin<Box<tokio_io_timeout::TimeoutStream<S>>>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite,
+{
+    let mut s = tokio_io_timeout::TimeoutStream::new(stream);
+    s.set_write_timeout(Some(WRITE_TIMEOUT));
+    TokioIo::new(Box::pin(s))
+}
+
 /// Most API connections open at once. Past it a new connection is
 /// answered 503 (`{"error": ...}`) and closed at once.
 const MAX_CONNECTIONS: usize = 256;
@@ -241,8 +261,8 @@ impl ConnectionLimit {
 /// [`SHUTDOWN_GRACE`] to finish.
 ///
 /// Connections are held to [`HEADER_TIMEOUT`] (idle or half-sent
-/// requests are closed) and to [`MAX_CONNECTIONS`] at once (more are
-/// answered 503 and closed).
+/// requests are closed), to [`WRITE_TIMEOUT`] (answers nobody reads) and
+/// to [`MAX_CONNECTIONS`] at once (more are answered 503 and closed).
 pub async fn serve(listener: UnixListener, controller: Shared, shutdown: impl Future<Output = ()>) {
     serve_with(listener, controller, shutdown, Limits::default()).await;
 }
@@ -287,7 +307,7 @@ async fn serve_with(
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(header_timeout)
-                .serve_connection(TokioIo::new(stream), svc);
+                .serve_connection(write_bounded(stream), svc);
             tokio::pin!(conn);
             let ended = tokio::select! {
                 ended = conn.as_mut() => ended,
@@ -325,8 +345,10 @@ fn busy_answer(max: usize) -> String {
     )
 }
 
-/// The routes of the table in the module docs.
-fn router(controller: Shared) -> Router {
+/// The routes of the table in the module docs, without the connection
+/// bounds of [`serve`]: also for in-process callers (the fuzz targets drive
+/// it with `tower::ServiceExt::oneshot`).
+pub fn router(controller: Shared) -> Router {
     Router::new()
         .route("/v1/status", get(status))
         .route("/v1/config", get(config))
@@ -360,6 +382,11 @@ fn router(controller: Shared) -> Router {
         .route("/v1/rollouts/{name}/history", get(rollout_history))
         .route("/v1/rollouts/{name}/report", get(rollout_report))
         .route("/v1/rollouts/{name}/{command}", post(rollout_command))
+        .route("/v1/services/{name}/targets", get(targets).post(add_target))
+        .route(
+            "/v1/services/{name}/targets/{addr}/{len}",
+            delete(remove_target),
+        )
         .route("/v1/flow", get(flow))
         .route("/v1/reload", post(reload))
         .route("/v1/detach", post(detach))
@@ -474,6 +501,32 @@ async fn add_service(State(c): State<Shared>, JsonBody(spec): JsonBody<ServiceSp
 /// `GET /v1/services/{name}`.
 async fn service(State(c): State<Shared>, Params(Path(name)): Params<Path<String>>) -> ApiResult {
     to_json(&lock(&c)?.report_of(&name)?)
+}
+
+/// `GET /v1/services/{name}/targets`.
+async fn targets(State(c): State<Shared>, Params(Path(name)): Params<Path<String>>) -> ApiResult {
+    to_json(&lock(&c)?.report_of(&name)?.targets)
+}
+
+/// `POST /v1/services/{name}/targets`.
+async fn add_target(
+    State(c): State<Shared>,
+    Params(Path(name)): Params<Path<String>>,
+    JsonBody(spec): JsonBody<TargetSpec>,
+) -> ApiResult {
+    let mut c = lock(&c)?;
+    c.edit(|cfg| edit::add_target(cfg, &name, &spec))?;
+    to_json(&c.report_of(&name)?.targets)
+}
+
+/// `DELETE /v1/services/{name}/targets/{addr}/{len}`.
+async fn remove_target(
+    State(c): State<Shared>,
+    Params(Path((name, addr, len))): Params<Path<(String, String, String)>>,
+) -> ApiResult {
+    let mut c = lock(&c)?;
+    c.edit(|cfg| edit::remove_target(cfg, &name, &format!("{addr}/{len}")))?;
+    to_json(&c.report_of(&name)?.targets)
 }
 
 /// `DELETE /v1/services/{name}`.
@@ -780,6 +833,10 @@ impl Example for edit::ShadowSpec {
 
 impl Example for BackendSpec {
     const EXAMPLE: &'static str = r#"{"address": "10.0.2.4:8080", "weight": 1, "state": "active"}"#;
+}
+
+impl Example for TargetSpec {
+    const EXAMPLE: &'static str = r#"{"cidr": "10.0.1.96/28", "version": "green"}"#;
 }
 
 impl Example for BackendPatch {

@@ -322,6 +322,12 @@ pub struct ServiceConfig {
     /// defaults (a canary 5, 10, 25, 50, 100% with a minute a step).
     #[serde(default)]
     pub rollout: Option<crate::rollout::spec::RolloutDefaults>,
+    /// Source-CIDR rules (`[[service.target]]`, `splitter target add`):
+    /// new flows of a client in a rule's network go to its version, the
+    /// longest matching rule winning; others follow the weights. See
+    /// [`crate::target`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub targets: Vec<crate::target::TargetConfig>,
     /// The service only reads (`read_only = true`): repeating its requests
     /// to a shadow changes nothing. Required for a TCP shadow.
     #[serde(default)]
@@ -342,6 +348,35 @@ pub struct ShadowConfig {
     pub version: String,
     /// Share mirrored, 1..=100 (of datagrams for UDP).
     pub percent: u32,
+}
+
+impl ServiceConfig {
+    /// Does `version` have an active backend (one that can take new flows)?
+    pub fn has_active_backend(&self, version: &str) -> bool {
+        self.versions
+            .iter()
+            .find(|v| v.name == version)
+            .is_some_and(|v| v.backends.iter().any(|b| b.state == BackendState::Active))
+    }
+
+    /// Every problem of `rules` were they this service's source-CIDR rules
+    /// ([`crate::target::problems`]).
+    pub fn problems_of_targets(&self, rules: &[crate::target::TargetConfig]) -> Vec<String> {
+        let of = crate::target::Versions {
+            service: &self.name,
+            versions: self
+                .versions
+                .iter()
+                .map(|v| (v.name.as_str(), self.has_active_backend(&v.name)))
+                .collect(),
+        };
+        crate::target::problems(rules, &of)
+    }
+
+    /// Every problem of this service's own source-CIDR rules.
+    pub fn target_problems(&self) -> Vec<String> {
+        self.problems_of_targets(&self.targets)
+    }
 }
 
 /// Default of `connect_timeout_ms`.
@@ -689,8 +724,17 @@ struct RawService {
     connect_timeout_ms: Option<i64>,
     analysis: Option<RawAnalysis>,
     rollout: Option<crate::rollout::spec::RolloutDefaults>,
+    #[serde(default, rename = "target")]
+    targets: Vec<RawTarget>,
     read_only: Option<bool>,
     shadow: Option<RawShadow>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTarget {
+    cidr: String,
+    version: String,
 }
 
 #[derive(Deserialize)]
@@ -1099,6 +1143,16 @@ fn convert(raw: RawConfig, p: &mut Problems, bad: &mut Unparsed) -> Config {
         let analysis = s
             .analysis
             .map(|a| analysis(p, &format!("{at}: analysis"), a));
+        let mut targets = Vec::with_capacity(s.targets.len());
+        for (k, t) in s.targets.into_iter().enumerate() {
+            match t.cidr.parse() {
+                Ok(cidr) => targets.push(crate::target::TargetConfig {
+                    cidr,
+                    version: t.version,
+                }),
+                Err(e) => p.push(format!("{at}: target[{k}]: cidr: {e}")),
+            }
+        }
         services.push(ServiceConfig {
             name: s.name,
             vip: vip.unwrap_or(placeholder),
@@ -1109,6 +1163,7 @@ fn convert(raw: RawConfig, p: &mut Problems, bad: &mut Unparsed) -> Config {
             connect_timeout_ms,
             analysis,
             rollout: s.rollout,
+            targets,
             read_only: s.read_only.unwrap_or(false),
             shadow: s.shadow.map(|r| ShadowConfig {
                 version: r.version,
@@ -1247,6 +1302,7 @@ fn check(c: &Config, bad: &Unparsed, out: &mut Problems) {
     }
     let mut total_backends = 0usize;
     let mut total_versions = 0usize;
+    let mut total_targets = 0usize;
     for (i, s) in c.services.iter().enumerate() {
         out.section = i + 1;
         let at = format!("service[{i}] {:?}", s.name);
@@ -1302,6 +1358,10 @@ fn check(c: &Config, bad: &Unparsed, out: &mut Problems) {
         if let Some(a) = &s.analysis {
             analysis_problems(a, &format!("{at}: analysis"), out);
         }
+        for problem in s.target_problems() {
+            out.push(format!("{at}: {problem}"));
+        }
+        total_targets += s.targets.len();
         if s.versions.len() > MAX_VERSIONS {
             out.push(format!(
                 "{svc}: {} versions; at most {MAX_VERSIONS} are supported",
@@ -1379,6 +1439,12 @@ fn check(c: &Config, bad: &Unparsed, out: &mut Problems) {
     if total_versions > MAX_TOTAL_VERSIONS {
         out.push(format!(
             "{total_versions} versions configured over all services; at most {MAX_TOTAL_VERSIONS} are supported"
+        ));
+    }
+    if total_targets > splitter_common::MAX_TARGETS as usize {
+        out.push(format!(
+            "{total_targets} target rules configured over all services; at most {} are supported",
+            splitter_common::MAX_TARGETS
         ));
     }
     if total_backends > MAX_BACKENDS as usize {
@@ -1750,6 +1816,7 @@ backends = ["10.0.3.1:8443"]
                 connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT_MS,
                 analysis: None,
                 rollout: None,
+                targets: Vec::new(),
                 read_only: false,
                 shadow: None,
                 versions: vec![

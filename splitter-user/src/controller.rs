@@ -185,6 +185,11 @@ impl Controller {
                     v.weight = rv.weight;
                 }
             }
+            crate::rollout::book::keep_rollout_targets(
+                &mut file_with_running_weights,
+                running,
+                book,
+            );
             if r.phase.is_running() && file_with_running_weights != *running {
                 return Err(ControllerError::Invalid(format!(
                     "reload refused, nothing changed: the file changes service {service}, which has a rollout in progress ({} -> {}); let it finish or end it first (`splitter rollout abort {service}`)",
@@ -773,7 +778,14 @@ impl Controller {
         let internal = |e: String| ControllerError::Internal(e);
         let thresholds =
             table::version_thresholds(&weights).map_err(|e| internal(e.to_string()))?;
-        let vi = table::pick_version(&thresholds, weights.len(), version_hash(h));
+        // A published rule (the effective config's) decides first.
+        let published = effective::published_targets(svc, &self.overlay);
+        let rule = crate::target::longest_match(&published, *client.ip()).cloned();
+        let by_weight = table::pick_version(&thresholds, weights.len(), version_hash(h));
+        let vi = rule
+            .as_ref()
+            .and_then(|r| svc.versions.iter().position(|v| v.name == r.version))
+            .unwrap_or(by_weight);
         let version = svc
             .versions
             .get(vi)
@@ -808,13 +820,17 @@ impl Controller {
             })
             .map(|b| b.address.to_string())
             .unwrap_or_else(|| "none".into());
-        let lo = if vi == 0 { 0 } else { thresholds[vi - 1] };
-        let why = format!(
+        let lo = if by_weight == 0 {
+            0
+        } else {
+            thresholds[by_weight - 1]
+        };
+        let weighed = format!(
             "{} hash {h:#010x}; version hash {:#010x} falls in {}'s range [{lo:#x}, {:#x}) of the weights {}; Maglev slot {} of that version",
             if by_ip { "client-ip" } else { "5-tuple" },
             version_hash(h),
-            version.name,
-            thresholds[vi],
+            svc.versions[by_weight].name,
+            thresholds[by_weight],
             svc.versions
                 .iter()
                 .map(|v| format!("{}={}", v.name, v.weight))
@@ -822,6 +838,17 @@ impl Controller {
                 .join(" "),
             h % splitter_common::MAGLEV_SIZE,
         );
+        let why = match &rule {
+            Some(r) => format!(
+                "source rule {} -> {} (the longest prefix holding {}) decides the version, not the weights; {} hash {h:#010x}, Maglev slot {} of that version",
+                r.cidr,
+                r.version,
+                client.ip(),
+                if by_ip { "client-ip" } else { "5-tuple" },
+                h % splitter_common::MAGLEV_SIZE,
+            ),
+            None => weighed,
+        };
         let conn = self
             .dataplane
             .conn(client, svc.vip, key.proto)
@@ -862,6 +889,7 @@ impl Controller {
             new_flow_version: version.name.clone(),
             new_flow_backend: backend,
             why,
+            target: rule.map(|r| format!("{} -> {}", r.cidr, r.version)),
             connection,
         })
     }
@@ -1028,8 +1056,28 @@ impl Controller {
             affinity: svc.affinity.to_string(),
             versions,
             drops,
+            targets: self.targets_of(svc),
             shadow,
         })
+    }
+}
+
+impl Controller {
+    /// The rules of `svc`, longest prefix first, each marked active when
+    /// its version has a backend that takes new flows now (the health
+    /// verdicts applied).
+    fn targets_of(&self, svc: &ServiceConfig) -> Vec<crate::report::TargetReport> {
+        let published = effective::published_targets(svc, &self.overlay);
+        let mut rules: Vec<_> = svc.targets.iter().collect();
+        rules.sort_by_key(|t| (std::cmp::Reverse(t.cidr.len), t.cidr));
+        rules
+            .into_iter()
+            .map(|t| crate::report::TargetReport {
+                cidr: t.cidr.to_string(),
+                version: t.version.clone(),
+                active: published.contains(t),
+            })
+            .collect()
     }
 }
 

@@ -31,7 +31,10 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray},
+    maps::{
+        Array, HashMap, MapData, PerCpuArray,
+        lpm_trie::{Key as LpmKey, LpmTrie},
+    },
     programs::{
         SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
@@ -43,8 +46,8 @@ use splitter_common::{
     ADDR_FILTER_DST, ADDR_FILTER_SRC, ADDR_FILTER_WORDS, BACKEND_F_DISABLED, BACKEND_F_PRESENT,
     Backend, BackendSignals, BackendStats, CONN_CAPACITY, CONN_F_REVERSE, Conn, FAMILY_V4, FlowKey,
     MAX_BACKENDS, MAX_CONN_CAPACITY, MAX_TABLES, MAX_VERSIONS, MaglevTable, PROTO_TCP, PROTO_UDP,
-    SVC_F_CLIENT_IP, SVC_F_SHADOW, SVC_F_SNAT, Service, ServiceKey, Shadow, VipKey,
-    addr_filter_bit, counter, map, service_drop,
+    SVC_F_CLIENT_IP, SVC_F_SHADOW, SVC_F_SNAT, SVC_F_TARGETS, Service, ServiceKey, Shadow,
+    TargetKey, VipKey, addr_filter_bit, counter, map, service_drop, target_prefix_len,
 };
 use tracing::{info, warn};
 
@@ -57,6 +60,7 @@ use crate::{
     signals::Counters,
     state::{Layout, LayoutBackend, LayoutService},
     table::{self, MaglevBackend},
+    target::Cidr,
 };
 
 /// Timeouts counted by the sweep per backend id (see
@@ -269,6 +273,10 @@ pub struct Dataplane {
     shadows: Array<MapData, Shadow>,
     /// What `addr_filter` holds, so that a publish writes only new bits.
     filter_words: Vec<u64>,
+    targets: LpmTrie<MapData, TargetKey, u32>,
+    /// What `targets` holds: (service id, network) -> global version id.
+    /// Read from the map on load (a restart takes over pinned rules).
+    targets_written: BTreeMap<(u32, Cidr), u32>,
     live: BTreeMap<String, LiveService>,
     /// Backend ids by (service, version, address).
     backend_ids: BTreeMap<(String, String, SocketAddrV4), u32>,
@@ -451,6 +459,13 @@ impl Dataplane {
                     .map_err(map_err(map::ADDR_FILTER))?;
             }
         }
+        let targets: LpmTrie<MapData, TargetKey, u32> =
+            take(&mut ebpf, map::TARGETS, LpmTrie::try_from)?;
+        let targets_written = targets
+            .iter()
+            .filter_map(|e| e.ok())
+            .filter_map(|(k, v)| Some((decode_target_key(&k)?, v)))
+            .collect();
         let filter_words = (0..2 * ADDR_FILTER_WORDS)
             .map(|i| addr_filter.get(&i, 0))
             .collect::<std::result::Result<Vec<u64>, _>>()
@@ -470,6 +485,8 @@ impl Dataplane {
             addr_filter,
             shadows,
             filter_words,
+            targets,
+            targets_written,
             live: BTreeMap::new(),
             backend_ids: BTreeMap::new(),
             backend_written: BTreeMap::new(),
@@ -799,6 +816,11 @@ impl Dataplane {
         for k in vips {
             let _ = self.vips.remove(&k);
         }
+        // Their ids are handed out afresh: no rule may stay behind.
+        let rules: Vec<(u32, Cidr)> = self.targets_written.keys().copied().collect();
+        for k in rules {
+            self.target_remove(k)?;
+        }
         Ok(())
     }
 
@@ -847,7 +869,37 @@ impl Dataplane {
         for name in gone {
             self.remove_service(&name)?;
         }
+        // Rules an earlier instance left for services no longer published.
+        let live_ids: BTreeSet<u32> = self.live.values().map(|l| l.id).collect();
+        let orphans: Vec<(u32, Cidr)> = self
+            .targets_written
+            .keys()
+            .filter(|(id, _)| !live_ids.contains(id))
+            .copied()
+            .collect();
+        for k in orphans {
+            self.target_remove(k)?;
+        }
         Ok(())
+    }
+
+    /// Removes one rule from `TARGETS` (a missing one is fine).
+    fn target_remove(&mut self, (id, cidr): (u32, Cidr)) -> Result<()> {
+        match self.targets.remove(&target_key(id, cidr)) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(e) => return Err(map_err(map::TARGETS)(e)),
+        }
+        self.targets_written.remove(&(id, cidr));
+        Ok(())
+    }
+
+    /// The rules in `TARGETS` now: (service id, network, global version
+    /// id), for tests and `splitter status`.
+    pub fn target_entries(&self) -> Vec<(u32, Cidr, u32)> {
+        self.targets_written
+            .iter()
+            .map(|((id, c), v)| (*id, *c, *v))
+            .collect()
     }
 
     fn publish_service(&mut self, svc: &ServiceConfig, snat: Option<Ipv4Addr>) -> Result<()> {
@@ -996,6 +1048,26 @@ impl Dataplane {
             entry.versions[i] = live_ver.id;
             versions.insert(ver.name.clone(), live_ver);
         }
+        // Source-CIDR rules: written before the service entry that flags
+        // them, removed after it (a rule the entry does not flag, or one
+        // that names a version the entry lacks, is never used).
+        let mut wanted_targets = BTreeMap::new();
+        for t in &svc.targets {
+            if let Some(v) = versions.get(&t.version) {
+                wanted_targets.insert((id, t.cidr), v.id);
+            }
+        }
+        for (k, vid) in &wanted_targets {
+            if self.targets_written.get(k) != Some(vid) {
+                self.targets
+                    .insert(&target_key(k.0, k.1), *vid, 0)
+                    .map_err(map_err(map::TARGETS))?;
+                self.targets_written.insert(*k, *vid);
+            }
+        }
+        if !wanted_targets.is_empty() {
+            entry.flags |= SVC_F_TARGETS;
+        }
         // The shadow entry before the service entry that flags it: a
         // mirrored service's first datagram finds where its copy goes.
         let shadow = match &svc.shadow {
@@ -1029,6 +1101,15 @@ impl Dataplane {
         self.vips
             .insert(vip_key(&key), 1, 0)
             .map_err(map_err(map::VIPS))?;
+        let stale_targets: Vec<(u32, Cidr)> = self
+            .targets_written
+            .keys()
+            .filter(|k| k.0 == id && !wanted_targets.contains_key(*k))
+            .copied()
+            .collect();
+        for k in stale_targets {
+            self.target_remove(k)?;
+        }
         // Versions and backends that left the service.
         for (name, old) in &old_versions {
             if !versions.contains_key(name) {
@@ -1060,6 +1141,16 @@ impl Dataplane {
         match self.services.remove(&live.key) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
             Err(e) => return Err(map_err(map::SERVICES)(e)),
+        }
+        // Its rules go with it: the id is handed to the next new service.
+        let rules: Vec<(u32, Cidr)> = self
+            .targets_written
+            .keys()
+            .filter(|k| k.0 == live.id)
+            .copied()
+            .collect();
+        for k in rules {
+            self.target_remove(k)?;
         }
         let vip_still_used = self.live.values().any(|l| l.key.addr == live.key.addr);
         if !vip_still_used {
@@ -1192,23 +1283,14 @@ impl Dataplane {
         else {
             return Ok(Counters::default());
         };
-        let stats = self.backend_stats(service, version, addr)?;
-        let per_cpu = self
+        let stats = self.stats_of(id)?;
+        let sig = self
             .backend_signals
             .get(&id, 0)
-            .map_err(map_err(map::BACKEND_SIGNALS))?;
-        let sig = per_cpu
+            .map_err(map_err(map::BACKEND_SIGNALS))?
             .iter()
             .fold(BackendSignals::default(), |mut acc, s| {
-                acc.established += s.established;
-                acc.refused += s.refused;
-                acc.timeouts += s.timeouts;
-                acc.reset_by_backend += s.reset_by_backend;
-                acc.reset_by_client += s.reset_by_client;
-                acc.latency_sum_us += s.latency_sum_us;
-                for (a, b) in acc.latency.iter_mut().zip(s.latency) {
-                    *a += b;
-                }
+                acc.add(s);
                 acc
             });
         let swept = self
@@ -1230,24 +1312,26 @@ impl Dataplane {
         version: &str,
         addr: SocketAddrV4,
     ) -> Result<BackendStats> {
-        let Some(id) = self
+        match self
             .backend_ids
             .get(&(service.to_string(), version.to_string(), addr))
-        else {
-            return Ok(BackendStats::default());
-        };
-        let per_cpu = self
+        {
+            Some(&id) => self.stats_of(id),
+            None => Ok(BackendStats::default()),
+        }
+    }
+
+    /// `BACKEND_STATS` of backend `id`, summed over CPUs.
+    fn stats_of(&self, id: u32) -> Result<BackendStats> {
+        Ok(self
             .backend_stats
-            .get(id, 0)
-            .map_err(map_err(map::BACKEND_STATS))?;
-        Ok(per_cpu.iter().fold(BackendStats::default(), |mut acc, s| {
-            acc.packets += s.packets;
-            acc.bytes += s.bytes;
-            acc.new_flows += s.new_flows;
-            acc.reply_packets += s.reply_packets;
-            acc.reply_bytes += s.reply_bytes;
-            acc
-        }))
+            .get(&id, 0)
+            .map_err(map_err(map::BACKEND_STATS))?
+            .iter()
+            .fold(BackendStats::default(), |mut acc, s| {
+                acc.add(s);
+                acc
+            }))
     }
 
     /// Global counters (drops by reason and outcomes), by name.
@@ -1666,6 +1750,30 @@ pub fn service_key(svc: &ServiceConfig) -> ServiceKey {
         },
         family: FAMILY_V4,
     }
+}
+
+/// The `TARGETS` key of a rule of service `id`.
+pub fn target_key(id: u32, cidr: Cidr) -> LpmKey<TargetKey> {
+    LpmKey::new(
+        target_prefix_len(u32::from(cidr.len)),
+        TargetKey {
+            service: id.to_be(),
+            addr: [u32::from(cidr.addr).to_be(), 0, 0, 0],
+        },
+    )
+}
+
+/// The rule a `TARGETS` key holds, if it is one this build writes.
+fn decode_target_key(k: &LpmKey<TargetKey>) -> Option<(u32, Cidr)> {
+    let data = k.data();
+    let len = k.prefix_len().checked_sub(32).filter(|l| *l <= 32)?;
+    Some((
+        u32::from_be(data.service),
+        Cidr {
+            addr: Ipv4Addr::from(u32::from_be(data.addr[0])),
+            len: len as u8,
+        },
+    ))
 }
 
 fn vip_key(key: &ServiceKey) -> VipKey {

@@ -232,6 +232,7 @@ pub fn add_service(c: &Config, spec: &ServiceSpec) -> Result<(Config, String), E
         connect_timeout_ms: crate::config::DEFAULT_CONNECT_TIMEOUT_MS,
         analysis: None,
         rollout: None,
+        targets: Vec::new(),
         read_only: false,
         shadow: None,
     });
@@ -250,6 +251,143 @@ pub fn remove_service(c: &Config, name: &str) -> Result<(Config, String), EditEr
     service_mut(&mut next, name)?;
     next.services.retain(|s| s.name != name);
     Ok((validated(next)?, format!("removed service {name}")))
+}
+
+/// `POST /v1/services/{service}/targets`: a new source-CIDR rule.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TargetSpec {
+    /// Client network, like `10.0.1.96/28` (a bare address is a /32).
+    pub cidr: String,
+    /// Version its clients' new flows go to.
+    pub version: String,
+}
+
+/// Adds a source-CIDR rule (see [`crate::target`]): new flows from the
+/// network go to the version; established flows stay where they are.
+///
+/// # Errors
+/// Unknown service, a bad network, or a rule [`crate::target::problems`]
+/// refuses (unknown version, one without an active backend, a network
+/// given twice, a redundant nested rule).
+pub fn add_target(
+    c: &Config,
+    service: &str,
+    spec: &TargetSpec,
+) -> Result<(Config, String), EditError> {
+    let cidr: crate::target::Cidr = spec
+        .cidr
+        .parse()
+        .map_err(|e: String| EditError::Invalid(format!("cidr: {e}")))?;
+    let mut next = c.clone();
+    let s = service_mut(&mut next, service)?;
+    if let Some(old) = s.targets.iter().find(|t| t.cidr == cidr) {
+        return Err(EditError::Invalid(format!(
+            "service {service:?} already has a rule for {cidr} (-> {}); remove it first (`splitter target remove {service} {cidr}`)",
+            old.version
+        )));
+    }
+    s.targets.push(crate::target::TargetConfig {
+        cidr,
+        version: spec.version.clone(),
+    });
+    let problems = s.target_problems();
+    if !problems.is_empty() {
+        return Err(EditError::Invalid(problems.join("; ")));
+    }
+    let what = format!("target {cidr} -> {} on {service}", spec.version);
+    Ok((validated(next)?, what))
+}
+
+/// Makes every network of `cidrs` a rule of `service` to `version` (the
+/// rules a rollout's `targets` step owns); rules already so are left alone.
+///
+/// # Errors
+/// Unknown service, or a result that fails validation.
+pub fn set_rollout_targets(
+    c: &Config,
+    service: &str,
+    version: &str,
+    cidrs: &[crate::target::Cidr],
+) -> Result<(Config, String), EditError> {
+    let mut next = c.clone();
+    let s = service_mut(&mut next, service)?;
+    for cidr in cidrs {
+        s.targets.retain(|t| t.cidr != *cidr);
+        s.targets.push(crate::target::TargetConfig {
+            cidr: *cidr,
+            version: version.to_string(),
+        });
+    }
+    let what = format!(
+        "rollout targets of {service}: {} -> {version}",
+        cidrs
+            .iter()
+            .map(|c| c.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok((validated(next)?, what))
+}
+
+/// Removes the rules for `cidrs` from `service` (a rollout's, when it
+/// ends); networks with no rule are skipped.
+///
+/// # Errors
+/// Unknown service, or a result that fails validation.
+pub fn clear_rollout_targets(
+    c: &Config,
+    service: &str,
+    cidrs: &[crate::target::Cidr],
+) -> Result<(Config, String), EditError> {
+    let mut next = c.clone();
+    let s = service_mut(&mut next, service)?;
+    s.targets.retain(|t| !cidrs.contains(&t.cidr));
+    let what = format!(
+        "rollout targets of {service} removed: {}",
+        cidrs
+            .iter()
+            .map(|c| c.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok((validated(next)?, what))
+}
+
+/// Removes the source-CIDR rule for exactly `cidr`.
+///
+/// # Errors
+/// Unknown service, a bad network, or no rule for it.
+pub fn remove_target(c: &Config, service: &str, cidr: &str) -> Result<(Config, String), EditError> {
+    let cidr: crate::target::Cidr = cidr
+        .parse()
+        .map_err(|e: String| EditError::Invalid(format!("cidr: {e}")))?;
+    let mut next = c.clone();
+    let s = service_mut(&mut next, service)?;
+    let Some(i) = s.targets.iter().position(|t| t.cidr == cidr) else {
+        let known = names(
+            s.targets
+                .iter()
+                .map(|t| t.cidr.to_string())
+                .collect::<Vec<_>>()
+                .iter()
+                .map(String::as_str),
+        );
+        return Err(EditError::NotFound(format!(
+            "service {service:?} has no rule for {cidr}; its rules are: {known}"
+        )));
+    };
+    let old = s.targets.remove(i);
+    let problems = s.target_problems();
+    if !problems.is_empty() {
+        // Removing a carve-out can make a rule inside it redundant.
+        return Err(EditError::Invalid(format!(
+            "service {service:?}: removing {cidr} would leave: {}; remove those rules first",
+            problems.join("; ")
+        )));
+    }
+    let what = format!("removed target {cidr} -> {} from {service}", old.version);
+    Ok((validated(next)?, what))
 }
 
 /// Adds a version to a service.

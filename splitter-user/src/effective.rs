@@ -1,7 +1,7 @@
 //! What the data plane is asked to publish: one pure function of the
 //! running configuration and the overlays the controller keeps beside it
 //! (health verdicts; a rollout's preview addresses and slow-start ramps;
-//! targeting later). No I/O: the controller calls [`effective`] before
+//! source-CIDR rules whose version has no backend up are left out). No I/O: the controller calls [`effective`] before
 //! every publish, and tests call it directly.
 //!
 //! Rollouts change weights through the same edits as the CLI, so their
@@ -12,12 +12,33 @@ use std::{
     net::SocketAddrV4,
 };
 
-use crate::config::{BackendState, Config, VersionConfig};
+use crate::{
+    config::{BackendState, Config, ServiceConfig, VersionConfig},
+    target::TargetConfig,
+};
 
 /// The name a preview service is published under: `SERVICE~preview` (`~`
 /// is not allowed in configured names, so it never collides).
 pub fn preview_name(service: &str) -> String {
     format!("{service}~preview")
+}
+
+/// The source-CIDR rules of `svc` the data plane gets: those whose version
+/// has a backend up to take new flows. A rule whose version has none is
+/// left out, so its clients get the weights' choice rather than the
+/// fail-open of [`effective`] sending them to backends known to be down.
+pub fn published_targets(svc: &ServiceConfig, overlay: &Overlay) -> Vec<TargetConfig> {
+    let up = |v: &VersionConfig| {
+        v.backends.iter().any(|b| {
+            b.state == BackendState::Active
+                && !overlay.down.contains(&(svc.name.clone(), b.address))
+        })
+    };
+    svc.targets
+        .iter()
+        .filter(|t| svc.versions.iter().any(|v| v.name == t.version && up(v)))
+        .cloned()
+        .collect()
 }
 
 /// What the controller knows beside the configuration and applies over
@@ -68,12 +89,17 @@ pub fn effective(config: &Config, overlay: &Overlay) -> Config {
         preview.name = preview_name(service);
         preview.vip = *vip;
         preview.health = None;
+        // One version: nothing for a rule to choose.
+        preview.targets = Vec::new();
         preview.versions = vec![VersionConfig {
             name: v.name.clone(),
             weight: 1,
             backends: v.backends.clone(),
         }];
         out.services.push(preview);
+    }
+    for svc in &mut out.services {
+        svc.targets = published_targets(svc, overlay);
     }
     if overlay.down.is_empty() {
         return out;

@@ -12,6 +12,8 @@
 //!   history and windows, the external metric, and the pure analysis.
 //! - [`rollout`]: the rollout engine's pure core: the rollout spec and the
 //!   state machine `(state, event) -> (state, actions)` (no I/O, no clock).
+//! - [`target`]: source-CIDR targeting rules: parsing, validation and the
+//!   longest-prefix match (pure).
 //! - [`table`]: weight math and the Maglev table builder (pure, property-tested).
 //! - [`dataplane`]: loads and attaches the kernel program and writes its maps.
 //! - [`hook`]: operator commands run on events, bounded by a timeout.
@@ -53,3 +55,4 @@ pub mod signals;
 pub mod state;
 pub mod systemd;
 pub mod table;
+pub mod target;

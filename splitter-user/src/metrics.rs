@@ -48,7 +48,7 @@ use std::{convert::Infallible, fmt, future::Future, sync::Arc, time::Duration};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::service_fn};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioTimer;
 use prometheus_client::{
     collector::Collector,
     encoding::{
@@ -562,7 +562,8 @@ type Shared = Arc<std::sync::Mutex<Controller>>;
 /// Serves `GET /metrics` on `listener` until `shutdown` resolves; then
 /// closes the listener and ends every open connection before returning.
 /// Other paths answer 404, other methods on `/metrics` 405. Connections
-/// are held to [`HEADER_TIMEOUT`] and [`MAX_CONNECTIONS`] at once.
+/// are held to [`HEADER_TIMEOUT`], to the API's write timeout (answers
+/// nobody reads) and to [`MAX_CONNECTIONS`] at once.
 pub async fn serve(listener: TcpListener, controller: Shared, shutdown: impl Future<Output = ()>) {
     tokio::pin!(shutdown);
     let mut connections = JoinSet::new();
@@ -593,7 +594,7 @@ pub async fn serve(listener: TcpListener, controller: Shared, shutdown: impl Fut
             if let Err(e) = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), svc)
+                .serve_connection(crate::api::write_bounded(stream), svc)
                 .await
             {
                 debug!(error = %e, "metrics connection ended with an error");
@@ -774,6 +775,7 @@ mod tests {
                 affinity: "flow".into(),
                 versions: vec![blue, green],
                 drops: BTreeMap::from([("no_backend".to_string(), 0), ("no_flow".to_string(), 2)]),
+                targets: vec![],
                 shadow: None,
             }],
             counters: BTreeMap::from([

@@ -14,8 +14,8 @@ use std::{
 
 use splitter_common::{
     ADDR_FILTER_WORDS, Backend, BackendSignals, BackendStats, CONN_CAPACITY, Conn, FlowKey,
-    MAX_BACKENDS, MAX_SERVICES, MAX_TABLES, MaglevTable, Service, ServiceKey, Shadow, VipKey,
-    counter, map,
+    MAX_BACKENDS, MAX_SERVICES, MAX_TABLES, MAX_TARGETS, MaglevTable, Service, ServiceKey, Shadow,
+    TargetKey, VipKey, counter, map,
 };
 
 /// `statfs` magic of bpffs.
@@ -96,14 +96,15 @@ const SHAPE: [&str; 4] = [
 /// Every map with the key size, value size, capacity and kernel map type
 /// (`bpf_map_type`) this build uses ([`SHAPE`]), with the default
 /// connection-table capacity (what the object file declares).
-pub fn expected_maps() -> [(&'static str, [u32; 4]); 12] {
+pub fn expected_maps() -> [(&'static str, [u32; 4]); 13] {
     expected_maps_for(CONN_CAPACITY)
 }
 
 /// [`expected_maps`] with a connection table of `conn_capacity` entries.
-pub fn expected_maps_for(conn_capacity: u32) -> [(&'static str, [u32; 4]); 12] {
+pub fn expected_maps_for(conn_capacity: u32) -> [(&'static str, [u32; 4]); 13] {
     use aya_obj::generated::bpf_map_type::{
-        BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_LRU_HASH, BPF_MAP_TYPE_PERCPU_ARRAY,
+        BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_LPM_TRIE, BPF_MAP_TYPE_LRU_HASH,
+        BPF_MAP_TYPE_PERCPU_ARRAY,
     };
     let s = |n: usize| n as u32;
     let (hash, array, lru_hash, percpu_array) = (
@@ -164,6 +165,16 @@ pub fn expected_maps_for(conn_capacity: u32) -> [(&'static str, [u32; 4]); 12] {
             ],
         ),
         (map::ADDR_FILTER, [4, 8, 2 * ADDR_FILTER_WORDS, array]),
+        (
+            map::TARGETS,
+            [
+                // The trie's key: a u32 prefix length, then the data.
+                s(4 + size_of::<TargetKey>()),
+                4,
+                MAX_TARGETS,
+                BPF_MAP_TYPE_LPM_TRIE as u32,
+            ],
+        ),
         (
             map::SHADOWS,
             [4, s(size_of::<Shadow>()), MAX_SERVICES, array],

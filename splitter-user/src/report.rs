@@ -100,9 +100,25 @@ pub struct ServiceReport {
     /// `snat_exhausted`, `conn_table`, `backend_disabled`).
     #[serde(default)]
     pub drops: BTreeMap<String, u64>,
+    /// Source-CIDR rules, longest prefix first (`[[service.target]]`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub targets: Vec<TargetReport>,
     /// Mirroring to a shadow version (`None`: off).
     #[serde(default)]
     pub shadow: Option<ShadowReport>,
+}
+
+/// One source-CIDR rule of a service.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TargetReport {
+    /// Client network.
+    pub cidr: String,
+    /// Version its clients' new flows go to.
+    pub version: String,
+    /// Whether the version has a backend that takes new flows now (active
+    /// and not down by its health checks). An inactive rule is skipped by
+    /// the data plane: its clients get the weights' choice.
+    pub active: bool,
 }
 
 /// A service's mirroring and how its shadow answers, beside the stable
@@ -279,6 +295,10 @@ pub struct FlowReport {
     pub new_flow_backend: String,
     /// How the version and backend were chosen.
     pub why: String,
+    /// The source-CIDR rule that decides the version of a new flow from
+    /// this client (`CIDR -> VERSION`), if one does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
     /// The connection-table entry, if the flow is known to the edge: it
     /// decides, whatever the weights say now.
     pub connection: Option<ConnectionReport>,

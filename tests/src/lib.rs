@@ -22,6 +22,8 @@
 //!   that hands each backend to the test.
 //! - [`program`]: test builds of the kernel program (another tag; another
 //!   map layout) for the upgrade tests.
+//! - [`fuzz`]: the packet fuzzer's seeded frame generator and mutator, and
+//!   its oracle of documented behaviour (tests/fuzz.rs runs it).
 //!
 //! Everything that creates something (namespaces, processes, threads,
 //! sockets) is owned by a guard that removes it on `Drop`, so a failing or
@@ -34,6 +36,7 @@
 //! The tests in `tests/` need root; they are `#[ignore]`d for a plain
 //! `cargo test` and run one at a time by `cargo xtask test`.
 pub mod clients;
+pub mod fuzz;
 pub mod load;
 pub mod netns;
 pub mod program;

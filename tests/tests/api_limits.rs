@@ -3,7 +3,11 @@
 //! (10 s), a body that never comes is answered 408, connections past the
 //! bound (256) are refused with 503 while the daemon keeps answering
 //! ordinary requests, and an oversized body is answered 413 without
-//! changing the running config. Real daemon, raw Unix-socket clients.
+//! changing the running config; a client that pipelines requests and
+//! never reads the answers is cut off once a write stalls for 10 s; the
+//! metrics endpoint refuses scrape
+//! connections past its bound (64) with 503 and serves again once they
+//! close. Real daemon, raw Unix-socket and TCP clients.
 //!
 //! ```text
 //! cargo test -p splitter-tests --test api_limits -- --include-ignored --test-threads=1
@@ -278,6 +282,160 @@ fn an_oversized_body_is_413_and_changes_nothing() -> Result<()> {
     ensure!(
         before == after,
         "the running config changed:\n{before}\n{after}"
+    );
+    Ok(())
+}
+
+/// The metrics endpoint's bound on open connections.
+const MAX_METRICS_CONNECTIONS: usize = 64;
+/// Scrape connections opened to go past it.
+const METRICS_OVER: usize = 90;
+/// The default `[metrics] listen`.
+const METRICS_LISTEN: &str = "127.0.0.1:9470";
+
+#[test]
+#[ignore = "needs root: run with -- --include-ignored --test-threads=1"]
+fn metrics_connections_past_the_bound_get_503_and_scrapes_resume() -> Result<()> {
+    let topo = Topology::new(TopologyOptions::default())?;
+    let d = Daemon::start(
+        &topo.edge,
+        &blue_green_config(Mode::Snat, Affinity::Flow, 100, 0),
+    )?;
+    let addr: std::net::SocketAddr = METRICS_LISTEN.parse()?;
+    // Sockets made inside the edge namespace stay there.
+    let mut held = topo.edge.enter(|| -> Result<Vec<std::net::TcpStream>> {
+        (0..METRICS_OVER)
+            .map(|_| {
+                std::net::TcpStream::connect_timeout(&addr, READ_TIMEOUT)
+                    .context("connecting to the metrics endpoint")
+            })
+            .collect()
+    })??;
+    std::thread::sleep(Duration::from_millis(500));
+    let (mut admitted, mut refused) = (0, Vec::new());
+    for s in &mut held {
+        s.set_nonblocking(true)?;
+        let mut out = Vec::new();
+        let mut buf = [0u8; 1024];
+        let open = loop {
+            match s.read(&mut buf) {
+                Ok(0) => break false,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break true,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => break false,
+            }
+        };
+        if open {
+            ensure!(out.is_empty(), "an unasked answer: {out:?}");
+            admitted += 1;
+        } else {
+            refused.push(String::from_utf8_lossy(&out).into_owned());
+        }
+    }
+    ensure!(
+        admitted <= MAX_METRICS_CONNECTIONS
+            && refused.len() >= METRICS_OVER - MAX_METRICS_CONNECTIONS,
+        "{METRICS_OVER} connections: {admitted} kept open, {} refused (bound {MAX_METRICS_CONNECTIONS})",
+        refused.len()
+    );
+    let (code, body) = parse_answer(&refused[0])
+        .with_context(|| format!("a refused connection got {:?}", refused[0]))?;
+    ensure!(
+        code == 503 && body.contains("too many metrics connections"),
+        "a refused scrape connection got {code}: {body}"
+    );
+    // The API is another listener: it answers meanwhile.
+    ensure!(
+        d.status_json()?["services"][0]["name"] == "web",
+        "status while the metrics endpoint is full"
+    );
+
+    // Once they close, a scrape goes through (bounded wait).
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let scraped = topo.edge.enter(|| -> Result<String> {
+            let mut s = std::net::TcpStream::connect_timeout(&addr, READ_TIMEOUT)?;
+            s.set_read_timeout(Some(READ_TIMEOUT))?;
+            write!(
+                s,
+                "GET /metrics HTTP/1.1\r\nHost: splitter\r\nConnection: close\r\n\r\n"
+            )?;
+            let mut out = String::new();
+            s.read_to_string(&mut out)?;
+            Ok(out)
+        })?;
+        match scraped {
+            Ok(out) if out.starts_with("HTTP/1.1 200") && out.contains("splitter_") => break,
+            r if Instant::now() >= deadline => bail!("scrape after the burst: {r:?}"),
+            _ => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+    Ok(())
+}
+
+/// Requests pipelined on one connection whose answers the test never reads.
+const PIPELINED: usize = 5000;
+
+#[test]
+#[ignore = "needs root: run with -- --include-ignored --test-threads=1"]
+fn a_client_that_never_reads_its_answers_is_cut_off_after_the_write_timeout() -> Result<()> {
+    let topo = Topology::new(TopologyOptions::default())?;
+    let d = Daemon::start(
+        &topo.edge,
+        &blue_green_config(Mode::Snat, Affinity::Flow, 100, 0),
+    )?;
+    let mut s = UnixStream::connect(d.socket())?;
+    s.set_nonblocking(true)?;
+    let one = b"GET /v1/status HTTP/1.1\r\nHost: splitter\r\n\r\n";
+    let all: Vec<u8> = one.repeat(PIPELINED);
+    // Write what the socket takes (bounded in time): far more answers
+    // than the socket buffers hold, so the daemon's writes stall.
+    let mut written = 0;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while written < all.len() && Instant::now() < deadline {
+        match s.write(&all[written..]) {
+            Ok(n) => written += n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => bail!("writing pipelined requests: {e}"),
+        }
+    }
+    let requests = written / one.len();
+    ensure!(requests >= 1000, "only {requests} requests went out");
+    // The CLI is answered meanwhile: one stalled connection holds no lock.
+    ensure!(d.status_json()?["services"][0]["name"] == "web", "status");
+    std::thread::sleep(HEADER_TIMEOUT + Duration::from_secs(3));
+    // Now read: the daemon must have given up on this connection, so what
+    // is buffered ends in EOF well before every request is answered.
+    s.set_nonblocking(false)?;
+    s.set_read_timeout(Some(READ_TIMEOUT))?;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 65536];
+    let ended = loop {
+        match s.read(&mut buf) {
+            Ok(0) => break true,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::TimedOut => {
+                break false;
+            }
+            Err(_) => break true,
+        }
+    };
+    let answered = String::from_utf8_lossy(&got)
+        .matches("HTTP/1.1 200")
+        .count();
+    ensure!(
+        ended && answered < requests,
+        "a connection that never read was not cut off: {answered} of {requests} answered, EOF: {ended}"
+    );
+    ensure!(
+        d.status_json()?["services"][0]["name"] == "web",
+        "status after"
     );
     Ok(())
 }

@@ -7,11 +7,13 @@
 //!   no long-lived connection reset or moved;
 //! - a canary whose version refuses connections is rolled back on its own,
 //!   within two analysis intervals, with failed requests no more than the
-//!   canary's share of those made meanwhile, the stable version untouched;
+//!   canary's share of those made meanwhile, the stable version untouched,
+//!   and its notification hooks (`started`, `rolled_back`) run with the
+//!   documented environment;
 //! - with no traffic, the analysis is inconclusive and the rollout pauses
 //!   and says why; it never promotes;
 //! - `rollout status --watch` exits 0 on completion, 1 on rollback, 4 on
-//!   `--timeout`.
+//!   `--timeout`, 3 when its daemon goes away.
 //!
 //! Privileged, so `#[ignore]`d for a plain `cargo test`:
 //!
@@ -42,6 +44,11 @@ struct Setup {
 /// blue (serving) at weight 100, green (serving, or nothing listening when
 /// `green_up` is false) at 0.
 fn setup(green_up: bool) -> Result<Setup> {
+    setup_with(green_up, "")
+}
+
+/// [`setup`] with `extra` appended to the config (tables of the service).
+fn setup_with(green_up: bool, extra: &str) -> Result<Setup> {
     let topo = Topology::new(TopologyOptions::default())?;
     let blue = TcpIdentityServer::start(&topo.back, topo.backend(0)?, "blue")?;
     let green = if green_up {
@@ -53,10 +60,11 @@ fn setup(green_up: bool) -> Result<Setup> {
     } else {
         None
     };
-    let daemon = Daemon::start(
-        &topo.edge,
-        &blue_green_config(Mode::Snat, Affinity::Flow, 100, 0),
-    )?;
+    let config = format!(
+        "{}\n{extra}",
+        blue_green_config(Mode::Snat, Affinity::Flow, 100, 0)
+    );
+    let daemon = Daemon::start(&topo.edge, &config)?;
     Ok(Setup {
         topo,
         _blue: blue,
@@ -153,7 +161,23 @@ fn a_canary_to_a_healthy_version_completes_with_no_failed_request() -> Result<()
 #[test]
 #[ignore = "needs root: run with -- --include-ignored --test-threads=1"]
 fn a_canary_that_refuses_connections_is_rolled_back_on_its_own() -> Result<()> {
-    let s = setup(false)?;
+    // Notification hooks on `started` and `rolled_back` record their
+    // environment, as docs/deployments.md documents it.
+    let hooks = tempfile::tempdir()?;
+    let hook = |event: &str| {
+        format!(
+            "[[service.rollout.hooks]]\nevent = \"{event}\"\nargv = [\"/bin/sh\", \"-c\", \"env | grep ^SPLITTER_ | sort > {}/{event}.env\"]\ntimeout_ms = 5000\n",
+            hooks.path().display()
+        )
+    };
+    let s = setup_with(
+        false,
+        &format!(
+            "[service.rollout]\n{}{}",
+            hook("started"),
+            hook("rolled_back")
+        ),
+    )?;
     let long = LongLivedConn::start(&s.topo.cli, topology::vip(), TIMEOUT)?;
     let load = Load::start(&s.topo.cli, topology::vip(), 2)?;
     std::thread::sleep(Duration::from_millis(500));
@@ -226,6 +250,52 @@ fn a_canary_that_refuses_connections_is_rolled_back_on_its_own() -> Result<()> {
         report.failures.is_empty(),
         "long-lived connection: {report:?}"
     );
+    // Each hook ran once with the event's environment (bounded wait: hooks
+    // run on tasks of their own).
+    let read = |event: &str| -> Result<String> {
+        let path = hooks.path().join(format!("{event}.env"));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match std::fs::read_to_string(&path) {
+                Ok(t) if t.contains("SPLITTER_EVENT") => return Ok(t),
+                r if Instant::now() >= deadline => {
+                    anyhow::bail!(
+                        "the {event} hook wrote no environment ({r:?}); daemon log:\n{}",
+                        s.daemon.log()
+                    )
+                }
+                _ => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    };
+    let started = read("started")?;
+    for want in [
+        "SPLITTER_EVENT=started",
+        "SPLITTER_SERVICE=web",
+        "SPLITTER_FROM=blue",
+        "SPLITTER_TO=green",
+    ] {
+        ensure!(
+            started.contains(want),
+            "started hook env lacks {want}:\n{started}"
+        );
+    }
+    let rolled_back = read("rolled_back")?;
+    for want in [
+        "SPLITTER_EVENT=rolled_back",
+        "SPLITTER_SERVICE=web",
+        "SPLITTER_TARGET_PERCENT=0",
+        "SPLITTER_REASON=",
+    ] {
+        ensure!(
+            rolled_back.contains(want),
+            "rolled_back hook env lacks {want}:\n{rolled_back}"
+        );
+    }
+    ensure!(
+        rolled_back.contains("error rate"),
+        "the rolled_back hook's reason does not say why:\n{rolled_back}"
+    );
     Ok(())
 }
 
@@ -291,5 +361,44 @@ fn without_traffic_a_rollout_pauses_and_says_why_and_never_promotes() -> Result<
     );
     let out = s.daemon.cli(&["rollout", "status", "web", "--watch"])?;
     ensure!(out.status.code() == Some(1), "exit {:?}", out.status.code());
+
+    // A watch whose daemon goes away exits 3.
+    let mut s = s;
+    s.daemon.cli_ok(&[
+        "rollout",
+        "start",
+        "web",
+        "--to",
+        "green",
+        "--steps",
+        "50,100",
+        "--step-time",
+        "60s",
+    ])?;
+    let mut watch = std::process::Command::new(s.daemon.bin());
+    watch
+        .arg("--socket")
+        .arg(s.daemon.socket())
+        .args(["rollout", "status", "web", "--watch"]);
+    let watcher = std::thread::spawn(move || {
+        splitter_tests::netns::output_with_timeout(&mut watch, Duration::from_secs(20))
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    s.daemon.stop()?;
+    let out = watcher
+        .join()
+        .map_err(|_| anyhow::anyhow!("the watch thread panicked"))??;
+    ensure!(
+        out.status.code() == Some(3),
+        "a watch whose daemon stopped exited {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status.code(),
+        out.stdout,
+        out.stderr
+    );
+    ensure!(
+        out.stdout.contains("running"),
+        "the watch printed no running rollout before the daemon went away: {}",
+        out.stdout
+    );
     Ok(())
 }

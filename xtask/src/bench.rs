@@ -32,7 +32,10 @@
 //! sections ([`edge`], [`connrate`]) and prints them, writing nothing;
 //! `SPLITTER_BENCH_CONN_ONLY=1` only the connection rate ([`connrate::run`]),
 //! printed, nothing written; `SPLITTER_BENCH_PACKET_ONLY=1` only the
-//! per-packet section (and the Maglev builds), printed, nothing written. `SPLITTER_BENCH_CONN_CAPACITY=N` (with
+//! per-packet section (and the Maglev builds), printed, nothing written;
+//! `SPLITTER_BENCH_TARGETS=1` adds to the per-packet section SYNs and
+//! established packets under 10 and 10,000 source-CIDR rules (keep the
+//! rounds at 9 or fewer: each round adds 3 x 8192 flows to the table). `SPLITTER_BENCH_CONN_CAPACITY=N` (with
 //! `--no-write`) measures the per-packet section with an N-entry connection
 //! table instead of the default.
 //!
@@ -44,6 +47,8 @@
 mod edge_report;
 #[cfg_attr(not(feature = "bench"), allow(dead_code))]
 mod report;
+#[cfg_attr(not(feature = "bench"), allow(dead_code))]
+mod stats;
 
 #[cfg(feature = "bench")]
 mod bpf;

@@ -9,6 +9,8 @@
 //! - `test`: host tests, then the privileged tests one at a time, with a
 //!   summary.
 //! - `demo`: a blue/green switch through splitter in network namespaces.
+//! - `fuzz`: the packet fuzzer's million frames, then each cargo-fuzz
+//!   target (config, API bodies) for a bounded time.
 //! - `bench`: per-packet and control-plane figures, written to
 //!   `docs/benchmarks*` (never run by `test`; never fails for slowness).
 //! - `util`: workspace paths, cargo, running commands.
@@ -16,6 +18,7 @@ mod bench;
 mod build;
 mod demo;
 mod dist;
+mod fuzz;
 mod setup;
 mod test;
 mod util;
@@ -35,6 +38,8 @@ Examples:
   cargo xtask test -- --nocapture        # arguments after `--` go to the test binaries
   cargo xtask demo                       # blue/green switch in network namespaces
   cargo xtask demo --requests 200 --mode dnat
+  cargo xtask fuzz                       # 1M fuzzed frames (root), then each cargo-fuzz target 60 s
+  cargo xtask fuzz --frames 0 --seconds 300   # only the cargo-fuzz targets, 5 minutes each
   cargo xtask bench                      # per-packet cost, control plane; writes docs/benchmarks*
   cargo xtask bench --rounds 5 --no-write # quicker, print only";
 
@@ -101,6 +106,27 @@ enum Command {
         #[arg(long, env = "SPLITTER_BIN")]
         bin: Option<PathBuf>,
     },
+    /// Setup, then the fuzzers at full length: random, truncated and
+    /// mutated frames through the XDP program with BPF_PROG_TEST_RUN (root;
+    /// every action, counter and established flow checked against the
+    /// documented behaviour), then each cargo-fuzz target of fuzz/ (the TOML
+    /// config, every API request body) for --seconds, installing cargo-fuzz
+    /// if it is missing. Crashes go to fuzz/artifacts/<target>/; see
+    /// docs/testing.md for turning one into a regression test.
+    ///
+    /// Example: cargo xtask fuzz --seconds 300 --seed 42
+    Fuzz {
+        /// Frames for the packet fuzzer (0 skips it).
+        #[arg(long, default_value_t = 1_000_000)]
+        frames: u64,
+        /// Seed of the packet fuzzer (default: from the clock; printed, so a
+        /// failure can be replayed).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Seconds for each cargo-fuzz target (0 skips them).
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
     /// Setup, build, then measure (root): the XDP program's cost per packet
     /// through BPF_PROG_TEST_RUN beside reference programs, Maglev table
     /// builds, weight-change latency, map memory. Prints a table and writes
@@ -141,6 +167,15 @@ fn main() -> ExitCode {
             no_write,
         }),
         Command::Build => build::build().map(|_| true),
+        Command::Fuzz {
+            frames,
+            seed,
+            seconds,
+        } => fuzz::fuzz(&fuzz::FuzzOptions {
+            frames,
+            seed,
+            seconds,
+        }),
         Command::Dist => dist::dist().map(|_| true),
         Command::Test {
             host_only,

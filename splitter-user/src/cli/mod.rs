@@ -8,6 +8,7 @@ mod detach;
 mod edit;
 mod rollout;
 mod status;
+mod target;
 mod weights;
 
 use std::{path::PathBuf, process::ExitCode};
@@ -32,6 +33,8 @@ Examples:
   splitter backend add web blue 10.0.2.5:8080
   splitter version add web canary --backend 10.0.2.7:8080   # weight 0 until raised
   splitter service add api --vip 10.0.0.11:443 --version v1 --backend 10.0.2.9:8443
+  splitter target add web 10.0.1.96/28 green      # these clients' new flows go to green
+  splitter target list web
   splitter config check /etc/splitter/splitter.toml
   splitter flow 10.0.1.2:40000 --service web      # where a flow goes, and why
   splitter reload                                 # re-read the config file (or SIGHUP)
@@ -205,6 +208,10 @@ pub enum Command {
     /// Add, remove, reweight, drain or disable backends.
     #[command(subcommand)]
     Backend(edit::BackendCommand),
+    /// Source-CIDR targeting: send new flows from client networks to one
+    /// version, whatever the weights say (longest prefix wins).
+    #[command(subcommand)]
+    Target(target::TargetCommand),
     /// Mirror a share of a UDP service's traffic to a shadow version, or stop.
     #[command(subcommand)]
     Shadow(edit::ShadowCommand),
@@ -310,6 +317,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Rollout(c) => rollout::run(&cli.socket, c).await,
         Command::Version(c) => edit::version(&cli.socket, c).await,
         Command::Backend(c) => edit::backend(&cli.socket, c).await,
+        Command::Target(c) => target::run(&cli.socket, c).await,
         Command::Shadow(c) => edit::shadow(&cli.socket, c).await,
         Command::Config(ConfigCommand::Check { file }) => {
             match crate::config::Config::load(&file) {
@@ -378,6 +386,9 @@ async fn flow(
         "a new flow now: version {}, backend {}",
         r.new_flow_version, r.new_flow_backend
     );
+    if let Some(t) = &r.target {
+        println!("target rule: {t}");
+    }
     println!("why: {}", r.why);
     Ok(())
 }

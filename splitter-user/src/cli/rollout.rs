@@ -28,6 +28,7 @@ pub enum RolloutCommand {
     /// Examples:
     ///   splitter rollout start web --to green --watch
     ///   splitter rollout start web --to green --steps 10,50,100 --step-time 30s
+    ///   splitter rollout start web --to green --steps targets,5,10,25,50,100 --targets 10.0.1.96/28
     ///   splitter rollout start web --to green --strategy blue-green --preview 10.0.0.20:80
     ///   splitter rollout start web --to blue --strategy rolling --batch-size 1 --hook /usr/local/bin/deploy
     Start {
@@ -43,9 +44,16 @@ pub enum RolloutCommand {
         /// canary, blue-green or rolling (default: the service's).
         #[arg(long, value_parser = ["canary", "blue-green", "rolling"])]
         strategy: Option<String>,
-        /// Canary steps in percent of new flows, ending at 100.
-        #[arg(long, value_delimiter = ',', value_name = "PERCENT,...")]
-        steps: Option<Vec<u32>>,
+        /// Canary steps in percent of new flows, ending at 100. A first
+        /// step `targets` sends only the --targets networks to the new
+        /// version (everyone else stays on the old one at 0%); their rules
+        /// stay until the rollout ends.
+        #[arg(long, value_delimiter = ',', value_name = "[targets,]PERCENT,...", value_parser = parse_step)]
+        steps: Option<Vec<StepArg>>,
+        /// Client networks the `targets` step sends to the new version
+        /// (default: [service.rollout] targets).
+        #[arg(long, value_delimiter = ',', value_name = "CIDR,...")]
+        targets: Option<Vec<String>>,
         /// How long each canary step lasts (`30s`, `5m`); `0` waits for
         /// `splitter rollout promote` at every step.
         #[arg(long, value_parser = parse_duration_ms, value_name = "DURATION")]
@@ -180,6 +188,24 @@ pub enum RolloutCommand {
     },
 }
 
+/// One entry of `--steps`: a percent, or `targets`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepArg {
+    /// The "targets only" step.
+    Targets,
+    /// A share of new flows, in percent.
+    Percent(u32),
+}
+
+fn parse_step(s: &str) -> Result<StepArg, String> {
+    if s == "targets" {
+        return Ok(StepArg::Targets);
+    }
+    s.parse().map(StepArg::Percent).map_err(|_| {
+        format!("{s:?} is neither a percent nor `targets` (like targets,5,10,25,50,100)")
+    })
+}
+
 /// A duration (`30s`, `5m`, `500ms`; a bare number is seconds) in ms.
 fn parse_duration_ms(s: &str) -> Result<u64, String> {
     let d = match s.trim().parse::<u64>() {
@@ -200,6 +226,7 @@ pub async fn run(socket: &Path, cmd: RolloutCommand) -> Result<(), CliError> {
             from,
             strategy,
             steps,
+            targets,
             step_time,
             analysis_interval,
             no_analysis,
@@ -213,12 +240,33 @@ pub async fn run(socket: &Path, cmd: RolloutCommand) -> Result<(), CliError> {
             timeout,
             output,
         } => {
+            let targets_step = steps
+                .as_ref()
+                .is_some_and(|s| s.first() == Some(&StepArg::Targets))
+                .then_some(true);
+            if let Some(s) = &steps
+                && s.iter().skip(1).any(|a| *a == StepArg::Targets)
+            {
+                return Err(CliError::Usage(
+                    "--steps: `targets` can only be the first step (targets,5,10,25,50,100)".into(),
+                ));
+            }
+            let steps = steps.map(|s| {
+                s.iter()
+                    .filter_map(|a| match a {
+                        StepArg::Percent(p) => Some(*p),
+                        StepArg::Targets => None,
+                    })
+                    .collect()
+            });
             let req = StartRequest {
                 service: service.clone(),
                 to,
                 strategy,
                 from,
                 steps,
+                targets_step,
+                targets,
                 step_ms: step_time,
                 analysis_interval_ms: analysis_interval,
                 analysis: no_analysis.then_some(false),

@@ -275,5 +275,43 @@ pub fn render_services(services: &[ServiceReport]) -> String {
     if services.is_empty() {
         return "no services configured\n".into();
     }
-    align(rows)
+    let mut out = align(rows);
+    for s in services.iter().filter(|s| !s.targets.is_empty()) {
+        out.push_str(&target_line(s));
+    }
+    out
+}
+
+/// One line on a service's source-CIDR rules: how many, how many are
+/// inactive, and up to five of them (`splitter target list` shows all).
+fn target_line(s: &ServiceReport) -> String {
+    const SHOWN: usize = 5;
+    let inactive = s.targets.iter().filter(|t| !t.active).count();
+    let mut list: Vec<String> = s
+        .targets
+        .iter()
+        .take(SHOWN)
+        .map(|t| {
+            format!(
+                "{} -> {}{}",
+                t.cidr,
+                t.version,
+                if t.active { "" } else { " (inactive)" }
+            )
+        })
+        .collect();
+    if s.targets.len() > SHOWN {
+        list.push(format!("... (splitter target list {})", s.name));
+    }
+    format!(
+        "{}: {} target rule(s){}: {}\n",
+        s.name,
+        s.targets.len(),
+        if inactive > 0 {
+            format!(", {inactive} inactive")
+        } else {
+            String::new()
+        },
+        list.join(", ")
+    )
 }

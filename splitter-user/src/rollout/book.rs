@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, VecDeque};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    config::Config,
+    config::{Config, ServiceConfig},
     rollout::machine::{AnalysisScope, HistoryEntry, Rollout},
     signals::Window,
 };
@@ -42,6 +42,28 @@ pub struct Book {
     pub file_weights: Option<BTreeMap<String, u32>>,
 }
 
+/// Adds to `file` (a service as a config file has it) the source-CIDR
+/// rules a running rollout's `targets` step owns in `running`, so that a
+/// reload does not take them away mid-rollout. True if it added any.
+pub fn keep_rollout_targets(
+    file: &mut ServiceConfig,
+    running: &ServiceConfig,
+    book: &Book,
+) -> bool {
+    let r = &book.rollout;
+    if !r.phase.is_running() {
+        return false;
+    }
+    let mut kept = false;
+    for t in &running.targets {
+        if r.spec.targets.contains(&t.cidr) && !file.targets.iter().any(|f| f.cidr == t.cidr) {
+            file.targets.push(t.clone());
+            kept = true;
+        }
+    }
+    kept
+}
+
 /// Keeps in `next` (a config file being loaded) the weights that rollouts
 /// set in `running`, for every service whose weights in the file are still
 /// those the file had when its rollout started (or whose rollout is
@@ -60,6 +82,12 @@ pub fn supersede(
         let Some(file) = next.services.iter_mut().find(|s| &s.name == service) else {
             continue;
         };
+        if keep_rollout_targets(file, run, book) {
+            said.push(format!(
+                "kept the target rules of {service} that its running rollout ({} -> {}) owns",
+                book.rollout.spec.from, book.rollout.spec.to
+            ));
+        }
         let file_weights: BTreeMap<String, u32> = file
             .versions
             .iter()

@@ -60,6 +60,14 @@ pub struct StartRequest {
     /// Canary steps in percent (`5,10,25,50,100`).
     #[serde(default)]
     pub steps: Option<Vec<u32>>,
+    /// Canary: put a "targets only" step before the steps (the CLI's
+    /// `--steps targets,5,...`).
+    #[serde(default)]
+    pub targets_step: Option<bool>,
+    /// Client networks the targets step sends to the target version
+    /// (`["10.0.1.96/28"]`; default: `[service.rollout] targets`).
+    #[serde(default)]
+    pub targets: Option<Vec<String>>,
     /// How long each canary step lasts, ms (0: until promoted).
     #[serde(default)]
     pub step_ms: Option<u64>,
@@ -133,8 +141,20 @@ pub fn spec_for(c: &Controller, req: &StartRequest) -> Result<RolloutSpec, Contr
                     .map(|&weight_percent| Step {
                         weight_percent,
                         pause,
+                        targets: false,
                     })
                     .collect();
+            }
+            if req.targets_step == Some(true) && !steps.first().is_some_and(|s| s.targets) {
+                let pause = steps.first().map(|s| s.pause).unwrap_or_default();
+                steps.insert(
+                    0,
+                    Step {
+                        weight_percent: 0,
+                        pause,
+                        targets: true,
+                    },
+                );
             }
             if let Some(ms) = req.step_ms {
                 for s in steps.iter_mut() {
@@ -188,6 +208,15 @@ pub fn spec_for(c: &Controller, req: &StartRequest) -> Result<RolloutSpec, Contr
     };
     let mut spec = defaults.spec(&req.service, &from, &req.to);
     spec.strategy = strategy;
+    if let Some(list) = &req.targets {
+        spec.targets = list
+            .iter()
+            .map(|c| {
+                c.parse()
+                    .map_err(|e: String| invalid(format!("targets: {e}")))
+            })
+            .collect::<Result<_, _>>()?;
+    }
     if let Some(ms) = req.analysis_interval_ms {
         spec.analysis.interval_ms = ms;
     }
@@ -329,6 +358,12 @@ impl Controller {
                 } => {
                     self.rollout_weights(service, &stable, stable_percent, &target, target_percent)
                 }
+                Action::SetTargets { version, cidrs } => self
+                    .edit_by_rollout(|c| edit::set_rollout_targets(c, service, &version, &cidrs))
+                    .map(|_| ()),
+                Action::ClearTargets { cidrs } => self
+                    .edit_by_rollout(|c| edit::clear_rollout_targets(c, service, &cidrs))
+                    .map(|_| ()),
                 Action::SetPreview { vip, version } => {
                     self.overlay_mut()
                         .previews

@@ -12,7 +12,7 @@
 //! # let service = ServiceConfig { name: "web".into(), vip: "10.0.0.10:80".parse().unwrap(),
 //! #   protocol: Default::default(), affinity: Default::default(),
 //! #   versions: vec![v("blue", "10.0.2.1:80"), v("green", "10.0.3.1:80")],
-//! #   health: None, connect_timeout_ms: 1000, analysis: None, rollout: None,
+//! #   health: None, connect_timeout_ms: 1000, analysis: None, rollout: None, targets: vec![],
 //! #   read_only: false, shadow: None };
 //!
 //! let spec = RolloutDefaults::default().spec("web", "blue", "green");
@@ -97,6 +97,7 @@ use super::spec::{HookEvent, Pause, RolloutSpec, Strategy};
 use crate::{
     config::{BackendState, ServiceConfig},
     signals::analysis::{Figures, Verdict},
+    target::Cidr,
 };
 
 /// Most verdicts kept in [`Rollout::verdicts`]; older ones are dropped
@@ -593,6 +594,20 @@ pub enum Action {
         /// The version it reaches.
         version: String,
     },
+    /// Send new flows from these client networks to `version` (the
+    /// rollout's `targets` step; the rules stay until
+    /// [`Action::ClearTargets`]).
+    SetTargets {
+        /// The target version.
+        version: String,
+        /// The client networks.
+        cidrs: Vec<Cidr>,
+    },
+    /// Remove the rollout's rules again (it ended).
+    ClearTargets {
+        /// The client networks.
+        cidrs: Vec<Cidr>,
+    },
     /// Stop serving the preview address.
     ClearPreview {
         /// The address.
@@ -680,6 +695,8 @@ struct StepPlan {
     /// Whether its verdicts count (the blue-green preview's do not).
     analysed: bool,
     preview: Option<SocketAddrV4>,
+    /// A "targets only" step: the rollout's targets see the target.
+    targets: bool,
 }
 
 /// Applies `event` to `state`.
@@ -837,9 +854,9 @@ impl Rollout {
                     "completed (a rolling update keeps no old version to undo to)".to_string()
                 }
                 Some(until) if now_ms < *until => format!(
-                    "completed (the old version {:?} is kept for undo for {} ms more)",
+                    "completed (the old version {:?} is kept for undo for {} more)",
                     self.spec.from,
-                    until - now_ms
+                    remaining(until - now_ms)
                 ),
                 _ => format!(
                     "completed, and the old version {:?} is no longer kept (keep_old_ms = {} ran out), so it cannot be undone",
@@ -875,6 +892,7 @@ impl Rollout {
                     pause: s.pause,
                     analysed: true,
                     preview: None,
+                    targets: s.targets,
                 })
                 .collect(),
             Strategy::BlueGreen {
@@ -888,12 +906,14 @@ impl Rollout {
                     pause: auto_promote_after_ms.map_or(Pause::UntilPromoted, Pause::For),
                     analysed: false,
                     preview: *preview,
+                    targets: false,
                 },
                 StepPlan {
                     target_percent: 100,
                     pause: Pause::For(*post_switch_analysis_ms),
                     analysed: true,
                     preview: None,
+                    targets: false,
                 },
             ],
             Strategy::Rolling { .. } => Vec::new(),
@@ -913,6 +933,13 @@ impl Rollout {
 
     fn gate_open(&self, analysed: bool) -> bool {
         !(analysed && self.spec.analysis.enabled) || self.step_verdict == Some(VerdictKind::Pass)
+    }
+
+    /// The rules of the `targets` step, if the schedule has one (they
+    /// stay from that step, the first, until the rollout ends).
+    fn owned_targets(&self) -> Option<Vec<Cidr>> {
+        (self.spec.has_targets_step() && !self.spec.targets.is_empty())
+            .then(|| self.spec.targets.clone())
     }
 
     fn version_scope(&self) -> AnalysisScope {
@@ -973,6 +1000,14 @@ impl Rollout {
         };
         let previous = index.checked_sub(1).and_then(|i| steps.get(i));
         self.set_weights(Weights::target(plan.target_percent), out);
+        if plan.targets
+            && let Some(cidrs) = self.owned_targets()
+        {
+            out.push(Action::SetTargets {
+                version: self.spec.to.clone(),
+                cidrs,
+            });
+        }
         if let Some(vip) = previous.and_then(|p| p.preview) {
             out.push(Action::ClearPreview { vip });
         }
@@ -1069,6 +1104,10 @@ impl Rollout {
             if let Some(vip) = self.spec_steps().get(self.step).and_then(|s| s.preview) {
                 out.push(Action::ClearPreview { vip });
             }
+            // At 100% the rules choose nothing any more.
+            if let Some(cidrs) = self.owned_targets() {
+                out.push(Action::ClearTargets { cidrs });
+            }
         }
         if analysing {
             out.push(Action::StopAnalysis);
@@ -1107,6 +1146,9 @@ impl Rollout {
         let analysing = self.analysing();
         if self.rolling.is_none() {
             self.set_weights(Weights::target(0), out);
+            if let Some(cidrs) = self.owned_targets() {
+                out.push(Action::ClearTargets { cidrs });
+            }
             if let Some(vip) = self.spec_steps().get(self.step).and_then(|s| s.preview) {
                 out.push(Action::ClearPreview { vip });
             }
@@ -1371,6 +1413,12 @@ impl Rollout {
         match self.rolling.clone() {
             None => {
                 self.set_weights(self.weights, out);
+                if let Some(cidrs) = self.owned_targets() {
+                    out.push(Action::SetTargets {
+                        version: self.spec.to.clone(),
+                        cidrs,
+                    });
+                }
                 if let Some(vip) = self.spec_steps().get(self.step).and_then(|s| s.preview) {
                     out.push(Action::SetPreview {
                         vip,
@@ -1803,4 +1851,17 @@ fn list(backends: impl Iterator<Item = SocketAddrV4>) -> String {
 }
 
 #[cfg(test)]
+mod targets_tests;
+#[cfg(test)]
 mod tests;
+
+/// A time left, for people: `9m59s`, `42s` (whole seconds, rounded down;
+/// under a second reads `0s`).
+fn remaining(ms: u64) -> String {
+    let secs = ms / 1000;
+    if secs >= 60 {
+        format!("{}m{:02}s", secs / 60, secs % 60)
+    } else {
+        format!("{secs}s")
+    }
+}

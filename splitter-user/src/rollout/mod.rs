@@ -6,8 +6,10 @@
 //! # Layout
 //! - [`spec`]: [`spec::RolloutSpec`] (service, stable and target version,
 //!   strategy: canary steps, blue-green, rolling batches; analysis limits;
-//!   hooks), its validation against the service's config, and the
+//!   hooks), the checks it needs no service for, and the
 //!   `[service.rollout]` defaults ([`spec::RolloutDefaults`]).
+//! - [`check`]: [`spec::RolloutSpec::validate`], the spec against the
+//!   service's config (versions, backends, health checks, rules).
 //! - [`book`]: what is kept of each rollout beside the machine's state
 //!   (timeline, analysis schedule, samples), and how a finished rollout's
 //!   weights survive an edited config file (pure).
@@ -19,6 +21,7 @@
 //!   [`machine::step`]: `(state, event) -> (state, actions)`, with its
 //!   states, rules and errors ([`machine::TransitionError`]).
 pub mod book;
+pub mod check;
 pub mod driver;
 pub mod machine;
 pub mod plot;

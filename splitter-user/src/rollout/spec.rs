@@ -31,10 +31,7 @@ use std::net::SocketAddrV4;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{
-    config::{BackendState, ServiceConfig},
-    signals::analysis::Criteria,
-};
+use crate::{signals::analysis::Criteria, target::Cidr};
 
 /// The canary schedule when none is given: the share of new flows sent to
 /// the target at each step, in percent.
@@ -82,19 +79,23 @@ impl Default for Pause {
 }
 
 /// One canary step.
-// Reserved: a later issue adds targeting ("internal users first"): an
-// optional `targets` field (source CIDRs pinned to the target version) on
-// this struct, so that a step may widen who is targeted without changing
-// `weight_percent`. Adding it as an optional field keeps today's files valid.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Step {
     /// Share of new flows sent to the target version, 0..=100; the rest go
-    /// to the stable version.
+    /// to the stable version. Required, but for a `targets` step (0).
+    #[serde(default)]
     pub weight_percent: u32,
     /// How the step ends (default: [`DEFAULT_STEP_PAUSE_MS`]).
     #[serde(default)]
     pub pause: Pause,
+    /// A "targets only" step (TOML `{ targets = true }`, CLI `--steps
+    /// targets,5,...`): only the rollout's [`RolloutSpec::targets`] (client
+    /// networks) see the target version, everyone else stays on the stable
+    /// one (`weight_percent` 0). It must be the first step; its rules stay
+    /// for the later steps and are removed when the rollout ends.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub targets: bool,
 }
 
 /// The default canary schedule: [`DEFAULT_CANARY_PERCENTS`], each step
@@ -105,6 +106,7 @@ pub fn default_steps() -> Vec<Step> {
         .map(|&weight_percent| Step {
             weight_percent,
             pause: Pause::default(),
+            targets: false,
         })
         .collect()
 }
@@ -213,7 +215,7 @@ impl Strategy {
 
     /// Problems of the strategy on its own (without the service), each
     /// naming its field under `strategy.`.
-    fn problems(&self) -> Vec<String> {
+    pub(super) fn problems(&self) -> Vec<String> {
         let mut p = Vec::new();
         match self {
             Strategy::Canary { steps } => {
@@ -222,6 +224,17 @@ impl Strategy {
                 }
                 let mut previous: Option<u32> = None;
                 for (i, s) in steps.iter().enumerate() {
+                    if s.targets && i > 0 {
+                        p.push(format!(
+                            "strategy.steps[{i}] is a targets step: it must be the first (targets, 5, 10, 25, 50, 100)"
+                        ));
+                    }
+                    if s.targets && s.weight_percent != 0 {
+                        p.push(format!(
+                            "strategy.steps[{i}] is a targets step with weight_percent = {}: only the targeted clients see the target there, so it must be 0",
+                            s.weight_percent
+                        ));
+                    }
                     if s.weight_percent > 100 {
                         p.push(format!(
                             "strategy.steps[{i}].weight_percent = {} is above 100",
@@ -342,7 +355,7 @@ impl Default for AnalysisSpec {
 }
 
 impl AnalysisSpec {
-    fn problems(&self) -> Vec<String> {
+    pub(super) fn problems(&self) -> Vec<String> {
         let mut p = Vec::new();
         if self.interval_ms < MIN_ANALYSIS_INTERVAL_MS {
             p.push(format!(
@@ -423,7 +436,7 @@ pub struct Hook {
     pub timeout_ms: u64,
 }
 
-fn hooks_problems(hooks: &[Hook]) -> Vec<String> {
+pub(super) fn hooks_problems(hooks: &[Hook]) -> Vec<String> {
     let mut p = Vec::new();
     for (i, h) in hooks.iter().enumerate() {
         if let Some(problem) = argv_problem(&h.argv) {
@@ -468,9 +481,19 @@ pub struct RolloutSpec {
     /// Notification hooks.
     #[serde(default)]
     pub hooks: Vec<Hook>,
+    /// Client networks a canary's `targets` step sends to the target
+    /// version (as source-CIDR rules the rollout owns); needed by, and only
+    /// with, such a step.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub targets: Vec<Cidr>,
 }
 
 impl RolloutSpec {
+    /// Whether the schedule starts with a `targets` step.
+    pub fn has_targets_step(&self) -> bool {
+        matches!(&self.strategy, Strategy::Canary { steps } if steps.first().is_some_and(|s| s.targets))
+    }
+
     /// How long the old version is kept for `undo` after completion: the
     /// blue-green strategy's own value if set, else [`Self::keep_old_ms`].
     pub fn keep_old_for_ms(&self) -> u64 {
@@ -481,87 +504,6 @@ impl RolloutSpec {
             } => *ms,
             _ => self.keep_old_ms,
         }
-    }
-
-    /// Checks the spec against the service it is for: the versions exist,
-    /// the target differs from the stable version (rolling: is the same)
-    /// and has an active backend, the schedule is sound, the limits are at
-    /// least 1, the hooks have a program.
-    ///
-    /// # Errors
-    /// Every problem, one sentence each, naming the field.
-    pub fn validate(&self, service: &ServiceConfig) -> Result<(), Vec<String>> {
-        let mut p = Vec::new();
-        if self.service != service.name {
-            p.push(format!(
-                "service = {:?}, but it is checked against service {:?}",
-                self.service, service.name
-            ));
-        }
-        let names: Vec<&str> = service.versions.iter().map(|v| v.name.as_str()).collect();
-        let version = |field: &str, name: &str, p: &mut Vec<String>| {
-            let found = service.versions.iter().find(|v| v.name == name);
-            if found.is_none() {
-                p.push(format!(
-                    "{field} = {name:?}: no such version of service {:?} (versions: {})",
-                    service.name,
-                    names.join(", ")
-                ));
-            }
-            found
-        };
-        let from = version("from", &self.from, &mut p);
-        let to = version("to", &self.to, &mut p);
-        let rolling = matches!(self.strategy, Strategy::Rolling { .. });
-        if rolling {
-            if self.from != self.to {
-                p.push(format!(
-                    "to = {:?}, from = {:?}: a rolling update stays inside one version, so to must equal from (use canary or blue_green to move between versions)",
-                    self.to, self.from
-                ));
-            }
-        } else if self.from == self.to {
-            p.push(format!(
-                "to = {:?} is the stable version (from): the target must be another version",
-                self.to
-            ));
-        }
-        let active = |v: &crate::config::VersionConfig| {
-            v.backends
-                .iter()
-                .filter(|b| b.state == BackendState::Active)
-                .count()
-        };
-        if let Some(to) = to
-            && active(to) == 0
-        {
-            p.push(format!(
-                "to = {:?}: the target version has no active backend to send flows to",
-                to.name
-            ));
-        }
-        if let Strategy::Rolling { batch_size, .. } = &self.strategy {
-            if service.health.is_none() {
-                p.push(format!(
-                    "strategy.kind = \"rolling\" needs health checks ([service.health] of {:?}) so that a redeployed backend is checked before it takes new flows",
-                    service.name
-                ));
-            }
-            if let Some(from) = from {
-                let n = active(from);
-                if *batch_size > 0 && *batch_size as usize >= n {
-                    p.push(format!(
-                        "strategy.batch_size = {batch_size} would drain all {n} active backend{} of version {:?} at once: at least one must keep serving",
-                        if n == 1 { "" } else { "s" },
-                        from.name
-                    ));
-                }
-            }
-        }
-        p.extend(self.strategy.problems());
-        p.extend(self.analysis.problems());
-        p.extend(hooks_problems(&self.hooks));
-        if p.is_empty() { Ok(()) } else { Err(p) }
     }
 }
 
@@ -596,6 +538,9 @@ pub struct RolloutDefaults {
     pub keep_old_ms: u64,
     /// Notification hooks.
     pub hooks: Vec<Hook>,
+    /// See [`RolloutSpec::targets`].
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub targets: Vec<Cidr>,
 }
 
 // Equality is reflexive: validation refuses NaN in the criteria, the only
@@ -609,6 +554,7 @@ impl Default for RolloutDefaults {
             analysis: AnalysisSpec::default(),
             keep_old_ms: DEFAULT_KEEP_OLD_MS,
             hooks: Vec::new(),
+            targets: Vec::new(),
         }
     }
 }
@@ -638,6 +584,7 @@ impl RolloutDefaults {
             analysis: self.analysis.clone(),
             keep_old_ms: self.keep_old_ms,
             hooks: self.hooks.clone(),
+            targets: self.targets.clone(),
         }
     }
 }
@@ -646,7 +593,7 @@ impl RolloutDefaults {
 #[allow(clippy::unwrap_used)]
 pub(crate) mod tests {
     use super::*;
-    use crate::config::{BackendConfig, HealthConfig, VersionConfig};
+    use crate::config::{BackendConfig, BackendState, HealthConfig, ServiceConfig, VersionConfig};
 
     pub(crate) fn addr(s: &str) -> SocketAddrV4 {
         s.parse().unwrap()
@@ -676,6 +623,7 @@ pub(crate) mod tests {
             connect_timeout_ms: crate::config::DEFAULT_CONNECT_TIMEOUT_MS,
             analysis: None,
             rollout: None,
+            targets: Vec::new(),
             read_only: false,
             shadow: None,
         }
@@ -689,6 +637,7 @@ pub(crate) mod tests {
                     .map(|&(weight_percent, pause)| Step {
                         weight_percent,
                         pause,
+                        targets: false,
                     })
                     .collect(),
             },

@@ -754,7 +754,7 @@ pub fn run(rounds: usize) -> Result<ConnResults> {
             cases
                 .iter()
                 .find(|k| k.id == id)
-                .and_then(|k| super::report::Stat::of(&k.cps))
+                .and_then(|k| super::stats::Stat::of(&k.cps))
                 .map_or("-".to_string(), |s| format!("{:.0}", s.median))
         };
         notes.push(format!(

@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 
 use serde_json::{Value, json};
 
-use super::report::{Bar, Stat, Target, bar_chart_svg, fmt_stat, percentile, round2};
+use super::stats::{Bar, Stat, Target, bar_chart_svg, fmt_stat, percentile, round2};
 
 fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0

@@ -92,6 +92,8 @@ mod ports {
     pub const NOT_VIP: u16 = 30000;
     pub const SYN_LIVE: u16 = 41000;
     pub const SYN_FULL: u16 = 45000;
+    /// Target-rule variants: `SYN_TARGETS + 4 * round + variant`.
+    pub const SYN_TARGETS: u16 = 43000;
     pub const FILL: u16 = 50000;
     pub const WEIGHTS: u16 = 61000;
     pub const ROLLBACK: u16 = 62000;
@@ -167,6 +169,60 @@ backends = [{}]
         backends(1)
     );
     Config::parse(&text).map_err(|e| anyhow!("bench config rejected: {e}"))
+}
+
+/// Source-CIDR rule sets measured beside the plain SYN case (with
+/// `SPLITTER_BENCH_TARGETS`): (case id, label, rules, whether the SYN
+/// clients 10.1.0.0 ..= 10.1.31.255 match one).
+fn target_variants() -> Result<Vec<(&'static str, &'static str, Config, bool)>> {
+    use splitter::target::{Cidr, TargetConfig};
+    let with = |rules: Vec<Cidr>| -> Result<Config> {
+        let mut c = config(90, 10)?;
+        c.services[0].targets = rules
+            .into_iter()
+            .map(|cidr| TargetConfig {
+                cidr,
+                version: "green".into(),
+            })
+            .collect();
+        c.validate()
+            .map_err(|e| anyhow!("bench rules rejected: {e}"))?;
+        Ok(c)
+    };
+    let net = |a: u32, len: u8| Cidr {
+        addr: Ipv4Addr::from(a),
+        len,
+    };
+    let base = u32::from(Ipv4Addr::new(10, 1, 0, 0));
+    // 10: four /21s over the SYN clients, six /24s elsewhere.
+    let mut ten: Vec<Cidr> = (0..4).map(|k| net(base + (k << 11), 21)).collect();
+    ten.extend((0..6).map(|k| net(u32::from(Ipv4Addr::new(10, 5, k, 0)), 24)));
+    // 10,000 host rules: every SYN client's (8192), and 1808 elsewhere.
+    let elsewhere = u32::from(Ipv4Addr::new(10, 6, 0, 0));
+    let mut hosts: Vec<Cidr> = (0..SYN_BATCH).map(|i| net(base + i, 32)).collect();
+    hosts.extend((0..10_000 - SYN_BATCH).map(|i| net(elsewhere + i, 32)));
+    // 10,000 host rules none of the SYN clients match.
+    let missed: Vec<Cidr> = (0..10_000).map(|i| net(elsewhere + i, 32)).collect();
+    Ok(vec![
+        (
+            "syn_targets_10",
+            "splitter: SYN, 10 rules, matched",
+            with(ten)?,
+            true,
+        ),
+        (
+            "syn_targets_10k",
+            "splitter: SYN, 10000 rules, matched",
+            with(hosts)?,
+            true,
+        ),
+        (
+            "syn_targets_10k_miss",
+            "splitter: SYN, 10000 rules, none matched",
+            with(missed)?,
+            false,
+        ),
+    ])
 }
 
 fn mac_str(m: [u8; 6]) -> String {
@@ -804,6 +860,49 @@ pub fn run(opts: PacketOptions) -> Result<(PacketResults, Extras)> {
     nonvip.conn_entries = Some(live_entries);
     syn.conn_entries = Some(live_entries);
     floor.problems = setup_problems;
+    // Source-CIDR rules (docs/benchmarks.md, "Source-CIDR targeting"):
+    // each rule set published in turn every round, a fresh SYN batch and
+    // the established segment run under it, then the plain config again.
+    let targets = std::env::var_os("SPLITTER_BENCH_TARGETS").is_some();
+    // Each round's SYN batches stay in the table; they must fit beside the
+    // live flows (or the LRU would evict the established segment's flows).
+    let round_flows = u64::from(SYN_BATCH) * if targets { 4 } else { 1 };
+    ensure!(
+        (u64::from(flows) + rounds as u64 * round_flows) * 2 <= u64::from(capacity),
+        "{rounds} rounds of {round_flows} new flows beside {flows} live ones overflow the {capacity}-entry connection table: use fewer rounds"
+    );
+    let variants = if targets {
+        target_variants()?
+    } else {
+        Vec::new()
+    };
+    let mut target_cases: Vec<(PacketCase, PacketCase)> = variants
+        .iter()
+        .map(|(id, label, _, _)| {
+            let mut syn_case = new_case(id, label, "splitter", SYN_BATCH, SYN_BATCH);
+            syn_case.conn_entries = Some(live_entries);
+            // The established path never reads the rules: measured under
+            // each set all the same, to show it.
+            let est_label = label
+                .replace("SYN", "established flow")
+                .replace(", matched", " published")
+                .replace(", none matched", " published (other set)");
+            let mut est_case = new_case(
+                match *id {
+                    "syn_targets_10" => "est_targets_10",
+                    "syn_targets_10k" => "est_targets_10k",
+                    _ => "est_targets_10k_miss",
+                },
+                &est_label,
+                "splitter",
+                flows,
+                repeat,
+            );
+            est_case.conn_entries = Some(live_entries);
+            (syn_case, est_case)
+        })
+        .collect();
+    let plain = config(90, 10)?;
     for r in 0..rounds {
         let (_, _, lp) = rig.single(Prog::Pass, first, if_in, repeat)?;
         res.test_loop.push(lp);
@@ -876,12 +975,45 @@ pub fn run(opts: PacketOptions) -> Result<(PacketResults, Extras)> {
             false,
         )?;
         record(&mut syn, g, h, a, p);
+        for (k, (_, _, cfg, matched)) in variants.iter().enumerate() {
+            rig.dp.apply(cfg).context("publishing target rules")?;
+            let batch: Vec<[u8; 64]> = (0..SYN_BATCH)
+                .map(|i| {
+                    slot_of(&client_frame(
+                        client(i, ports::SYN_TARGETS + 4 * r as u16 + k as u16),
+                        VIP,
+                        TCP_SYN,
+                    ))
+                })
+                .collect::<Result<_>>()?;
+            rig.write(scratch, &batch)?;
+            let (h, _) = rig.wrapped(Prog::Pass, seg, SYN_BATCH, if_in)?;
+            let mut want = vec![("new_flow", n), ("redirect", n)];
+            if *matched {
+                want.push(("new_flow_targeted", n));
+            }
+            let (g, a, p, _) =
+                rig.splitter_run(seg, SYN_BATCH, if_in, xdp_action::REDIRECT, &want, false)?;
+            record(&mut target_cases[k].0, g, h, a, p);
+            let (g, a, p, _) = rig.splitter_run(
+                est_seg,
+                repeat,
+                if_in,
+                xdp_action::REDIRECT,
+                &[("redirect", u64::from(repeat))],
+                false,
+            )?;
+            record(&mut target_cases[k].1, g, h_est, a, p);
+            rig.dp
+                .apply(&plain)
+                .context("publishing the plain config")?;
+        }
     }
 
     // 3. Fill the connection table past capacity (the LRU then evicts on
     //    every insert), then fresh SYNs again.
     let cap_flows = capacity / 2;
-    let mut live = flows + rounds as u32 * SYN_BATCH;
+    let mut live = flows + rounds as u32 * SYN_BATCH * (1 + variants.len() as u32);
     let goal = cap_flows + cap_flows / 8;
     let mut chunk = 0u16;
     let mut fill_moves: BTreeMap<&'static str, u64> = BTreeMap::new();
@@ -913,7 +1045,7 @@ pub fn run(opts: PacketOptions) -> Result<(PacketResults, Extras)> {
     res.notes.push(format!(
         "Before the full-table rounds, {live} SYNs had made flows (two entries each) in the {capacity}-entry connection table, {}% of its capacity; counters moved by the last {} of them: {fill_moves:?}.",
         u64::from(live) * 200 / u64::from(capacity),
-        live - flows - rounds as u32 * SYN_BATCH
+        live - flows - rounds as u32 * SYN_BATCH * (1 + variants.len() as u32)
     ));
     let mut syn_full = new_case(
         "syn_full",
@@ -964,7 +1096,12 @@ pub fn run(opts: PacketOptions) -> Result<(PacketResults, Extras)> {
             splitter_common::SNAT_PORT_TRIES
         ));
     }
-    res.cases = vec![floor, slot, nonvip, est, reply, syn, syn_full];
+    res.cases = vec![floor, slot, nonvip, est, reply, syn];
+    for (s, e) in target_cases {
+        res.cases.push(s);
+        res.cases.push(e);
+    }
+    res.cases.push(syn_full);
 
     // The full table, read the way `splitter status` counts live flows.
     let (mut live_scan_ms, mut live_scan_flows) = (Vec::new(), 0);

@@ -1318,7 +1318,7 @@ fn refusals_say_what_state_it_is_in() {
     );
     assert_eq!(
         refuse("completed", Command::Promote),
-        "cannot promote: the rollout of \"web\" (blue → green) is completed (the old version \"blue\" is kept for undo for 599910 ms more); allowed now: undo"
+        "cannot promote: the rollout of \"web\" (blue → green) is completed (the old version \"blue\" is kept for undo for 9m59s more); allowed now: undo"
     );
     assert_eq!(
         refuse("progressing", Command::Undo),
@@ -1586,4 +1586,12 @@ fn a_step_with_equal_weights_sets_them_again() {
     assert_eq!(r.step, 0);
     assert_eq!(targets(&go(&mut r, pass(1))), [50]);
     assert_eq!(r.phase, Phase::WaitingForPromotion);
+}
+
+#[test]
+fn time_left_reads_in_minutes_and_seconds() {
+    assert_eq!(super::remaining(599_910), "9m59s");
+    assert_eq!(super::remaining(60_000), "1m00s");
+    assert_eq!(super::remaining(59_999), "59s");
+    assert_eq!(super::remaining(999), "0s");
 }
