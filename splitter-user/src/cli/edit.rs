@@ -216,6 +216,9 @@ pub(super) async fn call(
             let report: ServiceReport =
                 serde_json::from_slice(&bytes).map_err(|e| CliError::Other(e.into()))?;
             print!("{}", status::render_services(std::slice::from_ref(&report)));
+            if let Some(sh) = &report.shadow {
+                println!("{}", status::shadow_line(&report.name, sh));
+            }
         }
     }
     Ok(())
