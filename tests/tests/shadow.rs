@@ -52,8 +52,19 @@ struct Recorder {
 impl Recorder {
     /// `answer`: false for a shadow that stalls (reads, never answers).
     fn start(ns: &Netns, addr: SocketAddrV4, answer: bool) -> Result<Self> {
+        // A receive buffer far larger than a test's burst of copies, so
+        // that a recorder thread descheduled on a busy machine loses none.
         let sock = ns
-            .enter(|| UdpSocket::bind(addr))?
+            .enter(|| -> std::io::Result<UdpSocket> {
+                let s = socket2::Socket::new(
+                    socket2::Domain::IPV4,
+                    socket2::Type::DGRAM,
+                    Some(socket2::Protocol::UDP),
+                )?;
+                s.set_recv_buffer_size(8 << 20)?;
+                s.bind(&socket2::SockAddr::from(addr))?;
+                Ok(s.into())
+            })?
             .with_context(|| format!("binding {addr}"))?;
         sock.set_read_timeout(Some(Duration::from_millis(50)))?;
         let got = Arc::new(Mutex::new(Vec::new()));
@@ -292,6 +303,12 @@ fn a_shadow_that_is_down_or_stalls_costs_the_clients_nothing() -> Result<()> {
     );
     let status = wait_status(&daemon, "copies of the stalled run", |s| {
         counter(s, "shadow_cloned") >= 400 && stalled.got().len() >= 200
+    })
+    .with_context(|| {
+        format!(
+            "the stalled shadow has {} of 200 copies",
+            stalled.got().len()
+        )
     })?;
     ensure!(
         stalled.got().len() == 200,
