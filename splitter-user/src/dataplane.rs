@@ -432,24 +432,13 @@ impl Dataplane {
         let mut addr_filter = take(&mut ebpf, map::ADDR_FILTER, Array::try_from)?;
         let shadows = take(&mut ebpf, map::SHADOWS, Array::try_from)?;
         {
-            let tc: &mut SchedClassifier = ebpf
-                .program_mut(TC_PROGRAM_NAME)
-                .ok_or(DataplaneError::Object {
-                    what: "program",
-                    name: TC_PROGRAM_NAME,
-                    detail: "not found".into(),
-                })?
-                .try_into()
-                .map_err(|e: aya::programs::ProgramError| DataplaneError::Object {
-                    what: "program",
-                    name: TC_PROGRAM_NAME,
-                    detail: e.to_string(),
+            tc_program(&mut ebpf)?
+                .load()
+                .map_err(|e| DataplaneError::Program {
+                    op: "loading the tc shadow program (verifier)",
+                    iface: "-".into(),
+                    source: Box::new(e),
                 })?;
-            tc.load().map_err(|e| DataplaneError::Program {
-                op: "loading the tc shadow program (verifier)",
-                iface: "-".into(),
-                source: Box::new(e),
-            })?;
         }
         if open_filter {
             warn!("connection table kept from a build without the address filter: filter opened");
@@ -1633,19 +1622,7 @@ fn take_over_link(prog: &mut Xdp, path: &Path) -> std::result::Result<(), String
 /// The program costs one bounds check per packet the kernel receives (it
 /// never sees what XDP forwards itself).
 fn attach_tc(ebpf: &mut Ebpf, iface: &str, pin_dir: Option<&Path>) -> Result<()> {
-    let prog: &mut SchedClassifier = ebpf
-        .program_mut(TC_PROGRAM_NAME)
-        .ok_or(DataplaneError::Object {
-            what: "program",
-            name: TC_PROGRAM_NAME,
-            detail: "not found".into(),
-        })?
-        .try_into()
-        .map_err(|e: aya::programs::ProgramError| DataplaneError::Object {
-            what: "program",
-            name: TC_PROGRAM_NAME,
-            detail: e.to_string(),
-        })?;
+    let prog = tc_program(ebpf)?;
     let prog_err = |op: &'static str| {
         let iface = iface.to_string();
         move |e: aya::programs::ProgramError| DataplaneError::Program {
@@ -1704,6 +1681,22 @@ fn attach_tc(ebpf: &mut Ebpf, iface: &str, pin_dir: Option<&Path>) -> Result<()>
     }
     info!(interface = %iface, "tc shadow program attached (ingress)");
     Ok(())
+}
+
+/// The tc half of UDP mirroring in `ebpf`.
+fn tc_program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier> {
+    ebpf.program_mut(TC_PROGRAM_NAME)
+        .ok_or(DataplaneError::Object {
+            what: "program",
+            name: TC_PROGRAM_NAME,
+            detail: "not found".into(),
+        })?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| DataplaneError::Object {
+            what: "program",
+            name: TC_PROGRAM_NAME,
+            detail: e.to_string(),
+        })
 }
 
 fn program(ebpf: &mut Ebpf) -> Result<&mut Xdp> {
