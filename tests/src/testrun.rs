@@ -261,3 +261,79 @@ mod tests {
         assert_eq!(size_of::<XdpMd>(), 24);
     }
 }
+
+/// `m` as `aa:bb:cc:dd:ee:ff`.
+pub fn mac_str(m: [u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// The index of interface `name` in the calling thread's namespace.
+///
+/// # Errors
+/// No such interface there.
+pub fn ifindex(name: &str) -> anyhow::Result<u32> {
+    let c = std::ffi::CString::new(name)?;
+    // SAFETY: a valid NUL-terminated string; looked up in this thread's netns.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if i == 0 {
+        anyhow::bail!("no interface {name}: {}", io::Error::last_os_error());
+    }
+    Ok(i)
+}
+
+/// The MACs of a [`forwarding_ns`].
+#[derive(Debug, Clone, Copy)]
+pub struct ForwardingMacs {
+    /// `sp-in`, the clients' side.
+    pub sp_in: [u8; 6],
+    /// `sp-out`, the backends' side.
+    pub sp_out: [u8; 6],
+    /// Neighbour 10.0.1.2 (the client), on `sp-in`.
+    pub client: [u8; 6],
+    /// Neighbour 10.0.2.2 (the blue backend), on `sp-out`.
+    pub backend: [u8; 6],
+}
+
+/// A namespace (named `<run_prefix>-<tag>`) for test runs that reach the
+/// forwarding path: the veth pair `sp-in` (10.0.1.1/24, clients) and
+/// `sp-out` (10.0.2.1/24, backends), permanent neighbours for client
+/// 10.0.1.2 and backend 10.0.2.2 only, a blackhole route to 10.0.9.0/24,
+/// forwarding on. Removed on drop.
+///
+/// # Errors
+/// A command failed.
+pub fn forwarding_ns(tag: &str, macs: ForwardingMacs) -> anyhow::Result<crate::netns::Netns> {
+    let ns = crate::netns::Netns::new(format!("{}-{tag}", crate::netns::run_prefix()))?;
+    let (in_mac, out_mac) = (mac_str(macs.sp_in), mac_str(macs.sp_out));
+    ns.ip(&[
+        "link", "add", "sp-in", "address", &in_mac, "type", "veth", "peer", "name", "sp-out",
+        "address", &out_mac,
+    ])?;
+    ns.ip(&["addr", "add", "10.0.1.1/24", "dev", "sp-in"])?;
+    ns.ip(&["addr", "add", "10.0.2.1/24", "dev", "sp-out"])?;
+    ns.ip(&["link", "set", "sp-in", "up"])?;
+    ns.ip(&["link", "set", "sp-out", "up"])?;
+    for (addr, mac, dev) in [
+        ("10.0.2.2", macs.backend, "sp-out"),
+        ("10.0.1.2", macs.client, "sp-in"),
+    ] {
+        let mac = mac_str(mac);
+        ns.ip(&[
+            "neigh",
+            "replace",
+            addr,
+            "lladdr",
+            &mac,
+            "dev",
+            dev,
+            "nud",
+            "permanent",
+        ])?;
+    }
+    ns.ip(&["route", "add", "blackhole", "10.0.9.0/24"])?;
+    ns.sysctl("net.ipv4.ip_forward", "1")?;
+    Ok(ns)
+}

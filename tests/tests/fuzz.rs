@@ -40,7 +40,7 @@ use std::{
     time::Instant,
 };
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use aya::maps::{HashMap, MapData};
 use splitter::{config::Config, dataplane::Dataplane};
 use splitter_common::{
@@ -48,9 +48,9 @@ use splitter_common::{
 };
 use splitter_tests::{
     fuzz::{self, Class, FlowTuples, Generator, MIN_FRAME, Touch, World, classify, hex, judge},
-    netns::{Netns, run_prefix},
+    netns::Netns,
     packet::{CLIENT_MAC, IPPROTO_TCP, IPPROTO_UDP, Packet, TCP_ACK, TCP_PSH, TCP_SYN, parse},
-    testrun::{RunResult, test_run_xdp, xdp_action},
+    testrun::{self, RunResult, ifindex, test_run_xdp, xdp_action},
 };
 
 /// Frames between two rounds of new flows and entry checks.
@@ -175,57 +175,16 @@ fn world(mode: &str) -> World {
     }
 }
 
-fn mac_str(m: [u8; 6]) -> String {
-    m.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
-fn ifindex(name: &str) -> Result<u32> {
-    let c = std::ffi::CString::new(name)?;
-    // SAFETY: a valid NUL-terminated string; looked up in this thread's netns.
-    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    if i == 0 {
-        bail!("no interface {name}: {}", std::io::Error::last_os_error());
-    }
-    Ok(i)
-}
-
-/// A namespace with the veth pair `sp-in` (10.0.1.1/24, clients) and
-/// `sp-out` (10.0.2.1/24, backends), permanent neighbours for client
-/// 10.0.1.2 and backend 10.0.2.2 (none for 10.0.1.3, 10.0.2.3 and
-/// 10.0.2.4), a blackhole route to 10.0.9.0/24, forwarding on.
 fn forwarding_ns(tag: &str) -> Result<Netns> {
-    let ns = Netns::new(format!("{}-{tag}", run_prefix()))?;
-    let (in_mac, out_mac) = (mac_str(IN_MAC), mac_str(OUT_MAC));
-    ns.ip(&[
-        "link", "add", "sp-in", "address", &in_mac, "type", "veth", "peer", "name", "sp-out",
-        "address", &out_mac,
-    ])?;
-    ns.ip(&["addr", "add", "10.0.1.1/24", "dev", "sp-in"])?;
-    ns.ip(&["addr", "add", "10.0.2.1/24", "dev", "sp-out"])?;
-    ns.ip(&["link", "set", "sp-in", "up"])?;
-    ns.ip(&["link", "set", "sp-out", "up"])?;
-    for (addr, mac, dev) in [
-        ("10.0.2.2", BLUE_MAC, "sp-out"),
-        ("10.0.1.2", CLIENT_MAC, "sp-in"),
-    ] {
-        ns.ip(&[
-            "neigh",
-            "replace",
-            addr,
-            "lladdr",
-            &mac_str(mac),
-            "dev",
-            dev,
-            "nud",
-            "permanent",
-        ])?;
-    }
-    ns.ip(&["route", "add", "blackhole", "10.0.9.0/24"])?;
-    ns.sysctl("net.ipv4.ip_forward", "1")?;
-    Ok(ns)
+    testrun::forwarding_ns(
+        tag,
+        testrun::ForwardingMacs {
+            sp_in: IN_MAC,
+            sp_out: OUT_MAC,
+            client: CLIENT_MAC,
+            backend: BLUE_MAC,
+        },
+    )
 }
 
 /// The identity of a connection-table entry: everything but the state

@@ -28,7 +28,7 @@ use std::{
 };
 
 use addrs::*;
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use splitter::{config::Config, dataplane::Dataplane};
 use splitter_tests::{
     netns::{Netns, run_prefix},
@@ -36,7 +36,7 @@ use splitter_tests::{
         CLIENT_MAC, EDGE_MAC, Packet, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN, arp_request,
         diff, parse, verify_checksums,
     },
-    testrun::{RunResult, test_run_xdp, xdp_action},
+    testrun::{self, RunResult, ifindex, mac_str, test_run_xdp, xdp_action},
 };
 
 /// Addresses of the test topology, spelled out so the tests read like the spec.
@@ -729,62 +729,16 @@ const OUT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x02, 0x01];
 /// The backend's neighbour entry.
 const BLUE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
 
-fn mac_str(m: [u8; 6]) -> String {
-    m.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
-fn ifindex(name: &str) -> Result<u32> {
-    let c = std::ffi::CString::new(name)?;
-    // SAFETY: a valid NUL-terminated string; looked up in this thread's netns.
-    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    if i == 0 {
-        bail!("no interface {name}: {}", std::io::Error::last_os_error());
-    }
-    Ok(i)
-}
-
-/// A namespace with the veth pair `sp-in` (10.0.1.1/24, clients) and
-/// `sp-out` (10.0.2.1/24, backends), permanent neighbours for the client
-/// and the blue backend, a blackhole route to 10.0.9.0/24, forwarding on.
 fn forwarding_ns(tag: &str) -> Result<Netns> {
-    let ns = Netns::new(format!("{}-{tag}", run_prefix()))?;
-    let (in_mac, out_mac) = (mac_str(IN_MAC), mac_str(OUT_MAC));
-    ns.ip(&[
-        "link", "add", "sp-in", "address", &in_mac, "type", "veth", "peer", "name", "sp-out",
-        "address", &out_mac,
-    ])?;
-    ns.ip(&["addr", "add", "10.0.1.1/24", "dev", "sp-in"])?;
-    ns.ip(&["addr", "add", "10.0.2.1/24", "dev", "sp-out"])?;
-    ns.ip(&["link", "set", "sp-in", "up"])?;
-    ns.ip(&["link", "set", "sp-out", "up"])?;
-    ns.ip(&[
-        "neigh",
-        "replace",
-        "10.0.2.2",
-        "lladdr",
-        &mac_str(BLUE_MAC),
-        "dev",
-        "sp-out",
-        "nud",
-        "permanent",
-    ])?;
-    ns.ip(&[
-        "neigh",
-        "replace",
-        "10.0.1.2",
-        "lladdr",
-        &mac_str(CLIENT_MAC),
-        "dev",
-        "sp-in",
-        "nud",
-        "permanent",
-    ])?;
-    ns.ip(&["route", "add", "blackhole", "10.0.9.0/24"])?;
-    ns.sysctl("net.ipv4.ip_forward", "1")?;
-    Ok(ns)
+    testrun::forwarding_ns(
+        tag,
+        testrun::ForwardingMacs {
+            sp_in: IN_MAC,
+            sp_out: OUT_MAC,
+            client: CLIENT_MAC,
+            backend: BLUE_MAC,
+        },
+    )
 }
 
 #[test]
