@@ -50,6 +50,11 @@ enum Seen {
 /// Reads what `s` has without blocking, down to EOF if the daemon closed it.
 fn look(s: &mut UnixStream) -> Result<Seen> {
     s.set_nonblocking(true)?;
+    look_nonblocking(s)
+}
+
+/// [`look`] for any stream already set non-blocking.
+fn look_nonblocking(s: &mut impl Read) -> Result<Seen> {
     let mut out = Vec::new();
     let mut buf = [0u8; 4096];
     loop {
@@ -315,22 +320,9 @@ fn metrics_connections_past_the_bound_get_503_and_scrapes_resume() -> Result<()>
     let (mut admitted, mut refused) = (0, Vec::new());
     for s in &mut held {
         s.set_nonblocking(true)?;
-        let mut out = Vec::new();
-        let mut buf = [0u8; 1024];
-        let open = loop {
-            match s.read(&mut buf) {
-                Ok(0) => break false,
-                Ok(n) => out.extend_from_slice(&buf[..n]),
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break true,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(_) => break false,
-            }
-        };
-        if open {
-            ensure!(out.is_empty(), "an unasked answer: {out:?}");
-            admitted += 1;
-        } else {
-            refused.push(String::from_utf8_lossy(&out).into_owned());
+        match look_nonblocking(s)? {
+            Seen::Open => admitted += 1,
+            Seen::Closed(answer) => refused.push(answer),
         }
     }
     ensure!(
