@@ -3,5 +3,5 @@
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    splitter_fuzz::api_request(data);
+    let _ = splitter_fuzz::api_request(data);
 });
