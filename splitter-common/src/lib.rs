@@ -141,6 +141,13 @@ pub mod map {
     /// `PerCpuArray<u32>`, indexed by service id: the sampling accumulator
     /// of each mirrored service (see [`super::Shadow`]).
     pub const SHADOW_ACC: &str = "SHADOW_ACC";
+    /// `Array<u64>`, indexed by service id: until when (`CLOCK_MONOTONIC`
+    /// ns) the controller's TCP shadow tee of the service is known to
+    /// listen. A mirrored TCP service hands sampled new flows to the edge's
+    /// own stack only before that deadline; the controller pushes it ahead
+    /// every second while its tee runs, so flows stay on the fast path
+    /// within seconds of a daemon that stopped or died.
+    pub const TEE_ALIVE: &str = "TEE_ALIVE";
 }
 
 /// Service flag: pick the version and backend from the client address only.
@@ -359,6 +366,12 @@ pub const CONN_F_FIN_TS: u32 = 4;
 /// shadow backend's replies are counted and dropped, never sent on. It has
 /// no forward entry of its own (the copies ride on the stable flow's).
 pub const CONN_F_SHADOW: u32 = 8;
+/// Conn flag: a mirrored TCP flow served through the edge's own stack by
+/// the controller's tee (forward entry only, no reverse entry). Its client
+/// packets pass to the kernel unrewritten (the tee listens on the VIP);
+/// `new_addr:new_port` is the stable backend the tee connects to, chosen
+/// like any flow's (`backend` is its id).
+pub const CONN_F_LOCAL: u32 = 16;
 
 /// TCP state bit: the client's SYN was seen.
 pub const TCP_SYN: u32 = 1;
@@ -667,8 +680,11 @@ pub mod counter {
     pub const SHADOW_SKIPPED: u32 = 20;
     /// Shadow copies the tc program sent (`bpf_clone_redirect`).
     pub const SHADOW_CLONED: u32 = 21;
+    /// New TCP flows of a mirrored service handed to the controller's tee
+    /// (passed unrewritten to the edge's stack; also counted in `NEW_FLOW`).
+    pub const SHADOW_TEE_FLOWS: u32 = 22;
     /// Number of counters in use.
-    pub const COUNT: u32 = 22;
+    pub const COUNT: u32 = 23;
     /// Entries of the `COUNTERS` map: room for counters added later, so that
     /// adding one does not change the map's layout (and an upgrade can keep
     /// the pinned maps).
@@ -702,6 +718,7 @@ pub mod counter {
         "shadow_reply_dropped",
         "shadow_skipped",
         "shadow_cloned",
+        "shadow_tee_flows",
     ];
 }
 

@@ -10,14 +10,14 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use splitter_common::{
-    BACKEND_F_DISABLED, BACKEND_F_PRESENT, CONN_F_FIN_TS, CONN_F_REVERSE, CONN_F_SHADOW,
-    CONN_F_SNAT, Conn, FAMILY_V4, FlowKey, LAST_SEEN_GRANULARITY_NS, MAGLEV_SIZE, MAX_VERSIONS,
-    NO_BACKEND, PROTO_TCP, SNAT_PORT_MAX, SNAT_PORT_MIN, SNAT_PORT_TRIES, SNAT_TIME_WAIT_NS,
-    STATE_TIMED_OUT, SVC_F_CLIENT_IP, SVC_F_SHADOW, SVC_F_SNAT, SVC_F_TARGETS, Service, ServiceKey,
-    TCP_ESTABLISHED, TCP_FIN_BACKEND, TCP_FIN_CLIENT, TCP_RST, TCP_SYN, TargetKey, UDP_ANSWERED,
-    awaiting_answer, conn_stale, connect_deadline_us, counter, elapsed_us, flow_hash,
-    latency_bucket, mix32, service_drop, snat_port_start, start_units, target_prefix_len,
-    version_hash,
+    BACKEND_F_DISABLED, BACKEND_F_PRESENT, CONN_F_FIN_TS, CONN_F_LOCAL, CONN_F_REVERSE,
+    CONN_F_SHADOW, CONN_F_SNAT, Conn, FAMILY_V4, FlowKey, LAST_SEEN_GRANULARITY_NS, MAGLEV_SIZE,
+    MAX_VERSIONS, NO_BACKEND, PROTO_TCP, SNAT_PORT_MAX, SNAT_PORT_MIN, SNAT_PORT_TRIES,
+    SNAT_TIME_WAIT_NS, STATE_TIMED_OUT, SVC_F_CLIENT_IP, SVC_F_SHADOW, SVC_F_SNAT, SVC_F_TARGETS,
+    Service, ServiceKey, TCP_ESTABLISHED, TCP_FIN_BACKEND, TCP_FIN_CLIENT, TCP_RST, TCP_SYN,
+    TargetKey, UDP_ANSWERED, awaiting_answer, conn_stale, connect_deadline_us, counter, elapsed_us,
+    flow_hash, latency_bucket, mix32, service_drop, snat_port_start, start_units,
+    target_prefix_len, version_hash,
 };
 
 use crate::{
@@ -128,6 +128,9 @@ fn established(ctx: &XdpContext, pkt: &Packet, conn: &mut Conn, now: u64) -> u32
     if conn.flags & CONN_F_SHADOW != 0 {
         // A shadow backend's reply: counted, never sent on.
         return shadow::reply(pkt.len, conn, now);
+    }
+    if conn.flags & CONN_F_LOCAL != 0 {
+        return local(pkt, conn, now);
     }
     let reverse = conn.flags & CONN_F_REVERSE != 0;
     // Client packets read their backend anyway (is it disabled?).
@@ -270,6 +273,35 @@ fn established(ctx: &XdpContext, pkt: &Packet, conn: &mut Conn, now: u64) -> u32
     fib::forward(ctx, pkt.proto, &old, &new, Some(conn), now)
 }
 
+/// A client packet of a flow the controller's tee serves (`CONN_F_LOCAL`,
+/// a mirrored TCP flow): its FIN or RST and `last_seen` kept (the flow
+/// counts as a live flow of its stable backend, and a drain waits for it),
+/// its bytes counted for the stable backend, and the packet passed to the
+/// edge's stack unrewritten, where the tee's socket on the VIP takes it.
+/// The tee marks the entry closed when its connection ends.
+#[inline(always)]
+fn local(pkt: &Packet, conn: &mut Conn, now: u64) -> u32 {
+    let mut bits = 0;
+    if pkt.tcp_flags & parse::TCP_RST != 0 {
+        bits |= TCP_RST;
+    }
+    if pkt.tcp_flags & parse::TCP_FIN != 0 {
+        bits |= TCP_FIN_CLIENT;
+    }
+    if bits & !conn.state != 0 || now.saturating_sub(conn.last_seen) > LAST_SEEN_GRANULARITY_NS {
+        conn.state |= bits;
+        conn.last_seen = now;
+    }
+    if let Some(s) = BACKEND_STATS.get_ptr_mut(conn.backend) {
+        // SAFETY: this CPU's slot of a per-CPU array.
+        unsafe {
+            (*s).packets += 1;
+            (*s).bytes += pkt.len as u64;
+        }
+    }
+    XDP_PASS
+}
+
 /// Hands a sampled datagram (still as it arrived; `new` is its stable
 /// rewrite) to [`shadow::mark`], packed into scalars.
 #[inline(always)]
@@ -407,8 +439,23 @@ fn new_flow(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, svc: &Service, now: u
     if backend.flags & BACKEND_F_PRESENT == 0 {
         return maps::drop_for(svc.id, counter::DROP_NO_BACKEND, service_drop::NO_BACKEND);
     }
-    let snat = svc.flags & SVC_F_SNAT != 0;
-    let state = if pkt.proto == PROTO_TCP { TCP_SYN } else { 0 };
+    // A sampled new TCP flow of a mirrored service goes to the tee, if one
+    // listens (checked first, so flows that cannot be mirrored do not
+    // draw from the share).
+    let tee = pkt.proto == PROTO_TCP
+        && svc.flags & SVC_F_SHADOW != 0
+        && shadow::tee_alive(svc.id, now)
+        && shadow::sample(svc.id);
+    let snat = svc.flags & SVC_F_SNAT != 0 && !tee;
+    let state = if tee {
+        // Answered by the edge's own stack: nothing to wait for, and
+        // nothing for the backend's signals (the tee counts those).
+        TCP_SYN | TCP_ESTABLISHED
+    } else if pkt.proto == PROTO_TCP {
+        TCP_SYN
+    } else {
+        0
+    };
     let flags = if snat { CONN_F_SNAT } else { 0 };
     // IPv4 only on this path: addresses are built from word 0 (the other
     // words are zero by contract), which also keeps the compiler from
@@ -433,6 +480,29 @@ fn new_flow(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, svc: &Service, now: u
         clear_route(c);
         &mut *c
     };
+    if tee {
+        // Forward entry only: the tee's own connections to the backends
+        // leave from the edge's address and come back to its stack.
+        rev.new_addr = backend_addr;
+        rev.new_port = backend.port;
+        rev.flags = CONN_F_LOCAL;
+        if CONNS.insert(key, &*rev, BPF_ANY as u64).is_err() {
+            return maps::drop_for(svc.id, counter::DROP_CONN_TABLE, service_drop::CONN_TABLE);
+        }
+        maps::count(counter::NEW_FLOW);
+        maps::count(counter::SHADOW_TEE_FLOWS);
+        if targeted.is_some() {
+            maps::count(counter::NEW_FLOW_TARGETED);
+        }
+        if let Some(s) = BACKEND_STATS.get_ptr_mut(id as u32) {
+            unsafe {
+                (*s).new_flows += 1;
+                (*s).packets += 1;
+                (*s).bytes += pkt.len as u64;
+            }
+        }
+        return XDP_PASS;
+    }
     let mut rkey = FlowKey {
         src: backend_addr,
         dst: key.src,

@@ -61,6 +61,10 @@ pub static SHADOWS: Array<Shadow> = Array::with_max_entries(MAX_SERVICES, 0);
 #[map(name = "SHADOW_ACC")]
 pub static SHADOW_ACC: PerCpuArray<u32> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
 
+/// Until when each service's TCP shadow tee listens (`shadow::tee_alive`).
+#[map(name = "TEE_ALIVE")]
+pub static TEE_ALIVE: Array<u64> = Array::with_max_entries(MAX_SERVICES, 0);
+
 #[map(name = "COUNTERS")]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
 

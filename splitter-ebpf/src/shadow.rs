@@ -36,10 +36,23 @@ use splitter_common::{
 
 use crate::{
     XDP_DROP, XDP_PASS,
-    maps::{self, BACKEND_STATS, BACKENDS, CONNS, SHADOW_ACC, SHADOWS, TABLES},
+    maps::{self, BACKEND_STATS, BACKENDS, CONNS, SHADOW_ACC, SHADOWS, TABLES, TEE_ALIVE},
     nat::{self, Tuple},
     parse::{ETH_LEN, Ipv4Hdr, L4_OFF, UdpHdr, ptr_at},
 };
+
+/// Does the controller's TCP tee of service `svc` listen now (`now`:
+/// coarse `CLOCK_MONOTONIC` ns)? Read only for a new TCP flow of a
+/// mirrored service, before [`sample`], so that no flow is handed to an
+/// edge stack where nothing listens and the share is drawn only from
+/// flows that can be mirrored.
+#[inline(always)]
+pub fn tee_alive(svc: u32, now: u64) -> bool {
+    match TEE_ALIVE.get(svc) {
+        Some(until) => now < *until,
+        None => false,
+    }
+}
 
 /// Is this client datagram of service `svc` to be mirrored? Raises the
 /// CPU's accumulator by the service's share and takes a datagram each

@@ -1594,18 +1594,12 @@ pub fn shadow_problems(s: &ServiceConfig) -> Vec<String> {
             }
         }
     }
-    if s.protocol == Protocol::Tcp {
-        if !s.read_only {
-            out.push(format!(
-                "service {:?} is not read_only: only ports marked read_only = true may be mirrored, \
-                 since every request (and every write) would be repeated to the shadow",
-                s.name
-            ));
-        } else {
-            out.push(
-                "TCP mirroring is not implemented yet (UDP services can be mirrored)".to_string(),
-            );
-        }
+    if s.protocol == Protocol::Tcp && !s.read_only {
+        out.push(format!(
+            "service {:?} is not read_only: only ports marked read_only = true may be mirrored, \
+             since every request (and every write) would be repeated to the shadow",
+            s.name
+        ));
     }
     out
 }
@@ -2788,6 +2782,20 @@ backends = ["10.0.2.3:53"]
     }
 
     #[test]
+    fn a_tcp_shadow_of_a_read_only_service_is_accepted() {
+        let c = Config::parse(&shadow_config(
+            "tcp",
+            true,
+            "version = \"canary\"\npercent = 10",
+        ))
+        .unwrap();
+        assert_eq!(
+            c.service("dns").unwrap().shadow.as_ref().unwrap().percent,
+            10
+        );
+    }
+
+    #[test]
     fn shadows_the_data_plane_cannot_serve_are_refused_with_the_reason() {
         let refused = |protocol, read_only, shadow: &str| {
             Config::parse(&shadow_config(protocol, read_only, shadow))
@@ -2797,8 +2805,6 @@ backends = ["10.0.2.3:53"]
         let e = refused("tcp", false, "version = \"canary\"\npercent = 10");
         assert!(e.contains("is not read_only"), "{e}");
         assert!(e.contains("would be repeated"), "{e}");
-        let e = refused("tcp", true, "version = \"canary\"\npercent = 10");
-        assert!(e.contains("TCP mirroring is not implemented yet"), "{e}");
         let e = refused("udp", false, "version = \"stable\"\npercent = 10");
         assert!(e.contains("takes weight 100"), "{e}");
         let e = refused("udp", false, "version = \"nope\"\npercent = 10");

@@ -27,6 +27,7 @@ use crate::{
     signals::{self, Counters, MetricReading, Window, history::History},
     state::{self, State},
     table,
+    tee::{Plan, TeeMaps, TeeStats},
 };
 
 /// Running config plus the data plane it is published into.
@@ -64,7 +65,15 @@ pub struct Controller {
     /// Why the pins vanish with this process, when they do
     /// ([`pins::ephemeral_pins`], accepted by `--ephemeral-pins`).
     ephemeral_pins: Option<String>,
+    /// The TCP shadow tee's counters (written by the daemon's tee task).
+    tee_stats: Arc<TeeStats>,
+    /// Fired on every publish, so the tee task follows a change at once.
+    tee_wake: Arc<Notify>,
 }
+
+/// What the daemon's tee task is handed ([`Controller::tee_feed`]): the
+/// maps, the counters it writes, and what wakes it on a publish.
+pub type TeeFeed = (TeeMaps, Arc<TeeStats>, Arc<Notify>);
 
 /// A backend in the signal history: (service, version, address).
 pub type BackendKey = (String, String, SocketAddrV4);
@@ -120,6 +129,8 @@ impl Controller {
             rollouts: BTreeMap::new(),
             rollouts_ended: BTreeMap::new(),
             ephemeral_pins: None,
+            tee_stats: Arc::default(),
+            tee_wake: Arc::new(Notify::new()),
         }
     }
 
@@ -290,10 +301,7 @@ impl Controller {
         for s in &self.config.services {
             for v in &s.versions {
                 for b in &v.backends {
-                    let c = self
-                        .dataplane
-                        .backend_counters(&s.name, &v.name, b.address)
-                        .map_err(|e| ControllerError::Internal(e.to_string()))?;
+                    let c = self.counters_of(&s.name, &v.name, b.address)?;
                     samples.push(((s.name.clone(), v.name.clone(), b.address), c));
                 }
             }
@@ -533,6 +541,7 @@ impl Controller {
         let result = self
             .dataplane
             .apply(&self.effective(next.unwrap_or(&self.config)));
+        self.tee_wake.notify_one();
         if result.is_err() {
             self.overlay.down = down_before;
             let _ = self.dataplane.apply(&self.effective(&self.config));
@@ -665,6 +674,46 @@ impl Controller {
     /// A map descriptor could not be duplicated.
     pub fn live_flows_feed(&self) -> std::io::Result<(LiveFlows, Option<TableWalker>)> {
         Ok((self.live_flows.clone(), self.dataplane.walker()?))
+    }
+
+    /// A backend's signal counters: the kernel's, plus what the TCP shadow
+    /// tee counted for it (its connections of mirrored flows).
+    fn counters_of(
+        &self,
+        service: &str,
+        version: &str,
+        addr: SocketAddrV4,
+    ) -> Result<Counters, ControllerError> {
+        let mut c = self
+            .dataplane
+            .backend_counters(service, version, addr)
+            .map_err(|e| ControllerError::Internal(e.to_string()))?;
+        c.add(&self.tee_stats.backend(service, version, addr));
+        Ok(c)
+    }
+
+    /// What the daemon's tee task needs: the maps (`None` without a kernel
+    /// data plane), the counters it writes, and what wakes it on a publish.
+    ///
+    /// # Errors
+    /// A map descriptor could not be duplicated.
+    pub fn tee_feed(&self) -> std::io::Result<Option<TeeFeed>> {
+        Ok(self
+            .dataplane
+            .tee_maps()?
+            .map(|m| (m, self.tee_stats.clone(), self.tee_wake.clone())))
+    }
+
+    /// The tees the published config asks for, each with its service's id
+    /// in the tables (see [`crate::tee::plans`]).
+    pub fn tee_plans(&self) -> Vec<(Plan, u32)> {
+        crate::tee::plans(&self.effective(&self.config))
+            .into_iter()
+            .filter_map(|p| {
+                let id = self.dataplane.service_id(&p.service)?;
+                Some((p, id))
+            })
+            .collect()
     }
 
     /// Removes the pinned program, links and maps and asks the daemon to
@@ -999,10 +1048,7 @@ impl Controller {
                     new_flows: s.new_flows,
                     reply_packets: s.reply_packets,
                     reply_bytes: s.reply_bytes,
-                    signals: self
-                        .dataplane
-                        .backend_counters(&svc.name, &v.name, b.address)
-                        .map_err(|e| ControllerError::Internal(e.to_string()))?,
+                    signals: self.counters_of(&svc.name, &v.name, b.address)?,
                     window: self.history.window(
                         &(svc.name.clone(), v.name.clone(), b.address),
                         now_ms,
@@ -1044,10 +1090,14 @@ impl Controller {
             .map(|(k, v)| (k.to_string(), v))
             .collect();
         let shadow = svc.shadow.as_ref().and_then(|sh| {
-            versions
-                .iter()
-                .find(|v| v.name == sh.version)
-                .map(|v| crate::report::ShadowReport::of(v, sh.percent))
+            versions.iter().find(|v| v.name == sh.version).map(|v| {
+                let r = crate::report::ShadowReport::of(v, sh.percent);
+                if svc.protocol == crate::config::Protocol::Tcp {
+                    r.with_tee(self.tee_stats.report(&svc.name).unwrap_or_default())
+                } else {
+                    r
+                }
+            })
         });
         Ok(ServiceReport {
             name: svc.name.clone(),

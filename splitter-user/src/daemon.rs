@@ -188,6 +188,9 @@ pub async fn run(
     if let Some(task) = spawn_live_flow_counter(&controller, tasks_stop.clone()) {
         background.push(task);
     }
+    if let Some(task) = spawn_tee(&controller, tasks_stop.clone()) {
+        background.push(task);
+    }
     background.push(tokio::spawn(sample_signals(
         controller.clone(),
         tasks_stop.clone(),
@@ -363,6 +366,42 @@ fn spawn_live_flow_counter(
                 _ = shutdown.wait() => return,
             }
         }
+    }))
+}
+
+/// Runs the TCP shadow tees ([`crate::tee`]) the published config asks
+/// for: follows every publish at once, and pushes their heartbeat every
+/// half second. On the way out the tees stop, so new flows stay on the fast
+/// path (connections the tee is serving end with the process).
+fn spawn_tee(
+    controller: &Arc<std::sync::Mutex<Controller>>,
+    mut shutdown: Shutdown,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let feed = controller.lock().ok()?.tee_feed();
+    let (maps, stats, wake) = match feed {
+        Ok(Some(f)) => f,
+        Ok(None) => return None,
+        Err(e) => {
+            warn!(error = %e, "no descriptor for the TCP shadow tee; TCP services are not mirrored");
+            return None;
+        }
+    };
+    let controller = controller.clone();
+    Some(tokio::spawn(async move {
+        let tee = crate::tee::Tee::new(maps, stats);
+        loop {
+            let plans = match controller.lock() {
+                Ok(c) => c.tee_plans(),
+                Err(_) => break,
+            };
+            tee.sync(plans);
+            tokio::select! {
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep(crate::tee::BEAT) => {}
+                _ = shutdown.wait() => break,
+            }
+        }
+        tee.shutdown();
     }))
 }
 

@@ -271,6 +271,9 @@ pub struct Dataplane {
     addr_filter: Array<MapData, u64>,
     /// What each service mirrors, by service id (`SHADOWS`).
     shadows: Array<MapData, Shadow>,
+    /// Until when each service's TCP tee listens (`TEE_ALIVE`), written by
+    /// the tee through a descriptor of its own ([`Dataplane::tee_fds`]).
+    tee_alive: Array<MapData, u64>,
     /// What `addr_filter` holds, so that a publish writes only new bits.
     filter_words: Vec<u64>,
     targets: LpmTrie<MapData, TargetKey, u32>,
@@ -431,6 +434,7 @@ impl Dataplane {
         let service_drops = take(&mut ebpf, map::SERVICE_DROPS, PerCpuArray::try_from)?;
         let mut addr_filter = take(&mut ebpf, map::ADDR_FILTER, Array::try_from)?;
         let shadows = take(&mut ebpf, map::SHADOWS, Array::try_from)?;
+        let tee_alive = take(&mut ebpf, map::TEE_ALIVE, Array::try_from)?;
         {
             tc_program(&mut ebpf)?
                 .load()
@@ -473,6 +477,7 @@ impl Dataplane {
             service_drops,
             addr_filter,
             shadows,
+            tee_alive,
             filter_words,
             targets,
             targets_written,
@@ -689,6 +694,25 @@ impl Dataplane {
     pub fn conns_fd(&self) -> std::io::Result<std::os::fd::OwnedFd> {
         use aya::maps::IterableMap as _;
         self.conns.map().fd().as_fd().try_clone_to_owned()
+    }
+
+    /// Descriptors of their own for the connection table and `TEE_ALIVE`,
+    /// for the TCP shadow tee ([`crate::tee`]), which runs outside whatever
+    /// holds this `Dataplane`.
+    ///
+    /// # Errors
+    /// `dup` failed.
+    pub fn tee_fds(&self) -> std::io::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
+        use aya::maps::IterableMap as _;
+        Ok((
+            self.conns_fd()?,
+            self.tee_alive.map().fd().as_fd().try_clone_to_owned()?,
+        ))
+    }
+
+    /// The id a configured service has in the tables.
+    pub fn service_id(&self, service: &str) -> Option<u32> {
+        self.live.get(service).map(|l| l.id)
     }
 
     /// The backend id table entries use for a configured backend.

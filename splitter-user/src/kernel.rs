@@ -85,6 +85,14 @@ pub trait DataplaneOps: Send {
     /// # Errors
     /// A descriptor could not be duplicated.
     fn walker(&self) -> std::io::Result<Option<TableWalker>>;
+    /// The maps of the TCP shadow tee, with descriptors of their own;
+    /// `None` when there is no kernel.
+    ///
+    /// # Errors
+    /// A descriptor could not be duplicated.
+    fn tee_maps(&self) -> std::io::Result<Option<crate::tee::TeeMaps>>;
+    /// The id a configured service has in the tables.
+    fn service_id(&self, service: &str) -> Option<u32>;
 }
 
 impl DataplaneOps for Dataplane {
@@ -139,6 +147,13 @@ impl DataplaneOps for Dataplane {
     }
     fn walker(&self) -> std::io::Result<Option<TableWalker>> {
         TableWalker::new(self).map(Some)
+    }
+    fn tee_maps(&self) -> std::io::Result<Option<crate::tee::TeeMaps>> {
+        let (conns, alive) = self.tee_fds()?;
+        crate::tee::TeeMaps::open(conns, alive).map(Some)
+    }
+    fn service_id(&self, service: &str) -> Option<u32> {
+        Dataplane::service_id(self, service)
     }
 }
 
@@ -281,5 +296,11 @@ impl DataplaneOps for FakeDataplane {
     }
     fn walker(&self) -> std::io::Result<Option<TableWalker>> {
         Ok(None)
+    }
+    fn tee_maps(&self) -> std::io::Result<Option<crate::tee::TeeMaps>> {
+        Ok(None)
+    }
+    fn service_id(&self, _service: &str) -> Option<u32> {
+        None
     }
 }

@@ -14,6 +14,8 @@
 //!   state machine `(state, event) -> (state, actions)` (no I/O, no clock).
 //! - [`target`]: source-CIDR targeting rules: parsing, validation and the
 //!   longest-prefix match (pure).
+//! - [`tee`]: TCP shadow traffic: the tee that copies a mirrored flow's
+//!   bytes to a shadow backend (its plans are pure).
 //! - [`table`]: weight math and the Maglev table builder (pure, property-tested).
 //! - [`dataplane`]: loads and attaches the kernel program and writes its maps.
 //! - [`hook`]: operator commands run on events, bounded by a timeout.
@@ -56,3 +58,4 @@ pub mod state;
 pub mod systemd;
 pub mod table;
 pub mod target;
+pub mod tee;

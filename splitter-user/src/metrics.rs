@@ -33,6 +33,11 @@
 //! | `splitter_service_drops_total` | counter | `service`, `reason` (drops once the service is known) |
 //! | `splitter_shadow_ratio` | gauge, 0..1 (only mirrored services) | `service`, `version` (the shadow) |
 //! | `splitter_shadow_answers_dropped_total` | counter (only mirrored services) | `service`, `version` (the shadow) |
+//! | `splitter_shadow_tee_flows_total` | counter (only mirrored TCP services) | `service` |
+//! | `splitter_shadow_tee_fell_behind_total` | counter (only mirrored TCP services) | `service` |
+//! | `splitter_shadow_tee_errors_total` | counter (only mirrored TCP services) | `service`, `side` (`stable`, `shadow`) |
+//! | `splitter_shadow_tee_response_bytes_total` | counter (only mirrored TCP services) | `service`, `side` |
+//! | `splitter_shadow_tee_first_byte_mean_seconds` | gauge (only mirrored TCP services that answered) | `service`, `side` |
 //! | `splitter_rollout_info` | gauge (always 1) | `service`, `from`, `to`, `strategy`, `state` (`running`, `paused`, `completed`, `rolled-back`, `aborted`) |
 //! | `splitter_rollout_step` | gauge (from 1) | `service` |
 //! | `splitter_rollout_target_share_ratio` | gauge, 0..1 | `service` |
@@ -478,6 +483,43 @@ impl Collector for ReportCollector {
                 )
             }),
         )?;
+        let tees = || shadows().filter_map(|(s, sh)| sh.tee.as_ref().map(|t| (s, t)));
+        let sides =
+            || tees().flat_map(|(s, t)| [(s, "stable", &t.stable), (s, "shadow", &t.shadow)]);
+        family(
+            e,
+            "splitter_shadow_tee_flows_total",
+            "Mirrored TCP flows the edge's tee served (each to a stable backend, and copied to a shadow backend).",
+            tees().map(|(s, t)| ([("service", s)], counter(t.flows))),
+        )?;
+        family(
+            e,
+            "splitter_shadow_tee_fell_behind_total",
+            "Shadow connections the tee cut off: the shadow fell more than 1 MiB behind its client, or was still busy 5 s after the client's connection ended.",
+            tees().map(|(s, t)| ([("service", s)], counter(t.fell_behind))),
+        )?;
+        family(
+            e,
+            "splitter_shadow_tee_errors_total",
+            "Connections of mirrored TCP flows refused, timed out or reset by the backend, by side (stable or shadow; the same flows).",
+            sides().map(|(s, side, x)| ([("service", s), ("side", side)], counter(x.errors()))),
+        )?;
+        family(
+            e,
+            "splitter_shadow_tee_response_bytes_total",
+            "Response bytes of mirrored TCP flows, by side (the shadow's are read and dropped at the edge).",
+            sides()
+                .map(|(s, side, x)| ([("service", s), ("side", side)], counter(x.response_bytes))),
+        )?;
+        family(
+            e,
+            "splitter_shadow_tee_first_byte_mean_seconds",
+            "Mean time from the request's first bytes to the first response byte over mirrored TCP flows, by side (the same flows).",
+            sides().filter_map(|(s, side, x)| {
+                x.ttfb_mean_us()
+                    .map(|us| ([("service", s), ("side", side)], gauge(us as f64 / 1e6)))
+            }),
+        )?;
         family(
             e,
             "splitter_rollout_info",
@@ -800,6 +842,7 @@ mod tests {
                 verdicts: vec![],
                 signals: vec![],
                 allowed: vec![],
+                shadow: None,
             }],
             rollouts_ended: vec![crate::report::RolloutsEnded {
                 service: "web".into(),
@@ -942,6 +985,16 @@ splitter_service_drops_total{service="web",reason="no_flow"} 2
 # TYPE splitter_shadow_ratio gauge
 # HELP splitter_shadow_answers_dropped_total Answers from a service's shadow version, dropped at the edge (never sent to a client). The copies, their flows, answers, timeouts and first-answer latency are the shadow version's splitter_backend_* series.
 # TYPE splitter_shadow_answers_dropped_total counter
+# HELP splitter_shadow_tee_flows_total Mirrored TCP flows the edge's tee served (each to a stable backend, and copied to a shadow backend).
+# TYPE splitter_shadow_tee_flows_total counter
+# HELP splitter_shadow_tee_fell_behind_total Shadow connections the tee cut off: the shadow fell more than 1 MiB behind its client, or was still busy 5 s after the client's connection ended.
+# TYPE splitter_shadow_tee_fell_behind_total counter
+# HELP splitter_shadow_tee_errors_total Connections of mirrored TCP flows refused, timed out or reset by the backend, by side (stable or shadow; the same flows).
+# TYPE splitter_shadow_tee_errors_total counter
+# HELP splitter_shadow_tee_response_bytes_total Response bytes of mirrored TCP flows, by side (the shadow's are read and dropped at the edge).
+# TYPE splitter_shadow_tee_response_bytes_total counter
+# HELP splitter_shadow_tee_first_byte_mean_seconds Mean time from the request's first bytes to the first response byte over mirrored TCP flows, by side (the same flows).
+# TYPE splitter_shadow_tee_first_byte_mean_seconds gauge
 # HELP splitter_rollout_info A rollout the daemon knows (1), with its versions, strategy and state.
 # TYPE splitter_rollout_info gauge
 splitter_rollout_info{service="web",from="blue",to="green",strategy="canary",state="running"} 1
@@ -966,7 +1019,7 @@ splitter_rollouts_ended_total{service="web",outcome="rolled_back"} 1
     }
 
     /// Every family and its type, as the module's table gives them.
-    const FAMILIES: [(&str, &str); 31] = [
+    const FAMILIES: [(&str, &str); 36] = [
         ("splitter_program_info", "gauge"),
         ("splitter_service_info", "gauge"),
         ("splitter_version_weight", "gauge"),
@@ -994,6 +1047,11 @@ splitter_rollouts_ended_total{service="web",outcome="rolled_back"} 1
         ("splitter_service_drops_total", "counter"),
         ("splitter_shadow_ratio", "gauge"),
         ("splitter_shadow_answers_dropped_total", "counter"),
+        ("splitter_shadow_tee_flows_total", "counter"),
+        ("splitter_shadow_tee_fell_behind_total", "counter"),
+        ("splitter_shadow_tee_errors_total", "counter"),
+        ("splitter_shadow_tee_response_bytes_total", "counter"),
+        ("splitter_shadow_tee_first_byte_mean_seconds", "gauge"),
         ("splitter_rollout_info", "gauge"),
         ("splitter_rollout_step", "gauge"),
         ("splitter_rollout_target_share_ratio", "gauge"),

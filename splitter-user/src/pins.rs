@@ -96,12 +96,12 @@ const SHAPE: [&str; 4] = [
 /// Every map with the key size, value size, capacity and kernel map type
 /// (`bpf_map_type`) this build uses ([`SHAPE`]), with the default
 /// connection-table capacity (what the object file declares).
-pub fn expected_maps() -> [(&'static str, [u32; 4]); 13] {
+pub fn expected_maps() -> [(&'static str, [u32; 4]); 14] {
     expected_maps_for(CONN_CAPACITY)
 }
 
 /// [`expected_maps`] with a connection table of `conn_capacity` entries.
-pub fn expected_maps_for(conn_capacity: u32) -> [(&'static str, [u32; 4]); 13] {
+pub fn expected_maps_for(conn_capacity: u32) -> [(&'static str, [u32; 4]); 14] {
     use aya_obj::generated::bpf_map_type::{
         BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_LPM_TRIE, BPF_MAP_TYPE_LRU_HASH,
         BPF_MAP_TYPE_PERCPU_ARRAY,
@@ -180,6 +180,7 @@ pub fn expected_maps_for(conn_capacity: u32) -> [(&'static str, [u32; 4]); 13] {
             [4, s(size_of::<Shadow>()), MAX_SERVICES, array],
         ),
         (map::SHADOW_ACC, [4, 4, MAX_SERVICES, percpu_array]),
+        (map::TEE_ALIVE, [4, 8, MAX_SERVICES, array]),
     ]
 }
 

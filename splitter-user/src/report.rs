@@ -145,6 +145,11 @@ pub struct ShadowReport {
     /// Mean time from a flow's first copy to the shadow's first answer,
     /// in microseconds (`None`: no answer yet).
     pub first_answer_mean_us: Option<u64>,
+    /// TCP only: the tee's mirrored flows, with the stable and the shadow
+    /// side of the same flows (connections, errors, response bytes, time
+    /// to first byte).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tee: Option<crate::tee::TeeReport>,
 }
 
 impl ShadowReport {
@@ -162,6 +167,25 @@ impl ShadowReport {
             answers_dropped: version.backends.iter().map(|b| b.reply_packets).sum(),
             answer_bytes: version.backends.iter().map(|b| b.reply_bytes).sum(),
             first_answer_mean_us: s.latency_sum_us.checked_div(s.established),
+            tee: None,
+        }
+    }
+
+    /// The report of a TCP service's mirroring: its counts are the tee's
+    /// (copies: connections opened to the shadow; flows: flows the tee
+    /// served; answers: read by the tee and dropped, never sent on).
+    pub fn with_tee(self, tee: crate::tee::TeeReport) -> Self {
+        let sh = &tee.shadow;
+        Self {
+            copies: sh.connects,
+            flows: tee.flows,
+            answered: sh.answered,
+            timeouts: sh.timeouts,
+            answers_dropped: sh.answered,
+            answer_bytes: sh.response_bytes,
+            first_answer_mean_us: sh.ttfb_mean_us(),
+            tee: Some(tee),
+            ..self
         }
     }
 }
@@ -358,6 +382,10 @@ pub struct RolloutReport {
     /// Commands the rollout accepts now (`promote`, `pause`, ...).
     #[serde(default)]
     pub allowed: Vec<String>,
+    /// The service's mirroring, when it mirrors (how the shadow answers,
+    /// beside the stable side).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<ShadowReport>,
 }
 
 /// One analysis verdict of a rollout.

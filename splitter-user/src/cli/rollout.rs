@@ -466,6 +466,12 @@ pub fn render(r: &RolloutReport) -> String {
             );
         }
     }
+    if let Some(sh) = &r.shadow {
+        let _ = writeln!(out, "{}", crate::cli::status::shadow_line(&r.service, sh));
+        if let Some(t) = &sh.tee {
+            let _ = writeln!(out, "{}", crate::cli::status::tee_line(&r.service, t));
+        }
+    }
     if !r.verdicts.is_empty() {
         let last: Vec<String> = r
             .verdicts
@@ -651,6 +657,7 @@ mod tests {
                 latency_p99_ms: Some(0.15),
             }],
             allowed: vec!["promote".into(), "pause".into(), "abort".into()],
+            shadow: None,
         }
     }
 

@@ -84,6 +84,9 @@ pub fn render(r: &StatusReport, window_ms: u64, backends: bool) -> String {
     for s in &r.services {
         if let Some(sh) = &s.shadow {
             let _ = writeln!(out, "{}", shadow_line(&s.name, sh));
+            if let Some(t) = &sh.tee {
+                let _ = writeln!(out, "{}", tee_line(&s.name, t));
+            }
         }
     }
     for s in &r.services {
@@ -108,6 +111,13 @@ pub fn render(r: &StatusReport, window_ms: u64, backends: bool) -> String {
 /// One line per mirrored service: where its copies go and how the shadow
 /// answers (answers are dropped at the edge, never sent to clients).
 pub fn shadow_line(service: &str, sh: &crate::report::ShadowReport) -> String {
+    if sh.tee.is_some() {
+        // TCP: the tee's lines say how both sides did.
+        return format!(
+            "shadow of {service}: {}% of new flows to {} through the tee",
+            sh.percent, sh.version
+        );
+    }
     format!(
         "shadow of {service}: {}% to {}: {} copies in {} flows, {} answered, {} timeouts, {} answers dropped ({} bytes), first answer {}",
         sh.percent,
@@ -121,6 +131,40 @@ pub fn shadow_line(service: &str, sh: &crate::report::ShadowReport) -> String {
         sh.first_answer_mean_us
             .map(|us| format!("{:.2} ms mean", us as f64 / 1000.0))
             .unwrap_or_else(|| "-".to_string())
+    )
+}
+
+/// The TCP tee of a mirrored service: its flows, and the stable and the
+/// shadow side of the same flows.
+pub fn tee_line(service: &str, t: &crate::tee::TeeReport) -> String {
+    let side = |s: &crate::tee::Side| {
+        format!(
+            "{} connected, {} errors (refused {}, timeouts {}, resets {}), {} answered, {} response bytes, first byte {}",
+            s.connected,
+            s.errors(),
+            s.refused,
+            s.timeouts,
+            s.resets,
+            s.answered,
+            s.response_bytes,
+            s.ttfb_mean_us()
+                .map(|us| format!("{:.2} ms mean", us as f64 / 1000.0))
+                .unwrap_or_else(|| "-".to_string())
+        )
+    };
+    let state = match (&t.error, t.listening) {
+        (Some(e), _) => format!("NOT LISTENING: {e}"),
+        (None, true) => "listening".to_string(),
+        (None, false) => "not listening".to_string(),
+    };
+    format!(
+        "tee of {service}: {} flows ({} open), {state}; fell behind {}, no shadow {}\n  stable: {}\n  shadow: {}",
+        t.flows,
+        t.open,
+        t.fell_behind,
+        t.no_shadow,
+        side(&t.stable),
+        side(&t.shadow)
     )
 }
 

@@ -592,6 +592,7 @@ impl Controller {
                 .iter()
                 .map(|c| c.name().to_string())
                 .collect(),
+            shadow: self.report_of(service).ok().and_then(|s| s.shadow),
         })
     }
 
