@@ -289,7 +289,12 @@ const WITH_NEW_FLOW: [&str; 6] = [
 ];
 
 /// Counters that only ever move beside an outcome counter, never alone.
-pub const COMPANIONS: [&str; 3] = ["new_flow", "new_flow_targeted", "shadow_skipped"];
+pub const COMPANIONS: [&str; 4] = [
+    "new_flow",
+    "new_flow_targeted",
+    "shadow_skipped",
+    "shadow_tee_flows",
+];
 
 /// Counters that are an outcome of their own without a `drop_`/`pass_`
 /// prefix.
@@ -322,6 +327,12 @@ pub fn judge(
     if deltas.contains_key("new_flow_targeted") && !new_flow {
         return Err(format!("new_flow_targeted without new_flow: {deltas:?}"));
     }
+    // A mirrored TCP flow handed to the edge's tee: made (new_flow) and
+    // passed exactly as it came (docs/architecture.md, the tee).
+    let tee = deltas.contains_key("shadow_tee_flows");
+    if tee && !new_flow {
+        return Err(format!("shadow_tee_flows without new_flow: {deltas:?}"));
+    }
     if deltas.contains_key("shadow_cloned") {
         return Err("shadow_cloned moved in the XDP program (only tc clones)".into());
     }
@@ -334,6 +345,11 @@ pub fn judge(
     match (action, outcomes.as_slice()) {
         (DROP, [d]) if d.starts_with("drop_") => {}
         (TX, ["tx"]) | (REDIRECT, ["redirect"]) => {}
+        (PASS, []) if tee => {
+            if !untouched {
+                return Err("a flow handed to the tee was changed".into());
+            }
+        }
         (PASS, []) if !new_flow => {
             if !untouched {
                 return Err("XDP_PASS counting nothing, but the frame was changed".into());

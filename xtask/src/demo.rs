@@ -12,7 +12,10 @@
 //! 2. a canary green -> red: its first analysis fails and the daemon rolls
 //!    it back on its own;
 //! 3. a blue-green switch green -> blue with a preview address, promoted by
-//!    hand, analysed after the switch: it completes.
+//!    hand, analysed after the switch: it completes;
+//! 4. targeting: an internal client address sees green first;
+//! 5. shadow: green gets a copy of 20% of the new connections through the
+//!    edge's tee, and only blue answers the clients.
 //!
 //! Then N more requests show where new connections land, and `splitter
 //! status`. Everything is owned by `Drop` guards, so it is removed on
@@ -226,6 +229,12 @@ pub fn demo(opts: &DemoOptions) -> Result<()> {
             ],
         }],
     );
+    // Plain GETs only read: the service may be mirrored (step 5).
+    let config = config.replacen(
+        "protocol = \"tcp\"\n",
+        "protocol = \"tcp\"\nread_only = true\n",
+        1,
+    );
     let daemon = Daemon::start_with(&topo.edge, &config, &bin)?;
     check_interrupt()?;
 
@@ -362,6 +371,39 @@ pub fn demo(opts: &DemoOptions) -> Result<()> {
     print_indented(&run_cli(&daemon, &["target", "remove", "web", &rule])?);
     check_interrupt()?;
 
+    step(
+        "5. shadow: green gets a copy of 20% of the new connections; its answers are dropped, clients see only blue",
+    );
+    print_indented(&run_cli(
+        &daemon,
+        &["shadow", "set", "web", "green", "--percent", "20"],
+    )?);
+    let green_before = green.requests();
+    let mirrored = clients::http_get_many(&topo.cli, vip, "/", 50, REQUEST_TIMEOUT)?;
+    // The shadow's copies end a little after the clients' exchanges.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while green.requests() < green_before + 8 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let copies = green.requests() - green_before;
+    println!(
+        "    50 requests: answered by blue {}, by green {}, failed {}; green got {copies} copies",
+        mirrored.count("blue"),
+        mirrored.count("green"),
+        mirrored.errors
+    );
+    let status = daemon.cli_ok(&["status"])?;
+    for l in status
+        .lines()
+        .skip_while(|l| !l.starts_with("shadow of web"))
+        .take(4)
+    {
+        println!("    {l}");
+    }
+    print_indented(&run_cli(&daemon, &["shadow", "off", "web"])?);
+    check_interrupt()?;
+
     let r = round(&topo, vip, opts.requests, &blue, &green)?;
     print_table("after the rollouts", &r);
 
@@ -424,6 +466,10 @@ pub fn demo(opts: &DemoOptions) -> Result<()> {
     ensure!(
         r.green == 0 && r.blue > 0,
         "after the switch every new connection should reach blue"
+    );
+    ensure!(
+        mirrored.count("blue") == 50 && (8..=12).contains(&copies),
+        "while green was mirrored, every answer should come from blue and green should get 20% of 50 copies (exact per CPU): {mirrored:?}, {copies} copies"
     );
     ensure!(
         csum.iter().all(|(_, c)| *c == CsumErrors::default()),

@@ -425,19 +425,27 @@ pub async fn backend(socket: &Path, cmd: BackendCommand) -> Result<(), CliError>
 /// `splitter shadow ...`
 #[derive(Debug, Subcommand)]
 pub enum ShadowCommand {
-    /// Mirror a share of a UDP service's datagrams to a version that serves
-    /// no client (weight 0): each sampled datagram still goes to its stable
-    /// backend, and a copy to the shadow version, whose answers are dropped
-    /// at the edge and counted. Saved across restarts until the config
-    /// file is edited; refused during a rollout of the service.
+    /// Mirror a share of a service's traffic to a version that serves no
+    /// client (weight 0), whose answers are dropped at the edge and counted.
+    ///
+    /// UDP: each sampled datagram still goes to its stable backend, and a
+    /// copy to the shadow version. TCP (only a service with
+    /// read_only = true, since every request is repeated): each sampled new
+    /// flow is served by its stable backend through the daemon's tee, and
+    /// the shadow gets the same request bytes over its own connection; a
+    /// slow or dead shadow is cut off, never the client. Saved across
+    /// restarts until the config file is edited; refused during a rollout
+    /// of the service. `splitter status` shows how the shadow answers.
     ///
     /// Example: splitter shadow set dns canary --percent 10
+    ///
+    /// Example: splitter shadow set web green --percent 5
     Set {
         /// Service name.
         service: String,
         /// The shadow version (a version of the service with weight 0).
         version: String,
-        /// Share mirrored, 1-100 (UDP: of datagrams).
+        /// Share mirrored, 1-100 (UDP: of datagrams; TCP: of new flows).
         #[arg(long)]
         percent: u32,
         /// Output format of the resulting service.

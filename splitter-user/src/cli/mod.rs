@@ -212,7 +212,7 @@ pub enum Command {
     /// version, whatever the weights say (longest prefix wins).
     #[command(subcommand)]
     Target(target::TargetCommand),
-    /// Mirror a share of a UDP service's traffic to a shadow version, or stop.
+    /// Mirror a share of a service's traffic to a shadow version, or stop.
     #[command(subcommand)]
     Shadow(edit::ShadowCommand),
     /// Work with configuration files.
