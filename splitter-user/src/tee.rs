@@ -275,6 +275,19 @@ impl TeeMaps {
     }
 }
 
+impl TeeMaps {
+    /// Says the tee of service `id` listens until `until_ns`
+    /// (`CLOCK_MONOTONIC` ns; 0: it does not).
+    ///
+    /// # Errors
+    /// The map update failed.
+    pub fn set_alive(&mut self, id: u32, until_ns: u64) -> std::io::Result<()> {
+        self.alive
+            .set(id, until_ns, 0)
+            .map_err(std::io::Error::other)
+    }
+}
+
 /// The flow key of a client's connection to a VIP.
 fn flow_key(client: SocketAddrV4, vip: SocketAddrV4) -> FlowKey {
     FlowKey {
@@ -431,7 +444,7 @@ impl Tee {
         let until = crate::dataplane::monotonic_ns() + ALIVE_AHEAD.as_nanos() as u64;
         if let Ok(mut m) = self.shared.maps.lock() {
             for r in running.values() {
-                if let Err(e) = m.alive.set(r.id, until, 0) {
+                if let Err(e) = m.set_alive(r.id, until) {
                     warn!(error = %e, "TEE_ALIVE could not be written");
                 }
             }
@@ -473,7 +486,7 @@ impl Tee {
 
     fn stop(&self, name: &str, r: Running) {
         if let Ok(mut m) = self.shared.maps.lock() {
-            let _ = m.alive.set(r.id, 0, 0);
+            let _ = m.set_alive(r.id, 0);
         }
         r.task.abort();
         if r.route {

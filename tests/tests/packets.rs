@@ -1196,6 +1196,100 @@ fn a_snat_port_in_time_wait_is_reused_only_by_a_syn_with_a_newer_timestamp() -> 
 }
 
 /// The config with `connect_timeout_ms` set on both services.
+#[test]
+#[ignore = "needs root: run with -- --include-ignored --test-threads=1"]
+fn a_mirrored_tcp_flow_goes_to_the_tee_only_while_it_listens() -> Result<()> {
+    in_netns(|| {
+        // web mirrors every new flow to green (weight 0), read_only.
+        let text = format!(
+            "[dataplane]\ninterface = \"lo\"\nmode = \"snat\"\nsnat_address = \"{SNAT_IP}\"\n\n\
+             [[service]]\nname = \"web\"\nvip = \"{VIP}\"\nprotocol = \"tcp\"\nread_only = true\n\n\
+             [[service.version]]\nname = \"blue\"\nweight = 100\nbackends = [\"{BLUE}\"]\n\n\
+             [[service.version]]\nname = \"green\"\nweight = 0\nbackends = [\"{GREEN}\"]\n\n\
+             [service.shadow]\nversion = \"green\"\npercent = 100\n"
+        );
+        let config = Config::parse(&text).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let edge = Edge::with_config(&config)?;
+        let id = edge.dp.service_id("web").context("no id for web")?;
+        let (conns, alive) = edge.dp.tee_fds()?;
+        let mut tee = splitter::tee::TeeMaps::open(conns, alive)?;
+
+        // No tee listens: the flow stays on the fast path.
+        let first = client(41000);
+        let syn = Packet::tcp(first, VIP, TCP_SYN);
+        let (r, deltas) = edge.run(&syn.build())?;
+        let snat = snat_source(&r.data)?;
+        check(
+            "SYN, no tee",
+            &r,
+            &deltas,
+            xdp_action::PASS,
+            &syn.clone().endpoints(snat, BLUE).build(),
+            FORWARDED_NEW,
+        )?;
+
+        // A tee listens: the new flow is handed to the edge's stack as it
+        // came, with the backend it was given in its entry.
+        tee.set_alive(id, u64::MAX)?;
+        let second = client(41001);
+        let syn = Packet::tcp(second, VIP, TCP_SYN).build();
+        edge.expect(
+            "SYN, tee listening",
+            &syn,
+            xdp_action::PASS,
+            &syn,
+            &[("new_flow", 1), ("shadow_tee_flows", 1)],
+        )?;
+        let conn = edge
+            .dp
+            .conn(second, VIP, 6)?
+            .context("no entry for the tee's flow")?;
+        ensure!(
+            conn.flags == splitter_common::CONN_F_LOCAL
+                && conn.new_addr[0] == u32::from(*BLUE.ip()).to_be()
+                && conn.new_port == BLUE.port().to_be()
+                && conn.state == splitter_common::TCP_SYN | splitter_common::TCP_ESTABLISHED,
+            "the tee's entry: {conn:?}"
+        );
+        // Its later packets pass untouched too, and count for blue.
+        let data = Packet::tcp(second, VIP, TCP_ACK | TCP_PSH)
+            .seq_ack(1001, 5001)
+            .payload(b"GET / HTTP/1.1\r\n\r\n")
+            .build();
+        edge.expect("data to the tee", &data, xdp_action::PASS, &data, &[])?;
+        let fin = Packet::tcp(second, VIP, TCP_FIN | TCP_ACK).build();
+        edge.expect("FIN to the tee", &fin, xdp_action::PASS, &fin, &[])?;
+        let conn = edge.dp.conn(second, VIP, 6)?.context("entry gone")?;
+        ensure!(
+            conn.state & splitter_common::TCP_FIN_CLIENT != 0,
+            "the client's FIN is not in the entry: {conn:?}"
+        );
+        let [new_flows, packets, ..] = edge.stats("web", "blue", BLUE)?;
+        ensure!(
+            new_flows == 2 && packets == 4,
+            "blue's stats: {new_flows} flows, {packets} packets"
+        );
+        // No reverse entry: nothing of the backend's comes back through it.
+        let stray = Packet::tcp(BLUE, SocketAddrV4::new(SNAT_IP, 45000), TCP_SYN | TCP_ACK).build();
+        edge.expect_untouched("the tee's own connection's SYN-ACK", &stray)?;
+
+        // The tee stopped: new flows are on the fast path again.
+        tee.set_alive(id, 0)?;
+        let third = Packet::tcp(client(41002), VIP, TCP_SYN);
+        let (r, deltas) = edge.run(&third.build())?;
+        let snat = snat_source(&r.data)?;
+        check(
+            "SYN, tee stopped",
+            &r,
+            &deltas,
+            xdp_action::PASS,
+            &third.clone().endpoints(snat, BLUE).build(),
+            FORWARDED_NEW,
+        )?;
+        Ok(())
+    })
+}
+
 fn config_with_timeout(mode: &str, connect_timeout_ms: u32) -> Result<Config> {
     let mut c = config(mode, 100, 0)?;
     for s in &mut c.services {

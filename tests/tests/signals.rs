@@ -72,11 +72,27 @@ struct Tally {
     connects: u64,
 }
 
-/// One connection to `vip`: connect (giving up after `connect_timeout`),
-/// then read until the server's first line or the connection's end.
+/// The next client source port (20000-31999, below the kernel's ephemeral
+/// range, so no other socket takes it): every connection of a run has its own,
+/// since a port the kernel handed out again would reuse a tuple the edge
+/// still holds for a connection that never got an answer (its SYN counts
+/// as that flow's retransmission, not as a new attempt).
+fn next_port() -> u16 {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    20_000 + (NEXT.fetch_add(1, Ordering::Relaxed) % 12_000) as u16
+}
+
+/// One connection to `vip` from a port of its own: connect (giving up
+/// after `connect_timeout`), then read until the server's first line or
+/// the connection's end.
 fn connect_once(vip: SocketAddrV4, connect_timeout: Duration) -> Result<(Outcome, Duration)> {
     let started = Instant::now();
-    let mut s = match TcpStream::connect_timeout(&SocketAddr::V4(vip), connect_timeout) {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    sock.bind(&SocketAddr::from(([0, 0, 0, 0], next_port())).into())?;
+    let connected = sock
+        .connect_timeout(&SocketAddr::V4(vip).into(), connect_timeout)
+        .map(|()| TcpStream::from(sock));
+    let mut s = match connected {
         Ok(s) => s,
         Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
             return Ok((Outcome::Refused, started.elapsed()));
