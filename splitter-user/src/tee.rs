@@ -13,9 +13,10 @@
 //!
 //! The shadow never holds the client: its copy of the request goes
 //! through a bounded queue ([`QUEUE_CHUNKS`] reads of at most
-//! [`CHUNK`] bytes) that the client side never waits on; a shadow that
-//! falls behind is cut off (`fell_behind`), and one that is still busy
-//! [`SHADOW_LINGER`] after the client's connection ended is dropped.
+//! [`CHUNK`] bytes per flow, [`QUEUE_TOTAL`] bytes over all flows) that the
+//! client side never waits on; a shadow that falls behind is cut off
+//! (`fell_behind`), and one that is still busy [`SHADOW_LINGER`] after the
+//! client's connection ended is dropped.
 //!
 //! This module owns the listeners and routes of mirrored TCP services,
 //! the heartbeat in `TEE_ALIVE`, and the tee's counters: per service
@@ -26,7 +27,10 @@ use std::{
     collections::BTreeMap,
     net::{Ipv4Addr, SocketAddrV4},
     os::fd::OwnedFd,
-    sync::{Arc, Mutex, OnceLock},
+    sync::{
+        Arc, Mutex, OnceLock,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -55,6 +59,9 @@ pub const CHUNK: usize = 16 * 1024;
 /// Reads of the client's bytes queued for a shadow at most: a shadow more
 /// than `QUEUE_CHUNKS * CHUNK` bytes (1 MiB) behind its client is cut off.
 pub const QUEUE_CHUNKS: usize = 64;
+/// Bytes queued for shadows over all flows at most: past it, a shadow that
+/// needs more room is cut off as if its own queue were full (64 MiB).
+pub const QUEUE_TOTAL: usize = 64 << 20;
 /// How long a shadow may go on after its client's connection ended (to
 /// finish its answer, which is counted), before it is dropped.
 pub const SHADOW_LINGER: Duration = Duration::from_secs(5);
@@ -327,6 +334,22 @@ fn pick_fallback(plan: &Plan, client: SocketAddrV4) -> Option<(String, SocketAdd
 struct Shared {
     maps: Mutex<TeeMaps>,
     stats: Arc<TeeStats>,
+    /// Bytes in every flow's shadow queue now (see [`QUEUE_TOTAL`]).
+    queued: Arc<AtomicUsize>,
+}
+
+/// A read of a client's bytes on its way to a shadow; it leaves the
+/// global count of queued bytes when it is dropped (written, or thrown
+/// away with its queue).
+struct Queued {
+    bytes: Bytes,
+    queued: Arc<AtomicUsize>,
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        self.queued.fetch_sub(self.bytes.len(), Ordering::Relaxed);
+    }
 }
 
 impl Shared {
@@ -392,6 +415,7 @@ impl Tee {
             shared: Arc::new(Shared {
                 maps: Mutex::new(maps),
                 stats,
+                queued: Arc::new(AtomicUsize::new(0)),
             }),
             running: Mutex::new(BTreeMap::new()),
         }
@@ -730,7 +754,7 @@ async fn serve(mut client: TcpStream, peer: SocketAddrV4, plan: &Plan, shared: &
         stats.service(&plan.service, |t| t.no_shadow += 1);
     } else {
         let addr = plan.shadow[spread(peer, plan.shadow.len())];
-        let (tx, rx) = mpsc::channel::<Bytes>(QUEUE_CHUNKS);
+        let (tx, rx) = mpsc::channel::<Queued>(QUEUE_CHUNKS);
         to_shadow = Some(tx);
         tokio::spawn(shadow_side(
             addr,
@@ -777,14 +801,24 @@ async fn serve(mut client: TcpStream, peer: SocketAddrV4, plan: &Plan, shared: &
                     return Err(Broken::Stable);
                 }
                 stats.side(service, false, |s| s.request_bytes += n as u64);
-                if let Some(tx) = &to_shadow
-                    && tx.try_send(Bytes::copy_from_slice(&buf[..n])).is_err()
-                {
-                    // Full (the shadow fell behind) or gone: never wait.
-                    if !tx.is_closed() {
-                        stats.service(service, |t| t.fell_behind += 1);
+                if let Some(tx) = &to_shadow {
+                    // Full (the shadow fell behind, or all shadows hold
+                    // too much) or gone: never wait.
+                    let room = shared.queued.load(Ordering::Relaxed) + n <= QUEUE_TOTAL;
+                    let sent = room && {
+                        shared.queued.fetch_add(n, Ordering::Relaxed);
+                        let q = Queued {
+                            bytes: Bytes::copy_from_slice(&buf[..n]),
+                            queued: shared.queued.clone(),
+                        };
+                        tx.try_send(q).is_ok()
+                    };
+                    if !sent {
+                        if !tx.is_closed() {
+                            stats.service(service, |t| t.fell_behind += 1);
+                        }
+                        to_shadow = None;
                     }
-                    to_shadow = None;
                 }
             }
         };
@@ -839,7 +873,7 @@ async fn serve(mut client: TcpStream, peer: SocketAddrV4, plan: &Plan, shared: &
 /// or [`SHADOW_LINGER`] after the client's connection ended.
 async fn shadow_side(
     addr: SocketAddrV4,
-    mut rx: mpsc::Receiver<Bytes>,
+    mut rx: mpsc::Receiver<Queued>,
     first_read: Arc<OnceLock<Instant>>,
     mut client_done: watch::Receiver<bool>,
     plan: Plan,
@@ -855,11 +889,11 @@ async fn shadow_side(
         };
         let (mut r, mut w) = s.split();
         let writer = async {
-            while let Some(b) = rx.recv().await {
-                if w.write_all(&b).await.is_err() {
+            while let Some(q) = rx.recv().await {
+                if w.write_all(&q.bytes).await.is_err() {
                     return Err(());
                 }
-                stats.side(service, true, |s| s.request_bytes += b.len() as u64);
+                stats.side(service, true, |s| s.request_bytes += q.bytes.len() as u64);
             }
             let _ = w.shutdown().await;
             Ok(())
