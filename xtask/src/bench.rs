@@ -187,7 +187,8 @@ mod measure {
             // For work on the connection rate: that section only, printed.
             let rounds = opts.rounds.min(TRAFFIC_ROUNDS);
             step(&format!(
-                "connection rate: {rounds} rounds x 5 paths, wrk {} s each",
+                "connection rate: {rounds} rounds x {} paths, wrk {} s each",
+                connrate::PATHS,
                 connrate::duration_s()
             ));
             let t = Traffic {
@@ -299,7 +300,8 @@ mod measure {
         let e = edge::run(edge::EdgeOptions { rounds }).map_err(|e| format!("{e:#}"));
         println!("    took {:.0} s", t.elapsed().as_secs_f64());
         let t = timed(&format!(
-            "connection rate: {rounds} rounds x 5 paths, wrk {} s each",
+            "connection rate: {rounds} rounds x {} paths, wrk {} s each",
+            connrate::PATHS,
             connrate::duration_s()
         ));
         let c = connrate::run(rounds).map_err(|e| format!("{e:#}"));

@@ -1,7 +1,7 @@
 //! Connection rate: wrk with short connections (`Connection: close`, one
 //! request per connection) from the client namespace against two nginx
 //! servers in the backend namespace (blue 10.0.2.2:8080, green
-//! 10.0.2.3:8080), through the edge namespace, four ways in every round:
+//! 10.0.2.3:8080), through the edge namespace, six ways in every round:
 //!
 //! - `direct`: to blue's address, the edge's kernel forwarding, no NAT;
 //! - `splitter`: the real daemon, service `web` on the VIP, 90/10, SNAT;
@@ -9,6 +9,10 @@
 //!   (added to the edge's `lo`), weights 90/10;
 //! - `nftables`: DNAT with a `numgen random` 90/10 split (the backends
 //!   route back through the edge);
+//! - `splitter_mirrored`: splitter again, with 10% of the new flows
+//!   mirrored to a third nginx (`shadow`, on port 8081 of the green
+//!   addresses) through the edge's tee (the service is `read_only`): the
+//!   cost of TCP shadow traffic beside the unmirrored row;
 //! - `splitter_no_timewait`, a diagnostic: splitter again, with the
 //!   backends keeping no TIME_WAIT (`net.ipv4.tcp_max_tw_buckets=0` in the
 //!   backend namespace for that run), to show how much of splitter's gap is
@@ -70,7 +74,7 @@ const GREEN: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 0, 2, 3);
 /// Backend address pairs of the cases start at 10.0.2.FIRST_PAIR.
 const FIRST_PAIR: u8 = 10;
 
-/// The blue and green addresses of case `k` (round * 4 + path).
+/// The blue and green addresses of case `k` (round * paths + path).
 fn pair(k: usize) -> (std::net::Ipv4Addr, std::net::Ipv4Addr) {
     let b = FIRST_PAIR + 2 * k as u8;
     (
@@ -84,10 +88,15 @@ const TW_BUCKETS: &str = "net.ipv4.tcp_max_tw_buckets";
 /// API weight flips timed.
 pub const API_FLIPS: usize = 100;
 
+/// Paths measured in every round.
+pub const PATHS: usize = Path4::ALL.len();
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Path4 {
     Direct,
     Splitter,
+    /// Splitter mirroring 10% of the new flows through its tee.
+    SplitterMirrored,
     /// Diagnostic: splitter with `tcp_max_tw_buckets=0` on the backends.
     SplitterNoTw,
     Haproxy,
@@ -95,9 +104,10 @@ enum Path4 {
 }
 
 impl Path4 {
-    const ALL: [Path4; 5] = [
+    const ALL: [Path4; 6] = [
         Path4::Direct,
         Path4::Splitter,
+        Path4::SplitterMirrored,
         Path4::SplitterNoTw,
         Path4::Haproxy,
         Path4::Nftables,
@@ -106,6 +116,7 @@ impl Path4 {
         match self {
             Path4::Direct => "direct",
             Path4::Splitter => "splitter",
+            Path4::SplitterMirrored => "splitter_mirrored",
             Path4::SplitterNoTw => "splitter_no_timewait",
             Path4::Haproxy => "haproxy",
             Path4::Nftables => "nftables",
@@ -115,6 +126,7 @@ impl Path4 {
         match self {
             Path4::Direct => "direct to a backend (forwarding, no NAT)",
             Path4::Splitter => "splitter, SNAT, 90/10",
+            Path4::SplitterMirrored => "splitter, 90/10, 10% mirrored (TCP tee)",
             Path4::SplitterNoTw => "splitter; backends keep no TIME_WAIT",
             Path4::Haproxy => "HAProxy mode tcp, 90/10",
             Path4::Nftables => "nftables DNAT, numgen 90/10",
@@ -410,23 +422,41 @@ fn setup<'a>(
     let vip = SocketAddrV4::new(VIP, VIP_PORT);
     Ok(match p {
         Path4::Direct => Setup::None,
-        Path4::Splitter | Path4::SplitterNoTw => {
-            let version = |name: &str, weight, a| VersionSpec {
+        Path4::Splitter | Path4::SplitterMirrored | Path4::SplitterNoTw => {
+            let version = |name: &str, weight, a, port| VersionSpec {
                 name: name.into(),
                 weight,
-                backends: vec![SocketAddrV4::new(a, BACKEND_PORT)],
+                backends: vec![SocketAddrV4::new(a, port)],
             };
-            let cfg = config_toml(
+            let mut versions = vec![
+                version("blue", 90, addrs.0, BACKEND_PORT),
+                version("green", 10, addrs.1, BACKEND_PORT),
+            ];
+            if p == Path4::SplitterMirrored {
+                versions.push(version("shadow", 0, addrs.1, SHADOW_PORT));
+            }
+            let mut cfg = config_toml(
                 Mode::Snat,
                 &[ServiceSpec {
                     name: "web".into(),
                     vip,
                     protocol: "tcp",
                     affinity: Affinity::Flow,
-                    versions: vec![version("blue", 90, addrs.0), version("green", 10, addrs.1)],
+                    versions,
                 }],
             );
+            if p == Path4::SplitterMirrored {
+                cfg = cfg.replacen(
+                    "protocol = \"tcp\"\n",
+                    "protocol = \"tcp\"\nread_only = true\n",
+                    1,
+                );
+                cfg.push_str("\n[service.shadow]\nversion = \"shadow\"\npercent = 10\n");
+            }
             let daemon = Box::new(Daemon::start(&topo.edge, &cfg)?);
+            if p == Path4::SplitterMirrored {
+                wait_tee(&daemon)?;
+            }
             let restore = if p == Path4::SplitterNoTw {
                 let path = format!("/proc/sys/{}", TW_BUCKETS.replace('.', "/"));
                 let old = topo
@@ -478,6 +508,29 @@ fn setup<'a>(
 struct Servers {
     blue: Nginx,
     green: Nginx,
+    /// The mirrored case's shadow, on [`SHADOW_PORT`] of the green addresses.
+    _shadow: Nginx,
+}
+
+/// Port of the shadow nginx.
+const SHADOW_PORT: u16 = 8081;
+
+/// Waits (at most 5 s) until the daemon's tee listens.
+fn wait_tee(daemon: &Daemon) -> Result<()> {
+    let t = Instant::now();
+    loop {
+        let s = daemon.status_json()?;
+        if s["services"][0]["shadow"]["tee"]["listening"] == true {
+            return Ok(());
+        }
+        if t.elapsed() > Duration::from_secs(5) {
+            bail!(
+                "the tee did not listen within 5 s: {}",
+                s["services"][0]["shadow"]
+            );
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// TCP counters of a namespace (`/proc/net/netstat`): SYN retransmits and
@@ -607,7 +660,7 @@ mod tempfile_dir {
 /// path that fails in a round is a problem in the results instead.
 pub fn run(rounds: usize) -> Result<ConnResults> {
     check_tools()?;
-    // At most 20 address pairs (10.0.2.10 ..= 10.0.2.49).
+    // At most 30 address pairs (10.0.2.10 ..= 10.0.2.69).
     let rounds = rounds.clamp(1, 5);
     let cases_n = rounds * Path4::ALL.len();
     let (topo, dir) = start_topology(cases_n)?;
@@ -625,6 +678,13 @@ pub fn run(rounds: usize) -> Result<ConnResults> {
             dir.path(),
             "green",
             SocketAddrV4::new(GREEN, BACKEND_PORT),
+            &greens,
+        )?,
+        _shadow: Nginx::start(
+            &topo.back,
+            dir.path(),
+            "shadow",
+            SocketAddrV4::new(GREEN, SHADOW_PORT),
             &greens,
         )?,
     };

@@ -300,10 +300,11 @@ impl Traffic {
                 }
                 let _ = writeln!(
                     o,
-                    "  splitter / direct {}   splitter / HAProxy {}   splitter / nftables {}",
+                    "  splitter / direct {}   splitter / HAProxy {}   splitter / nftables {}   mirrored / splitter {}",
                     fmt_ratio(c.ratio("splitter", "direct")),
                     fmt_ratio(c.ratio("splitter", "haproxy")),
-                    fmt_ratio(c.ratio("splitter", "nftables"))
+                    fmt_ratio(c.ratio("splitter", "nftables")),
+                    fmt_ratio(c.ratio("splitter_mirrored", "splitter"))
                 );
                 for k in &c.cases {
                     for p in &k.problems {
@@ -526,10 +527,11 @@ impl Traffic {
                 }
                 let _ = writeln!(
                     o,
-                    "\nsplitter / direct: {}; splitter / HAProxy: {}; splitter / nftables: {} (per round, median (min..max)).\n",
+                    "\nsplitter / direct: {}; splitter / HAProxy: {}; splitter / nftables: {}; splitter with 10% mirrored / splitter: {} (per round, median (min..max)).\n",
                     fmt_ratio(c.ratio("splitter", "direct")),
                     fmt_ratio(c.ratio("splitter", "haproxy")),
-                    fmt_ratio(c.ratio("splitter", "nftables"))
+                    fmt_ratio(c.ratio("splitter", "nftables")),
+                    fmt_ratio(c.ratio("splitter_mirrored", "splitter"))
                 );
                 problems_md(
                     &mut o,
