@@ -457,7 +457,11 @@ impl Tee {
                     });
                 }
                 Err(e) => {
-                    warn!(service = %name, error = %e, "TCP shadow tee cannot start; flows stay on the fast path");
+                    // Tried again on every beat: logged when the reason changes.
+                    let before = self.shared.stats.report(&name).and_then(|t| t.error);
+                    if before.as_deref() != Some(e.as_str()) {
+                        warn!(service = %name, error = %e, "TCP shadow tee cannot start; flows stay on the fast path");
+                    }
                     self.shared.stats.service(&name, |t| {
                         t.listening = false;
                         t.error = Some(e);

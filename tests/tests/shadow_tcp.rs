@@ -458,8 +458,31 @@ fn tcp_shadow_set_off_refusals_and_restart() -> Result<()> {
     flows(&topo.cli, 20, "before", 0)?;
     ensure!(shadow.got().is_empty(), "copies before mirroring was set");
 
+    // Something else on the edge holds port 80: the tee cannot listen,
+    // says why, and the flows stay on the fast path unmirrored.
+    let blocker = topo
+        .edge
+        .enter(|| TcpListener::bind("0.0.0.0:80"))?
+        .context("binding 0.0.0.0:80 on the edge")?;
     let set = daemon.cli_ok(&["shadow", "set", "web", "shadow", "--percent", "50"])?;
     println!("$ splitter shadow set web shadow --percent 50\n{set}");
+    let blocked = wait_status(&daemon, "the tee's error", 5, |s| {
+        tee(s)["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("cannot listen on 10.0.0.10:80"))
+    })?;
+    ensure!(tee(&blocked)["listening"] == false, "{}", tee(&blocked));
+    let table = daemon.cli_ok(&["status"])?;
+    ensure!(
+        table.contains("NOT LISTENING: cannot listen on 10.0.0.10:80"),
+        "the status does not say why the tee does not listen:\n{table}"
+    );
+    flows(&topo.cli, 20, "blocked", 0)?;
+    ensure!(
+        shadow.got().is_empty(),
+        "copies while the tee could not listen"
+    );
+    drop(blocker);
     listening(&daemon)?;
     flows(&topo.cli, 200, "on", 0)?;
     let s = wait_status(&daemon, "mirrored flows over", 10, |s| {
