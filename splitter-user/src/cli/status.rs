@@ -155,7 +155,7 @@ pub fn tee_line(service: &str, t: &crate::tee::TeeReport) -> String {
     let state = match (&t.error, t.listening) {
         (Some(e), _) => format!("NOT LISTENING: {e}"),
         (None, true) => "listening".to_string(),
-        (None, false) => "not listening".to_string(),
+        (None, false) => "not listening yet".to_string(),
     };
     format!(
         "tee of {service}: {} flows ({} open), {state}; fell behind {}, no shadow {}\n  stable: {}\n  shadow: {}",
