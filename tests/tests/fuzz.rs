@@ -29,6 +29,12 @@
 //! however tagged or optioned) may legitimately be replaced by a new flow,
 //! and is skipped.
 //!
+//! The config holds every kind of service: weights, a source-CIDR rule,
+//! client-IP affinity, a mirrored UDP service (datagrams passed with the
+//! shadow metadata), and a mirrored TCP service whose tee the test says
+//! listens (`TEE_ALIVE` far ahead), so half its new flows are handed to
+//! the edge's stack untouched and later frames of theirs pass untouched.
+//!
 //! The seed is `SPLITTER_FUZZ_SEED` (default a fixed one, so
 //! `cargo xtask test` runs the same frames every time); a failure prints
 //! the seed, the frame count, the frame's index and the frame and the
@@ -143,6 +149,28 @@ affinity = "client-ip"
 name = "only"
 weight = 100
 backends = ["10.0.9.5:443", "10.0.2.4:443"]
+
+# Half the new flows handed to the edge's stack for the TCP tee (the test
+# says a tee listens: `TEE_ALIVE` far ahead), passed as they came.
+[[service]]
+name = "mirror"
+vip = "10.0.0.30:80"
+protocol = "tcp"
+read_only = true
+
+[[service.version]]
+name = "stable"
+weight = 100
+backends = ["10.0.2.5:8080"]
+
+[[service.version]]
+name = "shadow"
+weight = 0
+backends = ["10.0.2.6:8080"]
+
+[service.shadow]
+version = "shadow"
+percent = 50
 "#
     );
     Config::parse(&text).map_err(|e| anyhow::anyhow!("fuzz config rejected: {e}"))
@@ -154,6 +182,7 @@ fn world(mode: &str) -> World {
             (sa("10.0.0.10:80"), IPPROTO_TCP),
             (sa("10.0.0.53:53"), IPPROTO_UDP),
             (sa("10.0.0.20:443"), IPPROTO_TCP),
+            (sa("10.0.0.30:80"), IPPROTO_TCP),
         ],
         backends: vec![
             (sa("10.0.2.2:8080"), IPPROTO_TCP),
@@ -162,6 +191,8 @@ fn world(mode: &str) -> World {
             (sa("10.0.2.3:5353"), IPPROTO_UDP),
             (sa("10.0.9.5:443"), IPPROTO_TCP),
             (sa("10.0.2.4:443"), IPPROTO_TCP),
+            (sa("10.0.2.5:8080"), IPPROTO_TCP),
+            (sa("10.0.2.6:8080"), IPPROTO_TCP),
         ],
         snat: (mode == "snat").then_some(Ipv4Addr::new(10, 0, 2, 1)),
         dnat: mode == "dnat",
@@ -249,6 +280,10 @@ impl Edge {
     fn new(mode: &str) -> Result<Self> {
         let mut dp = Dataplane::load().context("loading the XDP program (root needed)")?;
         dp.apply(&config(mode)?)?;
+        // A tee listens for `mirror` for as long as the test runs.
+        let (conns, alive) = dp.tee_fds()?;
+        let id = dp.service_id("mirror").context("no id for mirror")?;
+        splitter::tee::TeeMaps::open(conns, alive)?.set_alive(id, u64::MAX)?;
         let fd = dp.program_fd()?;
         let map = MapData::from_fd(dp.conns_fd()?).context("opening CONNS")?;
         let conns = HashMap::try_from(aya::maps::Map::LruHashMap(map)).context("CONNS type")?;
@@ -600,7 +635,13 @@ fn fuzzed_frames_follow_the_documented_behaviour() -> Result<()> {
             t.counters
         );
         // The run reached the interesting paths, not just the parser.
-        for c in ["new_flow", "drop_no_flow", "drop_truncated_l4", "redirect"] {
+        for c in [
+            "new_flow",
+            "drop_no_flow",
+            "drop_truncated_l4",
+            "redirect",
+            "shadow_tee_flows",
+        ] {
             ensure!(
                 n < 20_000 || t.counters.get(c).copied().unwrap_or(0) > 0,
                 "{mode}: no frame moved {c}: {:?}",
