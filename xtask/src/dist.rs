@@ -118,8 +118,7 @@ pub fn package(bin: &Path) -> Result<PathBuf> {
          Version: {version}\n\
          Architecture: {arch}\n\
          Maintainer: splitter developers <splitter@example.invalid>\n\
-         Depends: libc6\n\
-         Recommends: iproute2\n\
+         Depends: libc6, iproute2\n\
          Section: net\n\
          Priority: optional\n\
          Description: XDP traffic splitter for zero-downtime deployments\n \
