@@ -629,16 +629,7 @@ impl Dataplane {
     /// # Errors
     /// Map read failures other than "not found".
     pub fn conn(&self, client: SocketAddrV4, vip: SocketAddrV4, proto: u8) -> Result<Option<Conn>> {
-        let key = FlowKey {
-            src: [u32::from(*client.ip()).to_be(), 0, 0, 0],
-            dst: [u32::from(*vip.ip()).to_be(), 0, 0, 0],
-            sport: client.port().to_be(),
-            dport: vip.port().to_be(),
-            proto,
-            family: FAMILY_V4,
-            _pad: [0; 2],
-        };
-        match self.conns.get(&key, 0) {
+        match self.conns.get(&flow_key(client, vip, proto), 0) {
             Ok(c) => Ok(Some(c)),
             Err(aya::maps::MapError::KeyNotFound) => Ok(None),
             Err(e) => Err(map_err(map::CONNS)(e)),
@@ -1754,6 +1745,19 @@ fn take<T>(
         name,
         detail: e.to_string(),
     })
+}
+
+/// The `CONNS` key of a packet from `src` to `dst` (IPv4).
+pub fn flow_key(src: SocketAddrV4, dst: SocketAddrV4, proto: u8) -> FlowKey {
+    FlowKey {
+        src: [u32::from(*src.ip()).to_be(), 0, 0, 0],
+        dst: [u32::from(*dst.ip()).to_be(), 0, 0, 0],
+        sport: src.port().to_be(),
+        dport: dst.port().to_be(),
+        proto,
+        family: FAMILY_V4,
+        _pad: [0; 2],
+    }
 }
 
 /// The `SERVICES` key of a configured service.

@@ -38,8 +38,7 @@ use aya::maps::{Array, HashMap, MapData};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use splitter_common::{
-    CONN_F_LOCAL, Conn, FAMILY_V4, FlowKey, PROTO_TCP, TCP_FIN_BACKEND, TCP_FIN_CLIENT,
-    latency_bucket,
+    CONN_F_LOCAL, Conn, FlowKey, PROTO_TCP, TCP_FIN_BACKEND, TCP_FIN_CLIENT, latency_bucket,
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -252,6 +251,31 @@ impl TeeStats {
         });
     }
 
+    /// `n` response bytes on one side; the `first` read of a connection
+    /// also counts it answered, with its time to first byte since the
+    /// tee's first read of the request (`first_read`).
+    fn response(
+        &self,
+        service: &str,
+        shadow: bool,
+        n: usize,
+        first: bool,
+        first_read: &OnceLock<Instant>,
+    ) {
+        let ttfb = first.then(|| {
+            first_read
+                .get()
+                .map_or(0, |t| t.elapsed().as_micros() as u64)
+        });
+        self.side(service, shadow, |s| {
+            s.response_bytes += n as u64;
+            if let Some(us) = ttfb {
+                s.answered += 1;
+                s.ttfb_sum_us += us;
+            }
+        });
+    }
+
     fn signals(&self, key: &(String, String, SocketAddrV4), f: impl FnOnce(&mut Counters)) {
         if let Ok(mut g) = self.backends.lock() {
             f(g.entry(key.clone()).or_default());
@@ -292,19 +316,6 @@ impl TeeMaps {
         self.alive
             .set(id, until_ns, 0)
             .map_err(std::io::Error::other)
-    }
-}
-
-/// The flow key of a client's connection to a VIP.
-fn flow_key(client: SocketAddrV4, vip: SocketAddrV4) -> FlowKey {
-    FlowKey {
-        src: [u32::from(*client.ip()).to_be(), 0, 0, 0],
-        dst: [u32::from(*vip.ip()).to_be(), 0, 0, 0],
-        sport: client.port().to_be(),
-        dport: vip.port().to_be(),
-        proto: PROTO_TCP,
-        family: FAMILY_V4,
-        _pad: [0; 2],
     }
 }
 
@@ -356,7 +367,7 @@ impl Shared {
     /// The stable backend the data plane chose for the flow (its entry),
     /// or a weighted pick of the plan's when the entry is gone.
     fn stable_of(&self, plan: &Plan, client: SocketAddrV4) -> Option<(String, SocketAddrV4)> {
-        let key = flow_key(client, plan.vip);
+        let key = crate::dataplane::flow_key(client, plan.vip, PROTO_TCP);
         let entry = self
             .maps
             .lock()
@@ -378,7 +389,7 @@ impl Shared {
     /// Marks the flow's entry closed (both FINs), so that it no longer
     /// counts as a live flow of its backend; the program reuses the tuple.
     fn close_entry(&self, plan: &Plan, client: SocketAddrV4) {
-        let key = flow_key(client, plan.vip);
+        let key = crate::dataplane::flow_key(client, plan.vip, PROTO_TCP);
         if let Ok(mut m) = self.maps.lock()
             && let Ok(mut c) = m.conns.get(&key, 0)
             && c.flags & CONN_F_LOCAL != 0
@@ -838,18 +849,8 @@ async fn serve(mut client: TcpStream, peer: SocketAddrV4, plan: &Plan, shared: &
                     Ok(n) => n,
                     Err(_) => return Err(Broken::Stable),
                 };
-                if !answered {
-                    answered = true;
-                    let us = first_read
-                        .get()
-                        .map(|t| t.elapsed().as_micros() as u64)
-                        .unwrap_or(0);
-                    stats.side(service, false, |s| {
-                        s.answered += 1;
-                        s.ttfb_sum_us += us;
-                    });
-                }
-                stats.side(service, false, |s| s.response_bytes += n as u64);
+                stats.response(service, false, n, !answered, &first_read);
+                answered = true;
                 if cw.write_all(&buf[..n]).await.is_err() {
                     return Err(Broken::Client);
                 }
@@ -909,18 +910,8 @@ async fn shadow_side(
                 match r.read(&mut buf).await {
                     Ok(0) => return Ok(()),
                     Ok(n) => {
-                        if !answered {
-                            answered = true;
-                            let us = first_read
-                                .get()
-                                .map(|t| t.elapsed().as_micros() as u64)
-                                .unwrap_or(0);
-                            stats.side(service, true, |s| {
-                                s.answered += 1;
-                                s.ttfb_sum_us += us;
-                            });
-                        }
-                        stats.side(service, true, |s| s.response_bytes += n as u64);
+                        stats.response(service, true, n, !answered, &first_read);
+                        answered = true;
                     }
                     Err(_) => return Err(()),
                 }

@@ -50,7 +50,7 @@ use anyhow::{Context, Result, ensure};
 use aya::maps::{HashMap, MapData};
 use splitter::{config::Config, dataplane::Dataplane};
 use splitter_common::{
-    CONN_F_REVERSE, CONN_F_SNAT, Conn, FAMILY_V4, FlowKey, SHADOW_META_MAGIC, ShadowMeta, counter,
+    CONN_F_REVERSE, CONN_F_SNAT, Conn, FlowKey, SHADOW_META_MAGIC, ShadowMeta, counter,
 };
 use splitter_tests::{
     fuzz::{self, Class, FlowTuples, Generator, MIN_FRAME, Touch, World, classify, hex, judge},
@@ -246,15 +246,7 @@ impl From<&Conn> for Identity {
 }
 
 fn flow_key(proto: u8, (src, dst): (SocketAddrV4, SocketAddrV4)) -> FlowKey {
-    FlowKey {
-        src: [u32::from(*src.ip()).to_be(), 0, 0, 0],
-        dst: [u32::from(*dst.ip()).to_be(), 0, 0, 0],
-        sport: src.port().to_be(),
-        dport: dst.port().to_be(),
-        proto,
-        family: FAMILY_V4,
-        _pad: [0; 2],
-    }
+    splitter::dataplane::flow_key(src, dst, proto)
 }
 
 /// A flow opened by the test, with its two entries as first read.
