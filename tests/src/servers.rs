@@ -1,5 +1,7 @@
 //! Real servers that tell the client who answered: a TCP identity-and-echo
-//! server, a minimal HTTP/1.1 server and a UDP identity server.
+//! server, a minimal HTTP/1.1 server and a UDP identity server; and the
+//! recorders a mirroring test puts where the shadow is ([`TcpRecorder`],
+//! [`UdpRecorder`]), which keep every request they get.
 //!
 //! Each binds its socket inside a namespace ([`Netns::enter`]) and serves
 //! it from background threads of this process. Each counts what it served
@@ -532,6 +534,158 @@ impl UdpIdentityServer {
     }
 
     /// Stops serving and closes the socket.
+    pub fn stop(mut self) {
+        self.bg.stop();
+    }
+}
+
+/// How a recorder answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recording {
+    /// Keeps each request and answers it with `"<name> "` and its bytes.
+    Answers,
+    /// TCP: accepts and never reads (holds each connection until stopped).
+    /// UDP: keeps each datagram and never answers.
+    Stalls,
+}
+
+/// Requests a recorder kept, in arrival order.
+type Kept = Arc<Mutex<Vec<Vec<u8>>>>;
+
+fn kept(k: &Kept) -> Vec<Vec<u8>> {
+    k.lock().map(|g| g.clone()).unwrap_or_default()
+}
+
+/// A TCP server that keeps each connection's bytes up to the client's end
+/// (its half-close), then answers them (or stalls, see [`Recording`]).
+#[derive(Debug)]
+pub struct TcpRecorder {
+    got: Kept,
+    stats: Arc<ServerStats>,
+    bg: Background,
+}
+
+impl TcpRecorder {
+    /// Binds `addr` in `ns` and starts recording.
+    ///
+    /// # Errors
+    /// The address could not be bound.
+    pub fn start(ns: &Netns, addr: SocketAddrV4, name: &str, how: Recording) -> Result<Self> {
+        let listener = bind_tcp(ns, addr)?;
+        let stats = Arc::new(ServerStats::default());
+        let got: Kept = Arc::default();
+        let (g, id) = (Arc::clone(&got), name.to_string());
+        let bg = spawn_acceptor(
+            listener,
+            Arc::clone(&stats),
+            move |mut s, _, stop, stats| {
+                let mut bytes = Vec::new();
+                let mut buf = [0u8; 16384];
+                while !stop.load(Ordering::Relaxed) {
+                    if how == Recording::Stalls {
+                        thread::sleep(POLL);
+                        continue;
+                    }
+                    match read_some(&mut s, &mut buf) {
+                        Ok(Some(0)) => {
+                            let mut answer = format!("{id} ").into_bytes();
+                            answer.extend_from_slice(&bytes);
+                            if let Ok(mut g) = g.lock() {
+                                g.push(bytes);
+                            }
+                            stats.requests.fetch_add(1, Ordering::Relaxed);
+                            let _ = s.write_all(&answer);
+                            return;
+                        }
+                        Ok(Some(n)) => bytes.extend_from_slice(&buf[..n]),
+                        Ok(None) => {}
+                        Err(_) => return,
+                    }
+                }
+            },
+        );
+        Ok(Self { got, stats, bg })
+    }
+
+    /// Each connection's bytes, for the connections that ended their side.
+    pub fn got(&self) -> Vec<Vec<u8>> {
+        kept(&self.got)
+    }
+
+    /// Counters and peers.
+    pub fn stats(&self) -> &ServerStats {
+        &self.stats
+    }
+
+    /// Stops and closes every connection.
+    pub fn stop(mut self) {
+        self.bg.stop();
+    }
+}
+
+/// A UDP server that keeps every datagram and answers it (or not, see
+/// [`Recording`]). Its receive buffer (8 MiB) is far larger than a test's
+/// burst, so that a recorder thread descheduled on a busy machine loses none.
+#[derive(Debug)]
+pub struct UdpRecorder {
+    got: Kept,
+    bg: Background,
+}
+
+impl UdpRecorder {
+    /// Binds `addr` in `ns` and starts recording.
+    ///
+    /// # Errors
+    /// The address could not be bound.
+    pub fn start(ns: &Netns, addr: SocketAddrV4, name: &str, how: Recording) -> Result<Self> {
+        let sock = ns
+            .enter(|| -> std::io::Result<UdpSocket> {
+                let s = socket2::Socket::new(
+                    socket2::Domain::IPV4,
+                    socket2::Type::DGRAM,
+                    Some(socket2::Protocol::UDP),
+                )?;
+                s.set_recv_buffer_size(8 << 20)?;
+                s.bind(&socket2::SockAddr::from(addr))?;
+                Ok(s.into())
+            })?
+            .with_context(|| format!("binding UDP {addr} in namespace {}", ns.name()))?;
+        sock.set_read_timeout(Some(POLL))?;
+        let got: Kept = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (g, flag, id) = (Arc::clone(&got), Arc::clone(&stop), name.to_string());
+        let main = thread::spawn(move || {
+            let started = Instant::now();
+            let mut buf = [0u8; 65536];
+            while !flag.load(Ordering::Relaxed) && started.elapsed() < MAX_LIFETIME {
+                let Ok((n, peer)) = sock.recv_from(&mut buf) else {
+                    continue;
+                };
+                if let Ok(mut g) = g.lock() {
+                    g.push(buf[..n].to_vec());
+                }
+                if how == Recording::Answers {
+                    let mut reply = format!("{id} ").into_bytes();
+                    reply.extend_from_slice(&buf[..n]);
+                    let _ = sock.send_to(&reply, peer);
+                }
+            }
+        });
+        Ok(Self {
+            got,
+            bg: Background {
+                stop,
+                main: Some(main),
+            },
+        })
+    }
+
+    /// Every datagram so far.
+    pub fn got(&self) -> Vec<Vec<u8>> {
+        kept(&self.got)
+    }
+
+    /// Stops and closes the socket.
     pub fn stop(mut self) {
         self.bg.stop();
     }

@@ -15,10 +15,6 @@
 use std::{
     collections::BTreeSet,
     net::{SocketAddrV4, UdpSocket},
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
-    },
     thread,
     time::{Duration, Instant},
 };
@@ -27,7 +23,7 @@ use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 use splitter_tests::{
     netns::Netns,
-    servers::UdpIdentityServer,
+    servers::{Recording, UdpIdentityServer, UdpRecorder},
     splitter::{
         Affinity, BpfMount, Daemon, Mode, ServiceSpec, VersionSpec, config_toml, with_pin_dir,
     },
@@ -40,73 +36,6 @@ const TIMEOUT: Duration = Duration::from_secs(2);
 /// is forwarded; nothing waits for the shadow). Generous for a loaded
 /// 2-core machine; the unmirrored round trip here is well under 1 ms.
 const ANSWER_BOUND: Duration = Duration::from_millis(250);
-
-/// A UDP server that records every datagram and answers it with
-/// `"shadow <payload>"` (answers that must never reach a client).
-struct Recorder {
-    got: Arc<Mutex<Vec<Vec<u8>>>>,
-    stop: Arc<AtomicBool>,
-    thread: Option<thread::JoinHandle<()>>,
-}
-
-impl Recorder {
-    /// `answer`: false for a shadow that stalls (reads, never answers).
-    fn start(ns: &Netns, addr: SocketAddrV4, answer: bool) -> Result<Self> {
-        // A receive buffer far larger than a test's burst of copies, so
-        // that a recorder thread descheduled on a busy machine loses none.
-        let sock = ns
-            .enter(|| -> std::io::Result<UdpSocket> {
-                let s = socket2::Socket::new(
-                    socket2::Domain::IPV4,
-                    socket2::Type::DGRAM,
-                    Some(socket2::Protocol::UDP),
-                )?;
-                s.set_recv_buffer_size(8 << 20)?;
-                s.bind(&socket2::SockAddr::from(addr))?;
-                Ok(s.into())
-            })?
-            .with_context(|| format!("binding {addr}"))?;
-        sock.set_read_timeout(Some(Duration::from_millis(50)))?;
-        let got = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (g, s) = (Arc::clone(&got), Arc::clone(&stop));
-        let thread = thread::spawn(move || {
-            let started = Instant::now();
-            let mut buf = [0u8; 65536];
-            while !s.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(300) {
-                let Ok((n, peer)) = sock.recv_from(&mut buf) else {
-                    continue;
-                };
-                if let Ok(mut g) = g.lock() {
-                    g.push(buf[..n].to_vec());
-                }
-                if answer {
-                    let mut reply = b"shadow ".to_vec();
-                    reply.extend_from_slice(&buf[..n]);
-                    let _ = sock.send_to(&reply, peer);
-                }
-            }
-        });
-        Ok(Self {
-            got,
-            stop,
-            thread: Some(thread),
-        })
-    }
-
-    fn got(&self) -> Vec<Vec<u8>> {
-        self.got.lock().map(|g| g.clone()).unwrap_or_default()
-    }
-}
-
-impl Drop for Recorder {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
 
 /// Service `dns` (UDP, VIP:53): `stable` (weight 100) on backend 0 and
 /// `shadow` (weight 0) on backend 1, mirroring `percent` (0: no
@@ -225,7 +154,7 @@ fn udp_shadow_gets_the_mirrored_share_and_clients_only_stable_answers() -> Resul
             SocketAddrV4::new(*topo.backend(0)?.ip(), 5353),
             "stable",
         )?;
-        let shadow = Recorder::start(&topo.back, shadow_addr, true)?;
+        let shadow = UdpRecorder::start(&topo.back, shadow_addr, "shadow", Recording::Answers)?;
         let daemon = Daemon::start(&topo.edge, &toml)?;
         let run = requests(&topo.cli, flows, "q")?;
         // Every copy reached the shadow, and its answer was dropped.
@@ -294,7 +223,7 @@ fn a_shadow_that_is_down_or_stalls_costs_the_clients_nothing() -> Result<()> {
         down.slowest
     );
     // Stalls: it reads every copy and never answers.
-    let stalled = Recorder::start(&topo.back, shadow_addr, false)?;
+    let stalled = UdpRecorder::start(&topo.back, shadow_addr, "shadow", Recording::Stalls)?;
     let run = requests(&topo.cli, 200, "stall")?;
     ensure!(
         run.slowest < ANSWER_BOUND,
@@ -333,7 +262,7 @@ fn shadow_set_and_off_at_runtime_with_status_and_refusals() -> Result<()> {
         SocketAddrV4::new(*topo.backend(0)?.ip(), 5353),
         "stable",
     )?;
-    let shadow = Recorder::start(&topo.back, shadow_addr, true)?;
+    let shadow = UdpRecorder::start(&topo.back, shadow_addr, "shadow", Recording::Answers)?;
     let daemon = Daemon::start(&topo.edge, &toml)?;
     requests(&topo.cli, 50, "before")?;
     ensure!(shadow.got().is_empty(), "copies before mirroring was set");
@@ -421,7 +350,7 @@ fn mirroring_survives_kill_9_and_detach_removes_its_tc_link() -> Result<()> {
         SocketAddrV4::new(*topo.backend(0)?.ip(), 5353),
         "stable",
     )?;
-    let shadow = Recorder::start(&topo.back, shadow_addr, true)?;
+    let shadow = UdpRecorder::start(&topo.back, shadow_addr, "shadow", Recording::Answers)?;
     let mut daemon = Daemon::start(&topo.edge, &toml)?;
     let tc_links: Vec<_> = ["ec", "eb"]
         .iter()

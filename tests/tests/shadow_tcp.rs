@@ -17,10 +17,6 @@ use std::{
     collections::BTreeSet,
     io::{Read, Write},
     net::{Shutdown, SocketAddrV4, TcpListener, TcpStream},
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
-    },
     thread,
     time::{Duration, Instant},
 };
@@ -29,7 +25,7 @@ use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 use splitter_tests::{
     netns::Netns,
-    servers::TcpIdentityServer,
+    servers::{Recording, TcpIdentityServer, TcpRecorder},
     splitter::{Affinity, Daemon, Mode, ServiceSpec, VersionSpec, config_toml},
     topology::{self, Topology, TopologyOptions},
 };
@@ -80,85 +76,6 @@ fn config(topo: &Topology, mode: Mode, percent: u32, read_only: bool) -> Result<
     Ok(format!(
         "{toml}\n[service.shadow]\nversion = \"shadow\"\npercent = {percent}\n"
     ))
-}
-
-/// How the recording shadow behaves.
-#[derive(Clone, Copy, PartialEq)]
-enum Shadow {
-    /// Reads each request to its end, records it, answers `shadow ...`.
-    Answers,
-    /// Accepts and never reads.
-    Stalls,
-}
-
-/// A TCP server that records every connection's bytes.
-struct Recorder {
-    got: Arc<Mutex<Vec<Vec<u8>>>>,
-    stop: Arc<AtomicBool>,
-    thread: Option<thread::JoinHandle<()>>,
-}
-
-impl Recorder {
-    fn start(ns: &Netns, addr: SocketAddrV4, how: Shadow) -> Result<Self> {
-        let listener = ns
-            .enter(|| TcpListener::bind(addr))?
-            .with_context(|| format!("binding {addr}"))?;
-        listener.set_nonblocking(true)?;
-        let got = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (g, s) = (Arc::clone(&got), Arc::clone(&stop));
-        let thread = thread::spawn(move || {
-            let started = Instant::now();
-            let mut held = Vec::new();
-            let mut workers = Vec::new();
-            while !s.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(300) {
-                let Ok((mut c, _)) = listener.accept() else {
-                    thread::sleep(Duration::from_millis(2));
-                    continue;
-                };
-                if how == Shadow::Stalls {
-                    held.push(c);
-                    continue;
-                }
-                let g = Arc::clone(&g);
-                workers.push(thread::spawn(move || {
-                    let _ = c.set_nonblocking(false);
-                    let _ = c.set_read_timeout(Some(Duration::from_secs(10)));
-                    let mut bytes = Vec::new();
-                    if c.read_to_end(&mut bytes).is_ok() {
-                        let mut answer = b"shadow ".to_vec();
-                        answer.extend_from_slice(&bytes);
-                        if let Ok(mut g) = g.lock() {
-                            g.push(bytes);
-                        }
-                        let _ = c.write_all(&answer);
-                    }
-                }));
-                workers.retain(|w| !w.is_finished());
-            }
-            for w in workers {
-                let _ = w.join();
-            }
-        });
-        Ok(Self {
-            got,
-            stop,
-            thread: Some(thread),
-        })
-    }
-
-    fn got(&self) -> Vec<Vec<u8>> {
-        self.got.lock().map(|g| g.clone()).unwrap_or_default()
-    }
-}
-
-impl Drop for Recorder {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
 }
 
 /// The request of flow `i`: text, then binary bytes, `extra` more.
@@ -270,10 +187,11 @@ fn tcp_shadow_gets_the_mirrored_share_and_clients_only_stable_bytes() -> Result<
             SocketAddrV4::new(*topo.backend(0)?.ip(), STABLE_PORT),
             "stable",
         )?;
-        let shadow = Recorder::start(
+        let shadow = TcpRecorder::start(
             &topo.back,
             SocketAddrV4::new(*topo.backend(1)?.ip(), SHADOW_PORT),
-            Shadow::Answers,
+            "shadow",
+            Recording::Answers,
         )?;
         let daemon = Daemon::start(&topo.edge, &toml)?;
         listening(&daemon)?;
@@ -393,10 +311,11 @@ fn a_tcp_shadow_that_is_down_drops_syns_or_stalls_costs_the_clients_nothing() ->
     // Stalls: accepts and never reads. Small requests fit its buffers; a
     // 6 MiB request overruns them and the tee's 1 MiB queue, and the
     // shadow is cut off while the client's exchange goes on.
-    let _stalled = Recorder::start(
+    let _stalled = TcpRecorder::start(
         &topo.back,
         SocketAddrV4::new(*topo.backend(1)?.ip(), SHADOW_PORT),
-        Shadow::Stalls,
+        "shadow",
+        Recording::Stalls,
     )?;
     let (_, slowest) = flows(&topo.cli, 50, "stall", 0)?;
     ensure!(
@@ -449,10 +368,11 @@ fn tcp_shadow_set_off_refusals_and_restart() -> Result<()> {
         SocketAddrV4::new(*topo.backend(0)?.ip(), STABLE_PORT),
         "stable",
     )?;
-    let shadow = Recorder::start(
+    let shadow = TcpRecorder::start(
         &topo.back,
         SocketAddrV4::new(*topo.backend(1)?.ip(), SHADOW_PORT),
-        Shadow::Answers,
+        "shadow",
+        Recording::Answers,
     )?;
     let mut daemon = Daemon::start(&topo.edge, &toml)?;
     flows(&topo.cli, 20, "before", 0)?;
