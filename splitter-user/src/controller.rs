@@ -707,6 +707,16 @@ impl Controller {
     /// The tees the published config asks for, each with its service's id
     /// in the tables (see [`crate::tee::plans`]).
     pub fn tee_plans(&self) -> Vec<(Plan, u32)> {
+        // Asked every heartbeat: no published config to build when no TCP
+        // service mirrors.
+        let mirrors_tcp = self
+            .config
+            .services
+            .iter()
+            .any(|s| s.protocol == crate::config::Protocol::Tcp && s.shadow.is_some());
+        if !mirrors_tcp {
+            return Vec::new();
+        }
         crate::tee::plans(&self.effective(&self.config))
             .into_iter()
             .filter_map(|p| {

@@ -388,20 +388,31 @@ fn spawn_tee(
     };
     let controller = controller.clone();
     Some(tokio::spawn(async move {
-        let tee = crate::tee::Tee::new(maps, stats);
+        // Starting and stopping a tee runs `ip`: on a blocking thread.
+        let Ok(tee) =
+            tokio::task::spawn_blocking(move || Arc::new(crate::tee::Tee::new(maps, stats))).await
+        else {
+            return;
+        };
         loop {
             let plans = match controller.lock() {
                 Ok(c) => c.tee_plans(),
                 Err(_) => break,
             };
-            tee.sync(plans);
+            let t = tee.clone();
+            if tokio::task::spawn_blocking(move || t.sync(plans))
+                .await
+                .is_err()
+            {
+                break;
+            }
             tokio::select! {
                 _ = wake.notified() => {}
                 _ = tokio::time::sleep(crate::tee::BEAT) => {}
                 _ = shutdown.wait() => break,
             }
         }
-        tee.shutdown();
+        let _ = tokio::task::spawn_blocking(move || tee.shutdown()).await;
     }))
 }
 

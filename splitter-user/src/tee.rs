@@ -241,7 +241,12 @@ impl TeeStats {
 
     fn service(&self, service: &str, f: impl FnOnce(&mut TeeReport)) {
         if let Ok(mut g) = self.services.lock() {
-            f(g.entry(service.to_string()).or_default());
+            // Called per read of every mirrored flow: no key allocation
+            // once the service has its entry.
+            match g.get_mut(service) {
+                Some(r) => f(r),
+                None => f(g.entry(service.to_string()).or_default()),
+            }
         }
     }
 
@@ -654,35 +659,12 @@ enum Broken {
 
 /// Ends `s` with a reset instead of a FIN.
 fn reset(s: &TcpStream) {
-    let _ = socket_linger0(s);
-}
-
-fn socket_linger0(s: &TcpStream) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let l = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: a valid socket and a correctly sized option value.
-    let rc = unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&raw const l).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    let _ = s.set_zero_linger();
 }
 
 /// Connects to `addr` within `timeout` from a port above the SNAT range
 /// (the data plane's SNAT ports must never meet the tee's). Counts the
-/// outcome in `side` and the backend's signals.
+/// outcome on the stable or the `shadow` side and in the backend's signals.
 async fn connect(
     addr: SocketAddrV4,
     timeout: Duration,

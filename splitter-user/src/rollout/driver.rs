@@ -592,7 +592,14 @@ impl Controller {
                 .iter()
                 .map(|c| c.name().to_string())
                 .collect(),
-            shadow: self.report_of(service).ok().and_then(|s| s.shadow),
+            // The service's report only when it mirrors (it reads every
+            // backend's counters).
+            shadow: self
+                .config()
+                .service(service)
+                .is_some_and(|s| s.shadow.is_some())
+                .then(|| self.report_of(service).ok().and_then(|s| s.shadow))
+                .flatten(),
         })
     }
 
