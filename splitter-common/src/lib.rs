@@ -144,9 +144,10 @@ pub mod map {
     /// `Array<u64>`, indexed by service id: until when (`CLOCK_MONOTONIC`
     /// ns) the controller's TCP shadow tee of the service is known to
     /// listen. A mirrored TCP service hands sampled new flows to the edge's
-    /// own stack only before that deadline; the controller pushes it ahead
-    /// every second while its tee runs, so flows stay on the fast path
-    /// within seconds of a daemon that stopped or died.
+    /// own stack only before that deadline; the controller pushes it 1.5 s
+    /// ahead every 0.5 s while its tee runs (and zeroes it when the tee
+    /// stops), so flows stay on the fast path within 1.5 s of a daemon
+    /// that died.
     pub const TEE_ALIVE: &str = "TEE_ALIVE";
 }
 
@@ -179,14 +180,15 @@ pub const fn target_prefix_len(bits: u32) -> u32 {
 }
 /// Service flag: the service mirrors a share of its traffic to a shadow
 /// version (`SHADOWS` holds which). Unmirrored services never read
-/// `SHADOWS` for a new flow. (4 is source-CIDR targeting's.)
+/// `SHADOWS` for a new flow (an established UDP flow's client datagram
+/// reads it, whatever its service). (4 is source-CIDR targeting's.)
 pub const SVC_F_SHADOW: u32 = 8;
 
 /// Value of `SHADOWS` (indexed by service id): where a mirrored service's
-/// copies go. A UDP datagram of the service is mirrored when the CPU's
-/// accumulator (`SHADOW_ACC`), raised by `percent` per datagram, reaches
-/// 100 (it then drops by 100): exactly `percent` in 100 datagrams per CPU,
-/// with no randomness to make a share drift.
+/// copies go. A UDP datagram (a new TCP flow) of the service is mirrored
+/// when the CPU's accumulator (`SHADOW_ACC`), raised by `percent` per
+/// datagram (new flow), reaches 100 (it then drops by 100): exactly
+/// `percent` in 100 per CPU, with no randomness to make a share drift.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Shadow {

@@ -18,7 +18,11 @@
 //! ([`reply`]).
 //!
 //! The work is on the tc side because the XDP program's stack is nearly
-//! full: [`mark`] is a call with a frame of a few bytes.
+//! full: [`mark`] is inlined and small.
+//!
+//! The same sampling ([`sample`]) draws the new flows of a mirrored TCP
+//! service that `flow::new_flow` hands to the controller's tee while
+//! [`tee_alive`] says it listens (`CONN_F_LOCAL`).
 use aya_ebpf::{
     bindings::{
         BPF_F_INGRESS, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST, TC_ACT_UNSPEC, xdp_md,
@@ -54,9 +58,10 @@ pub fn tee_alive(svc: u32, now: u64) -> bool {
     }
 }
 
-/// Is this client datagram of service `svc` to be mirrored? Raises the
-/// CPU's accumulator by the service's share and takes a datagram each
-/// time it reaches 100. `None`: the service mirrors nothing, or not this one.
+/// Is this client datagram (or new TCP flow) of service `svc` to be
+/// mirrored? Raises the CPU's accumulator by the service's share and takes
+/// one each time it reaches 100. False when the service mirrors nothing,
+/// or not this one.
 #[inline(always)]
 pub fn sample(svc: u32) -> bool {
     sampled(svc).is_some()

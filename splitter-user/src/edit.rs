@@ -759,7 +759,7 @@ backends = ["10.0.2.3:8080"]
 pub struct ShadowSpec {
     /// The shadow version: a version of the service with weight 0.
     pub version: String,
-    /// Share mirrored, 1..=100 (UDP: of datagrams).
+    /// Share mirrored, 1..=100 (UDP: of datagrams; TCP: of new flows).
     pub percent: u32,
 }
 
@@ -769,7 +769,7 @@ pub struct ShadowSpec {
 /// # Errors
 /// Unknown service, or a shadow the config would refuse (unknown version,
 /// a version with weight or no active backend, a share out of 1..=100, a
-/// TCP service).
+/// TCP service that is not `read_only`).
 pub fn set_shadow(
     c: &Config,
     service: &str,

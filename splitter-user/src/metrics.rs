@@ -475,7 +475,7 @@ impl Collector for ReportCollector {
         family(
             e,
             "splitter_shadow_answers_dropped_total",
-            "Answers from a service's shadow version, dropped at the edge (never sent to a client). The copies, their flows, answers, timeouts and first-answer latency are the shadow version's splitter_backend_* series.",
+            "Answers from a service's shadow version, dropped at the edge, never sent to a client (UDP: packets; TCP: connections whose answer the tee read and dropped). UDP: the copies, their flows, answers, timeouts and first-answer latency are the shadow version's splitter_backend_* series; TCP: see splitter_shadow_tee_*.",
             shadows().map(|(s, sh)| {
                 (
                     [("service", s), ("version", sh.version.as_str())],
@@ -983,7 +983,7 @@ splitter_service_drops_total{service="web",reason="no_backend"} 0
 splitter_service_drops_total{service="web",reason="no_flow"} 2
 # HELP splitter_shadow_ratio Share of a service's traffic mirrored to its shadow version (UDP: of datagrams), 0..1; only mirrored services.
 # TYPE splitter_shadow_ratio gauge
-# HELP splitter_shadow_answers_dropped_total Answers from a service's shadow version, dropped at the edge (never sent to a client). The copies, their flows, answers, timeouts and first-answer latency are the shadow version's splitter_backend_* series.
+# HELP splitter_shadow_answers_dropped_total Answers from a service's shadow version, dropped at the edge, never sent to a client (UDP: packets; TCP: connections whose answer the tee read and dropped). UDP: the copies, their flows, answers, timeouts and first-answer latency are the shadow version's splitter_backend_* series; TCP: see splitter_shadow_tee_*.
 # TYPE splitter_shadow_answers_dropped_total counter
 # HELP splitter_shadow_tee_flows_total Mirrored TCP flows the edge's tee served (each to a stable backend, and copied to a shadow backend).
 # TYPE splitter_shadow_tee_flows_total counter

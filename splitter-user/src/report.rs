@@ -128,22 +128,26 @@ pub struct TargetReport {
 pub struct ShadowReport {
     /// The shadow version.
     pub version: String,
-    /// Share mirrored, in percent (UDP: of datagrams).
+    /// Share mirrored, in percent (UDP: of datagrams; TCP: of new flows).
     pub percent: u32,
-    /// Copies sent to the shadow (datagrams).
+    /// Copies sent to the shadow (UDP: datagrams; TCP: connections the tee
+    /// opened to it).
     pub copies: u64,
-    /// Copies' flows (UDP: client flows whose datagrams were copied).
+    /// Copies' flows (UDP: client flows whose datagrams were copied; TCP:
+    /// flows the tee served).
     pub flows: u64,
     /// Flows the shadow answered at least once.
     pub answered: u64,
     /// Flows with no answer within the service's connect deadline.
     pub timeouts: u64,
-    /// Answers from the shadow, dropped at the edge (packets).
+    /// Answers from the shadow, dropped at the edge (UDP: packets; TCP:
+    /// connections whose answer the tee read and dropped).
     pub answers_dropped: u64,
-    /// Their bytes (whole frames).
+    /// Their bytes (UDP: whole frames; TCP: the stream's bytes).
     pub answer_bytes: u64,
-    /// Mean time from a flow's first copy to the shadow's first answer,
-    /// in microseconds (`None`: no answer yet).
+    /// Mean time from a flow's first copy to the shadow's first answer
+    /// (TCP: from the tee's first read of the request), in microseconds
+    /// (`None`: no answer yet).
     pub first_answer_mean_us: Option<u64>,
     /// TCP only: the tee's mirrored flows, with the stable and the shadow
     /// side of the same flows (connections, errors, response bytes, time

@@ -171,6 +171,15 @@ pub struct Versions<'a> {
     pub versions: Vec<(&'a str, bool)>,
 }
 
+/// Every problem with a service's rules, each naming the rule:
+/// - a version the service does not have;
+/// - a version with no active backend (its targeted clients would fall
+///   through to the weights, which is surely not what was meant);
+/// - the same network twice;
+/// - a rule nested in another rule of the same version with no other
+///   rule between them (the longest rule that holds it already sends its
+///   clients there: redundant). A nested rule to a *different* version is
+///   an exception carved out of the wider one and is allowed.
 pub fn problems(rules: &[TargetConfig], of: &Versions<'_>) -> Vec<String> {
     let mut out = Vec::new();
     let known: Vec<&str> = of.versions.iter().map(|(v, _)| *v).collect();

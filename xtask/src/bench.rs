@@ -34,8 +34,9 @@
 //! printed, nothing written; `SPLITTER_BENCH_PACKET_ONLY=1` only the
 //! per-packet section (and the Maglev builds), printed, nothing written;
 //! `SPLITTER_BENCH_TARGETS=1` adds to the per-packet section SYNs and
-//! established packets under 10 and 10,000 source-CIDR rules (keep the
-//! rounds at 9 or fewer: each round adds 3 x 8192 flows to the table). `SPLITTER_BENCH_CONN_CAPACITY=N` (with
+//! established packets under 10 and 10,000 source-CIDR rules (each round
+//! then adds 4 x 8192 flows to the table; the bench refuses rounds that
+//! would overflow it). `SPLITTER_BENCH_CONN_CAPACITY=N` (with
 //! `--no-write`) measures the per-packet section with an N-entry connection
 //! table instead of the default.
 //!

@@ -8,7 +8,8 @@
 //! - `dist`: a Debian package (binary, unit, example config, man page, completions).
 //! - `test`: host tests, then the privileged tests one at a time, with a
 //!   summary.
-//! - `demo`: a blue/green switch through splitter in network namespaces.
+//! - `demo`: rollouts, targeting and a shadow through splitter in network
+//!   namespaces.
 //! - `fuzz`: the packet fuzzer's million frames, then each cargo-fuzz
 //!   target (config, API bodies) for a bounded time.
 //! - `bench`: per-packet and control-plane figures, written to
@@ -36,7 +37,7 @@ Examples:
   cargo xtask test topology              # only tests whose name contains `topology`
   cargo xtask test --host-only           # no root needed
   cargo xtask test -- --nocapture        # arguments after `--` go to the test binaries
-  cargo xtask demo                       # blue/green switch in network namespaces
+  cargo xtask demo                       # rollouts, targeting, a shadow in network namespaces
   cargo xtask demo --requests 200 --mode dnat
   cargo xtask fuzz                       # 1M fuzzed frames (root), then each cargo-fuzz target 60 s
   cargo xtask fuzz --frames 0 --seconds 300   # only the cargo-fuzz targets, 5 minutes each
@@ -91,7 +92,9 @@ enum Command {
     /// Setup, build, then rollouts in network namespaces under continuous
     /// requests: a canary blue -> green that completes, a canary to a broken
     /// version that the daemon rolls back on its own, a blue-green switch
-    /// with a preview address; then requests and `splitter status`. Cleans
+    /// with a preview address, a targeted client address, and a shadow
+    /// (20% of new connections mirrored through the tee); then requests
+    /// and `splitter status`. Cleans
     /// up on success, failure and Ctrl-C.
     ///
     /// Example: cargo xtask demo --requests 1000

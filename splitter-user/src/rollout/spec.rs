@@ -83,7 +83,8 @@ impl Default for Pause {
 #[serde(deny_unknown_fields)]
 pub struct Step {
     /// Share of new flows sent to the target version, 0..=100; the rest go
-    /// to the stable version. Required, but for a `targets` step (0).
+    /// to the stable version. 0 when left out (a `targets` step must leave
+    /// it 0).
     #[serde(default)]
     pub weight_percent: u32,
     /// How the step ends (default: [`DEFAULT_STEP_PAUSE_MS`]).
