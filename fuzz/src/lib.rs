@@ -106,17 +106,23 @@ pub const ROUTES: [(&str, &str); 13] = [
 /// What a refused request must leave as it was: the running config, what
 /// the data plane was last given, and the rollouts (their reports at one
 /// fixed instant, so that only a change of state shows).
+/// A value that cannot be serialized fails the target (a panic is how a
+/// fuzz target reports), rather than turn both snapshots into "" alike.
 fn snapshot(c: &Controller, fake: &FakeDataplane) -> (String, usize, String, String) {
+    let json = |r: serde_json::Result<String>| match r {
+        Ok(s) => s,
+        Err(e) => panic!("a snapshot could not be serialized: {e}"),
+    };
     let published = fake.with(|s| s.published.len());
     let last = fake
         .last()
-        .map(|c| serde_json::to_string(&c).unwrap_or_default())
+        .map(|c| json(serde_json::to_string(&c)))
         .unwrap_or_default();
     (
-        serde_json::to_string(c.config()).unwrap_or_default(),
+        json(serde_json::to_string(c.config())),
         published,
         last,
-        serde_json::to_string(&c.rollout_list(1_000_000)).unwrap_or_default(),
+        json(serde_json::to_string(&c.rollout_list(1_000_000))),
     )
 }
 

@@ -342,14 +342,17 @@ pub fn judge(
         .filter(|k| !COMPANIONS.contains(k))
         .collect();
     let untouched = output == input;
+    if tee && !(action == PASS && outcomes.is_empty() && untouched) {
+        return Err(format!(
+            "a flow handed to the tee was not passed as it came: {} with counters {deltas:?}{}",
+            xdp_action::name(action),
+            if untouched { "" } else { ", frame changed" }
+        ));
+    }
     match (action, outcomes.as_slice()) {
         (DROP, [d]) if d.starts_with("drop_") => {}
         (TX, ["tx"]) | (REDIRECT, ["redirect"]) => {}
-        (PASS, []) if tee => {
-            if !untouched {
-                return Err("a flow handed to the tee was changed".into());
-            }
-        }
+        (PASS, []) if tee => {}
         (PASS, []) if !new_flow => {
             if !untouched {
                 return Err("XDP_PASS counting nothing, but the frame was changed".into());
@@ -1094,6 +1097,30 @@ mod tests {
                 &f,
                 deltas(&["drop_unroutable", "new_flow"]),
             ),
+            (
+                Class::MaybeOurs,
+                PASS,
+                &f,
+                deltas(&["new_flow", "shadow_tee_flows"]),
+            ),
+            (
+                Class::MaybeOurs,
+                PASS,
+                &g,
+                deltas(&["shadow_copies", "new_flow"]),
+            ),
+            (
+                Class::MaybeOurs,
+                DROP,
+                &f,
+                deltas(&["shadow_reply_dropped"]),
+            ),
+            (
+                Class::MaybeOurs,
+                REDIRECT,
+                &g,
+                deltas(&["redirect", "new_flow", "new_flow_targeted"]),
+            ),
         ] {
             assert_eq!(
                 judge(class, &f, action, out, &d),
@@ -1191,6 +1218,41 @@ mod tests {
                 DROP,
                 &f,
                 deltas(&["drop_no_flow"]),
+            ),
+            (
+                "a tee flow rewritten",
+                Class::MaybeOurs,
+                PASS,
+                &g,
+                deltas(&["new_flow", "shadow_tee_flows"]),
+            ),
+            (
+                "a tee flow forwarded",
+                Class::MaybeOurs,
+                TX,
+                &g,
+                deltas(&["tx", "new_flow", "shadow_tee_flows"]),
+            ),
+            (
+                "a tee flow without a new flow",
+                Class::MaybeOurs,
+                PASS,
+                &f,
+                deltas(&["shadow_tee_flows"]),
+            ),
+            (
+                "a target without a new flow",
+                Class::MaybeOurs,
+                REDIRECT,
+                &g,
+                deltas(&["redirect", "new_flow_targeted"]),
+            ),
+            (
+                "a clone counted by the XDP program",
+                Class::MaybeOurs,
+                PASS,
+                &g,
+                deltas(&["shadow_copies", "shadow_cloned"]),
             ),
         ] {
             assert!(judge(class, &f, action, out, &d).is_err(), "{why}");

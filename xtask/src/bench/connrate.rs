@@ -43,7 +43,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use splitter_tests::{
     netns::parse_snmp,
     netns::{Child, Netns, on_path},
@@ -735,6 +735,17 @@ pub fn run(rounds: usize) -> Result<ConnResults> {
                 };
                 let perf = perf_case(&format!("{round}-{}", p.id()))?;
                 let w = wrk(&topo.cli, &url)?;
+                if p == Path4::SplitterMirrored
+                    && let Setup::Splitter(d, _) = &set
+                {
+                    let s = d.status_json()?;
+                    let flows = s["services"][0]["shadow"]["tee"]["flows"].as_u64();
+                    ensure!(
+                        flows.is_some_and(|f| f > 0),
+                        "no connection went through the tee: {}",
+                        s["services"][0]["shadow"]
+                    );
+                }
                 if diag {
                     for ((name, n), b) in nss.iter().zip(&before) {
                         diag_print(&format!("{round}-{}", p.id()), name, b, &all_counters(n)?);

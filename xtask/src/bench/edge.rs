@@ -129,7 +129,7 @@ impl Edge {
             Edge::XdpMin => "minimal XDP rewrite + redirect",
             Edge::Splitter => "splitter, SNAT, 90/10",
             Edge::SplitterShadow => {
-                "splitter, SNAT, UDP: blue 100 + 10% of datagrams mirrored to green (rate counts the copies; green = copies)"
+                "splitter, SNAT, the UDP service at blue 100 mirroring 10% of its datagrams to green (UDP rate counts the copies, green = copies; the TCP service is not mirrored)"
             }
         }
     }
@@ -406,15 +406,17 @@ fn nft_ruleset() -> String {
 
 /// [`splitter_config`] with the UDP service (the last one) at blue 100,
 /// green 0, mirroring 10% of its datagrams to green.
-fn splitter_shadow_config() -> String {
+fn splitter_shadow_config() -> Result<String> {
     let c = splitter_config();
     let Some((head, udp)) = c.split_once("name = \"dgram\"") else {
-        return c;
+        bail!("the bench's config has no UDP service \"dgram\" to mirror");
     };
     let udp =
         udp.replacen("weight = 90", "weight = 100", 1)
             .replacen("weight = 10\n", "weight = 0\n", 1);
-    format!("{head}name = \"dgram\"{udp}\n[service.shadow]\nversion = \"green\"\npercent = 10\n")
+    Ok(format!(
+        "{head}name = \"dgram\"{udp}\n[service.shadow]\nversion = \"green\"\npercent = 10\n"
+    ))
 }
 
 fn splitter_config() -> String {
@@ -523,7 +525,7 @@ fn setup<'a>(edge: Edge, topo: &'a Topology, rig: &mut Rig) -> Result<Setup<'a>>
             Daemon::start(&topo.edge, &splitter_config()).context("starting splitter daemon")?,
         )),
         Edge::SplitterShadow => Setup::Splitter(Box::new(
-            Daemon::start(&topo.edge, &splitter_shadow_config())
+            Daemon::start(&topo.edge, &splitter_shadow_config()?)
                 .context("starting splitter daemon (mirrored)")?,
         )),
     })
