@@ -312,20 +312,15 @@ pub fn set_rollout_targets(
 ) -> Result<(Config, String), EditError> {
     let mut next = c.clone();
     let s = service_mut(&mut next, service)?;
-    for cidr in cidrs {
-        s.targets.retain(|t| t.cidr != *cidr);
-        s.targets.push(crate::target::TargetConfig {
+    s.targets.retain(|t| !cidrs.contains(&t.cidr));
+    s.targets
+        .extend(cidrs.iter().map(|cidr| crate::target::TargetConfig {
             cidr: *cidr,
             version: version.to_string(),
-        });
-    }
+        }));
     let what = format!(
         "rollout targets of {service}: {} -> {version}",
-        cidrs
-            .iter()
-            .map(|c| c.to_string())
-            .collect::<Vec<_>>()
-            .join(", ")
+        crate::target::cidr_list(cidrs)
     );
     Ok((validated(next)?, what))
 }
@@ -345,11 +340,7 @@ pub fn clear_rollout_targets(
     s.targets.retain(|t| !cidrs.contains(&t.cidr));
     let what = format!(
         "rollout targets of {service} removed: {}",
-        cidrs
-            .iter()
-            .map(|c| c.to_string())
-            .collect::<Vec<_>>()
-            .join(", ")
+        crate::target::cidr_list(cidrs)
     );
     Ok((validated(next)?, what))
 }

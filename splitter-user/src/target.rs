@@ -20,6 +20,15 @@ use std::{collections::BTreeMap, fmt, net::Ipv4Addr, str::FromStr};
 
 use serde::{Deserialize, Serialize};
 
+/// Networks as `a/n, b/m` (for messages).
+pub fn cidr_list(cidrs: &[Cidr]) -> String {
+    cidrs
+        .iter()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// An IPv4 network: an address with no host bits set and a prefix length
 /// (0..=32). Written `10.0.1.96/28`; a bare address is a `/32`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

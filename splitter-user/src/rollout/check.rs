@@ -103,7 +103,7 @@ impl RolloutSpec {
             ),
             (false, false) => p.push(format!(
                 "targets = [{}] are given, but no targets step uses them: start the canary schedule with one (`--steps targets,5,10,25,50,100`)",
-                self.targets.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(", ")
+                crate::target::cidr_list(&self.targets)
             )),
             _ => {}
         }
